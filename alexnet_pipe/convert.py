@@ -1,0 +1,339 @@
+"""The `convert` job: raw images -> shuffled, validated LMDB/RecordIO shards + manifest + mean.
+
+Crash safety: every shard is written in ``OUT/.staging`` and renamed into place when complete;
+a small completion record in ``OUT/.parts`` then marks it done. The manifest is written last.
+A rerun of the same command skips completed shards, redoes the rest, and produces the same
+bytes as an uninterrupted run (nothing time- or order-dependent is stored).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import __version__
+from .config import ConvertConfig
+from .errors import SettingsMismatchError
+from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove
+from .imaging import Encoded, process_batch
+from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
+from .mean import MEAN_FILE, PixelStats, write_mean
+from .recordio import read_index
+from .scan import ScanResult, Source, scan
+from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards, shard_paths
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = ".convert.json"
+PARTS_DIR = ".parts"
+STAGING_DIR = ".staging"
+MANAGED = (STATE_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE)
+CHUNK = 32  # images per worker task: amortises IPC, small enough to keep memory flat
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    root: Path
+    records: dict[str, int]
+    skipped: int
+    converted_now: int  # images processed by this run (0 when everything was already done)
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.converted_now / self.seconds if self.seconds > 0 else 0.0
+
+
+def _plan_digest(found: ScanResult) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(found.classes).encode())
+    for split, sources in sorted(found.splits.items()):
+        for s in sources:
+            h.update(f"{split}\0{s.name}\0{s.label}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def _describe_mismatch(old: dict, new: dict) -> str:
+    diffs = [
+        f"{k}: {old['settings'].get(k)!r} -> {new['settings'].get(k)!r}"
+        for k in sorted(set(old.get("settings", {})) | set(new["settings"]))
+        if old.get("settings", {}).get(k) != new["settings"].get(k)
+    ]
+    if old.get("plan") != new["plan"]:
+        diffs.append("the input files or their labels changed")
+    return "; ".join(diffs) or "a different alexnet-pipe output version"
+
+
+def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
+    """Create OUT or check it belongs to this exact conversion (refuse otherwise)."""
+    state = dst / STATE_FILE
+    if dst.exists() and not dst.is_dir():
+        raise SettingsMismatchError(f"{dst} exists and is not a directory")
+    if state.exists():
+        old = json.loads(state.read_text(encoding="utf-8"))
+        if old == identity:
+            return
+        if not force:
+            raise SettingsMismatchError(
+                f"{dst} holds a conversion made with other settings or input ({_describe_mismatch(old, identity)}); "
+                "rerun with the same settings to resume it, choose another output directory, "
+                "or pass --force to discard it and start over"
+            )
+        log.warning("--force: discarding the earlier conversion in %s", dst)
+        for name in MANAGED:
+            remove(dst / name)
+    elif dst.is_dir() and any(dst.iterdir()) and not force:
+        raise SettingsMismatchError(
+            f"{dst} is not empty and was not written by alexnet-pipe convert; choose an empty or new "
+            "directory, or pass --force to write into it anyway"
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
+        (dst / name).mkdir(exist_ok=True)
+    atomic_write_json(state, identity)
+
+
+def _load_part(dst: Path, plan: ShardPlan) -> dict | None:
+    """The completion record of a shard, if the shard was fully written."""
+    path = dst / PARTS_DIR / f"{plan.name}.json"
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text(encoding="utf-8"))
+    files = [part.get("lmdb", {}).get("path"), part.get("recordio", {}).get("rec"), part.get("recordio", {}).get("idx")]
+    if all((dst / f).exists() for f in files if f):
+        return part
+    return None  # a file vanished since: redo the shard
+
+
+def _clear_shard(dst: Path, plan: ShardPlan) -> None:
+    """Remove what a crashed earlier attempt may have left of an unfinished shard."""
+    for rel in shard_paths(plan.name).values():
+        remove(dst / rel)
+    remove(dst / STAGING_DIR / plan.name)
+
+
+def _chunks(plans: list[ShardPlan]) -> Iterator[tuple[ShardPlan, int, tuple[Source, ...]]]:
+    for plan in plans:
+        for start in range(0, len(plan.sources), CHUNK):
+            yield plan, start, plan.sources[start : start + CHUNK]
+
+
+def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[tuple, list]]:
+    """Run process_batch over tasks; yield (task, results) in task order, memory bounded."""
+    if workers == 1:
+        for task in tasks:
+            yield task, process_batch(list(task[2]), settings)
+        return
+    # spawn: workers start clean (no inherited locks or threads from the parent).
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    window: deque = deque()
+    try:
+        for task in tasks:
+            window.append((task, pool.submit(process_batch, list(task[2]), settings)))
+            if len(window) >= workers * 4:
+                head, fut = window.popleft()
+                yield head, fut.result()
+        while window:
+            head, fut = window.popleft()
+            yield head, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict) -> dict:
+    """Close, rename into place, then record completion (the order is what makes it safe)."""
+    entries = writer.close()
+    for rel in shard_paths(plan.name).values():
+        staged = dst / STAGING_DIR / plan.name / rel
+        if staged.exists():
+            remove(dst / rel)
+            os.replace(staged, dst / rel)
+    for sub in (LMDB_DIR, RECORDIO_DIR):
+        fsync_dir(dst / sub)
+    remove(dst / STAGING_DIR / plan.name)
+    part.update(entries)
+    atomic_write_json(dst / PARTS_DIR / f"{plan.name}.json", part)
+    return part
+
+
+class _ShardState:
+    """Accumulates one shard while its chunks come back from the workers."""
+
+    def __init__(self, dst: Path, plan: ShardPlan, formats: tuple[str, ...], id_width: int):
+        self.plan = plan
+        staging = dst / STAGING_DIR / plan.name
+        remove(staging)
+        staging.mkdir(parents=True)
+        self.writer = ShardWriter(staging, plan, formats, id_width)
+        self.stats = PixelStats()
+        self.labels: Counter = Counter()
+        self.skipped: list[dict] = []
+        self.passthrough = 0
+        self.done = 0
+
+    def add(self, start: int, sources: tuple[Source, ...], results: list) -> None:
+        for offset, (src, res) in enumerate(zip(sources, results)):
+            if isinstance(res, Encoded):
+                self.writer.add(self.plan.first_id + start + offset, src, res)
+                self.stats.add_image(res.width, res.height, res.sums, res.sq_sums)
+                self.labels[src.label] += 1
+                self.passthrough += res.passthrough
+            else:
+                self.skipped.append({"split": self.plan.split, "name": src.name, "reason": res})
+        self.done += len(sources)
+
+    def part(self) -> dict:
+        return {
+            "name": self.plan.name,
+            "split": self.plan.split,
+            "index": self.plan.index,
+            "first_id": self.plan.first_id,
+            "planned": len(self.plan.sources),
+            "records": self.stats.images,
+            "passthrough": self.passthrough,
+            "labels": {str(k): v for k, v in sorted(self.labels.items())},
+            "stats": self.stats.to_json(),
+            "skipped": self.skipped,
+        }
+
+
+def _write_combined_index(dst: Path, split: str, parts: list[dict]) -> str:
+    """One .idx over all of a split's .rec files: DALI takes exactly one index, with offsets
+    global over the files concatenated in the order they are passed."""
+    lines, base = [], 0
+    for part in parts:
+        rec = part["recordio"]
+        for key, offset in read_index(dst / rec["idx"]):
+            lines.append(f"{key}\t{base + offset}\n")
+        base += rec["bytes"]
+    rel = f"{RECORDIO_DIR}/{split}.idx"
+    atomic_write_bytes(dst / rel, "".join(lines).encode("ascii"))
+    return rel
+
+
+def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]], parts: dict) -> dict:
+    dst = cfg.dst
+    splits, skipped = {}, [{"split": s.split, "name": s.name, "reason": s.reason} for s in found.skipped]
+    train_stats = PixelStats()
+    for split, split_plans in plans.items():
+        split_parts = [parts[p.name] for p in split_plans]
+        written = [p for p in split_parts if p["records"] > 0]  # an all-bad shard has no files
+        labels: Counter = Counter()
+        for p in split_parts:
+            labels.update({int(k): v for k, v in p["labels"].items()})
+            skipped.extend(p["skipped"])
+            if split == "train":
+                train_stats.merge(PixelStats.from_json(p["stats"]))
+        entry = {
+            "records": sum(p["records"] for p in split_parts),
+            "inputs": len(found.splits[split]),
+            "skipped": sum(len(p["skipped"]) for p in split_parts),
+            "passthrough": sum(p["passthrough"] for p in split_parts),
+            "class_counts": [labels.get(i, 0) for i in range(len(found.classes))],
+            "layout": found.layout[split],
+            "shards": [
+                {k: p[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in p} for p in written
+            ],
+        }
+        if "recordio" in cfg.formats and written:
+            entry["recordio_index"] = _write_combined_index(dst, split, written)
+        splits[split] = entry
+    if train_stats.pixels:
+        source = f"train split after resize to short side {cfg.image.short_side}" if cfg.image.short_side else "train split"
+        write_mean(dst / MEAN_FILE, train_stats.to_mean(source))
+    manifest = {
+        "format": DATASET_FORMAT,
+        "version": DATASET_VERSION,
+        "created_by": f"alexnet-pipe {__version__}",
+        "settings": cfg.settings(),
+        "classes": [
+            {"index": i, "id": c, "name": found.class_names.get(c, "")} for i, c in enumerate(found.classes)
+        ],
+        "splits": splits,
+        "mean": MEAN_FILE if train_stats.pixels else None,
+        "record_id_width": _id_width(found),
+        "skipped": skipped,
+    }
+    atomic_write_json(dst / MANIFEST_FILE, manifest)
+    remove(dst / STAGING_DIR)
+    return manifest
+
+
+def _id_width(found: ScanResult) -> int:
+    return max(8, len(str(max(len(s) for s in found.splits.values()))))
+
+
+def run_convert(cfg: ConvertConfig) -> ConvertResult:
+    """Convert ``cfg.src`` into ``cfg.dst``; resume an interrupted run of the same command.
+
+    Returns:
+        Counts per split and the throughput of this run.
+    Raises:
+        LayoutError: the input is not an ImageNet-style layout.
+        SettingsMismatchError: OUT holds a different conversion (use --force).
+    """
+    started = time.perf_counter()
+    found = scan(cfg.src, cfg.val_labels, cfg.synsets)
+    plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}
+    identity = {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
+    _prepare_output(cfg.dst, identity, cfg.force)
+
+    parts: dict[str, dict] = {}
+    pending: list[ShardPlan] = []
+    for split_plans in plans.values():
+        for plan in split_plans:
+            part = _load_part(cfg.dst, plan)
+            if part is None:
+                _clear_shard(cfg.dst, plan)
+                pending.append(plan)
+            else:
+                parts[plan.name] = part
+    total = sum(len(s) for s in found.splits.values())
+    todo = sum(len(p.sources) for p in pending)
+    if parts:
+        log.info("resuming: %d shards already complete, %d to write", len(parts), len(pending))
+
+    id_width = _id_width(found)
+    bar = tqdm(total=total, initial=total - todo, unit="img", desc="convert", disable=not cfg.progress,
+               dynamic_ncols=True, smoothing=0.05)
+    current: _ShardState | None = None
+    n_skipped = 0
+    try:
+        for (plan, start, sources), results in _ordered_results(_chunks(pending), cfg.image, cfg.workers):
+            if current is None or current.plan is not plan:
+                current = _ShardState(cfg.dst, plan, cfg.formats, id_width)
+            current.add(start, sources, results)
+            n_skipped += sum(isinstance(r, str) for r in results)
+            bar.update(len(sources))
+            bar.set_postfix(skipped=n_skipped, refresh=False)
+            if current.done == len(plan.sources):
+                part = current.part()
+                if part["records"]:
+                    parts[plan.name] = _commit_shard(cfg.dst, plan, current.writer, part)
+                else:
+                    current.writer.close()
+                    remove(cfg.dst / STAGING_DIR / plan.name)
+                    parts[plan.name] = part
+                    atomic_write_json(cfg.dst / PARTS_DIR / f"{plan.name}.json", part)
+                current = None
+    finally:
+        bar.close()
+    manifest = _finalize(cfg, found, plans, parts)
+    return ConvertResult(
+        cfg.dst,
+        {s: e["records"] for s, e in manifest["splits"].items()},
+        len(manifest["skipped"]),
+        todo,
+        time.perf_counter() - started,
+    )

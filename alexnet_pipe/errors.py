@@ -1,0 +1,29 @@
+"""Typed errors. Domain code raises these; only the CLI turns them into exit codes."""
+
+
+class AlexnetPipeError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+
+class LayoutError(AlexnetPipeError):
+    """The raw input directory is not in a layout we understand."""
+
+
+class SettingsMismatchError(AlexnetPipeError):
+    """An output directory was started with other settings or other input."""
+
+
+class FormatError(AlexnetPipeError):
+    """Bytes that do not parse as the format they claim to be."""
+
+
+class DatasetError(AlexnetPipeError):
+    """A converted dataset directory is missing, incomplete or inconsistent."""
+
+
+class OldMeanFormatError(DatasetError):
+    """A dataset holds only an old (full-image) mean; `update-mean` fixes it."""
+
+
+class UnsafePickleError(AlexnetPipeError):
+    """A pickle tried to load something other than numpy arrays."""
