@@ -125,6 +125,16 @@ def _tar_members(path: Path) -> list[tarfile.TarInfo]:
 
 def _train_tar_tree(path: Path) -> dict[str, list[tuple[str, int, int]]]:
     """class -> [(member name, absolute offset, size)] for a tar of per-class tars."""
+    try:
+        return _read_train_tar(path)
+    except tarfile.TarError as exc:
+        raise LayoutError(
+            f"{path} is not a readable uncompressed tar of per-class tars ({exc}); "
+            "expected the original ILSVRC2012_img_train.tar"
+        ) from exc
+
+
+def _read_train_tar(path: Path) -> dict[str, list[tuple[str, int, int]]]:
     tree: dict[str, list[tuple[str, int, int]]] = {}
     with tarfile.open(path, "r:") as outer:
         for member in outer:

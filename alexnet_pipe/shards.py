@@ -82,8 +82,9 @@ class _LmdbShard:
     def __init__(self, path: Path):
         path.mkdir(parents=True)
         # lock=False: one writer on a private staging directory, and no lock.mdb left behind
-        # in the dataset (readers open with lock=False as well).
-        self.env = lmdb.open(str(path), map_size=LMDB_MAP_SIZE, subdir=True, lock=False, sync=False, meminit=False)
+        # in the dataset (readers open with lock=False as well). meminit=True zeroes unused
+        # page space, which makes the file bytes reproducible.
+        self.env = lmdb.open(str(path), map_size=LMDB_MAP_SIZE, subdir=True, lock=False, sync=False, meminit=True)
         self.txn = self.env.begin(write=True)
         self.count = 0
         self.digest = RecordDigest()

@@ -1,0 +1,492 @@
+"""`update-mean`: upgrade old full-image means to the per-channel ``mean.json``.
+
+Old formats, all full mean images:
+
+- neon's ``dataset_cache.pkl``: a Python 2 pickle whose ``global_mean`` has shape
+  (img_size*img_size*3, 1), RGB planar. Rewritten in place as neon's own
+  ``update_dataset_cache.py`` did (per-channel, BGR, shape (3, 1)), so neon still reads it.
+- Caffe's ``mean.binaryproto``: a BlobProto, 1 x C x H x W, BGR.
+- ``mean.npy``: H x W x 3 (or 3 x H x W), RGB unless told otherwise.
+
+Each also gets a ``mean.json`` (RGB) that our own tools read. Anything overwritten is backed
+up first (``name.bak``, ``name.bak1``, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import operator
+import pickle
+import pickletools
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import protobuf as pb
+from .config import UpdateMeanConfig
+from .errors import AlexnetPipeError, DatasetError, FormatError, UnsafePickleError
+from .fsutil import atomic_write_bytes, backup_path
+from .mean import MEAN_FILE, OLD_MEAN_FILES, ChannelMean, read_mean_file, write_mean
+
+NEON_CACHE_PROTOCOL = 2  # what neon's save_obj wrote; the highest a Python 2 neon can read
+
+
+@dataclass(frozen=True)
+class UpdateMeanResult:
+    """What `update-mean` read, wrote and backed up."""
+
+    mean: ChannelMean
+    written: list[Path]
+    backups: list[Path]
+    already_current: bool  # nothing needed writing
+    read: str = ""  # the input, in words: "batches/mean.binaryproto (256x256 full-image mean, BGR)"
+    notes: tuple[str, ...] = ()  # things the user should double-check
+
+    def summary(self) -> str:
+        """A few human lines: input, outputs, backups, the per-channel values."""
+        lines = [f"read    {self.read}"]
+        if self.already_current:
+            lines.append("already current: nothing changed")
+        lines += [f"wrote   {p}" for p in self.written]
+        lines += [f"backup  {p}" for p in self.backups]
+        rgb, _ = self.mean.rgb()
+        lines.append("mean    " + "  ".join(f"{c}={v:.3f}" for c, v in zip("RGB", rgb)) + "  (0..255 scale)")
+        lines += [f"note    {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- Caffe BlobProto (pure)
+
+def encode_blobproto(arr: np.ndarray) -> bytes:
+    """Serialise an array as a BlobProto the way Caffe's ``compute_image_mean`` does.
+
+    Args:
+        arr: at most 4 axes, e.g. a C x H x W mean image; missing leading axes become 1.
+    Returns:
+        num/channels/height/width (legacy shape) and packed float32 ``data``.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim > 4:
+        raise ValueError(f"a legacy BlobProto holds at most 4 axes, got shape {arr.shape}")
+    dims = (1,) * (4 - arr.ndim) + arr.shape
+    parts = [pb.varint_field(number, dim) for number, dim in zip((1, 2, 3, 4), dims)]
+    data = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+    if data:
+        parts.append(pb.bytes_field(5, data))
+    return b"".join(parts)
+
+
+def _blob_shape(buf: memoryview) -> list[int]:
+    """``BlobShape { repeated int64 dim = 1 [packed = true]; }``, packed or not."""
+    dims: list[int] = []
+    for number, wire, value in pb.iter_fields(buf):
+        if number != 1:
+            continue
+        if wire == pb.VARINT:
+            dims.append(value)
+        elif wire == pb.LENGTH:
+            pos = 0
+            while pos < len(value):
+                dim, pos = pb.decode_varint(value, pos)
+                dims.append(dim)
+        else:
+            raise FormatError(f"BlobShape.dim has wire type {wire}, expected varint")
+    # int64 two's complement: a negative dim is corrupt, not just large.
+    signed = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
+    if any(d < 0 for d in signed):
+        raise FormatError(f"BlobShape has a negative dimension: {signed}")
+    return dims
+
+
+def decode_blobproto(buf: bytes | memoryview) -> np.ndarray:
+    """Parse a BlobProto into an array of the shape it states.
+
+    The shape comes from ``shape.dim`` (field 7) when present, else from the legacy
+    num/channels/height/width (missing ones count as 1). Values come from ``double_data``
+    when it is non-empty (as in Caffe's ``Blob::FromProto``), else from ``data``.
+
+    Returns:
+        float32 (or float64 for ``double_data``) array, e.g. (1, 3, 256, 256) for Caffe's mean.
+    Raises:
+        FormatError: truncated bytes, no shape, or a value count that does not fit the shape.
+    """
+    legacy: dict[int, int] = {}
+    shape: list[int] | None = None
+    floats: list[float] = []
+    doubles: list[float] = []
+    for number, wire, value in pb.iter_fields(buf):
+        if number in (1, 2, 3, 4):
+            if wire != pb.VARINT:
+                raise FormatError(f"BlobProto field {number} has wire type {wire}, expected varint")
+            legacy[number] = pb.to_int32(value)
+        elif number == 5:
+            if wire == pb.LENGTH:
+                floats.extend(pb.packed_floats(value))
+            elif wire == pb.FIXED32:  # unpacked repeated float, as old writers did
+                floats.append(struct.unpack("<f", value)[0])
+            else:
+                raise FormatError(f"BlobProto.data has wire type {wire}, expected packed float")
+        elif number == 7:
+            if wire != pb.LENGTH:
+                raise FormatError(f"BlobProto.shape has wire type {wire}, expected a message")
+            shape = (shape or []) + _blob_shape(value)  # repeated sub-messages merge
+        elif number == 8:
+            if wire == pb.LENGTH:
+                doubles.extend(pb.packed_floats(value, double=True))
+            elif wire == pb.FIXED64:
+                doubles.append(struct.unpack("<d", value)[0])
+            else:
+                raise FormatError(f"BlobProto.double_data has wire type {wire}, expected packed double")
+        # diff=6, double_diff=9 and unknown fields are not part of a mean: skip them.
+    if shape is None:
+        if not legacy:
+            raise FormatError("BlobProto has neither shape nor num/channels/height/width")
+        shape = [legacy.get(n, 1) for n in (1, 2, 3, 4)]
+        if any(d < 0 for d in shape):
+            raise FormatError(f"BlobProto has a negative dimension: {shape}")
+    values = np.asarray(doubles, np.float64) if doubles else np.asarray(floats, np.float32)
+    count = int(np.prod(shape, dtype=object))
+    if values.size != count:
+        raise FormatError(
+            f"BlobProto shape {tuple(shape)} needs {count} values but the data holds {values.size} "
+            "(truncated or not a Caffe mean file)"
+        )
+    return values.reshape(shape)
+
+
+# ---------------------------------------------------------------- untrusted pickles
+
+def _latin1_encode(text: object, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode``, limited to what Python 3 pickles of bytes need (protocol <= 2)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"pickle calls _codecs.encode with {type(text).__name__}, {encoding!r}; "
+                                "only latin1 text (how Python 3 pickles bytes) is allowed")
+    return text.encode("latin1")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the globals numpy array (and scalar) pickles use; anything else is refused."""
+
+    def find_class(self, module: str, name: str):
+        # Taken from numpy's own reducers so both numpy 1.x (numpy.core) and 2.x (numpy._core)
+        # resolve without importing the deprecated numpy.core shim.
+        reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
+        scalar = np.float64(0).__reduce__()[0]
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy.core.multiarray", "scalar"): scalar,
+            ("numpy._core.multiarray", "scalar"): scalar,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+            # Python 3 writes bytes as _codecs.encode(str, 'latin1') at protocol <= 2, so our own
+            # rewritten caches need it; Python 2 caches hold plain str instead.
+            ("_codecs", "encode"): _latin1_encode,
+        }
+        try:
+            return allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"the pickle asks for {module}.{name}, which is not part of a numpy array; "
+                "refusing to load it (a dataset cache holds only numbers, strings and numpy arrays)"
+            ) from None
+
+
+def _refuse_object_arrays(obj: object) -> None:
+    """Object arrays can hold anything and run code when used; a mean never needs one."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:  # pickles can build cycles
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray) and item.dtype.hasobject:
+            raise UnsafePickleError(f"the pickle holds a numpy array of dtype {item.dtype} (Python objects); "
+                                    "only numeric arrays are allowed")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+
+
+def safe_unpickle(data: bytes) -> object:
+    """Load an untrusted (possibly Python 2) pickle that may hold only plain data and numpy arrays.
+
+    Raises:
+        UnsafePickleError: it names any other global, or holds an object-dtype array.
+        FormatError: the bytes are not a readable pickle.
+    """
+    try:
+        obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except UnsafePickleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- corrupt input can fail in any numpy/pickle internals
+        raise FormatError(f"not a readable pickle ({type(exc).__name__}: {exc})") from exc
+    _refuse_object_arrays(obj)
+    return obj
+
+
+def _numpy1_global_names(data: bytes) -> bytes:
+    """Rename ``numpy._core.*`` globals to ``numpy.core.*`` in a protocol-2 pickle.
+
+    numpy 2 pickles name numpy._core, which numpy 1.x (and so any Python 2 neon) cannot import;
+    numpy 2 still resolves the old names. Edits only GLOBAL opcodes, never array bytes.
+    """
+    out, last = [], 0
+    for op, arg, pos in pickletools.genops(data):
+        if op.name == "GLOBAL" and arg.startswith("numpy._core."):
+            module, name = arg.split(" ", 1)
+            end = pos + 1 + len(module) + 1 + len(name) + 1  # 'c' module '\n' name '\n'
+            out += [data[last:pos], b"c" + module.replace("numpy._core.", "numpy.core.", 1).encode() + b"\n"
+                    + name.encode() + b"\n"]
+            last = end
+    out.append(data[last:])
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------- full image -> per channel
+
+def _channel_means(image: np.ndarray, layout: str, what: str) -> np.ndarray:
+    """Per-channel means (float64, in the array's channel order) of a CHW, HWC or 3-value mean."""
+    if image.dtype.kind not in "fiu":
+        raise FormatError(f"{what} has dtype {image.dtype}; expected a numeric (float) mean")
+    if layout == "C":
+        means = image.reshape(3).astype(np.float64)
+    elif layout == "CHW":
+        means = image.reshape(3, -1).mean(axis=1, dtype=np.float64)
+    else:
+        means = image.reshape(-1, 3).mean(axis=0, dtype=np.float64)
+    if not np.isfinite(means).all():
+        raise FormatError(f"{what} holds non-finite values (NaN or inf); expected finite pixel means")
+    if means.min() < 0 or means.max() > 255:
+        raise FormatError(f"{what} has channel means {means.round(3).tolist()}; "
+                          "expected pixel means on the 0..255 scale")
+    return means
+
+
+def _is_three_values(arr: np.ndarray) -> bool:
+    return arr.shape in ((3,), (3, 1))
+
+
+def _describe(arr: np.ndarray, layout: str) -> str:
+    if layout == "C":
+        return "per-channel mean"
+    h, w = arr.shape[1:] if layout == "CHW" else arr.shape[:2]
+    return f"{w}x{h} full-image mean"
+
+
+def _scale_notes(rgb: np.ndarray) -> tuple[str, ...]:
+    if rgb.max() <= 1.0:
+        return ("all channel means are <= 1: is this a 0..1-scaled mean? mean.json is on the 0..255 scale",)
+    return ()
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """An old mean, read: RGB per-channel values and how to describe where they came from."""
+
+    rgb: np.ndarray
+    what: str  # "256x256 full-image mean"
+    read: str  # "batches/mean.npy (256x256 full-image mean, HWC RGB)"
+    notes: tuple[str, ...] = ()
+
+
+def _read_binaryproto(path: Path, channel_order: str | None) -> _Decoded:
+    if channel_order is not None:
+        raise AlexnetPipeError(f"--channel-order applies to .npy means only; {path.name} is a Caffe "
+                               "BlobProto, which is always BGR")
+    try:
+        arr = decode_blobproto(path.read_bytes())
+    except FormatError as exc:
+        raise FormatError(f"{path}: not a valid Caffe mean BlobProto: {exc}") from exc
+    image = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
+    if _is_three_values(image) or image.shape == (3, 1, 1):
+        layout = "C"
+    elif image.ndim == 3 and image.shape[0] == 3:
+        layout = "CHW"
+    else:
+        raise FormatError(f"{path}: BlobProto has shape {arr.shape}; expected a BGR mean image "
+                          "1 x 3 x H x W (as compute_image_mean writes) or 3 per-channel values")
+    what = _describe(image, layout)
+    rgb = _channel_means(image, layout, str(path))[::-1]  # Caffe stores BGR
+    return _Decoded(rgb, what, f"{path} ({what}, BGR)", _scale_notes(rgb))
+
+
+def _read_npy(path: Path, channel_order: str | None) -> _Decoded:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise FormatError(f"{path}: not a readable .npy array without pickles ({exc})") from exc
+    if not isinstance(arr, np.ndarray):
+        raise FormatError(f"{path}: holds {type(arr).__name__}; expected a single mean array")
+    image = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
+    if _is_three_values(image):
+        layout = "C"
+    elif image.ndim == 3 and image.shape[-1] == 3:
+        layout = "HWC"
+    elif image.ndim == 3 and image.shape[0] == 3:
+        layout = "CHW"
+    else:
+        raise FormatError(f"{path}: array has shape {arr.shape}; expected an H x W x 3 (or 3 x H x W) "
+                          "mean image or 3 per-channel values")
+    order = (channel_order or "rgb").upper()
+    what = _describe(image, layout)
+    means = _channel_means(image, layout, str(path))
+    rgb = means[::-1] if order == "BGR" else means
+    notes = _scale_notes(rgb)
+    if channel_order is None:
+        # Caffe's widely shared ilsvrc_2012_mean.npy is 3 x 256 x 256 *BGR*; nothing in the file says so.
+        notes += ("channel order assumed RGB; if this mean came from Caffe (BGR), rerun with --channel-order bgr",)
+    return _Decoded(rgb, what, f"{path} ({what}, {layout} {order})", notes)
+
+
+def _neon_bgr_mean(cache: object, path: Path) -> tuple[np.ndarray, str, bool]:
+    """(per-channel BGR means, description, already per-channel) of a neon dataset cache."""
+    if not isinstance(cache, dict) or "global_mean" not in cache:
+        keys = sorted(map(str, cache)) if isinstance(cache, dict) else type(cache).__name__
+        raise FormatError(f"{path}: no 'global_mean' (found {keys}); expected neon's dataset cache, "
+                          "a dict with 'img_size' and 'global_mean'")
+    gm = cache["global_mean"]
+    if not isinstance(gm, np.ndarray):
+        raise FormatError(f"{path}: global_mean is a {type(gm).__name__}; expected a numpy array")
+    if _is_three_values(gm):
+        return _channel_means(gm, "C", f"{path} global_mean"), "per-channel mean", gm.shape == (3, 1)
+    try:
+        size = operator.index(cache.get("img_size"))
+    except TypeError:
+        raise FormatError(f"{path}: img_size is {cache.get('img_size')!r}; "
+                          "expected the image side in pixels") from None
+    if size < 1 or gm.shape != (size * size * 3, 1):
+        raise FormatError(f"{path}: global_mean has shape {gm.shape}; expected ({size}*{size}*3, 1) "
+                          "(full image, RGB planar) or (3, 1) (per channel, BGR)")
+    rgb = _channel_means(gm, "CHW", f"{path} global_mean")  # planar: all R, then G, then B
+    return rgb[::-1], f"{size}x{size} full-image mean", False
+
+
+# ---------------------------------------------------------------- the job
+
+def _backup(path: Path) -> Path:
+    """Copy ``path`` to a free ``.bak`` name before it is overwritten."""
+    dst = backup_path(path)
+    atomic_write_bytes(dst, path.read_bytes())
+    return dst
+
+
+def _write_mean_json(out: Path, mean: ChannelMean, written: list[Path], backups: list[Path]) -> None:
+    """Write ``out`` unless it already holds these values; back up whatever it replaces."""
+    if out.exists():
+        try:
+            old = read_mean_file(out)
+        except AlexnetPipeError:
+            old = None  # unreadable or old format: replace it (after a backup)
+        # Same values already there (a rerun): keep the file, and any std it carries.
+        if old is not None and np.allclose(old.rgb()[0], mean.mean, rtol=0, atol=1e-9):
+            return
+        backups.append(_backup(out))
+    write_mean(out, mean)
+    written.append(out)
+
+
+def _out_dir(cfg: UpdateMeanConfig, default: Path) -> Path:
+    if cfg.into is None:
+        return default
+    if cfg.into.exists() and not cfg.into.is_dir():
+        raise AlexnetPipeError(f"--into {cfg.into} is a file; expected a directory to write {MEAN_FILE} into")
+    cfg.into.mkdir(parents=True, exist_ok=True)
+    return cfg.into
+
+
+def _update_neon_cache(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
+    if cfg.channel_order is not None:
+        raise AlexnetPipeError(f"--channel-order applies to .npy means only; {path.name} is neon's cache, "
+                               "whose global_mean is RGB planar")
+    raw = path.read_bytes()
+    try:
+        cache = safe_unpickle(raw)
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from exc
+    except FormatError as exc:
+        raise FormatError(f"{path}: {exc}; expected neon's dataset_cache.pkl") from exc
+    bgr, what, current = _neon_bgr_mean(cache, path)
+    written: list[Path] = []
+    backups: list[Path] = []
+    if not current:
+        # What neon's update_dataset_cache.py did: mean of each plane, RGB -> BGR, shape (3, 1);
+        # we keep the array's float dtype and every other key as it was.
+        gm = cache["global_mean"]
+        dtype = gm.dtype if gm.dtype.kind == "f" else np.float64
+        upgraded = dict(cache, global_mean=bgr.reshape(3, 1).astype(dtype))
+        data = _numpy1_global_names(pickle.dumps(upgraded, protocol=NEON_CACHE_PROTOCOL))
+        backups.append(_backup(path))
+        atomic_write_bytes(path, data)
+        written.append(path)
+    rgb = bgr[::-1]
+    source = f"upgraded from {path.name} ({what})" if not current else f"from {path.name} ({what})"
+    mean = ChannelMean(tuple(float(v) for v in rgb), None, "RGB", 0, 0, source)
+    _write_mean_json(_out_dir(cfg, path.parent) / MEAN_FILE, mean, written, backups)
+    read = f"{path} ({what}, {'BGR (3, 1): already current' if current else 'RGB planar'})"
+    return UpdateMeanResult(mean, written, backups, not written, read, _scale_notes(rgb))
+
+
+def _update_mean_file(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
+    """Upgrade one old mean file (dispatch on its suffix, so imagenet_mean.binaryproto works too)."""
+    suffix = path.suffix.lower()
+    if suffix == ".pkl":
+        return _update_neon_cache(path, cfg)
+    if suffix == ".json":
+        mean = read_mean_file(path)
+        return UpdateMeanResult(mean, [], [], True, f"{path} (current {MEAN_FILE} format)")
+    if suffix == ".binaryproto":
+        decoded = _read_binaryproto(path, cfg.channel_order)
+    elif suffix == ".npy":
+        decoded = _read_npy(path, cfg.channel_order)
+    else:
+        raise FormatError(f"{path}: unknown mean format; expected a neon dataset_cache.pkl, a Caffe "
+                          ".binaryproto, a .npy mean image or a dataset directory")
+    prefix = "from" if decoded.what == "per-channel mean" else "upgraded from"
+    mean = ChannelMean(tuple(float(v) for v in decoded.rgb), None, "RGB", 0, 0,
+                       f"{prefix} {path.name} ({decoded.what})")
+    written: list[Path] = []
+    backups: list[Path] = []
+    _write_mean_json(_out_dir(cfg, path.parent) / MEAN_FILE, mean, written, backups)
+    return UpdateMeanResult(mean, written, backups, not written, decoded.read, decoded.notes)
+
+
+def run_update_mean(cfg: UpdateMeanConfig) -> UpdateMeanResult:
+    """Upgrade an old full-image mean to a per-channel ``mean.json``.
+
+    Args:
+        cfg: ``path`` is a dataset directory or one old mean file; ``into`` a directory for
+            ``mean.json`` (default: beside the file); ``channel_order`` the order of an .npy mean.
+    Returns:
+        what was read, written and backed up. A directory that already holds a valid
+        ``mean.json`` is reported as current and left alone.
+    Raises:
+        AlexnetPipeError: nothing to upgrade, unreadable or malformed input, unsafe pickle.
+    """
+    path = cfg.path
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; expected a dataset directory or an old mean file")
+    if not path.is_dir():
+        return _update_mean_file(path, cfg)
+    if cfg.into is not None and cfg.into.resolve() != path.resolve():
+        raise AlexnetPipeError(f"--into is for a single mean file; a dataset directory's {MEAN_FILE} goes "
+                               f"into the directory itself. To put it elsewhere, pass the old file: "
+                               f"alexnet-pipe update-mean {path / OLD_MEAN_FILES[1]} --into {cfg.into}")
+    current = path / MEAN_FILE
+    problem = ""
+    if current.exists():
+        try:
+            mean = read_mean_file(current)
+        except AlexnetPipeError as exc:
+            problem = f" ({current} is not usable: {exc})"
+        else:
+            return UpdateMeanResult(mean, [], [], True, f"{current} (current {MEAN_FILE} format)")
+    for name in OLD_MEAN_FILES:
+        if (path / name).is_file():
+            return _update_mean_file(path / name, cfg)
+    raise DatasetError(f"{path} has no mean to upgrade: looked for a valid {MEAN_FILE} and for "
+                       f"{', '.join(OLD_MEAN_FILES)}{problem}")

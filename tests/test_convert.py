@@ -1,0 +1,226 @@
+"""The convert job end to end: output layout, determinism, shuffling, resume, refusal, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+import pytest
+from click.testing import CliRunner
+
+from alexnet_pipe.cli import main
+from alexnet_pipe.config import ConvertConfig, ImageSettings, VerifyConfig
+from alexnet_pipe.convert import run_convert
+from alexnet_pipe.datum import decode_datum
+from alexnet_pipe.errors import DatasetError, SettingsMismatchError
+from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.mean import read_mean_file
+from alexnet_pipe.recordio import iter_records, unpack_payload
+from alexnet_pipe.verify import run_verify
+
+from .conftest import CLASSES, make_tree
+from .test_scan import _flat_val, make_archives
+
+
+def convert(src: Path, dst: Path, **kw) -> None:
+    opts = {"formats": ("lmdb", "recordio"), "shard_size": 5, "workers": 1, "progress": False}
+    opts.update(kw)
+    run_convert(ConvertConfig(src=src, dst=dst, **opts))
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def lmdb_records(path: Path) -> list[tuple[bytes, object]]:
+    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+        return [(k, decode_datum(v)) for k, v in txn.cursor()]
+
+
+def test_output_layout_and_manifest(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    convert(raw_tree, out)
+    ds = load_dataset(out)
+    m = ds.manifest
+    assert m["settings"]["short_side"] == 256 and m["settings"]["formats"] == ["lmdb", "recordio"]
+    assert [c["id"] for c in m["classes"]] == list(CLASSES)
+    assert m["splits"]["train"]["records"] == 18 and m["splits"]["val"]["records"] == 6
+    assert [s["records"] for s in m["splits"]["train"]["shards"]] == [5, 5, 5, 3]
+    assert m["splits"]["train"]["class_counts"] == [6, 6, 6]
+    for shard in m["splits"]["train"]["shards"]:
+        assert shard["lmdb"]["checksum"].startswith("sha256:")
+        assert not (out / shard["lmdb"]["path"] / "lock.mdb").exists()
+    # every Datum is an encoded RGB JPEG whose label matches its source folder
+    keys = []
+    for path in ds.lmdb_paths("train"):
+        for key, datum in lmdb_records(path):
+            name = key.decode().split("_", 1)[1]
+            assert CLASSES[datum.label] == name.split("/")[0]
+            assert datum.encoded and datum.channels == 3 and datum.data[:2] == b"\xff\xd8"
+            keys.append(name)
+    assert sorted(keys) == sorted(f"{c}/{c}_{i}.jpg" for c in CLASSES for i in range(6))
+    mean = read_mean_file(out / "mean.json")
+    assert mean.channel_order == "RGB" and mean.images == 18 and all(0 < v < 255 for v in mean.mean)
+    assert not (out / ".staging").exists()
+
+
+def test_combined_recordio_index_offsets_are_global(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    convert(raw_tree, out)
+    recs, index = load_dataset(out).recordio_paths("train")
+    blob = b"".join(p.read_bytes() for p in recs)
+    entries = [line.split("\t") for line in index.read_text().splitlines()]
+    assert len(entries) == 18
+    for key, offset in entries:
+        header, _ = unpack_payload(_record_at(blob, int(offset)))
+        assert header.id == int(key)
+
+
+def _record_at(blob: bytes, offset: int) -> bytes:
+    import io
+
+    from alexnet_pipe.recordio import read_record
+
+    f = io.BytesIO(blob)
+    f.seek(offset)
+    return read_record(f)
+
+
+def test_same_input_same_bytes_and_mixed_order(raw_tree, tmp_path):
+    convert(raw_tree, tmp_path / "a", workers=1)
+    convert(raw_tree, tmp_path / "b", workers=2)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    labels = [d.label for p in load_dataset(tmp_path / "a").lmdb_paths("train") for _, d in lmdb_records(p)]
+    # stored order is shuffled: not class by class
+    assert labels != sorted(labels)
+    assert len(set(labels[:6])) > 1
+    convert(raw_tree, tmp_path / "c", seed=1)
+    other = [d.label for p in load_dataset(tmp_path / "c").lmdb_paths("train") for _, d in lmdb_records(p)]
+    assert sorted(other) == sorted(labels) and other != labels
+
+
+def test_archives_give_the_same_records_as_folders(raw_tree, tmp_path):
+    truth = _flat_val(raw_tree)
+    rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
+    (raw_tree / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    make_archives(raw_tree, tmp_path / "arch")
+    (tmp_path / "arch" / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    convert(raw_tree, tmp_path / "from_folders")
+    convert(tmp_path / "arch", tmp_path / "from_tars")
+    a, b = (load_dataset(tmp_path / d).manifest for d in ("from_folders", "from_tars"))
+    for split in ("train", "val"):
+        assert [s["lmdb"]["checksum"] for s in a["splits"][split]["shards"]] == [
+            s["lmdb"]["checksum"] for s in b["splits"][split]["shards"]
+        ]
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    convert(raw_tree, out)
+    before = tree_bytes(out)
+    convert(raw_tree, out)
+    assert tree_bytes(out) == before
+    with pytest.raises(SettingsMismatchError, match=r"quality: 90 -> 80.*--force"):
+        convert(raw_tree, out, image=ImageSettings(quality=80))
+    assert tree_bytes(out) == before
+    convert(raw_tree, out, image=ImageSettings(quality=80), force=True)
+    assert load_dataset(out).manifest["settings"]["quality"] == 80
+
+
+def test_foreign_nonempty_output_is_refused(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(SettingsMismatchError, match="not empty"):
+        convert(raw_tree, out)
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_lost_shard_is_rewritten_on_rerun(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    convert(raw_tree, out)
+    before = tree_bytes(out)
+    import shutil
+
+    shutil.rmtree(out / "lmdb" / "train-00001")
+    convert(raw_tree, out)
+    assert tree_bytes(out) == before
+
+
+def test_kill_and_rerun_matches_clean_run(tmp_path):
+    """SIGKILL a converting subprocess mid-way; the rerun's output equals an uninterrupted run."""
+    raw = tmp_path / "raw"
+    make_tree(raw, {"train": 30, "val": 4}, sizes=((400, 300), (320, 480)))
+    cmd = [sys.executable, "-m", "alexnet_pipe", "convert", str(raw), str(tmp_path / "killed"),
+           "--format", "both", "--shard-size", "6", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed" / ".parts"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("*.json"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "conversion finished before it could be killed; make the input larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    with pytest.raises(DatasetError, match="rerun the same alexnet-pipe convert"):
+        load_dataset(tmp_path / "killed")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    convert(raw, tmp_path / "clean", shard_size=6)
+    killed, clean = tree_bytes(tmp_path / "killed"), tree_bytes(tmp_path / "clean")
+    assert killed.keys() == clean.keys()
+    assert killed == clean
+
+
+def test_verify_passes_then_finds_corruption(raw_tree, tmp_path):
+    out = tmp_path / "out"
+    convert(raw_tree, out)
+    ok = run_verify(VerifyConfig(out, workers=1, progress=False))
+    assert ok.ok and ok.records == 2 * 24
+    # corrupt one JPEG inside one RecordIO shard without changing its length
+    rec = out / "recordio" / "train-00002.rec"
+    records = list(iter_records(rec))
+    offset, payload = records[1]
+    blob = bytearray(rec.read_bytes())
+    start = offset + 8 + 24 + 200
+    blob[start : start + 400] = b"\x00" * 400
+    rec.write_bytes(bytes(blob))
+    # and one LMDB record's label
+    path = out / "lmdb" / "val-00000"
+    with lmdb.open(str(path), lock=False) as env, env.begin(write=True) as txn:
+        key, value = next(iter(txn.cursor()))
+        txn.put(key, value.replace(b"\x28" + bytes([decode_datum(value).label]), b"\x28\x09"))
+    bad = run_verify(VerifyConfig(out, workers=1, progress=False))
+    text = [str(p) for p in bad.problems]
+    assert any("recordio/train-00002.rec" in t and "checksum" in t for t in text)
+    assert any("lmdb/val-00000" in t and key.decode() in t and "label 9 outside 0..2" in t for t in text)
+    result = CliRunner().invoke(main, ["verify", str(out), "--workers", "1", "--no-progress"])
+    assert result.exit_code == 1 and "problems in" in result.output
+
+
+def test_cli_convert_info_and_errors(raw_tree, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out"
+    res = runner.invoke(main, ["convert", str(raw_tree), str(out), "--workers", "1", "--no-progress", "--shard-size", "7"])
+    assert res.exit_code == 0, res.output
+    assert "train 18, val 6 records, 0 skipped" in res.output
+    res = runner.invoke(main, ["info", str(out)])
+    assert res.exit_code == 0
+    assert "classes   3: ant, bee, cat" in res.output and "train     18 records in 3 shards" in res.output
+    info = json.loads(runner.invoke(main, ["info", str(out), "--json"]).output)
+    assert info["mean"]["channel_order"] == "RGB" and len(info["splits"]["val"]["shards"]) == 1
+    res = runner.invoke(main, ["convert", str(raw_tree), str(out), "--quality", "50", "--no-progress"])
+    assert res.exit_code == 1 and "--force" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["info", str(tmp_path)])
+    assert res.exit_code == 1 and "has no manifest.json" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(main, ["convert", str(empty), str(tmp_path / "o2")])
+    assert res.exit_code == 1 and "has no class folders" in res.output

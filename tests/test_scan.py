@@ -1,0 +1,159 @@
+"""Raw layouts: class folders, flat val with each label file kind, and the ILSVRC tar archives."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from alexnet_pipe.errors import LayoutError
+from alexnet_pipe.imaging import read_source
+from alexnet_pipe.scan import scan
+
+from .conftest import CLASSES, make_tree
+
+
+def _flat_val(raw: Path, n: int = 6) -> dict[str, str]:
+    """Move val/<class>/* into a flat val/ with ILSVRC names; return {stem: wnid}."""
+    truth = {}
+    files = sorted((raw / "val").glob("*/*.jpg"))
+    for i, f in enumerate(files, 1):
+        stem = f"ILSVRC2012_val_{i:08d}"
+        f.rename(raw / "val" / f"{stem}.JPEG")
+        truth[stem] = f.parent.name
+    for d in (raw / "val").iterdir():
+        if d.is_dir():
+            d.rmdir()
+    return truth
+
+
+def test_class_folders(raw_tree):
+    found = scan(raw_tree)
+    assert found.classes == list(CLASSES)
+    assert len(found.splits["train"]) == 18 and len(found.splits["val"]) == 6
+    for src in found.splits["train"]:
+        assert CLASSES[src.label] == src.name.split("/")[0]
+
+
+def test_bare_class_tree_is_train_only(tmp_path):
+    make_tree(tmp_path / "r", {"train": 2})
+    found = scan(tmp_path / "r" / "train")
+    assert list(found.splits) == ["train"] and len(found.splits["train"]) == 6
+
+
+def test_flat_val_with_loc_csv(raw_tree):
+    truth = _flat_val(raw_tree)
+    rows = ["ImageId,PredictionString"] + [f"{s},{w} 1 2 3 4 {w} 5 6 7 8" for s, w in truth.items()]
+    (raw_tree / "LOC_val_solution.csv").write_text("\n".join(rows[:-1]) + "\n")  # last image unlabelled
+    (raw_tree / "LOC_synset_mapping.txt").write_text("".join(f"{c} the {c}\n" for c in CLASSES))
+    found = scan(raw_tree)
+    val = found.splits["val"]
+    assert len(val) == len(truth) - 1
+    for src in val:
+        assert CLASSES[src.label] == truth[src.name[:-5]]
+    assert [s.reason for s in found.skipped] == ["no label in LOC_val_solution.csv"]
+    assert found.class_names["bee"] == "the bee"
+
+
+def test_flat_val_with_devkit_ground_truth_and_synsets(raw_tree):
+    truth = _flat_val(raw_tree)
+    ilsvrc_order = ["cat", "ant", "bee"]  # the devkit's id order is not alphabetical
+    (raw_tree / "synsets.txt").write_text("\n".join(ilsvrc_order) + "\n")
+    (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{ilsvrc_order.index(truth[s]) + 1}\n" for s in sorted(truth))
+    )
+    found = scan(raw_tree)
+    assert found.classes == list(CLASSES)  # labels still follow sorted class names
+    assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == truth
+
+
+def test_ground_truth_without_synsets_says_what_to_add(raw_tree):
+    truth = _flat_val(raw_tree)
+    (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n" * len(truth))
+    with pytest.raises(LayoutError, match="synset list"):
+        scan(raw_tree)
+
+
+def test_ground_truth_count_mismatch(raw_tree):
+    _flat_val(raw_tree)
+    (raw_tree / "synsets.txt").write_text("\n".join(CLASSES))
+    (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n")
+    with pytest.raises(LayoutError, match="has 2 labels but the flat validation set has 6"):
+        scan(raw_tree)
+
+
+def test_caffe_val_txt(raw_tree):
+    truth = _flat_val(raw_tree)
+    (raw_tree / "val.txt").write_text("".join(f"{s}.JPEG {CLASSES.index(w)}\n" for s, w in truth.items()))
+    found = scan(raw_tree)
+    assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == truth
+
+
+def test_flat_val_without_labels_is_explained(raw_tree):
+    _flat_val(raw_tree)
+    with pytest.raises(LayoutError, match="no labels were found.*LOC_val_solution.csv"):
+        scan(raw_tree)
+
+
+def test_empty_input_is_explained(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("x")
+    with pytest.raises(LayoutError, match="has no class folders; expected"):
+        scan(tmp_path / "raw")
+
+
+def test_val_class_missing_from_train(raw_tree):
+    (raw_tree / "val" / "zebra").mkdir()
+    (raw_tree / "val" / "zebra" / "z.jpg").write_bytes((raw_tree / "val" / "ant" / "ant_0.jpg").read_bytes())
+    with pytest.raises(LayoutError, match="'zebra'"):
+        scan(raw_tree)
+
+
+def make_archives(raw: Path, dst: Path, truth: dict[str, str] | None = None) -> None:
+    """Pack raw/train/<c>/* as ILSVRC2012_img_train.tar (a tar of per-class tars) and a flat val tar."""
+    dst.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(dst / "ILSVRC2012_img_train.tar", "w") as outer:
+        for cls_dir in sorted((raw / "train").iterdir()):
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for f in sorted(cls_dir.iterdir()):
+                    inner.add(f, arcname=f.name)
+            info = tarfile.TarInfo(f"{cls_dir.name}.tar")
+            info.size = buf.tell()
+            buf.seek(0)
+            outer.addfile(info, buf)
+    with tarfile.open(dst / "ILSVRC2012_img_val.tar", "w") as val:
+        for f in sorted((raw / "val").glob("*.JPEG")):
+            val.add(f, arcname=f.name)
+
+
+def test_ilsvrc_archives_read_in_place(raw_tree, tmp_path):
+    truth = _flat_val(raw_tree)
+    rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
+    arch = tmp_path / "archives"
+    make_archives(raw_tree, arch)
+    (arch / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    found = scan(arch)
+    folders = scan_folder_equivalent(raw_tree, rows)
+    assert [(s.name, s.label) for s in found.splits["train"]] == [(s.name, s.label) for s in folders.splits["train"]]
+    assert [(s.name, s.label) for s in found.splits["val"]] == [(s.name, s.label) for s in folders.splits["val"]]
+    # Bytes read by offset from inside the archive are exactly the original files.
+    by_name = {s.name: s for s in folders.splits["train"] + folders.splits["val"]}
+    for src in found.splits["train"] + found.splits["val"]:
+        assert src.path.endswith(".tar") and src.size > 0
+        assert read_source(src) == Path(by_name[src.name].path).read_bytes()
+
+
+def scan_folder_equivalent(raw: Path, rows: list[str]):
+    (raw / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return scan(raw)
+
+
+def test_not_a_tar_is_explained(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "ILSVRC2012_img_train.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(LayoutError, match="tar"):
+        scan(raw)
