@@ -121,3 +121,115 @@ def update_mean(path, into, channel_order):
 
     result = run_update_mean(UpdateMeanConfig(path, into, channel_order))
     click.echo(result.summary())
+
+
+def _train_options(fn):
+    """The neon model-zoo script's flags (plus a few), shared by `train` and `test`."""
+    options = [
+        click.option("-w", "--data_dir", "data_dir", type=_EXISTING_DIR, required=True,
+                     help="Converted dataset (output of alexnet-pipe convert)."),
+        click.option("-e", "--epochs", type=click.IntRange(min=1), default=10, show_default=True),
+        click.option("-s", "--save_path", type=_DIR, default=None, help="Write the final weights here."),
+        click.option("--serialize", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Checkpoint every N epochs (to --checkpoint, default <save_path>.ckpt)."),
+        click.option("--checkpoint", "checkpoint_path", type=_DIR, default=None, help="Checkpoint file for --serialize."),
+        click.option("--model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="Weights to start from or test, or a checkpoint to resume."),
+        click.option("--test_only", is_flag=True, help="Only evaluate --model_file on the validation split."),
+        click.option("-eval", "--eval_freq", type=click.IntRange(min=0), default=1, show_default=True,
+                     help="Evaluate every N epochs (0: never, except at the end)."),
+        click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None,
+                     help="Default: gpu when one is present."),
+        click.option("-i", "--device_id", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option("-r", "--rng_seed", type=int, default=0, show_default=True),
+        click.option("-d", "--datatype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
+                     help="Default: bf16 autocast on the GPU, f32 on the CPU."),
+        click.option("-z", "--batch_size", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--subset_pct", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True),
+        click.option("-o", "--output_file", type=_DIR, default=None, help="Per-epoch metrics as JSON lines."),
+        click.option("--no_progress_bar", is_flag=True),
+        click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True,
+                     help="Crop size (227 = Caffe geometry; 112 for quick CPU runs)."),
+        click.option("--lr", type=float, default=0.01, show_default=True, help="Weights' lr (biases get 2x)."),
+        click.option("--lr-step", type=click.IntRange(min=1), default=20, show_default=True,
+                     help="lr x0.1 every N epochs."),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option("--weight-decay", type=float, default=5e-4, show_default=True),
+        click.option("--normalize-std", is_flag=True, help="Also divide by the per-channel std."),
+        click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True),
+        click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU)."),
+        click.option("--data-threads", type=click.IntRange(min=1), default=None, help="DALI CPU threads."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _train_config(test_only: bool, kw: dict):
+    import torch
+
+    from .config import TrainConfig
+
+    backend = kw.pop("backend") or ("gpu" if torch.cuda.is_available() else "cpu")
+    datatype = kw.pop("datatype") or ("bf16" if backend == "gpu" else "f32")
+    threads = kw.pop("data_threads")
+    extra = {"data_threads": threads} if threads else {}
+    return TrainConfig(
+        backend=backend, datatype=datatype, test_only=kw.pop("test_only") or test_only,
+        progress=not kw.pop("no_progress_bar"), compile=kw.pop("compile_model"),
+        lr_step=kw.pop("lr_step"), weight_decay=kw.pop("weight_decay"), normalize_std=kw.pop("normalize_std"),
+        **kw, **extra,
+    )
+
+
+def _run_training(cfg) -> None:
+    from .train import fit, run_test
+
+    if cfg.test_only:
+        click.echo(run_test(cfg).neon_line())
+        return
+    result = fit(cfg)
+    if result.final is not None:
+        click.echo(result.final.neon_line())
+    if result.weights_path is not None:
+        click.echo(f"weights: {result.weights_path}")
+
+
+@main.command()
+@_train_options
+def train(**kw):
+    """Train the neon AlexNet on a converted dataset (DALI on the GPU, or -b cpu)."""
+    _run_training(_train_config(False, kw))
+
+
+@main.command("test")
+@_train_options
+def test_cmd(**kw):
+    """Evaluate --model_file on the validation split (same as train --test_only)."""
+    _run_training(_train_config(True, kw))
+
+
+@main.command()
+@click.argument("metrics", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=_DIR, default=Path("curves.png"), show_default=True)
+def plot(metrics, output):
+    """Draw loss and top-1/top-5 against epoch from a -o metrics file."""
+    from .plot import plot_curves, read_metrics
+
+    click.echo(f"wrote {plot_curves(read_metrics(metrics), output, title=str(metrics))}")
+
+
+@main.command()
+@click.argument("root", type=_EXISTING_DIR)
+@click.option("-o", "--output", type=_DIR, default=Path("grid.png"), show_default=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("-n", "--count", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
+@click.option("-r", "--rng_seed", type=int, default=0, show_default=True)
+@click.option("--normalize-std", is_flag=True)
+@click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default="cpu", show_default=True)
+def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend):
+    """Draw one batch exactly as the train pipeline feeds it (mean added back), with labels."""
+    from .inspect_batch import inspect_batch
+
+    click.echo(f"wrote {inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend)}")

@@ -97,3 +97,79 @@ class UpdateMeanConfig:
     def __post_init__(self) -> None:
         if self.channel_order not in (None, "rgb", "bgr"):
             raise ValueError(f"channel order must be rgb or bgr, got {self.channel_order}")
+
+
+DATATYPES = ("f32", "bf16", "f16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Inputs of `train` / `test`. Flag names follow the neon model-zoo script."""
+
+    data_dir: Path
+    epochs: int = 10
+    save_path: Path | None = None  # final weights (model + config + data settings)
+    checkpoint_path: Path | None = None  # where --serialize writes (default: beside save_path)
+    serialize: int = 0  # checkpoint every N epochs (0: only at the end, if a path is known)
+    model_file: Path | None = None  # weights to start from, or a checkpoint to resume
+    test_only: bool = False
+    eval_freq: int = 1
+    backend: str = "cpu"  # "gpu" or "cpu"; the CLI picks gpu when one is present
+    device_id: int = 0
+    rng_seed: int = 0
+    datatype: str = "f32"
+    batch_size: int = 128
+    subset_pct: float = 100.0
+    output_file: Path | None = None  # per-epoch metrics, JSON lines
+    progress: bool = True
+    crop: int = 224
+    lr: float = 0.01  # weights; biases get lr * bias_lr_mult (neon: 0.02)
+    bias_lr_mult: float = 2.0
+    lr_step: int = 20  # lr x lr_gamma every lr_step epochs (neon's Schedule(20, 0.1))
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # weights only; biases get none
+    normalize_std: bool = False  # divide by the per-channel std after mean subtraction
+    channels_last: bool | None = None  # None: on for the GPU backend
+    compile: bool = False  # torch.compile the model (GPU)
+    reader: str = "auto"  # lmdb / recordio / auto
+    data_threads: int = field(default_factory=lambda: min(4, default_workers()))
+    shard_id: int = 0  # this process's shard of the data (torchrun rank)
+    num_shards: int = 1  # how many processes share the data (torchrun world size)
+    log_every: int = 20  # steps between host syncs for the progress bar
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.serialize >= 0, f"--serialize must be >= 0, got {self.serialize}"),
+            (self.eval_freq >= 0, f"--eval_freq must be >= 0, got {self.eval_freq}"),
+            (self.backend in ("gpu", "cpu"), f"backend must be gpu or cpu, got {self.backend}"),
+            (self.datatype in DATATYPES, f"datatype must be one of {DATATYPES}, got {self.datatype}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (0 < self.subset_pct <= 100, f"--subset_pct must be in (0, 100], got {self.subset_pct}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.lr_step >= 1, f"--lr-step must be >= 1, got {self.lr_step}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.shard_id < self.num_shards, f"shard {self.shard_id} outside 0..{self.num_shards - 1}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (not (self.test_only and self.model_file is None), "--test_only needs --model_file (the weights to test)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def use_channels_last(self) -> bool:
+        return self.backend == "gpu" if self.channels_last is None else self.channels_last
+
+    def resolved_checkpoint_path(self) -> Path | None:
+        if self.checkpoint_path is not None:
+            return self.checkpoint_path
+        if self.save_path is not None:
+            return self.save_path.with_name(self.save_path.stem + ".ckpt")
+        return None
+
+    def to_dict(self) -> dict:
+        """JSON-able form, stored in checkpoints and weight files."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}

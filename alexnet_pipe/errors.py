@@ -27,3 +27,11 @@ class OldMeanFormatError(DatasetError):
 
 class UnsafePickleError(AlexnetPipeError):
     """A pickle tried to load something other than numpy arrays."""
+
+
+class CheckpointError(AlexnetPipeError):
+    """A weights or checkpoint file is unreadable or does not fit the model/dataset."""
+
+
+class TrainingError(AlexnetPipeError):
+    """Training cannot go on (diverged, wrong device) and the message says what to change."""

@@ -1,0 +1,283 @@
+"""The neon model-zoo AlexNet: CaffeNet's layout without weight grouping.
+
+conv1..conv5 and fc6..fc8 keep Caffe's layer names, so ``state_dict`` keys read
+``conv1.weight`` ... ``fc8.bias`` and weight importers (neon pickles, Caffe
+caffemodels with grouped conv2/4/5 expanded block-diagonally, torchvision) can map
+onto them by name. See shared/reference/NEON_ALEXNET.md for the source of every number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "MIN_CROP",
+    "AlexNet",
+    "AlexNetConfig",
+    "count_parameters",
+    "fc6_in_features",
+    "init_weights",
+    "param_groups",
+    "pool5_size",
+]
+
+
+class _Conv(NamedTuple):
+    name: str
+    out_channels: int
+    kernel: int
+    stride: int
+    pad: int
+    bias: float  # neon's constant bias init; 1 on some layers keeps their ReLUs alive early
+    pool: bool  # max 3x3/2 after the ReLU (followed by LRN on conv1 and conv2)
+
+
+class _Fc(NamedTuple):
+    name: str
+    out_features: int | None  # None: the number of classes
+    std: float
+    bias: float
+
+
+# The single source of the layer sizes: the constructor, init_weights and the spatial
+# arithmetic below all read these, so they cannot drift apart.
+_CONVS = (
+    _Conv("conv1", 96, 11, 4, 0, 0.0, True),
+    _Conv("conv2", 256, 5, 1, 2, 1.0, True),
+    _Conv("conv3", 384, 3, 1, 1, 0.0, False),
+    _Conv("conv4", 384, 3, 1, 1, 1.0, False),
+    _Conv("conv5", 256, 3, 1, 1, 1.0, True),
+)
+_FCS = (
+    _Fc("fc6", 4096, 0.005, 1.0),
+    _Fc("fc7", 4096, 0.005, 1.0),
+    _Fc("fc8", None, 0.01, 0.0),
+)
+_CONV_STD = 0.01
+_POOL_KERNEL, _POOL_STRIDE = 3, 2
+# Caffe's LRN: x / (k + alpha/size * sum_{window} x^2)^beta. torch divides alpha by size
+# and counts the zero padding at the borders exactly as Caffe does.
+_LRN = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Output size of a conv/pool along one axis, floor division as torch does; 0 if none."""
+    if size + 2 * pad < kernel:
+        return 0
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def pool5_size(crop: int) -> int:
+    """Height (= width) of pool5's output for a ``crop`` x ``crop`` input; 0 if it vanishes.
+
+    Pooling rounds down (torch's default, neon's too). Caffe rounds up, which gives the
+    same sizes at its 227 crop (55, 27, 13, 6) but 27 rather than 26 after pool1 at 224.
+
+    Example: 224 -> conv1 54 -> pool1 26 -> conv2 26 -> pool2 12 -> conv3..5 12 -> pool5 5.
+    """
+    s = crop
+    for c in _CONVS:
+        s = _out_size(s, c.kernel, c.stride, c.pad)
+        if c.pool:
+            s = _out_size(s, _POOL_KERNEL, _POOL_STRIDE, 0)
+    return s
+
+
+def _smallest_crop() -> int:
+    crop = 1
+    while pool5_size(crop) < 1:
+        crop += 1
+    return crop
+
+
+MIN_CROP = _smallest_crop()  # 67: the smallest crop for which pool5 is at least 1x1
+
+
+def fc6_in_features(crop: int) -> int:
+    """Number of inputs of fc6: 256 * s * s with s = pool5_size(crop).
+
+    6400 at 224 (neon), 9216 at 227 (Caffe), 1024 at 112.
+
+    Raises:
+        ValueError: the crop is too small for pool5 to have any output.
+    """
+    s = pool5_size(crop)
+    if s < 1:
+        raise ValueError(
+            f"crop {crop} is too small for AlexNet: pool5 would be empty; "
+            f"the smallest crop is {MIN_CROP} (neon uses 224, Caffe 227)"
+        )
+    return _CONVS[-1].out_channels * s * s
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """What defines the network's shape; saved with checkpoints and weight files."""
+
+    num_classes: int = 1000
+    crop: int = 224  # input height = width; fixes fc6's fan-in
+    dropout: float = 0.5  # drop probability after fc6 and fc7
+
+    def __post_init__(self) -> None:
+        for name in ("num_classes", "crop"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.crop < MIN_CROP:
+            raise ValueError(
+                f"crop must be >= {MIN_CROP} so that pool5 is at least 1x1, got {self.crop} "
+                f"(neon uses 224, Caffe 227)"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"dropout must be a float, got {self.dropout!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-friendly dict, the inverse of ``from_dict``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AlexNetConfig:
+        """Rebuild a config from ``to_dict`` output; missing keys take their defaults.
+
+        Raises:
+            ValueError: ``d`` holds keys this config does not know (e.g. from a newer version).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown AlexNetConfig keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**dict(d))
+
+
+class AlexNet(nn.Module):
+    """neon/CaffeNet AlexNet returning logits (softmax lives in the loss).
+
+    conv1 -> relu -> pool1 -> norm1 -> conv2 -> relu -> pool2 -> norm2 -> conv3 -> relu
+    -> conv4 -> relu -> conv5 -> relu -> pool5 -> flatten -> fc6 -> relu -> drop6
+    -> fc7 -> relu -> drop7 -> fc8. Pool comes before LRN as in CaffeNet (the 2012
+    paper has LRN first).
+
+    Args:
+        cfg: the network's shape.
+        generator: passed to ``init_weights``; with one, construction leaves the global
+            RNG untouched.
+    """
+
+    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not isinstance(cfg, AlexNetConfig):
+            raise TypeError(f"cfg must be an AlexNetConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        # skip_init: init_weights overwrites every parameter anyway, so torch's default
+        # init would only cost time and draw from the global RNG.
+        in_ch = 3
+        for c in _CONVS:
+            conv = nn.utils.skip_init(nn.Conv2d, in_ch, c.out_channels, c.kernel, stride=c.stride, padding=c.pad)
+            setattr(self, c.name, conv)
+            in_ch = c.out_channels
+        self.pool1 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.norm1 = nn.LocalResponseNorm(**_LRN)
+        self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.norm2 = nn.LocalResponseNorm(**_LRN)
+        self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        in_f = fc6_in_features(cfg.crop)
+        for f in _FCS:
+            out_f = cfg.num_classes if f.out_features is None else f.out_features
+            setattr(self, f.name, nn.utils.skip_init(nn.Linear, in_f, out_f))
+            in_f = out_f
+        self.drop6 = nn.Dropout(cfg.dropout)
+        self.drop7 = nn.Dropout(cfg.dropout)
+        init_weights(self, generator)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """pool5's output, N x 256 x s x s (s = pool5_size(crop)), before flattening."""
+        x = self.norm1(self.pool1(F.relu(self.conv1(x))))
+        x = self.norm2(self.pool2(F.relu(self.conv2(x))))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        return self.pool5(F.relu(self.conv5(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, N x num_classes, for N x 3 x crop x crop float input (any memory format)."""
+        crop = self.cfg.crop
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, crop, crop):
+            raise ValueError(
+                f"expected input N x 3 x {crop} x {crop}, got {tuple(x.shape)}; "
+                f"the model's crop must match the pipeline's (AlexNetConfig(crop=...))"
+            )
+        # flatten is in (C, H, W) order whatever the memory format, as Caffe and neon
+        # flatten; fc6 weights imported from them rely on it.
+        x = torch.flatten(self.features(x), 1)
+        x = self.drop6(F.relu(self.fc6(x)))
+        x = self.drop7(F.relu(self.fc7(x)))
+        return self.fc8(x)
+
+
+@torch.no_grad()
+def init_weights(model: AlexNet, generator: torch.Generator | None = None) -> None:
+    """neon's init: Gaussian weights (conv 0.01, fc6/fc7 0.005, fc8 0.01), constant biases.
+
+    Biases: conv1 0, conv2 1, conv3 0, conv4 1, conv5 1, fc6 1, fc7 1, fc8 0.
+
+    Args:
+        model: the network to initialise in place.
+        generator: draw from this (on the parameters' device) instead of the global RNG,
+            so a seed reproduces the weights without disturbing other random streams.
+    """
+    layers = [(c.name, _CONV_STD, c.bias) for c in _CONVS] + [(f.name, f.std, f.bias) for f in _FCS]
+    for name, std, bias in layers:
+        layer = getattr(model, name)
+        layer.weight.normal_(0.0, std, generator=generator)
+        layer.bias.fill_(bias)
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float = 2.0
+) -> list[dict]:
+    """neon's two optimizer groups: weights (lr, decay) and biases (lr * mult, no decay).
+
+    Each group carries ``name`` ("weights"/"biases") and ``lr0``, its base lr, which a
+    schedule scales (``g["lr"] = g["lr0"] * factor``) without losing the 2x bias ratio.
+
+    Example: ``torch.optim.SGD(param_groups(model, 0.01, 5e-4), momentum=0.9)`` trains
+    weights at 0.01 with decay 5e-4 and biases at 0.02 without decay.
+
+    Args:
+        model: any module; parameters named ``*.bias`` are biases, all others weights.
+        lr: base learning rate of the weights.
+        weight_decay: L2 decay of the weights.
+        bias_lr_mult: bias lr = lr * bias_lr_mult.
+    Returns:
+        ``[{"name": "weights", ...}, {"name": "biases", ...}]``, every parameter in one.
+    """
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if bias_lr_mult < 0:
+        raise ValueError(f"bias_lr_mult must be >= 0, got {bias_lr_mult}")
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        (biases if name.rsplit(".", 1)[-1] == "bias" else weights).append(p)
+    bias_lr = lr * bias_lr_mult
+    return [
+        {"name": "weights", "params": weights, "lr": lr, "lr0": lr, "weight_decay": weight_decay},
+        {"name": "biases", "params": biases, "lr": bias_lr, "lr0": bias_lr, "weight_decay": 0.0},
+    ]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())

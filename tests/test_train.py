@@ -1,0 +1,250 @@
+"""Training system on tiny converted data: schedule, steps, resume, evaluation, pipeline, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from alexnet_pipe import checkpoint
+from alexnet_pipe.cli import main
+from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
+from alexnet_pipe.convert import run_convert
+from alexnet_pipe.datum import decode_datum
+from alexnet_pipe.errors import CheckpointError, OldMeanFormatError
+from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.mean import load_dataset_mean
+from alexnet_pipe.model import AlexNet, AlexNetConfig, param_groups
+from alexnet_pipe.pipeline import Loader, LoaderConfig
+from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.train import EvalResult, _Runtime, fit, lr_at, run_test, topk_correct
+
+CROP = 67  # the smallest crop the network takes: fast CPU steps
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """4 classes of drawn shapes, 6 train / 2 val each, stored at short side 72."""
+    root = tmp_path_factory.mktemp("tiny")
+    make_image_tree(SynthConfig(root / "raw", 6, 2, (96, 72), ("circle", "square", "hstripes", "vstripes"), seed=3))
+    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb", "recordio"), shard_size=10,
+                              workers=1, progress=False, image=ImageSettings(short_side=72)))
+    return root / "data"
+
+
+def tcfg(data: Path, **kw) -> TrainConfig:
+    base = {"backend": "cpu", "datatype": "f32", "crop": CROP, "batch_size": 8, "lr": 0.001, "progress": False,
+            "data_threads": 1}
+    base.update(kw)
+    return TrainConfig(data_dir=data, **base)
+
+
+def test_learning_rate_schedule_matches_neon_for_90_epochs():
+    for epoch in range(91):
+        assert lr_at(epoch, 0.01) == pytest.approx(0.01 * 0.1 ** math.floor((epoch + 1) / 20))
+        assert lr_at(epoch, 0.02) == pytest.approx(0.02 * 0.1 ** math.floor((epoch + 1) / 20))
+    assert lr_at(18, 0.01) == pytest.approx(0.01) and lr_at(19, 0.01) == pytest.approx(0.001)
+    assert lr_at(89, 0.01) == pytest.approx(0.01 * 1e-4)
+
+
+def test_fit_applies_schedule_to_both_parameter_groups(tiny, tmp_path):
+    res = fit(tcfg(tiny, epochs=3, lr=0.001, lr_step=2, eval_freq=0, save_path=tmp_path / "w.pt",
+                   serialize=1))
+    assert [r["lr"] for r in res.history] == pytest.approx([0.001, 1e-4, 1e-4])
+    body = checkpoint.load(tmp_path / "w.ckpt")
+    groups = body["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["weights", "biases"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4, 2e-4])
+    assert [g["weight_decay"] for g in groups] == [5e-4, 0.0]
+
+
+def test_one_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(num_classes=4, crop=CROP), generator=torch.Generator().manual_seed(0))
+    # lr 0.001: on pixel-scale inputs the full 0.01 overshoots in one step (see NEON_ALEXNET.md)
+    opt = torch.optim.SGD(param_groups(model, 0.001, 5e-4), lr=0.001, momentum=0.9)
+    x, y = torch.randn(8, 3, CROP, CROP) * 50, torch.arange(8) % 4
+    model.eval()  # no dropout: the comparison is about the update, not the mask
+    before = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    after = F.cross_entropy(model(x), y)
+    assert after.item() < before.item()
+
+
+def test_small_set_is_overfitted():
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(num_classes=4, crop=CROP), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9)
+    x, y = torch.randn(8, 3, CROP, CROP) * 50, torch.arange(8) % 4
+    first = None
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), y)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert (logits.argmax(1) == y).all()
+    assert F.cross_entropy(logits, y).item() < 0.1 * first
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
+    straight = fit(tcfg(tiny, epochs=3, save_path=tmp_path / "a.pt", eval_freq=0))
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "b1.pt", serialize=1, eval_freq=0))
+    assert checkpoint.load(tmp_path / "b1.ckpt")["epoch"] == 1
+    resumed = fit(tcfg(tiny, epochs=3, model_file=tmp_path / "b1.ckpt", save_path=tmp_path / "b.pt", eval_freq=0))
+    a, b = checkpoint.load(tmp_path / "a.pt")["model"], checkpoint.load(tmp_path / "b.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    # a different seed really gives different weights (the comparison above can fail)
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "c.pt", eval_freq=0, rng_seed=5))
+    c = checkpoint.load(tmp_path / "c.pt")["model"]
+    assert not torch.equal(c["conv1.weight"], checkpoint.load(tmp_path / "b1.pt")["model"]["conv1.weight"])
+
+
+def test_weights_file_loads_with_weights_only_and_carries_its_settings(tiny, tmp_path):
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "w.pt", eval_freq=0))
+    body = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert body["kind"] == "weights" and body["model_config"] == {"num_classes": 4, "crop": CROP, "dropout": 0.5}
+    assert body["data"]["classes"] == ["circle", "hstripes", "square", "vstripes"]
+    assert body["data"]["mean_rgb"] == pytest.approx(list(load_dataset_mean(tiny).mean))
+    assert body["train_config"]["lr"] == 0.001
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write left nothing behind
+
+
+def test_topk_on_known_logits():
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [1, 0, 0, 0, 0, 9], [0, 9, 8, 7, 6, 5]])
+    labels = torch.tensor([0, 0, 0, 0])
+    top1, top5 = topk_correct(logits, labels, (1, 5))
+    # sample 0: rank 1; sample 1: rank 6; sample 2: rank 2; sample 3: rank 6
+    assert (top1.item(), top5.item()) == (1, 2)
+    top1, top5 = topk_correct(logits[:, :3], labels, (1, 5))  # fewer classes than k: top-3
+    assert top5.item() == 4
+
+
+def test_test_only_equals_a_direct_computation(tiny, tmp_path):
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "w.pt", eval_freq=0))
+    reported = run_test(tcfg(tiny, test_only=True, model_file=tmp_path / "w.pt", output_file=tmp_path / "m.jsonl"))
+    # Direct: load the weights, run the same validation pipeline, compute the numbers by hand.
+    ds = load_dataset(tiny)
+    rt = _Runtime(tcfg(tiny), ds, load_dataset_mean(tiny))
+    model = AlexNet(AlexNetConfig(num_classes=4, crop=CROP))
+    model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True)["model"])
+    model.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in rt.loader("val", False, 0):
+            logits.append(model(batch.images))
+            labels.append(batch.labels)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    assert len(labels) == 8
+    ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
+    assert reported.samples == 8
+    assert reported.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert reported.top1 == pytest.approx(100.0 * (ranks < 1).float().mean().item())
+    assert reported.top5 == pytest.approx(100.0 * (ranks < 5).float().mean().item())
+    line = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert line["event"] == "test" and line["val_top1"] == reported.top1
+    assert EvalResult(1.8712, 58.6, 81.1, 1).neon_line() == "LogLoss: 1.87, Accuracy: 58.6 % (Top-1), 81.1 % (Top-5)"
+
+
+def _stored_images(data: Path) -> list[np.ndarray]:
+    out = []
+    for path in load_dataset(data).lmdb_paths("train"):
+        with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+            out += [np.asarray(Image.open(io.BytesIO(decode_datum(v).data)).convert("RGB")) for _, v in txn.cursor()]
+    return out
+
+
+def test_train_pipeline_crops_flips_and_normalizes_within_bounds(tiny):
+    ds = load_dataset(tiny)
+    mean = np.array(load_dataset_mean(tiny).rgb()[0], np.float32)
+    stored = _stored_images(tiny)
+    loader = Loader(ds, LoaderConfig("train", True, batch_size=24, crop=CROP, mean=tuple(mean), seed=11,
+                                     return_params=True, channels_last=True))
+    (batch,) = list(loader)
+    assert batch.images.shape == (24, 3, CROP, CROP) and batch.images.dtype == torch.float32
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.labels.dtype == torch.int64 and set(batch.labels.tolist()) <= {0, 1, 2, 3}
+    flips = batch.flipped.tolist()
+    assert 0 < sum(flips) < 24  # both flipped and unflipped samples occur
+    positions = set()
+    for img, flipped in zip(batch.images.permute(0, 2, 3, 1).numpy() + mean, flips):
+        # Find the stored image and window this crop came from; it must lie inside the image.
+        best = (1e9, None)
+        for k, src in enumerate(stored):
+            h, w = src.shape[:2]
+            src = src[:, ::-1] if flipped else src
+            for y in range(h - CROP + 1):
+                for x in range(w - CROP + 1):
+                    err = np.abs(src[y : y + CROP, x : x + CROP].astype(np.float32) - img).mean()
+                    if err < best[0]:
+                        best = (err, (k, y, x))
+        assert best[0] < 2.0, f"a training crop matches no window of any stored image (error {best[0]:.1f})"
+        positions.add(best[1][1:])
+    assert len(positions) > 3  # crops are random, not all centred
+
+
+def test_val_pipeline_is_centre_crop_and_counts_every_sample_once(tiny):
+    ds = load_dataset(tiny)
+    for reader in ("lmdb", "recordio"):
+        loader = Loader(ds, LoaderConfig("val", False, batch_size=3, crop=CROP, reader=reader, return_params=True))
+        batches = list(loader)
+        assert sum(b.labels.shape[0] for b in batches) == 8 and [b.labels.shape[0] for b in batches] == [3, 3, 2]
+        assert not any(b.flipped.any() for b in batches)
+        assert sorted(torch.cat([b.labels for b in batches]).tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_old_mean_format_is_refused_with_the_update_mean_command(tiny, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    (data / "mean.json").unlink()
+    (data / "mean.npy").write_bytes(b"")  # an old full-image mean sits there instead
+    with pytest.raises(OldMeanFormatError, match=f"alexnet-pipe update-mean {data}"):
+        fit(tcfg(data, epochs=1))
+    res = CliRunner().invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", str(CROP), "--no_progress_bar"])
+    assert res.exit_code == 1 and "alexnet-pipe update-mean" in res.output
+
+
+def test_incompatible_model_file_is_explained(tiny, tmp_path):
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "w.pt", eval_freq=0))
+    with pytest.raises(CheckpointError, match="--crop 67"):
+        run_test(tcfg(tiny, test_only=True, model_file=tmp_path / "w.pt", crop=99))
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable torch file"):
+        run_test(tcfg(tiny, test_only=True, model_file=tmp_path / "junk.pt"))
+
+
+def test_cli_train_test_plot_inspect(tiny, tmp_path):
+    runner = CliRunner()
+    common = ["-w", str(tiny), "-b", "cpu", "--crop", str(CROP), "-z", "8", "--no_progress_bar", "--data-threads", "1"]
+    res = runner.invoke(main, ["train", *common, "-e", "2", "--lr", "0.001", "-s", str(tmp_path / "w.pt"),
+                               "-o", str(tmp_path / "m.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "LogLoss:" in res.output and "(Top-5)" in res.output
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"lr", "train_loss", "val_loss", "val_top1", "val_top5", "img_per_s", "seconds"} <= records[0].keys()
+    res = runner.invoke(main, ["test", *common, "--model_file", str(tmp_path / "w.pt")])
+    assert res.exit_code == 0 and res.output.startswith("LogLoss:")
+    res = runner.invoke(main, ["plot", str(tmp_path / "m.jsonl"), "-o", str(tmp_path / "c.png")])
+    assert res.exit_code == 0 and Image.open(tmp_path / "c.png").size[0] > 500
+    res = runner.invoke(main, ["inspect", str(tiny), "-o", str(tmp_path / "g.png"), "--crop", str(CROP), "-n", "8"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "g.png").size[0] >= 8 * CROP
