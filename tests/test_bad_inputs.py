@@ -1,0 +1,600 @@
+"""Odd and broken inputs: each is converted to a clean RGB baseline JPEG or skipped with a reason.
+
+Every input is made with a real codec (Pillow) from known pixel values; the few byte-level
+fakes (a 16-bit RGB PNG Pillow cannot write, a decompression-bomb header) are built with zlib.
+Colours are compared as means over the inside of 16x16 blocks, where JPEG error is small.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_pipe.config import ConvertConfig, ImageSettings
+from alexnet_pipe.convert import run_convert
+from alexnet_pipe.datum import decode_datum
+from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source
+from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.recordio import iter_records, unpack_payload
+from alexnet_pipe.scan import Source
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+TOL = 8  # grey levels allowed between a block's mean and its expected colour (JPEG error)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def encode(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def blocks(colours: list[list[tuple]], size: int = 16) -> np.ndarray:
+    """An image of ``size``-pixel square blocks; ``colours[row][col]`` is each block's value."""
+    rows = [np.concatenate([np.full((size, size, len(c)), c, np.uint8) for c in row], 1) for row in colours]
+    return np.concatenate(rows, 0)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(width: int, height: int, depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG from raw filtered scanlines (filter byte 0 per row), for what Pillow cannot write."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge RGB image, with a tiny (wrong) body: ~100 bytes."""
+    return png_bytes(width, height, 8, 2, b"\0" * 64)
+
+
+def smooth_rgb(height: int, width: int) -> np.ndarray:
+    """Gradients: compress well and survive JPEG with little error."""
+    y, x = np.mgrid[0:height, 0:width]
+    red, green = x * 255 // max(1, width - 1), y * 255 // max(1, height - 1)
+    return np.stack([red, green, (x + y) % 256], -1).astype(np.uint8)
+
+
+def noisy_jpeg(height: int = 128, width: int = 128, **kw) -> bytes:
+    """A JPEG whose scan data is most of the file, so cutting it in half lands in the pixels."""
+    arr = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return encode(Image.fromarray(arr), "JPEG", quality=90, **kw)
+
+
+def cut(data: bytes, fraction: float) -> bytes:
+    """The first ``fraction`` of a file, as a partial download or copy leaves it."""
+    return data[: int(len(data) * fraction)]
+
+
+def with_exif_orientation(arr: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif.tobytes())
+
+
+# Stored pixels for a display image D, per EXIF orientation: the viewer applies the inverse.
+# 6: "rotate 90 clockwise to view", so stored = D turned 90 anticlockwise (np.rot90 k=1).
+STORED_ROTATION = {3: 2, 6: 1, 8: -1}
+
+
+def display_image() -> np.ndarray:
+    """48x32 (w x h): red top-left, green top-right, white elsewhere; tells rotations and mirrors apart."""
+    return blocks([[RED, WHITE, GREEN], [WHITE, WHITE, WHITE]])
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def sof_marker(jpeg: bytes) -> int:
+    """The frame marker (0xC0 baseline, 0xC2 progressive, ...) found by walking the segments."""
+    assert jpeg[:2] == b"\xff\xd8", "not a JPEG"
+    pos = 2
+    while pos + 4 <= len(jpeg):
+        assert jpeg[pos] == 0xFF, f"bad segment at {pos}"
+        marker = jpeg[pos + 1]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return 0xFF00 | marker
+        pos += 2 + struct.unpack(">H", jpeg[pos + 2 : pos + 4])[0]
+    raise AssertionError("no SOF marker")
+
+
+def decoded(enc: Encoded) -> np.ndarray:
+    """Check the invariants of every stored image; return its decoded pixels (H, W, 3)."""
+    im = Image.open(io.BytesIO(enc.jpeg))
+    im.load()
+    assert im.format == "JPEG"
+    assert im.mode == "RGB"
+    assert sof_marker(enc.jpeg) == 0xFFC0, "stored JPEG is not baseline"
+    assert "progressive" not in im.info and "progression" not in im.info
+    assert im.size == (enc.width, enc.height)
+    arr = np.asarray(im)
+    # Statistics: exactly those of the stored bytes for a pass-through; for a re-encode, those
+    # of the pixels before JPEG (see Encoded and test_stats_are_exact_for_the_encoded_pixels),
+    # so within JPEG error of the decoded output. The worst case is these tiny saturated block
+    # images, where 4:2:0 chroma blurs edges: means within 1.5 grey levels, RMS within 6.
+    n = arr.shape[0] * arr.shape[1]
+    flat = arr.reshape(-1, 3).astype(np.int64)
+    sums, sq_sums = flat.sum(0), (flat * flat).sum(0)
+    if enc.passthrough:
+        assert enc.sums == tuple(int(v) for v in sums)
+        assert enc.sq_sums == tuple(int(v) for v in sq_sums)
+    else:
+        assert np.abs(np.array(enc.sums) / n - sums / n).max() <= 1.5, (enc.sums, sums)
+        assert np.abs(np.sqrt(np.array(enc.sq_sums) / n) - np.sqrt(sq_sums / n)).max() <= 6, (enc.sq_sums, sq_sums)
+    return arr
+
+
+def block_colour(arr: np.ndarray, row: int, col: int, size: int = 16) -> np.ndarray:
+    """Mean colour of the inner half of a block (edges carry chroma-subsampling bleed)."""
+    q = size // 4
+    return arr[row * size + q : (row + 1) * size - q, col * size + q : (col + 1) * size - q].reshape(-1, 3).mean(0)
+
+
+def assert_colour(arr: np.ndarray, row: int, col: int, expected, tol: float = TOL) -> None:
+    got = block_colour(arr, row, col)
+    assert np.all(np.abs(got - np.array(expected)) <= tol), f"block {row},{col}: {got.round(1)} != {expected}"
+
+
+@pytest.fixture
+def settings() -> ImageSettings:
+    return ImageSettings()
+
+
+# ----------------------------------------------------------------------------- colour modes
+
+
+def test_adobe_cmyk_jpeg_becomes_rgb(settings):
+    """Photoshop-style CMYK (Adobe APP14, inverted samples) keeps its colours, including K."""
+    cmyk = blocks([
+        [(0, 0, 0, 0), (0, 255, 255, 0), (255, 0, 255, 0)],
+        [(255, 255, 0, 0), (0, 0, 0, 128), (0, 0, 0, 255)],
+    ])
+    data = encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95)
+    assert b"Adobe" in data[:200] and Image.open(io.BytesIO(data)).mode == "CMYK"
+    enc = process(data, settings)
+    arr = decoded(enc)
+    assert not enc.passthrough
+    want = {(0, 0): WHITE, (0, 1): RED, (0, 2): GREEN, (1, 0): BLUE, (1, 1): (127, 127, 127), (1, 2): (0, 0, 0)}
+    for (r, c), colour in want.items():
+        assert_colour(arr, r, c, colour)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_greyscale_becomes_three_equal_channels(settings, fmt):
+    grey = blocks([[(0,), (90,), (200,)], [(255,), (30,), (128,)]])[..., 0]
+    data = encode(Image.fromarray(grey, "L"), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    enc = process(data, settings)
+    arr = decoded(enc).astype(int)
+    assert not enc.passthrough
+    assert np.abs(arr[..., 0] - arr[..., 1]).max() <= 2 and np.abs(arr[..., 1] - arr[..., 2]).max() <= 2
+    for r, row in enumerate([(0, 90, 200), (255, 30, 128)]):
+        for c, v in enumerate(row):
+            assert_colour(arr, r, c, (v, v, v), tol=3)
+
+
+@pytest.mark.parametrize("transparent", [False, True])
+def test_palette_png(settings, transparent):
+    """Palette index 0 is red; when it is the tRNS index it is composited over white."""
+    im = Image.fromarray(blocks([[(0,), (1,), (2,)]])[..., 0], "P")
+    im.putpalette([*RED, *BLUE, *GREEN] + [0] * (256 * 3 - 9))
+    data = encode(im, "PNG", **({"transparency": 0} if transparent else {}))
+    arr = decoded(process(data, settings))
+    assert_colour(arr, 0, 0, WHITE if transparent else RED)
+    assert_colour(arr, 0, 1, BLUE)
+    assert_colour(arr, 0, 2, GREEN)
+
+
+def test_rgba_png_is_composited_over_white(settings):
+    """alpha 0 -> white (the documented background), 255 -> the colour, 128 -> the blend."""
+    rgba = blocks([[(200, 30, 30, 0), (30, 30, 200, 255), (0, 0, 0, 128)]])
+    arr = decoded(process(encode(Image.fromarray(rgba, "RGBA"), "PNG"), settings))
+    assert_colour(arr, 0, 0, WHITE)
+    assert_colour(arr, 0, 1, (30, 30, 200))
+    assert_colour(arr, 0, 2, (127, 127, 127))  # 0*128/255 + 255*127/255
+
+
+def test_la_png_is_composited_over_white(settings):
+    la = blocks([[(50, 0), (50, 255)]])
+    im = Image.fromarray(la, "LA")
+    data = encode(im, "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "LA"
+    arr = decoded(process(data, settings))
+    assert_colour(arr, 0, 0, WHITE)
+    assert_colour(arr, 0, 1, (50, 50, 50))
+
+
+@pytest.mark.parametrize("mode,key,other", [("RGB", (10, 200, 30), (30, 60, 90)), ("L", (77,), (160,))])
+def test_png_colour_key_transparency_is_composited(settings, mode, key, other):
+    """A grey/RGB PNG's tRNS value is "transparent" like a palette tRNS index: it becomes white."""
+    arr_in = blocks([[key, other]])
+    im = Image.fromarray(arr_in[..., 0] if mode == "L" else arr_in, mode)
+    data = encode(im, "PNG", transparency=key[0] if mode == "L" else key)
+    arr = decoded(process(data, settings))
+    assert_colour(arr, 0, 0, WHITE)
+    assert_colour(arr, 0, 1, other * 3 if mode == "L" else other)
+
+
+def test_16bit_grey_png_is_scaled_not_clipped(settings):
+    values = np.array([[0, 32768, 65535, 25700]], np.uint16)
+    grey16 = np.kron(values, np.ones((16, 16), np.uint16))
+    data = encode(Image.fromarray(grey16), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    arr = decoded(process(data, settings))
+    for c, v in enumerate([0, 128, 255, 100]):
+        assert_colour(arr, 0, c, (v, v, v), tol=2)
+
+
+def test_16bit_rgb_png(settings):
+    rgb16 = np.kron(np.array([[[65535, 32768, 0], [0, 0, 65535]]], np.uint16), np.ones((16, 16, 1), np.uint16))
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb16)
+    data = png_bytes(rgb16.shape[1], rgb16.shape[0], 16, 2, rows)
+    arr = decoded(process(data, settings))
+    assert_colour(arr, 0, 0, (255, 128, 0))
+    assert_colour(arr, 0, 1, BLUE)
+
+
+def test_png_named_jpeg(tmp_path, settings):
+    """ImageNet's n02105855_2933.JPEG is a PNG: the content decides, not the name."""
+    path = tmp_path / "n02105855_2933.JPEG"
+    path.write_bytes(encode(Image.fromarray(blocks([[RED, BLUE]])), "PNG"))
+    enc = process_source(Source("n02105855/n02105855_2933.JPEG", 0, str(path)), settings)
+    assert isinstance(enc, Encoded) and not enc.passthrough
+    arr = decoded(enc)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 1, BLUE)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(settings, orientation):
+    shown = display_image()
+    stored = np.ascontiguousarray(np.rot90(shown, STORED_ROTATION[orientation]))
+    enc = process(with_exif_orientation(stored, orientation), settings)
+    assert not enc.passthrough  # small, baseline, RGB: only the rotation forces a re-encode
+    arr = decoded(enc)
+    assert (enc.width, enc.height) == (48, 32)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 2, GREEN)
+    assert_colour(arr, 1, 1, WHITE)
+
+
+def test_exif_rotated_large_jpeg_is_rotated_then_downscaled():
+    """Orientation 6 with a resize (the decoder's DCT draft path): the target is the upright one."""
+    shown = np.kron(display_image(), np.ones((4, 4, 1), np.uint8))  # 192x128 displayed
+    stored = np.ascontiguousarray(np.rot90(shown, STORED_ROTATION[6]))  # 128x192 stored
+    enc = process(with_exif_orientation(stored, 6), ImageSettings(short_side=32))
+    arr = decoded(enc)
+    assert (enc.width, enc.height) == (48, 32)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 2, GREEN)
+
+
+def test_progressive_jpeg_is_reencoded_as_baseline(settings):
+    arr_in = blocks([[RED, GREEN], [BLUE, WHITE]])
+    data = encode(Image.fromarray(arr_in), "JPEG", quality=95, progressive=True)
+    assert sof_marker(data) == 0xFFC2
+    enc = process(data, settings)
+    assert not enc.passthrough
+    arr = decoded(enc)
+    for (r, c), want in {(0, 0): RED, (0, 1): GREEN, (1, 0): BLUE, (1, 1): WHITE}.items():
+        assert_colour(arr, r, c, want)
+
+
+@pytest.mark.parametrize(
+    "fmt,size,short_side",
+    [("JPEG", (300, 200), 64), ("JPEG", (170, 250), 64), ("PNG", (250, 170), 64), ("JPEG", (512, 512), 256)],
+)
+def test_large_image_short_side_scaled_down(fmt, size, short_side):
+    """Short side exactly ``short_side``, long side rounded to keep the aspect ratio."""
+    w, h = size
+    arr_in = smooth_rgb(h, w)
+    arr_in[: h // 2, : w // 2] = RED
+    enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=short_side))
+    arr = decoded(enc)
+    assert not enc.passthrough
+    assert min(enc.width, enc.height) == short_side
+    long_side = round(max(w, h) * short_side / min(w, h))
+    assert (enc.width, enc.height) == ((long_side, short_side) if w >= h else (short_side, long_side))
+    quarter = arr[: enc.height // 2 - 4, : enc.width // 2 - 4].reshape(-1, 3).mean(0)
+    assert np.all(np.abs(quarter - RED) <= TOL)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_small_image_is_not_upscaled(fmt):
+    data = encode(Image.fromarray(smooth_rgb(30, 40)), fmt)
+    enc = process(data, ImageSettings(short_side=64, passthrough=False))
+    decoded(enc)
+    assert (enc.width, enc.height) == (40, 30)
+
+
+def test_short_side_zero_keeps_size():
+    enc = process(encode(Image.fromarray(smooth_rgb(300, 400)), "PNG"), ImageSettings(short_side=0))
+    decoded(enc)
+    assert (enc.width, enc.height) == (400, 300)
+
+
+def test_clean_small_jpeg_passes_through_byte_identical():
+    data = encode(Image.fromarray(smooth_rgb(48, 64)), "JPEG", quality=85)
+    enc = process(data, ImageSettings(short_side=48))
+    assert enc.passthrough and enc.jpeg == data
+    assert (enc.width, enc.height) == (64, 48)
+    decoded(enc)  # statistics exactly those of the stored bytes
+
+
+def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
+    data = encode(Image.fromarray(smooth_rgb(48, 64)), "JPEG", quality=85)
+    enc = process(data, ImageSettings(short_side=48, passthrough=False))
+    assert not enc.passthrough and enc.jpeg != data
+    ref = np.asarray(Image.open(io.BytesIO(data))).astype(int)
+    assert np.abs(decoded(enc).astype(int) - ref).mean() < 3
+
+
+def test_jpeg_resized_to_its_draft_size_is_not_passed_through():
+    """512x512 -> 256: the decoder's 1/2 draft is exactly the target, yet the stored bytes must
+    be the 256x256 image, not the 512x512 input."""
+    data = encode(Image.fromarray(smooth_rgb(512, 512)), "JPEG", quality=85)
+    enc = process(data, ImageSettings(short_side=256))
+    assert not enc.passthrough and (enc.width, enc.height) == (256, 256)
+    decoded(enc)
+
+
+@pytest.mark.parametrize(
+    "mode,pixels,expected",
+    [
+        ("RGB", smooth_rgb(24, 40), smooth_rgb(24, 40)),
+        ("L", smooth_rgb(24, 40)[..., 1], np.repeat(smooth_rgb(24, 40)[..., 1:2], 3, -1)),
+        ("I;16", np.full((24, 40), 32768, np.uint16), np.full((24, 40, 3), 128, np.uint8)),
+        ("RGBA", blocks([[(9, 99, 199, 255), (1, 2, 3, 0)]]), blocks([[(9, 99, 199), WHITE]])),
+    ],
+)
+def test_stats_are_exact_for_the_encoded_pixels(settings, mode, pixels, expected):
+    """sums/sq_sums are integer-exact over the converted pixels (before JPEG encoding)."""
+    im = Image.fromarray(pixels)
+    assert im.mode == mode
+    enc = process(encode(im, "PNG"), settings)
+    flat = expected.reshape(-1, 3).astype(np.int64)
+    assert enc.sums == tuple(int(v) for v in flat.sum(0))
+    assert enc.sq_sums == tuple(int(v) for v in (flat * flat).sum(0))
+    assert (enc.width, enc.height) == (expected.shape[1], expected.shape[0])
+
+
+# ----------------------------------------------------------------------------- skipped inputs
+
+
+def _truncated_png() -> bytes:
+    data = encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")
+    return cut(data, 0.5)
+
+
+def _corrupt_png() -> bytes:
+    """Scrambled IDAT payload with the chunk CRC left alone: zlib fails mid-image."""
+    data = bytearray(encode(Image.fromarray(blocks([[RED, BLUE, GREEN], [WHITE, RED, BLUE]])), "PNG"))
+    start = data.find(b"IDAT") + 4
+    size = struct.unpack(">I", data[start - 8 : start - 4])[0]
+    for i in range(start + size // 2, start + size // 2 + 8):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+BAD_INPUTS = {
+    # name: (bytes, settings override or None, words the reason must contain)
+    "empty": (b"", None, ["empty"]),
+    "text": (b"n01440764 tench, Tinca tinca\n" * 20, None, ["not an image"]),
+    "random": (np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes(), None, ["not an image"]),
+    "truncated_jpeg": (cut(noisy_jpeg(), 0.5), None, ["truncated"]),
+    "truncated_jpeg_near_end": (cut(noisy_jpeg(), 0.9), None, ["truncated"]),
+    "truncated_progressive_jpeg": (cut(noisy_jpeg(progressive=True), 0.75), None, ["truncated"]),
+    "truncated_png": (_truncated_png(), None, ["truncated"]),
+    "corrupt_png": (_corrupt_png(), None, ["corrupt"]),
+    "bomb_30000": (bomb_png(30000, 30000), None, ["decompression bomb"]),
+    # Above max_pixels (89,478,485) but under Pillow's own error limit (twice that): our check.
+    "bomb_10000": (bomb_png(10000, 10000), None, ["decompression bomb", "100000000", "89478485"]),
+    "over_custom_limit": (
+        encode(Image.fromarray(smooth_rgb(100, 100)), "JPEG"),
+        ImageSettings(max_pixels=5000),
+        ["decompression bomb", "10000", "5000"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_is_skipped_with_reason(settings, name):
+    data, override, words = BAD_INPUTS[name]
+    with pytest.raises(BadImage) as info:
+        process(data, override or settings)
+    reason = str(info.value).lower()
+    for word in words:
+        assert word in reason, f"{name}: reason {reason!r} lacks {word!r}"
+
+
+def test_zero_byte_file_reason_from_worker_entry(tmp_path, settings):
+    """The worker returns the reason as a string (it never raises for a bad file)."""
+    path = tmp_path / "zero.JPEG"
+    path.write_bytes(b"")
+    assert read_source(Source("c/zero.JPEG", 0, str(path))) == b""
+    assert process_source(Source("c/zero.JPEG", 0, str(path)), settings) == "empty file"
+
+
+def test_unreadable_file_reason(tmp_path, settings):
+    missing = Source("c/gone.JPEG", 0, str(tmp_path / "gone.JPEG"))
+    reason = process_source(missing, settings)
+    assert isinstance(reason, str) and reason.startswith("cannot read input")
+
+
+def test_corrupt_entropy_data_never_crashes(settings):
+    """Scrambled scan bytes: skipped, or stored as a clean JPEG of the declared size."""
+    data = bytearray(noisy_jpeg())
+    for i in range(len(data) // 2, len(data) // 2 + 32):
+        data[i] = (data[i] * 7 + 13) % 256
+    try:
+        enc = process(bytes(data), settings)
+    except BadImage as exc:
+        assert "corrupt" in str(exc)
+    else:
+        assert (enc.width, enc.height) == (128, 128)
+        decoded(enc)
+
+
+@pytest.mark.xfail(strict=True, reason="libjpeg only warns on corrupt entropy data and Pillow drops the warning")
+def test_corrupt_entropy_data_is_detected(settings):
+    data = bytearray(noisy_jpeg())
+    for i in range(len(data) // 2, len(data) // 2 + 32):
+        data[i] = (data[i] * 7 + 13) % 256
+    with pytest.raises(BadImage):
+        process(bytes(data), settings)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+GOOD_FILES = {
+    "train/cat/clean.JPEG": lambda: encode(Image.fromarray(smooth_rgb(48, 64)), "JPEG", quality=85),
+    "train/cat/cmyk.JPEG": lambda: encode(Image.fromarray(smooth_rgb(40, 40)).convert("CMYK"), "JPEG"),
+    "train/cat/grey.JPEG": lambda: encode(Image.fromarray(smooth_rgb(40, 50)).convert("L"), "JPEG"),
+    "train/cat/png_named.JPEG": lambda: encode(Image.fromarray(smooth_rgb(40, 50)), "PNG"),
+    "train/cat/large.JPEG": lambda: encode(Image.fromarray(smooth_rgb(200, 300)), "JPEG"),
+    "train/dog/exif6.JPEG": lambda: with_exif_orientation(np.ascontiguousarray(np.rot90(display_image(), 1)), 6),
+    "train/dog/rgba.png": lambda: encode(Image.fromarray(blocks([[(1, 2, 3, 0), (9, 9, 9, 255)]]), "RGBA"), "PNG"),
+    "train/dog/progressive.JPEG": lambda: encode(Image.fromarray(smooth_rgb(40, 60)), "JPEG", progressive=True),
+    "train/dog/grey16.png": lambda: encode(Image.fromarray(np.full((40, 40), 40000, np.uint16)), "PNG"),
+    "val/cat/v_small.JPEG": lambda: encode(Image.fromarray(smooth_rgb(40, 32)), "JPEG"),  # passes through
+    "val/dog/v_palette.png": lambda: encode(Image.fromarray(smooth_rgb(40, 40)).convert("P"), "PNG"),
+}
+BAD_FILES = {
+    "train/cat/empty.JPEG": (lambda: b"", "empty"),
+    "train/cat/notes.JPEG": (lambda: b"not a picture\n", "not an image"),
+    "train/cat/truncated.JPEG": (lambda: cut(noisy_jpeg(), 0.5), "truncated"),
+    "train/dog/random.JPEG": (lambda: BAD_INPUTS["random"][0], "not an image"),
+    "train/dog/bomb.png": (lambda: bomb_png(30000, 30000), "decompression bomb"),
+    "train/dog/corrupt.png": (_corrupt_png, "corrupt"),
+    "val/cat/v_truncated.png": (_truncated_png, "truncated"),
+    "val/dog/v_empty.JPEG": (lambda: b"", "empty"),
+}
+SHORT_SIDE = 32
+
+
+@pytest.fixture(scope="module")
+def bad_tree(tmp_path_factory) -> Path:
+    raw = tmp_path_factory.mktemp("bad_inputs") / "raw"
+    for rel, make in {**GOOD_FILES, **{k: v[0] for k, v in BAD_FILES.items()}}.items():
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(make())
+    return raw
+
+
+def convert(raw: Path, dst: Path, workers: int) -> dict:
+    run_convert(
+        ConvertConfig(
+            src=raw, dst=dst, workers=workers, shard_size=4, progress=False, formats=("lmdb", "recordio"),
+            image=ImageSettings(short_side=SHORT_SIDE),
+        )
+    )
+    return load_dataset(dst).manifest
+
+
+def read_lmdb(root: Path, split: str) -> dict[str, tuple[int, object]]:
+    """name -> (record id, Datum) over all of a split's LMDB shards; a name stored twice fails."""
+    ds = load_dataset(root)
+    out: dict[str, tuple[int, object]] = {}
+    for path in ds.lmdb_paths(split):
+        env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+        with env.begin() as txn:
+            for key, value in txn.cursor():
+                m = re.fullmatch(r"(\d{8})_(.+)", key.decode())
+                assert m, f"bad key {key!r}"
+                assert m.group(2) not in out, f"{m.group(2)} stored twice"
+                out[m.group(2)] = (int(m.group(1)), decode_datum(value))
+        env.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(bad_tree) -> Path:
+    dst = bad_tree.parent / "out1"
+    convert(bad_tree, dst, workers=1)
+    return dst
+
+
+def test_convert_skips_bad_files_with_reasons(converted):
+    manifest = load_dataset(converted).manifest
+    skipped = {f"{s['split']}/{s['name']}": s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == set(BAD_FILES)
+    for rel, (_, word) in BAD_FILES.items():
+        assert word in skipped[rel], f"{rel}: {skipped[rel]!r}"
+
+
+def expected_size(path: Path) -> tuple[int, int]:
+    """Upright size with the short side scaled down to SHORT_SIDE (computed independently)."""
+    with Image.open(path) as im:
+        (w, h), orientation = im.size, im.getexif().get(0x0112)
+    if orientation in (6, 8):
+        w, h = h, w
+    if min(w, h) <= SHORT_SIDE:
+        return w, h
+    return (round(w * SHORT_SIDE / h), SHORT_SIDE) if w >= h else (SHORT_SIDE, round(h * SHORT_SIDE / w))
+
+
+def test_convert_stores_every_good_file_once_as_clean_jpeg(bad_tree, converted):
+    manifest = load_dataset(converted).manifest
+    labels = {c["id"]: c["index"] for c in manifest["classes"]}
+    assert labels == {"cat": 0, "dog": 1}
+    for split in ("train", "val"):
+        stored = read_lmdb(converted, split)
+        want = {rel.split("/", 1)[1] for rel in GOOD_FILES if rel.startswith(split + "/")}
+        assert set(stored) == want
+        for name, (_, datum) in stored.items():
+            assert datum.encoded and datum.channels == 3 and datum.label == labels[name.split("/")[0]]
+            im = Image.open(io.BytesIO(datum.data))
+            im.load()
+            assert im.mode == "RGB" and sof_marker(datum.data) == 0xFFC0
+            assert im.size == (datum.width, datum.height) == expected_size(bad_tree / split / name)
+        # RecordIO holds the same images under the same ids.
+        recs, _ = load_dataset(converted).recordio_paths(split)
+        by_id = {unpack_payload(p)[0].id: unpack_payload(p)[1] for rec in recs for _, p in iter_records(rec)}
+        assert by_id == {rid: datum.data for rid, datum in stored.values()}
+    # The one small clean baseline JPEG is stored byte-identical; everything else re-encoded.
+    small = read_lmdb(converted, "val")["cat/v_small.JPEG"][1]
+    assert small.data == (bad_tree / "val/cat/v_small.JPEG").read_bytes()
+    assert (manifest["splits"]["train"]["passthrough"], manifest["splits"]["val"]["passthrough"]) == (0, 1)
+
+
+def test_convert_counts_add_up(converted):
+    manifest = load_dataset(converted).manifest
+    total_records = 0
+    for split, entry in manifest["splits"].items():
+        n_files = sum(1 for rel in {**GOOD_FILES, **BAD_FILES} if rel.startswith(split + "/"))
+        assert entry["records"] == len(read_lmdb(converted, split))
+        assert entry["records"] + entry["skipped"] == entry["inputs"]
+        assert sum(entry["class_counts"]) == entry["records"]
+        total_records += entry["records"]
+        assert entry["inputs"] <= n_files
+    assert total_records + len(manifest["skipped"]) == len(GOOD_FILES) + len(BAD_FILES)
+
+
+def test_convert_with_process_pool_matches_single_worker(bad_tree, converted):
+    """workers=2 (spawned pool) stores the same records and skips the same files."""
+    dst = bad_tree.parent / "out2"
+    manifest = convert(bad_tree, dst, workers=2)
+    assert manifest["skipped"] == load_dataset(converted).manifest["skipped"]
+    for split in ("train", "val"):
+        pooled = read_lmdb(dst, split)
+        single = read_lmdb(converted, split)
+        assert pooled == single
