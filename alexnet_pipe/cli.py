@@ -137,7 +137,7 @@ def _train_options(fn):
                      help="Weights to start from or test, or a checkpoint to resume."),
         click.option("--test_only", is_flag=True, help="Only evaluate --model_file on the validation split."),
         click.option("-eval", "--eval_freq", type=click.IntRange(min=0), default=1, show_default=True,
-                     help="Evaluate every N epochs (0: never, except at the end)."),
+                     help="Evaluate every N epochs and after the last (0: never)."),
         click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None,
                      help="Default: gpu when one is present."),
         click.option("-i", "--device_id", type=click.IntRange(min=0), default=0, show_default=True),

@@ -83,6 +83,8 @@ def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
     if state.exists():
         old = json.loads(state.read_text(encoding="utf-8"))
         if old == identity:
+            for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):  # a user may have deleted one
+                (dst / name).mkdir(exist_ok=True)
             return
         if not force:
             raise SettingsMismatchError(

@@ -16,7 +16,7 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def dataset_summary(ds: Dataset, max_shards: int = 8, max_classes: int = 10) -> dict:
+def dataset_summary(ds: Dataset) -> dict:
     """The facts `info` prints, as plain data (also what --json emits)."""
     m = ds.manifest
     splits = {}

@@ -25,6 +25,7 @@ class SynthConfig:
     classes: tuple[str, ...] = CLASSES
     seed: int = 0
     quality: int = 92
+    texture: float = 1.0  # background clutter: 1 = photo-like (benchmarks), ~0.3 = easy to learn (demo)
 
     def __post_init__(self) -> None:
         unknown = set(self.classes) - set(CLASSES)
@@ -34,15 +35,16 @@ class SynthConfig:
             raise ValueError(f"images must be at least 16x16, got {self.size}")
 
 
-def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
-    """Smooth colour field + oriented texture + noise: compresses like a photograph."""
+def _background(rng: np.random.Generator, w: int, h: int, texture: float = 1.0) -> Image.Image:
+    """Smooth colour field + oriented texture + noise: at texture 1 compresses like a photograph."""
     coarse = rng.integers(0, 256, (h // 40 + 2, w // 40 + 2, 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC), np.float32)
     yy, xx = np.mgrid[0:h, 0:w]
     angle, period = rng.uniform(0, math.pi), rng.uniform(3, 12)
-    texture = 18 * np.sin((xx * math.cos(angle) + yy * math.sin(angle)) / period)[..., None]
+    stripes = 18 * np.sin((xx * math.cos(angle) + yy * math.sin(angle)) / period)[..., None]
     noise = rng.normal(0, 10, (h, w, 3))
-    return Image.fromarray(np.clip(0.6 * base + 50 + texture + noise, 0, 255).astype(np.uint8))
+    field = 128 + texture * (0.6 * base - 77 + stripes + noise)
+    return Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
 
 
 def _draw(cls: str, im: Image.Image, rng: np.random.Generator) -> None:
@@ -88,8 +90,8 @@ def _draw(cls: str, im: Image.Image, rng: np.random.Generator) -> None:
             d.ellipse((x - dr, y - dr, x + dr, y + dr), fill=colour)
 
 
-def draw_image(cls: str, size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    im = _background(rng, *size)
+def draw_image(cls: str, size: tuple[int, int], rng: np.random.Generator, texture: float = 1.0) -> Image.Image:
+    im = _background(rng, *size, texture)
     _draw(cls, im, rng)
     return im
 
@@ -106,6 +108,6 @@ def make_image_tree(cfg: SynthConfig) -> dict[str, int]:
             folder = cfg.root / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                draw_image(cls, cfg.size, rng).save(folder / f"{cls}_{i}.JPEG", quality=cfg.quality)
+                draw_image(cls, cfg.size, rng, cfg.texture).save(folder / f"{cls}_{i}.JPEG", quality=cfg.quality)
         counts[split] = n * len(cfg.classes)
     return counts

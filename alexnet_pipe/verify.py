@@ -143,10 +143,13 @@ def _verify_task(args) -> tuple[int, list[Problem]]:
 
 def _verify_combined_index(root: Path, split: dict) -> list[Problem]:
     expected, base = [], 0
-    for entry in split["shards"]:
-        rec = entry["recordio"]
-        expected += [(k, base + off) for k, off in read_index(root / rec["idx"])]
-        base += (root / rec["rec"]).stat().st_size
+    try:
+        for entry in split["shards"]:
+            rec = entry["recordio"]
+            expected += [(k, base + off) for k, off in read_index(root / rec["idx"])]
+            base += (root / rec["rec"]).stat().st_size
+    except (OSError, AlexnetPipeError) as exc:
+        return [Problem(split["recordio_index"], None, f"cannot rebuild the combined index ({exc})")]
     try:
         actual = read_index(root / split["recordio_index"])
     except (OSError, AlexnetPipeError) as exc:
