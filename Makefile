@@ -20,13 +20,26 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q -rs
 
-# The main job on a built-in default: draw a small image set, convert it, verify it, describe it.
+# The main job on a built-in default, CPU only: draw ten classes of shapes (120 train / 30 val
+# each, 96x72), convert and verify them, train AlexNet at crop 67 for 18 epochs, evaluate, plot.
+# Small data needs the kaiming init and a smaller lr than ImageNet's (see README).
+APP := $(VENV)/bin/alexnet-pipe
 demo: install
-	$(PY) tools/make_shapes.py $(DEMO)/raw --train 200 --val 50
-	$(VENV)/bin/alexnet-pipe convert $(DEMO)/raw $(DEMO)/batches --format both --shard-size 500
-	$(VENV)/bin/alexnet-pipe verify $(DEMO)/batches
-	$(VENV)/bin/alexnet-pipe info $(DEMO)/batches
-	@echo "demo: raw images in $(DEMO)/raw, shards + manifest.json + mean.json in $(DEMO)/batches"
+	$(PY) tools/make_shapes.py $(DEMO)/raw --train 120 --val 30 --size 96x72 --texture 0.3
+	$(APP) convert $(DEMO)/raw $(DEMO)/batches --format both --short-side 72 --no-progress
+	$(APP) verify $(DEMO)/batches --no-progress
+	$(APP) info $(DEMO)/batches
+	$(APP) train -w $(DEMO)/batches -b cpu -e 18 --crop 67 -z 32 --lr 0.003 --lr-step 13 --init kaiming \
+		-s $(DEMO)/alexnet.pt -o $(DEMO)/metrics.jsonl --serialize 5 --data-threads 1
+	$(APP) test -w $(DEMO)/batches -b cpu --crop 67 --model_file $(DEMO)/alexnet.pt --no_progress_bar
+	$(APP) plot $(DEMO)/metrics.jsonl -o $(DEMO)/curves.png
+	$(APP) inspect $(DEMO)/batches -o $(DEMO)/grid.png --crop 67 -n 16
+	@echo
+	@echo "demo outputs in $(DEMO)/:"
+	@echo "  raw/            the generated image set (ImageNet folder layout)"
+	@echo "  batches/        LMDB + RecordIO shards, manifest.json, mean.json"
+	@echo "  alexnet.pt      trained weights; alexnet.ckpt the last checkpoint (resume with --model_file)"
+	@echo "  metrics.jsonl   per-epoch metrics; curves.png their plot; grid.png one training batch"
 
 # Converter throughput against a naive PIL loop (see tools/bench_convert.py).
 bench: install

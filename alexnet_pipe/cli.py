@@ -156,6 +156,8 @@ def _train_options(fn):
         click.option("--momentum", type=float, default=0.9, show_default=True),
         click.option("--weight-decay", type=float, default=5e-4, show_default=True),
         click.option("--normalize-std", is_flag=True, help="Also divide by the per-channel std."),
+        click.option("--init", type=click.Choice(["neon", "kaiming"]), default="neon", show_default=True,
+                     help="Weight init: neon's model zoo, or torchvision's (learns faster on small data)."),
         click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True),
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU)."),
         click.option("--data-threads", type=click.IntRange(min=1), default=None, help="DALI CPU threads."),

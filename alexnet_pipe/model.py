@@ -20,6 +20,7 @@ __all__ = [
     "MIN_CROP",
     "AlexNet",
     "AlexNetConfig",
+    "INIT_SCHEMES",
     "count_parameters",
     "fc6_in_features",
     "init_weights",
@@ -175,7 +176,7 @@ class AlexNet(nn.Module):
             RNG untouched.
     """
 
-    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None) -> None:
+    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "neon") -> None:
         super().__init__()
         if not isinstance(cfg, AlexNetConfig):
             raise TypeError(f"cfg must be an AlexNetConfig, got {type(cfg).__name__}")
@@ -199,7 +200,7 @@ class AlexNet(nn.Module):
             in_f = out_f
         self.drop6 = nn.Dropout(cfg.dropout)
         self.drop7 = nn.Dropout(cfg.dropout)
-        init_weights(self, generator)
+        init_weights(self, generator, init)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """pool5's output, N x 256 x s x s (s = pool5_size(crop)), before flattening."""
@@ -225,18 +226,34 @@ class AlexNet(nn.Module):
         return self.fc8(x)
 
 
-@torch.no_grad()
-def init_weights(model: AlexNet, generator: torch.Generator | None = None) -> None:
-    """neon's init: Gaussian weights (conv 0.01, fc6/fc7 0.005, fc8 0.01), constant biases.
+INIT_SCHEMES = ("neon", "kaiming")
 
-    Biases: conv1 0, conv2 1, conv3 0, conv4 1, conv5 1, fc6 1, fc7 1, fc8 0.
+
+@torch.no_grad()
+def init_weights(model: AlexNet, generator: torch.Generator | None = None, scheme: str = "neon") -> None:
+    """Initialise in place.
+
+    ``neon`` (the model zoo's, the default): Gaussian weights (conv 0.01, fc6/fc7 0.005, fc8
+    0.01) and constant biases conv1 0, conv2 1, conv3 0, conv4 1, conv5 1, fc6 1, fc7 1, fc8 0.
+    ``kaiming`` (torchvision's AlexNet init): He-normal convs (fan_out, ReLU gain), N(0, 0.01)
+    fully connected layers, zero biases. With neon's init, fc7's output is nearly the constant
+    bias for every input, so on small data sets the first hundreds of steps learn nothing
+    (measured: 10 drawn-shape classes stay at chance for 300 steps of 32 at lr 1e-3, where the
+    kaiming init reaches 31% after 150); ImageNet's thousands of steps per epoch hide this.
 
     Args:
         model: the network to initialise in place.
         generator: draw from this (on the parameters' device) instead of the global RNG,
             so a seed reproduces the weights without disturbing other random streams.
+        scheme: one of INIT_SCHEMES.
     """
-    layers = [(c.name, _CONV_STD, c.bias) for c in _CONVS] + [(f.name, f.std, f.bias) for f in _FCS]
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    if scheme == "neon":
+        layers = [(c.name, _CONV_STD, c.bias) for c in _CONVS] + [(f.name, f.std, f.bias) for f in _FCS]
+    else:
+        layers = [(c.name, (2.0 / (c.out_channels * c.kernel * c.kernel)) ** 0.5, 0.0) for c in _CONVS]
+        layers += [(f.name, 0.01, 0.0) for f in _FCS]
     for name, std, bias in layers:
         layer = getattr(model, name)
         layer.weight.normal_(0.0, std, generator=generator)

@@ -94,7 +94,7 @@ class _Runtime:
             # Rotating the shard each epoch spreads every record over all processes in turn.
             shard_id=(cfg.shard_id + (epoch if train else 0)) % cfg.num_shards, num_shards=cfg.num_shards,
             seed=hash_seed(cfg.rng_seed, epoch, cfg.shard_id), num_threads=cfg.data_threads,
-            fp16=gpu and self.amp_dtype is not None, channels_last=cfg.use_channels_last,
+            fp16=gpu and self.amp_dtype is not None, channels_last=cfg.channels_last,
             mean=self.mean_rgb, std=self.std_rgb if cfg.normalize_std else None, reader=cfg.reader,
         ))
 
@@ -150,7 +150,7 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: _Runtime, epoch: int
         steps = max(1, math.ceil(steps * cfg.subset_pct / 100))
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     seen = 0
-    bar = tqdm(total=steps * cfg.batch_size, unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    bar = tqdm(total=min(steps * cfg.batch_size, loader.samples), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
     started = time.perf_counter()
     for step, batch in enumerate(loader):
@@ -192,9 +192,9 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: _Runtime, epoch: int
 
 def _build_model(rt: _Runtime, num_classes: int, crop: int, seed: int) -> AlexNet:
     gen = torch.Generator().manual_seed(seed)
-    model = AlexNet(AlexNetConfig(num_classes=num_classes, crop=crop), generator=gen)
+    model = AlexNet(AlexNetConfig(num_classes=num_classes, crop=crop), generator=gen, init=rt.cfg.init)
     model = model.to(rt.device)
-    if rt.cfg.use_channels_last:
+    if rt.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -268,3 +268,16 @@ def test_config_round_trip():
     assert AlexNetConfig.from_dict({}) == AlexNetConfig()
     with pytest.raises(ValueError, match="unknown AlexNetConfig keys.*'groups'"):
         AlexNetConfig.from_dict({**d, "groups": 2})
+
+
+def test_kaiming_init_is_he_normal_with_zero_biases():
+    from alexnet_pipe.model import AlexNet, AlexNetConfig
+
+    model = AlexNet(AlexNetConfig(num_classes=10, crop=67), generator=torch.Generator().manual_seed(0), init="kaiming")
+    conv2 = model.conv2.weight
+    assert conv2.std().item() == pytest.approx((2.0 / (256 * 5 * 5)) ** 0.5, rel=0.02)
+    assert model.fc7.weight.std().item() == pytest.approx(0.01, rel=0.02)
+    for name in ("conv1", "conv2", "conv4", "fc6", "fc7", "fc8"):
+        assert torch.count_nonzero(getattr(model, name).bias).item() == 0
+    with pytest.raises(ValueError, match="init scheme"):
+        AlexNet(AlexNetConfig(num_classes=10, crop=67), init="xavier")
