@@ -29,11 +29,11 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="alexnet-pipe")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug log output.")
+def main(verbose: bool) -> None:
     """ImageNet-style images -> sharded LMDB/RecordIO -> DALI -> AlexNet."""
     logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbose, 2) if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(message)s",
         stream=sys.stderr,
     )
