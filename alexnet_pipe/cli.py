@@ -235,3 +235,41 @@ def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend):
     from .inspect_batch import inspect_batch
 
     click.echo(f"wrote {inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend)}")
+
+
+@main.command()
+@click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None, help="Default: gpu when present.")
+@click.option("-i", "--device_id", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("-z", "--batch_size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
+@click.option("-d", "--datatype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
+              help="Default: bf16 on the GPU, f32 on the CPU.")
+@click.option("--iterations", type=click.IntRange(min=2), default=12, show_default=True)
+@click.option("--throughput-steps", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--nchw", is_flag=True, help="Keep NCHW instead of channels_last.")
+@click.option("-w", "--data_dir", type=_EXISTING_DIR, default=None,
+              help="Also time the DALI train pipeline feeding the model on this dataset.")
+@click.option("-o", "--output", type=_DIR, default=None, help="Append the rows as JSON lines here.")
+def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throughput_steps, compile_model, nchw,
+              data_dir, output):
+    """Time fprop/bprop/update (the seed's method) against a plain-PyTorch baseline, same run."""
+    import platform
+
+    import torch
+
+    from .bench import BenchConfig, format_rows, run_benchmark
+
+    backend = backend or ("gpu" if torch.cuda.is_available() else "cpu")
+    cfg = BenchConfig(backend=backend, device_id=device_id, batch_size=batch_size, crop=crop,
+                      datatype=datatype or ("bf16" if backend == "gpu" else "f32"), channels_last=not nchw,
+                      compile=compile_model, iterations=iterations, throughput_steps=throughput_steps,
+                      data_dir=data_dir)
+    device = (torch.cuda.get_device_name(device_id) if backend == "gpu" else platform.processor() or "CPU")
+    device += f", torch {torch.__version__}"
+    rows = run_benchmark(cfg)
+    click.echo(format_rows(rows, cfg, device))
+    if output is not None:
+        with open(output, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({**row, "device": device, "batch_size": batch_size, "crop": crop}) + "\n")
