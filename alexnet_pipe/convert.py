@@ -60,7 +60,7 @@ def _plan_digest(found: ScanResult) -> str:
     h.update(json.dumps(found.classes).encode())
     for split, sources in sorted(found.splits.items()):
         for s in sources:
-            h.update(f"{split}\0{s.name}\0{s.label}\n".encode())
+            h.update(f"{split}\0{s.name}\0{s.label}\n".encode("utf-8", "surrogateescape"))
     return "sha256:" + h.hexdigest()
 
 

@@ -98,12 +98,25 @@ def read_synsets(path: Path) -> tuple[list[str], dict[str, str]]:
     return wnids, names
 
 
-def _class_folders(split_dir: Path) -> dict[str, list[os.DirEntry]]:
+def _files_below(folder: Path) -> list[tuple[str, str]]:
+    """(name relative to ``folder``, path) of every visible file below it, sorted; like
+    torchvision's ImageFolder, images in subfolders of a class folder belong to that class."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(root).relative_to(folder)
+        for name in files:
+            if not name.startswith(".") and os.path.isfile(os.path.join(root, name)):
+                out.append(((rel / name).as_posix(), os.path.join(root, name)))
+    return sorted(out)
+
+
+def _class_folders(split_dir: Path) -> dict[str, list[tuple[str, str]]]:
     dirs, _ = _list_dir(split_dir)
-    return {d.name: _list_dir(Path(d.path))[1] for d in dirs}
+    return {d.name: _files_below(Path(d.path)) for d in dirs}
 
 
-def _folder_sources(tree: dict[str, list[os.DirEntry]], index: dict[str, int], split: str) -> list[Source]:
+def _folder_sources(tree: dict[str, list[tuple[str, str]]], index: dict[str, int], split: str) -> list[Source]:
     sources = []
     for cls, files in tree.items():
         if cls not in index:
@@ -111,7 +124,7 @@ def _folder_sources(tree: dict[str, list[os.DirEntry]], index: dict[str, int], s
                 f"{split}/ has a class folder {cls!r} that the training classes do not have; "
                 "every class must appear in train/ (or the synset list)"
             )
-        sources.extend(Source(f"{cls}/{f.name}", index[cls], f.path) for f in files)
+        sources.extend(Source(f"{cls}/{name}", index[cls], path) for name, path in files)
     return sources
 
 

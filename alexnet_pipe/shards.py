@@ -45,7 +45,7 @@ class ShardPlan:
 
 
 def shuffle_key(seed: int, split: str, name: str) -> bytes:
-    return hashlib.sha256(f"{seed}\0{split}\0{name}".encode()).digest()
+    return hashlib.sha256(f"{seed}\0{split}\0{name}".encode("utf-8", "surrogateescape")).digest()
 
 
 def plan_shards(split: str, sources: list[Source], shard_size: int, seed: int) -> list[ShardPlan]:
@@ -59,7 +59,7 @@ def plan_shards(split: str, sources: list[Source], shard_size: int, seed: int) -
 
 def lmdb_key(record_id: int, name: str, id_width: int = 8) -> bytes:
     """Caffe's key style ``%08d_<name>``: sorts in record order and names the source."""
-    key = f"{record_id:0{id_width}d}_{name}".encode()
+    key = f"{record_id:0{id_width}d}_{name}".encode("utf-8", "surrogateescape")  # undecodable names survive
     return key[:LMDB_MAX_KEY]
 
 

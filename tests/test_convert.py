@@ -224,3 +224,26 @@ def test_cli_convert_info_and_errors(raw_tree, tmp_path):
     empty.mkdir()
     res = runner.invoke(main, ["convert", str(empty), str(tmp_path / "o2")])
     assert res.exit_code == 1 and "has no class folders" in res.output
+
+
+def test_odd_file_names_and_nested_folders(tmp_path):
+    """Spaces, unicode, undecodable bytes and subfolders of a class folder all convert."""
+    raw = tmp_path / "raw"
+    make_tree(raw, {"train": 2})
+    cls = raw / "train" / "ant"
+    (cls / "sub" / "deeper").mkdir(parents=True)
+    src = (cls / "ant_0.jpg").read_bytes()
+    (cls / "sub" / "deeper" / "nested.jpg").write_bytes(src)
+    (cls / "with space é.JPG").write_bytes(src)
+    with open(os.fsencode(cls) + b"/raw\xff\xfebytes.jpg", "wb") as f:
+        f.write(src)
+    (cls / ".hidden.jpg").write_bytes(src)
+    out = tmp_path / "out"
+    convert(raw, out)
+    names = [k.decode("utf-8", "surrogateescape").split("_", 1)[1]
+             for p in load_dataset(out).lmdb_paths("train") for k, _ in lmdb_records(p)]
+    assert "ant/sub/deeper/nested.jpg" in names and "ant/with space é.JPG" in names
+    assert any(n.startswith("ant/raw") and n.endswith("bytes.jpg") for n in names)
+    assert not any("hidden" in n for n in names)
+    assert len(names) == 6 + 3
+    assert run_verify(VerifyConfig(out, workers=1, progress=False)).ok
