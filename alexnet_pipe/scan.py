@@ -312,6 +312,14 @@ def scan(raw: Path, val_labels: Path | None = None, synsets: Path | None = None)
     result = ScanResult(layout, classes, class_names, {})
     for split, tree in trees.items():
         result.splits[split] = _folder_sources(tree, index, split)
+        # Loose files beside the class folders have no class: list them, never drop them silently.
+        split_dir = raw if layout[split].endswith("(train only)") else raw / split
+        metadata = set(CSV_LABELS + GT_LABELS + SYNSET_LISTS + NAME_LISTS + TRAIN_TARS + VAL_TARS)
+        result.skipped.extend(
+            Skip(split, f.name, "not inside a class folder (no label)")
+            for f in _list_dir(split_dir)[1]
+            if f.name not in metadata
+        )
     if tar_tree:
         result.splits["train"] = [
             Source(f"{cls}/{name}", index[cls], str(train_tar), off, size)

@@ -157,3 +157,11 @@ def test_not_a_tar_is_explained(tmp_path):
     (raw / "ILSVRC2012_img_train.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(LayoutError, match="tar"):
         scan(raw)
+
+
+def test_loose_files_beside_class_folders_are_listed(raw_tree):
+    (raw_tree / "val" / "stray.jpg").write_bytes((raw_tree / "val" / "ant" / "ant_0.jpg").read_bytes())
+    found = scan(raw_tree)
+    assert [(s.split, s.name) for s in found.skipped] == [("val", "stray.jpg")]
+    assert "class folder" in found.skipped[0].reason
+    assert len(found.splits["val"]) == 6

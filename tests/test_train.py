@@ -262,3 +262,8 @@ def test_cli_train_test_plot_inspect(tiny, tmp_path):
     res = runner.invoke(main, ["inspect", str(tiny), "-o", str(tmp_path / "g.png"), "--crop", str(CROP), "-n", "8"])
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "g.png").size[0] >= 8 * CROP
+
+
+def test_subset_pct_trains_on_part_of_the_epoch(tiny):
+    res = fit(tcfg(tiny, epochs=1, subset_pct=50, eval_freq=0))
+    assert res.history[0]["samples"] == 16  # 2 of the 3 batches of 8 (ceil of half the 24 samples)
