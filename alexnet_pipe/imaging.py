@@ -8,7 +8,6 @@ Imports stay light (Pillow, numpy, torch's CPU resize) because every worker impo
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import dataclass
 

@@ -264,7 +264,7 @@ def _draw_panel(
     # Panel title on the left of the header row, legend on the right.
     draw.text((ax.left, 48), name, fill=TEXT_COLOUR, font=font, anchor="lm")
     x = ax.right
-    for label, colour, segs, _ in reversed(drawn):
+    for label, colour, _segs, _ in reversed(drawn):
         x -= _text_size(draw, label, small)[0]
         draw.text((x, 48), label, fill=TEXT_COLOUR, font=small, anchor="lm")
         x -= 26

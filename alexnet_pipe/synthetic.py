@@ -102,7 +102,7 @@ def make_image_tree(cfg: SynthConfig) -> dict[str, int]:
     for split, n in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
         if n == 0:
             continue
-        for c, cls in enumerate(cfg.classes):
+        for cls in cfg.classes:
             # One generator per (split, class): any subset of classes draws the same images.
             rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, CLASSES.index(cls)])
             folder = cfg.root / split / cls

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -199,10 +199,19 @@ def _build_model(rt: _Runtime, num_classes: int, crop: int, seed: int) -> AlexNe
     return model
 
 
-def _check_compatible(body: dict, path: Path, num_classes: int, crop: int) -> None:
+def _check_compatible(body: dict, path: Path, ds: Dataset, crop: int) -> None:
     mc = body["model_config"]
+    num_classes = ds.num_classes
     if mc.get("num_classes") != num_classes:
         raise CheckpointError(f"{path} was trained for {mc.get('num_classes')} classes; this dataset has {num_classes}")
+    trained = body["data"].get("classes")
+    here = [c["id"] for c in ds.classes]
+    if trained is not None and trained != here:
+        first = next(i for i, (a, b) in enumerate(zip(trained, here)) if a != b)
+        raise CheckpointError(
+            f"{path} was trained on other classes (class {first} is {trained[first]!r} there, "
+            f"{here[first]!r} in {ds.root}); its scores would be read against the wrong labels"
+        )
     if mc.get("crop") != crop:
         raise CheckpointError(f"{path} was trained with --crop {mc.get('crop')}; pass --crop {mc.get('crop')}")
 
@@ -225,7 +234,7 @@ def run_test(cfg: TrainConfig) -> EvalResult:
     """Evaluate ``cfg.model_file`` on the validation split (`--test_only`)."""
     ds, rt = _open(cfg)
     body = checkpoint.load(cfg.model_file)
-    _check_compatible(body, cfg.model_file, ds.num_classes, cfg.crop)
+    _check_compatible(body, cfg.model_file, ds, cfg.crop)
     model = _build_model(rt, ds.num_classes, cfg.crop, cfg.rng_seed)
     model.load_state_dict(body["model"])
     result = evaluate(model, rt.loader("val", False, 0), rt, cfg.progress)
@@ -248,7 +257,7 @@ def fit(cfg: TrainConfig) -> FitResult:
     start_epoch, history = 0, []
     if cfg.model_file is not None:
         body = checkpoint.load(cfg.model_file)
-        _check_compatible(body, cfg.model_file, ds.num_classes, cfg.crop)
+        _check_compatible(body, cfg.model_file, ds, cfg.crop)
         model.load_state_dict(body["model"])
         if body["kind"] == "checkpoint":
             opt.load_state_dict(body["optimizer"])
@@ -280,8 +289,9 @@ def fit(cfg: TrainConfig) -> FitResult:
             record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
             log.info("epoch %d: %s", epoch + 1, final.neon_line())
         if epoch >= 1 and abs(train_loss - math.log(ds.num_classes)) < 0.01 and ds.num_classes > 1:
-            log.warning("train loss %.3f sits at chance (ln %d); the learning rate may be too high "
-                        "for this data (try --lr 0.001)", train_loss, ds.num_classes)
+            log.warning("train loss %.3f sits at chance (ln %d): the learning rate may be too high for this "
+                        "data (try --lr 0.001), or, on a small data set, neon's init is slow to start "
+                        "(try --init kaiming)", train_loss, ds.num_classes)
         history.append(record)
         _append_metrics(cfg.output_file, record)
         log.info("epoch %d: train loss %.4f, %.0f img/s", epoch + 1, train_loss, record["img_per_s"])

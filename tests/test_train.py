@@ -267,3 +267,12 @@ def test_cli_train_test_plot_inspect(tiny, tmp_path):
 def test_subset_pct_trains_on_part_of_the_epoch(tiny):
     res = fit(tcfg(tiny, epochs=1, subset_pct=50, eval_freq=0))
     assert res.history[0]["samples"] == 16  # 2 of the 3 batches of 8 (ceil of half the 24 samples)
+
+
+def test_weights_from_other_classes_are_refused(tiny, tmp_path):
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "w.pt", eval_freq=0))
+    body = torch.load(tmp_path / "w.pt", weights_only=True)
+    body["data"]["classes"] = ["circle", "hstripes", "square", "zebra"]
+    torch.save(body, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="class 3 is 'zebra' there, 'vstripes'"):
+        run_test(tcfg(tiny, test_only=True, model_file=tmp_path / "other.pt"))

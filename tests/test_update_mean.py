@@ -10,7 +10,6 @@ import pickle
 import pickletools
 import struct
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
