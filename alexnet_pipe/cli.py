@@ -39,6 +39,18 @@ def main(verbose: bool) -> None:
     )
 
 
+def _parse_part(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected I/N such as 0/4, got {value!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"I/N needs 0 <= I < N, got {value}")
+    return i, n
+
+
 @main.command()
 @click.argument("raw", type=_EXISTING_DIR)
 @click.argument("out", type=_DIR)
@@ -58,9 +70,11 @@ def main(verbose: bool) -> None:
 @click.option("--synsets", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Synset list giving the order of the ground truth's 1-based ids.")
 @click.option("--force", is_flag=True, help="Discard an earlier conversion in OUT made with other settings.")
+@click.option("--part", callback=_parse_part, default=None, metavar="I/N",
+              help="Write only every N-th shard, starting at I (split the work across machines).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def convert(raw, out, fmt, short_side, quality, shard_size, workers, seed, max_pixels, no_passthrough,
-            val_labels, synsets, force, no_progress):
+            val_labels, synsets, force, part, no_progress):
     """Convert RAW (ImageNet layout) into validated, shuffled shards in OUT.
 
     Rerunning the same command after an interruption finishes the job.
@@ -73,9 +87,15 @@ def convert(raw, out, fmt, short_side, quality, shard_size, workers, seed, max_p
         image=ImageSettings(short_side=short_side, quality=quality, max_pixels=max_pixels,
                             passthrough=not no_passthrough),
         shard_size=shard_size, workers=workers or default_workers(), seed=seed, force=force,
-        progress=not no_progress, val_labels=val_labels, synsets=synsets,
+        progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
     )
     result = run_convert(cfg)
+    if result.remaining_shards:
+        click.echo(f"part {part[0]}/{part[1]} done ({result.converted_now} images in {result.seconds:.1f} s); "
+                   f"{result.remaining_shards} shards of other parts are not in {out} yet. The run that completes "
+                   "the last part writes the manifest; or gather all shards and .parts/ into one directory and "
+                   "rerun the command without --part.")
+        return
     counts = ", ".join(f"{split} {n}" for split, n in result.records.items())
     click.echo(f"wrote {out}: {counts} records, {result.skipped} skipped "
                f"({result.converted_now} images in {result.seconds:.1f} s, {result.images_per_second:.0f} img/s)")

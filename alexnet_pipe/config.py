@@ -53,8 +53,11 @@ class ConvertConfig:
     progress: bool = True
     val_labels: Path | None = None  # overrides auto-detection of the flat-val label file
     synsets: Path | None = None  # overrides auto-detection of the synset list
+    part: tuple[int, int] | None = None  # (I, N): write only shards k with k % N == I (split work)
 
     def __post_init__(self) -> None:
+        if self.part is not None and not (self.part[1] >= 1 and 0 <= self.part[0] < self.part[1]):
+            raise ValueError(f"part must be I/N with 0 <= I < N, got {self.part[0]}/{self.part[1]}")
         if not self.formats or any(f not in FORMATS for f in self.formats):
             raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
         if self.shard_size < 1:

@@ -49,6 +49,7 @@ class ConvertResult:
     skipped: int
     converted_now: int  # images processed by this run (0 when everything was already done)
     seconds: float
+    remaining_shards: int = 0  # > 0 only after a --part run while other parts are unfinished
 
     @property
     def images_per_second(self) -> float:
@@ -101,9 +102,9 @@ def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
             "directory, or pass --force to write into it anyway"
         )
     dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state, identity)  # first: a concurrent --part run then sees OUT as ours
     for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
         (dst / name).mkdir(exist_ok=True)
-    atomic_write_json(state, identity)
 
 
 def _load_part(dst: Path, plan: ShardPlan) -> dict | None:
@@ -293,15 +294,19 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
 
     parts: dict[str, dict] = {}
     pending: list[ShardPlan] = []
-    for split_plans in plans.values():
-        for plan in split_plans:
-            part = _load_part(cfg.dst, plan)
-            if part is None:
-                _clear_shard(cfg.dst, plan)
-                pending.append(plan)
-            else:
-                parts[plan.name] = part
-    total = sum(len(s) for s in found.splits.values())
+    all_plans = [plan for split_plans in plans.values() for plan in split_plans]
+    # --part I/N: this process writes every N-th shard; the others may be in progress elsewhere
+    # (another machine, a shared file system), so they are neither cleared nor waited for.
+    mine = [plan for k, plan in enumerate(all_plans) if cfg.part is None or k % cfg.part[1] == cfg.part[0]]
+    mine_names = {plan.name for plan in mine}
+    for plan in all_plans:
+        part = _load_part(cfg.dst, plan)
+        if part is not None:
+            parts[plan.name] = part
+        elif plan.name in mine_names:
+            _clear_shard(cfg.dst, plan)
+            pending.append(plan)
+    total = sum(len(p.sources) for p in mine)
     todo = sum(len(p.sources) for p in pending)
     if parts:
         log.info("resuming: %d shards already complete, %d to write", len(parts), len(pending))
@@ -331,6 +336,9 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
                 current = None
     finally:
         bar.close()
+    remaining = sum(plan.name not in parts for plan in all_plans)
+    if remaining:  # only with --part: the other parts finish the job
+        return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
     manifest = _finalize(cfg, found, plans, parts)
     return ConvertResult(
         cfg.dst,

@@ -247,3 +247,24 @@ def test_odd_file_names_and_nested_folders(tmp_path):
     assert not any("hidden" in n for n in names)
     assert len(names) == 6 + 3
     assert run_verify(VerifyConfig(out, workers=1, progress=False)).ok
+
+
+def test_parts_split_across_machines_give_the_single_run_output(raw_tree, tmp_path):
+    """Two --part runs in separate directories, gathered into one, finish as one run would."""
+    import shutil
+
+    convert(raw_tree, tmp_path / "single")
+    for i in range(2):
+        run_convert(ConvertConfig(src=raw_tree, dst=tmp_path / f"m{i}", formats=("lmdb", "recordio"), shard_size=5,
+                                  workers=1, progress=False, part=(i, 2)))
+        assert not (tmp_path / f"m{i}" / "manifest.json").exists()
+    gathered = tmp_path / "gathered"
+    shutil.copytree(tmp_path / "m0", gathered)
+    for sub in (".parts", "lmdb", "recordio"):
+        shutil.copytree(tmp_path / "m1" / sub, gathered / sub, dirs_exist_ok=True)
+    res = CliRunner().invoke(main, ["convert", str(raw_tree), str(gathered), "--format", "both",
+                                    "--shard-size", "5", "--workers", "1", "--no-progress"])
+    assert res.exit_code == 0 and "(0 images in" in res.output  # nothing left to convert
+    assert tree_bytes(gathered) == tree_bytes(tmp_path / "single")
+    res = CliRunner().invoke(main, ["convert", str(raw_tree), str(tmp_path / "x"), "--part", "2/2"])
+    assert res.exit_code == 2 and "0 <= I < N" in res.output
