@@ -153,9 +153,13 @@ class Loader:
         except RuntimeError as exc:
             raise DatasetError(f"cannot open the {cfg.split} shards of {ds.root}: {_first_line(exc)}") from exc
         names = ["images", "labels"] + (["flipped"] if cfg.return_params else [])
-        self._it = DALIGenericIterator(
-            [self._pipe], names, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
-        )
+        try:  # the iterator runs the first batch already
+            self._it = DALIGenericIterator(
+                [self._pipe], names, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+            )
+        except RuntimeError as exc:
+            raise _record_error(exc, ds.root, cfg.split) from exc
+        self._root = ds.root
         self.samples = self._it.size  # samples of this shard per epoch (without padding)
 
     def __len__(self) -> int:
@@ -171,12 +175,22 @@ class Loader:
                 flipped = out["flipped"].reshape(-1).bool() if self.cfg.return_params else None
                 yield Batch(images, labels, flipped)
         except RuntimeError as exc:
-            if "Critical error" in str(exc) or "Failed to decode" in str(exc):
-                raise DatasetError(
-                    f"a record in the {self.cfg.split} shards could not be read ({_first_line(exc)}); "
-                    "run alexnet-pipe verify on the dataset to find it"
-                ) from exc
-            raise
+            raise _record_error(exc, self._root, self.cfg.split) from exc
+
+
+def _record_error(exc: RuntimeError, root: Path, split: str) -> Exception:
+    """DALI's multi-page pipeline trace -> one line saying what failed and how to find the record."""
+    text = str(exc)
+    if "Critical error" not in text and "Failed to decode" not in text:
+        return exc
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "")
+    after = [i + 1 for i, line in enumerate(lines) if line.endswith("encountered:")]
+    detail = lines[after[0]] if after and after[0] < len(lines) else ""
+    return DatasetError(
+        f"a record in the {split} shards of {root} could not be read ({'; '.join(x for x in (where, detail) if x)}); "
+        f"DALI cannot skip bad records: run alexnet-pipe verify {root} to name the shard and key"
+    )
 
 
 def _first_line(exc: Exception) -> str:

@@ -276,3 +276,32 @@ def test_weights_from_other_classes_are_refused(tiny, tmp_path):
     torch.save(body, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="class 3 is 'zebra' there, 'vstripes'"):
         run_test(tcfg(tiny, test_only=True, model_file=tmp_path / "other.pt"))
+
+
+def test_corrupt_record_gives_a_clear_error_not_a_dali_trace(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from alexnet_pipe.datum import Datum, encode_datum
+    from alexnet_pipe.errors import DatasetError
+
+    fit(tcfg(tiny, epochs=1, save_path=tmp_path / "w.pt", eval_freq=0))
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    path = load_dataset(data).lmdb_paths("val")[0]
+    with lmdb.open(str(path), lock=False) as env, env.begin(write=True) as txn:
+        key, value = next(iter(txn.cursor()))
+        d = decode_datum(value)
+        # Bytes zeroed inside the entropy-coded data, then the JPEG cut short. (DALI 2.4's CPU
+        # decoder reports this as an error in batches up to 32 but crashes the process (SIGSEGV)
+        # in batches of 64 or more, which no Python code can turn into a message: `verify` and
+        # the converter's full decode are the defence there.)
+        broken = d.data[:200] + b"\x00" * 50 + d.data[250:400]
+        txn.put(key, encode_datum(Datum(broken, d.label, d.height, d.width, 3, encoded=True)))
+    # The CLI in its own process: DALI is not reliable after a critical error in the same one.
+    res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "test", "-w", str(data), "-b", "cpu", "--crop",
+                          str(CROP), "-z", "8", "--model_file", str(tmp_path / "w.pt"), "--no_progress_bar"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "alexnet-pipe verify" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(DatasetError, match=f"val shards of {data} could not be read.*alexnet-pipe verify"):
+        list(Loader(load_dataset(data), LoaderConfig("val", False, batch_size=4, crop=CROP)))
