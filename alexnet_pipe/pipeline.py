@@ -158,7 +158,7 @@ class Loader:
                 [self._pipe], names, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
             )
         except RuntimeError as exc:
-            raise _record_error(exc, ds.root, cfg.split) from exc
+            _raise_record_error(exc, ds.root, cfg.split)
         self._root = ds.root
         self.samples = self._it.size  # samples of this shard per epoch (without padding)
 
@@ -175,22 +175,23 @@ class Loader:
                 flipped = out["flipped"].reshape(-1).bool() if self.cfg.return_params else None
                 yield Batch(images, labels, flipped)
         except RuntimeError as exc:
-            raise _record_error(exc, self._root, self.cfg.split) from exc
+            _raise_record_error(exc, self._root, self.cfg.split)
 
 
-def _record_error(exc: RuntimeError, root: Path, split: str) -> Exception:
-    """DALI's multi-page pipeline trace -> one line saying what failed and how to find the record."""
+def _raise_record_error(exc: RuntimeError, root: Path, split: str) -> None:
+    """DALI's multi-page pipeline trace -> one line saying what failed and how to find the record.
+    Other runtime errors propagate unchanged."""
     text = str(exc)
     if "Critical error" not in text and "Failed to decode" not in text:
-        return exc
+        raise exc
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "")
     after = [i + 1 for i, line in enumerate(lines) if line.endswith("encountered:")]
     detail = lines[after[0]] if after and after[0] < len(lines) else ""
-    return DatasetError(
+    raise DatasetError(
         f"a record in the {split} shards of {root} could not be read ({'; '.join(x for x in (where, detail) if x)}); "
         f"DALI cannot skip bad records: run alexnet-pipe verify {root} to name the shard and key"
-    )
+    ) from exc
 
 
 def _first_line(exc: Exception) -> str:
