@@ -168,17 +168,21 @@ def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[
 
 
 def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict) -> dict:
-    """Close, rename into place, then record completion (the order is what makes it safe)."""
+    """Close, rename into place, then record completion (the order is what makes it safe).
+
+    A shard whose every input was skipped gets no files, only its completion record.
+    """
     entries = writer.close()
-    for rel in shard_paths(plan.name).values():
-        staged = dst / STAGING_DIR / plan.name / rel
-        if staged.exists():
-            remove(dst / rel)
-            os.replace(staged, dst / rel)
-    for sub in (LMDB_DIR, RECORDIO_DIR):
-        fsync_dir(dst / sub)
+    if part["records"]:
+        for rel in shard_paths(plan.name).values():
+            staged = dst / STAGING_DIR / plan.name / rel
+            if staged.exists():
+                remove(dst / rel)
+                os.replace(staged, dst / rel)
+        for sub in (LMDB_DIR, RECORDIO_DIR):
+            fsync_dir(dst / sub)
+        part.update(entries)
     remove(dst / STAGING_DIR / plan.name)
-    part.update(entries)
     atomic_write_json(dst / PARTS_DIR / f"{plan.name}.json", part)
     return part
 
@@ -338,14 +342,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
             bar.update(len(sources))
             bar.set_postfix(skipped=n_skipped, refresh=False)
             if current.done == len(plan.sources):
-                part = current.part()
-                if part["records"]:
-                    parts[plan.name] = _commit_shard(cfg.dst, plan, current.writer, part)
-                else:
-                    current.writer.close()
-                    remove(cfg.dst / STAGING_DIR / plan.name)
-                    parts[plan.name] = part
-                    atomic_write_json(cfg.dst / PARTS_DIR / f"{plan.name}.json", part)
+                parts[plan.name] = _commit_shard(cfg.dst, plan, current.writer, current.part())
                 current = None
     finally:
         bar.close()

@@ -274,6 +274,7 @@ def fit(cfg: TrainConfig) -> FitResult:
     has_val = "val" in ds.splits()
     ckpt_path = cfg.resolved_checkpoint_path()
     final = None
+    val_loader = None  # built on first use, then reused: its order and crops never change
     for epoch in range(start_epoch, cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
@@ -285,7 +286,8 @@ def fit(cfg: TrainConfig) -> FitResult:
                   "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}
         last = epoch + 1 == cfg.epochs
         if has_val and cfg.eval_freq and ((epoch + 1) % cfg.eval_freq == 0 or last):
-            final = evaluate(train_model, rt.loader("val", False, 0), rt)
+            val_loader = val_loader or rt.loader("val", False, 0)
+            final = evaluate(train_model, val_loader, rt)
             record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
             log.info("epoch %d: %s", epoch + 1, final.neon_line())
         if epoch >= 1 and abs(train_loss - math.log(ds.num_classes)) < 0.01 and ds.num_classes > 1:
