@@ -134,17 +134,16 @@ def time_steps(cfg: BenchConfig, device: torch.device, name: str) -> dict:
 
 def time_end_to_end(cfg: BenchConfig, device: torch.device) -> dict:
     """img/s with the DALI train pipeline feeding the model (one epoch, or throughput_steps)."""
+    from .config import TrainConfig
     from .manifest import load_dataset
-    from .mean import load_dataset_mean
-    from .pipeline import Loader, LoaderConfig
+    from .train import epoch_loader
 
     ds = load_dataset(cfg.data_dir)
     model, run, opt, autocast = _setup(replace(cfg, num_classes=ds.num_classes), device)
-    gpu = device.type == "cuda"
-    loader = Loader(ds, LoaderConfig("train", True, cfg.batch_size, crop=cfg.crop,
-                                     device_id=cfg.device_id if gpu else None,
-                                     fp16=gpu and cfg.datatype != "f32", channels_last=cfg.channels_last,
-                                     mean=load_dataset_mean(cfg.data_dir).rgb()[0], seed=cfg.seed))
+    # Exactly the loader training builds for its first epoch.
+    loader = epoch_loader(TrainConfig(data_dir=cfg.data_dir, backend=cfg.backend, device_id=cfg.device_id,
+                                      datatype=cfg.datatype, batch_size=cfg.batch_size, crop=cfg.crop,
+                                      channels_last=cfg.channels_last, rng_seed=cfg.seed, progress=False), 0)
     clock = _Clock(device)
     seen, start = 0, None
     for i, batch in enumerate(loader):

@@ -181,6 +181,8 @@ def _train_options(fn):
         click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True),
         click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU)."),
         click.option("--data-threads", type=click.IntRange(min=1), default=None, help="DALI CPU threads."),
+        click.option("--read-workers", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Processes reading records for DALI (0: the training process reads them)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -200,6 +202,7 @@ def _train_config(test_only: bool, kw: dict):
         backend=backend, datatype=datatype, test_only=kw.pop("test_only") or test_only,
         progress=not kw.pop("no_progress_bar"), compile=kw.pop("compile_model"),
         lr_step=kw.pop("lr_step"), weight_decay=kw.pop("weight_decay"), normalize_std=kw.pop("normalize_std"),
+        read_workers=kw.pop("read_workers"),
         **kw, **extra,
     )
 
@@ -250,11 +253,14 @@ def plot(metrics, output):
 @click.option("-r", "--rng_seed", type=int, default=0, show_default=True)
 @click.option("--normalize-std", is_flag=True)
 @click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default="cpu", show_default=True)
-def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend):
-    """Draw one batch exactly as the train pipeline feeds it (mean added back), with labels."""
+@click.option("--epoch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Which epoch's order, crops and flips to draw (1 = the first).")
+def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch):
+    """Draw the first samples of an epoch exactly as training reads them (mean added back), with labels."""
     from .inspect_batch import inspect_batch
 
-    click.echo(f"wrote {inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend)}")
+    path = inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch - 1)
+    click.echo(f"wrote {path}")
 
 
 @main.command()

@@ -138,6 +138,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     reader: str = "auto"  # lmdb / recordio / auto
     data_threads: int = field(default_factory=lambda: min(4, default_workers()))
+    read_workers: int = 0  # processes reading records for DALI (0: in the training process)
     shard_id: int = 0  # this process's shard of the data (torchrun rank)
     num_shards: int = 1  # how many processes share the data (torchrun world size)
     log_every: int = 20  # steps between host syncs for the progress bar
@@ -157,6 +158,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.shard_id < self.num_shards, f"shard {self.shard_id} outside 0..{self.num_shards - 1}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.read_workers >= 0, f"--read-workers must be >= 0, got {self.read_workers}"),
             (self.init in ("neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
             (not (self.test_only and self.model_file is None), "--test_only needs --model_file (the weights to test)"),
         ]

@@ -73,3 +73,40 @@ def decode_datum(buf: bytes | memoryview) -> Datum:
             fields["encoded"] = bool(value)
     fields["float_data"] = tuple(fields["float_data"])
     return Datum(**fields)
+
+
+def datum_image_and_label(buf: bytes | memoryview) -> tuple[bytes, int]:
+    """``(data, label)`` of a Datum, several times faster than ``decode_datum``: a loader reads
+    one per sample. Datum's fields 1..7 all have one-byte keys, so the loop stays flat; anything
+    else (field numbers > 15, fixed-width fields) takes the general parser."""
+    view = memoryview(buf)
+    pos, end = 0, len(view)
+    data, label = b"", 0
+    while pos < end:
+        key = view[pos]
+        pos += 1
+        value = shift = 0
+        while True:  # a varint: the value (wire type 0) or the length (wire type 2)
+            if pos >= end:
+                raise FormatError("protobuf: varint runs past the end of the message")
+            byte = view[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise FormatError("protobuf: varint longer than 10 bytes")
+        wire = key & 7
+        if key & 0x80 or wire not in (pb.VARINT, pb.LENGTH):
+            datum = decode_datum(buf)
+            return datum.data, datum.label
+        if wire == pb.LENGTH:
+            if pos + value > end:
+                raise FormatError("protobuf: length-delimited field runs past the end")
+            if key >> 3 == 4:
+                data = bytes(view[pos : pos + value])
+            pos += value
+        elif key >> 3 == 5:
+            label = pb.to_int32(value)
+    return data, label

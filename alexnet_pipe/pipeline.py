@@ -1,9 +1,12 @@
 """DALI pipelines over converted shards: the only module that imports nvidia.dali.
 
-Train: random crop of the short-side-256 image (one per sample per epoch), random horizontal
-flip, per-channel mean subtraction (division by std optional) -- the neon recipe. Val: centre
-crop, no flip. The same graph runs on the GPU (``device="mixed"`` decoding, crop/flip/normalize
-on the device, fp16 output in the model's layout) and on the CPU (``device_id=None``).
+Records reach DALI through an external source (``source.EpochSource``) that reads them in each
+epoch's own global order (``order.py``) with each sample's crop position and flip; DALI decodes,
+crops, flips and normalises. Train: a random crop of the short-side-N image, random horizontal
+flip, per-channel mean subtraction (division by std optional), the neon recipe. Val: centre crop,
+no flip, stored order. The same graph runs on the GPU (``device="mixed"`` decoding,
+crop/flip/normalize on the device, fp16 output in the model's layout) and on the CPU
+(``device_id=None``).
 """
 
 from __future__ import annotations
@@ -17,29 +20,31 @@ import torch
 
 from .errors import DatasetError
 from .manifest import Dataset
-
-SHUFFLE_BUFFER = 4096  # records held for the reader's random shuffle (encoded JPEGs, ~30 KB each)
+from .order import OrderConfig
+from .records import record_table
+from .source import EpochSource
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Everything a data loader needs; built from TrainConfig by the trainer, or by `inspect`."""
+    """Everything a data loader needs; built from TrainConfig by the trainer (``train.epoch_loader``)."""
 
     split: str
-    train: bool  # random crop + flip, shuffled; False: centre crop, stored order
+    train: bool  # global per-epoch permutation, random crop + flip; False: stored order, centre crop
     batch_size: int
     crop: int = 224
     device_id: int | None = None  # None: CPU-only DALI
     shard_id: int = 0
     num_shards: int = 1
     seed: int = 0
-    num_threads: int = 2
+    subset_pct: float = 100.0  # train: read only this share of each epoch's (fresh) order
+    num_threads: int = 2  # DALI CPU threads (decoding on the CPU, host work on the GPU)
+    read_workers: int = 0  # processes reading records for DALI; 0: in this process
     fp16: bool = False  # emit float16 (GPU); float32 otherwise
     channels_last: bool = False  # NHWC output (channels_last model input); NCHW otherwise
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # RGB, 0..255
     std: tuple[float, float, float] | None = None  # RGB; None: mean subtraction only (neon)
     reader: str = "auto"  # "lmdb", "recordio", or "auto" (LMDB when present)
-    return_params: bool = False  # also output each sample's flip flag (for `inspect`)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -48,6 +53,8 @@ class LoaderConfig:
             raise ValueError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
         if self.reader not in ("auto", "lmdb", "recordio"):
             raise ValueError(f"reader must be auto, lmdb or recordio, got {self.reader}")
+        if self.read_workers < 0:
+            raise ValueError(f"read workers must be >= 0, got {self.read_workers}")
 
 
 def _reader_kind(ds: Dataset, cfg: LoaderConfig) -> str:
@@ -56,53 +63,22 @@ def _reader_kind(ds: Dataset, cfg: LoaderConfig) -> str:
     return "lmdb" if "lmdb" in ds.formats else "recordio"
 
 
-def _check_files(paths: list[Path]) -> None:
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise DatasetError(
-            f"{len(missing)} shard(s) listed in the manifest are missing, e.g. {missing[0]}; "
-            "rerun alexnet-pipe convert with the same arguments to rewrite them"
-        )
-
-
-def build_pipeline(ds: Dataset, cfg: LoaderConfig):
-    """Build (not yet run) the DALI pipeline for one split of a dataset."""
+def build_pipeline(source: EpochSource, cfg: LoaderConfig):
+    """Build (not yet run) the DALI graph fed by ``source``."""
     from nvidia.dali import fn, pipeline_def, types
 
-    kind = _reader_kind(ds, cfg)
-    if not ds.shards(cfg.split):
-        raise DatasetError(f"the {cfg.split} split of {ds.root} has no records")
-    if kind == "lmdb":
-        paths = ds.lmdb_paths(cfg.split)
-        _check_files(paths)
-        reader_args = {"path": [str(p) for p in paths]}
-    else:
-        recs, index = ds.recordio_paths(cfg.split)
-        _check_files(recs + [index])
-        reader_args = {"path": [str(p) for p in recs], "index_path": [str(index)]}
     gpu = cfg.device_id is not None
     std = cfg.std or (1.0, 1.0, 1.0)
 
+    parallel = {"parallel": True, "prefetch_queue_depth": 2} if cfg.read_workers else {}
+
     @pipeline_def(enable_conditionals=False)
     def graph():
-        common = {
-            "shard_id": cfg.shard_id,
-            "num_shards": cfg.num_shards,
-            "pad_last_batch": True,  # without it samples repeat or vanish after epoch 1
-            "random_shuffle": cfg.train,
-            "initial_fill": SHUFFLE_BUFFER,
-            "name": "reader",
-        }
-        if kind == "lmdb":
-            jpegs, labels = fn.readers.caffe(**reader_args, **common)
-        else:
-            jpegs, labels = fn.readers.mxnet(**reader_args, **common)
+        jpegs, labels, pos_x, pos_y, mirror = fn.external_source(
+            source=source, num_outputs=5, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32], **parallel,
+        )
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        if cfg.train:
-            mirror = fn.random.coin_flip(probability=0.5)
-            pos_x, pos_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
-        else:
-            mirror, pos_x, pos_y = 0, 0.5, 0.5
         images = fn.crop_mirror_normalize(
             images,
             crop=(cfg.crop, cfg.crop),
@@ -113,87 +89,107 @@ def build_pipeline(ds: Dataset, cfg: LoaderConfig):
             std=list(std),
             dtype=types.FLOAT16 if cfg.fp16 else types.FLOAT,
             output_layout="HWC" if cfg.channels_last else "CHW",
-            # An image smaller than the crop (the converter never upscales) is padded with
-            # the mean colour instead of failing the whole pipeline.
+            # An image smaller than the crop (converted with --no-upscale) is padded with the
+            # mean colour instead of failing the whole pipeline.
             out_of_bounds_policy="pad",
             fill_values=0.0,
         )
-        labels = labels.gpu() if gpu else labels
-        outputs = [images, labels]
-        if cfg.return_params:
-            outputs.append(mirror if cfg.train else fn.constant(idata=0, shape=[1]))
-        return tuple(outputs)
+        return images, (labels.gpu() if gpu else labels)
 
-    threads = max(1, cfg.num_threads)
-    return graph(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
-                 seed=cfg.seed & 0x7FFFFFFF, prefetch_queue_depth=2)
+    extra = {"py_num_workers": cfg.read_workers, "py_start_method": "spawn"} if cfg.read_workers else {}
+    return graph(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads), device_id=cfg.device_id,
+                 seed=cfg.seed & 0x7FFFFFFF, prefetch_queue_depth=2, **extra)
 
 
 @dataclass(frozen=True)
 class Batch:
     images: torch.Tensor  # N x 3 x H x W (a channels_last view when the pipeline emits NHWC)
     labels: torch.Tensor  # N, int64
-    flipped: torch.Tensor | None = None
+    flipped: torch.Tensor  # N, bool (on the CPU)
+    valid: torch.Tensor | None = None  # N, bool, on the images' device; None: no padding in this batch
 
 
 class Loader:
-    """One epoch of batches from a DALI pipeline, with torch tensors in the model's layout.
+    """Epochs of batches from a DALI pipeline, as torch tensors in the model's layout.
 
-    Every sample of this shard is yielded exactly once per epoch (pad_last_batch on the
-    reader, padding dropped by the iterator); the last batch may be smaller.
+    The first pass over the loader is epoch ``epoch``, the next pass ``epoch + 1``, and so on;
+    a pass that is left early leaves the loader mid-epoch (build a new loader instead). Every
+    record of the split is read exactly once per epoch over all shards (ranks), plus padding
+    that ``Batch.valid`` marks; the last batch may be smaller.
     """
 
-    def __init__(self, ds: Dataset, cfg: LoaderConfig):
+    def __init__(self, ds: Dataset, cfg: LoaderConfig, epoch: int = 0):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        self.cfg = cfg
-        self._pipe = build_pipeline(ds, cfg)
+        self.cfg, self._root = cfg, ds.root
+        table = record_table(ds, cfg.split, _reader_kind(ds, cfg))
+        order = OrderConfig(len(table), cfg.train, cfg.seed, cfg.shard_id, cfg.num_shards, cfg.subset_pct)
+        self.source = EpochSource(table, order, cfg.batch_size, epoch)
+        self.samples = order.per_shard  # samples this shard reads per epoch (padding included)
+        self.epoch = epoch  # the epoch the next pass yields
+        self._pipe = build_pipeline(self.source, cfg)
         try:
             self._pipe.build()
         except RuntimeError as exc:
-            raise DatasetError(f"cannot open the {cfg.split} shards of {ds.root}: {_first_line(exc)}") from exc
-        names = ["images", "labels"] + (["flipped"] if cfg.return_params else [])
+            raise DatasetError(f"cannot start the DALI pipeline over the {cfg.split} shards of {ds.root}: "
+                               f"{dali_cause(exc)}") from exc
         try:  # the iterator runs the first batch already
-            self._it = DALIGenericIterator(
-                [self._pipe], names, reader_name="reader", last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
-            )
+            self._it = DALIGenericIterator([self._pipe], ["images", "labels"], size=-1,
+                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         except RuntimeError as exc:
             _raise_record_error(exc, ds.root, cfg.split)
-        self._root = ds.root
-        self.samples = self._it.size  # samples of this shard per epoch (without padding)
 
     def __len__(self) -> int:
         return math.ceil(self.samples / self.cfg.batch_size)
 
+    def close(self) -> None:
+        """Stop the pipeline and close the shard files (also done when the loader is collected)."""
+        if getattr(self, "_pipe", None) is not None:
+            self._it = self._pipe = None  # the iterator and pipeline hold the source; drop them first
+        if getattr(self, "source", None) is not None:
+            self.source.close()
+
+    def __del__(self) -> None:
+        self.close()
+
     def __iter__(self) -> Iterator[Batch]:
+        plan = self.source.plan(self.epoch)
+        b = self.cfg.batch_size
         try:
-            for (out,) in self._it:
+            for k, (out,) in enumerate(self._it):
                 images = out["images"]
                 if self.cfg.channels_last:
                     images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
-                labels = out["labels"].reshape(-1).long()
-                flipped = out["flipped"].reshape(-1).bool() if self.cfg.return_params else None
-                yield Batch(images, labels, flipped)
+                flipped = torch.from_numpy(plan.mirror[k * b : (k + 1) * b]).bool()
+                valid = plan.valid[k * b : (k + 1) * b]
+                yield Batch(images, out["labels"].reshape(-1).long(), flipped,
+                            None if valid.all() else torch.from_numpy(valid).to(images.device))
         except RuntimeError as exc:
             _raise_record_error(exc, self._root, self.cfg.split)
+        self.epoch += 1
+
+
+def dali_cause(exc: Exception) -> str:
+    """DALI's multi-page error -> the operator and the real cause, without the C++ context."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "")
+    after = [i + 1 for i, line in enumerate(lines) if line.endswith("encountered:")]
+    cause = []
+    for line in lines[after[0]:] if after else lines:
+        if line.startswith(("C++ context", "Current pipeline object", "Stacktrace")):
+            break
+        cause.append(line)
+    text = " ".join(cause) or type(exc).__name__
+    return "; ".join(x for x in (where, text[:1000]) if x)
 
 
 def _raise_record_error(exc: RuntimeError, root: Path, split: str) -> None:
-    """DALI's multi-page pipeline trace -> one line saying what failed and how to find the record.
+    """A decoding failure -> one line naming the cause and the command that finds the record.
     Other runtime errors propagate unchanged."""
     text = str(exc)
     if "Critical error" not in text and "Failed to decode" not in text:
         raise exc
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "")
-    after = [i + 1 for i, line in enumerate(lines) if line.endswith("encountered:")]
-    detail = lines[after[0]] if after and after[0] < len(lines) else ""
     raise DatasetError(
-        f"a record in the {split} shards of {root} could not be read ({'; '.join(x for x in (where, detail) if x)}); "
+        f"a record in the {split} shards of {root} could not be read ({dali_cause(exc)}); "
         f"DALI cannot skip bad records: run alexnet-pipe verify {root} to name the shard and key"
     ) from exc
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__

@@ -105,6 +105,29 @@ def read_record(f: BinaryIO) -> bytes | None:
             return MAGIC_BYTES.join(parts)
 
 
+def unframe_record(buf: bytes | memoryview) -> bytes:
+    """The payload of one framed record (all its parts, magic re-inserted), e.g. read by offset."""
+    view = memoryview(buf)
+    parts: list[bytes] = []
+    pos = 0
+    while True:
+        if pos + 8 > len(view):
+            raise FormatError("RecordIO: record ends inside a header")
+        magic, lrec = struct.unpack_from("<II", view, pos)
+        if magic != MAGIC:
+            raise FormatError(f"RecordIO: bad magic 0x{magic:08x}")
+        cflag, length = lrec >> 29, lrec & MAX_LENGTH
+        if (cflag in (0, 1)) != (not parts):
+            raise FormatError(f"RecordIO: continuation flag {cflag} out of sequence")
+        start = pos + 8
+        if start + length > len(view):
+            raise FormatError("RecordIO: record ends inside its payload")
+        parts.append(bytes(view[start : start + length]))
+        if cflag in (0, 3):
+            return MAGIC_BYTES.join(parts)
+        pos = start + length + (-length % 4)
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, bytes]]:
     """Yield (offset of the record's first magic, payload) for every record of a .rec file."""
     with open(path, "rb", buffering=1 << 20) as f:

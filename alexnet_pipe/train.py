@@ -85,18 +85,21 @@ class _Runtime:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def loader(self, split: str, train: bool, epoch: int) -> Loader:
+    def loader_config(self, split: str, train: bool, batch_size: int | None = None) -> LoaderConfig:
+        """The loader settings that follow from the run's config (one place: fit, test, inspect)."""
         cfg = self.cfg
         gpu = self.device.type == "cuda"
-        return Loader(self.ds, LoaderConfig(
-            split=split, train=train, batch_size=cfg.batch_size, crop=cfg.crop,
-            device_id=cfg.device_id if gpu else None,
-            # Rotating the shard each epoch spreads every record over all processes in turn.
-            shard_id=(cfg.shard_id + (epoch if train else 0)) % cfg.num_shards, num_shards=cfg.num_shards,
-            seed=hash_seed(cfg.rng_seed, epoch, cfg.shard_id), num_threads=cfg.data_threads,
-            fp16=gpu and self.amp_dtype is not None, channels_last=cfg.channels_last,
-            mean=self.mean_rgb, std=self.std_rgb if cfg.normalize_std else None, reader=cfg.reader,
-        ))
+        return LoaderConfig(
+            split=split, train=train, batch_size=batch_size or cfg.batch_size, crop=cfg.crop,
+            device_id=cfg.device_id if gpu else None, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
+            seed=cfg.rng_seed, subset_pct=cfg.subset_pct if train else 100.0, num_threads=cfg.data_threads,
+            read_workers=cfg.read_workers, fp16=gpu and self.amp_dtype is not None,
+            channels_last=cfg.channels_last, mean=self.mean_rgb, std=self.std_rgb if cfg.normalize_std else None,
+            reader=cfg.reader,
+        )
+
+    def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None) -> Loader:
+        return Loader(self.ds, self.loader_config(split, train, batch_size), epoch)
 
     def data_meta(self) -> dict:
         """Data settings that travel with the weights (predict/import will need them)."""
@@ -112,53 +115,57 @@ class _Runtime:
         }
 
 
-def hash_seed(seed: int, epoch: int, shard: int) -> int:
-    """A pipeline seed that depends only on (seed, epoch, shard): resumes reproduce the data."""
-    return (seed * 1_000_003 + epoch * 7919 + shard * 104_729 + 1) % (2**31 - 1)
-
-
 def evaluate(model: torch.nn.Module, loader: Loader, rt: _Runtime, progress: bool = False) -> EvalResult:
-    """Loss, top-1 and top-5 over every sample of the loader's split, one host sync at the end."""
+    """Loss, top-1 and top-5 over every sample of the loader's split, one host sync at the end.
+    Padding (``Batch.valid``) counts nowhere."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     hits = torch.zeros(2, dtype=torch.int64, device=rt.device)
-    n = 0
+    count = torch.zeros((), dtype=torch.int64, device=rt.device)
     with torch.inference_mode():
         for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
             with rt.autocast():
                 logits = model(batch.images)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
-            hits += torch.stack(topk_correct(logits, batch.labels, (1, 5)))
-            n += batch.labels.shape[0]
+            logits, labels = logits.float(), batch.labels
+            if batch.valid is not None:
+                logits, labels = logits[batch.valid], labels[batch.valid]
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            hits += torch.stack(topk_correct(logits, labels, (1, 5)))
+            count += labels.shape[0]
+    n = int(count.item())
     if n == 0:
         raise DatasetError("the validation split yielded no samples")
     top1, top5 = (100.0 * h / n for h in hits.tolist())
     return EvalResult(loss_sum.item() / n, top1, top5, n)
 
 
+def _loss(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Mean cross-entropy over the batch's real samples (padding weighs nothing)."""
+    if batch.valid is None:
+        return F.cross_entropy(logits.float(), batch.labels)
+    per_sample = F.cross_entropy(logits.float(), batch.labels, reduction="none")
+    return (per_sample * batch.valid).sum() / batch.valid.sum().clamp(min=1)
+
+
 def train_one_epoch(model, loader: Loader, opt, scaler, rt: _Runtime, epoch: int, lr: float) -> tuple[float, int, float]:
-    """One pass over the loader. Returns (mean loss, samples, seconds).
+    """One pass over the loader (epoch ``epoch``). Returns (mean loss, samples, seconds).
 
     Losses are summed on the device and read back only every ``log_every`` steps: a host sync
     per step would stall the GPU queue.
     """
     cfg = rt.cfg
+    if loader.epoch != epoch:  # the loader serves epochs in sequence; a skipped pass would shift the data
+        raise RuntimeError(f"the train loader is at epoch {loader.epoch + 1}, expected {epoch + 1}")
     model.train()
-    steps = len(loader)
-    if cfg.subset_pct < 100:
-        steps = max(1, math.ceil(steps * cfg.subset_pct / 100))
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    seen = 0
-    bar = tqdm(total=min(steps * cfg.batch_size, loader.samples), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}",
+    count = torch.zeros((), dtype=torch.int64, device=rt.device)
+    bar = tqdm(total=loader.samples, unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1)
     started = time.perf_counter()
     for step, batch in enumerate(loader):
-        if step == steps:
-            break  # --subset_pct: a random subset (the reader shuffles) of the epoch
         with rt.autocast():
             logits = model(batch.images)
-            loss = F.cross_entropy(logits.float(), batch.labels)
+            loss = _loss(logits, batch)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -167,12 +174,12 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: _Runtime, epoch: int
         else:
             loss.backward()
             opt.step()
-        n = batch.labels.shape[0]
+        n = batch.labels.shape[0] if batch.valid is None else batch.valid.sum()
         loss_sum += loss.detach().double() * n
-        seen += n
-        bar.update(n)
+        count += n
+        bar.update(batch.labels.shape[0])
         if (step + 1) % cfg.log_every == 0:
-            mean_loss = loss_sum.item() / seen
+            mean_loss = loss_sum.item() / max(count.item(), 1)
             if not math.isfinite(mean_loss):
                 bar.close()
                 raise TrainingError(
@@ -184,6 +191,7 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: _Runtime, epoch: int
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     seconds = time.perf_counter() - started
+    seen = int(count.item())
     mean_loss = loss_sum.item() / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise TrainingError(f"the loss became {mean_loss} in epoch {epoch + 1}; try a lower --lr (e.g. 0.001)")
@@ -230,6 +238,14 @@ def _open(cfg: TrainConfig) -> tuple[Dataset, _Runtime]:
     return ds, _Runtime(cfg, ds, mean)
 
 
+def epoch_loader(cfg: TrainConfig, epoch: int, split: str = "train", batch_size: int | None = None) -> Loader:
+    """The loader ``fit`` reads ``split`` from, positioned at ``epoch``: the same records, order,
+    crops and flips (train), or centre crops in stored order (any other split).
+    ``inspect``, the benchmarks and the tests use it to see exactly what training sees."""
+    _, rt = _open(cfg)
+    return rt.loader(split, split == "train", epoch, batch_size)
+
+
 def run_test(cfg: TrainConfig) -> EvalResult:
     """Evaluate ``cfg.model_file`` on the validation split (`--test_only`)."""
     ds, rt = _open(cfg)
@@ -237,7 +253,11 @@ def run_test(cfg: TrainConfig) -> EvalResult:
     _check_compatible(body, cfg.model_file, ds, cfg.crop)
     model = _build_model(rt, ds.num_classes, cfg.crop, cfg.rng_seed)
     model.load_state_dict(body["model"])
-    result = evaluate(model, rt.loader("val", False, 0), rt, cfg.progress)
+    loader = rt.loader("val", False, 0)
+    try:
+        result = evaluate(model, loader, rt, cfg.progress)
+    finally:
+        loader.close()
     _append_metrics(cfg.output_file, {"event": "test", "model_file": str(cfg.model_file), "val_loss": result.loss,
                                       "val_top1": result.top1, "val_top5": result.top5, "samples": result.samples})
     return result
@@ -274,37 +294,44 @@ def fit(cfg: TrainConfig) -> FitResult:
     has_val = "val" in ds.splits()
     ckpt_path = cfg.resolved_checkpoint_path()
     final = None
-    val_loader = None  # built on first use, then reused: its order and crops never change
-    for epoch in range(start_epoch, cfg.epochs):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
-        lr = opt.param_groups[0]["lr"]
-        loader = rt.loader("train", True, epoch)
-        train_loss, seen, seconds = train_one_epoch(train_model, loader, opt, scaler, rt, epoch, lr)
-        del loader  # frees the pipeline before the next epoch builds its own
-        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "samples": seen,
-                  "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}
-        last = epoch + 1 == cfg.epochs
-        if has_val and cfg.eval_freq and ((epoch + 1) % cfg.eval_freq == 0 or last):
-            val_loader = val_loader or rt.loader("val", False, 0)
-            final = evaluate(train_model, val_loader, rt)
-            record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
-            log.info("epoch %d: %s", epoch + 1, final.neon_line())
-        if epoch >= 1 and abs(train_loss - math.log(ds.num_classes)) < 0.01 and ds.num_classes > 1:
-            log.warning("train loss %.3f sits at chance (ln %d): the learning rate may be too high for this "
-                        "data (try --lr 0.001), or, on a small data set, neon's init is slow to start "
-                        "(try --init kaiming)", train_loss, ds.num_classes)
-        history.append(record)
-        _append_metrics(cfg.output_file, record)
-        log.info("epoch %d: train loss %.4f, %.0f img/s", epoch + 1, train_loss, record["img_per_s"])
-        if ckpt_path is not None and ((cfg.serialize and (epoch + 1) % cfg.serialize == 0) or (last and cfg.serialize)):
-            checkpoint.save(ckpt_path, {
-                "kind": "checkpoint", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
-                "data": rt.data_meta(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch + 1, "rng": checkpoint.rng_state(rt.device),
-                "train_config": cfg.to_dict(), "history": history,
-            })
+    train_loader = None
+    val_loader = None
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
+            lr = opt.param_groups[0]["lr"]
+            if train_loader is None:  # one pipeline serves every epoch: its source knows each epoch's order
+                train_loader = rt.loader("train", True, epoch)
+            train_loss, seen, seconds = train_one_epoch(train_model, train_loader, opt, scaler, rt, epoch, lr)
+            record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "samples": seen,
+                      "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds}
+            last = epoch + 1 == cfg.epochs
+            if has_val and cfg.eval_freq and ((epoch + 1) % cfg.eval_freq == 0 or last):
+                if val_loader is None:  # built on first use, then reused: its order and crops never change
+                    val_loader = rt.loader("val", False, 0)
+                final = evaluate(train_model, val_loader, rt)
+                record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
+                log.info("epoch %d: %s", epoch + 1, final.neon_line())
+            if epoch >= 1 and abs(train_loss - math.log(ds.num_classes)) < 0.01 and ds.num_classes > 1:
+                log.warning("train loss %.3f sits at chance (ln %d): the learning rate may be too high for this "
+                            "data (try --lr 0.001), or, on a small data set, neon's init is slow to start "
+                            "(try --init kaiming)", train_loss, ds.num_classes)
+            history.append(record)
+            _append_metrics(cfg.output_file, record)
+            log.info("epoch %d: train loss %.4f, %.0f img/s", epoch + 1, train_loss, record["img_per_s"])
+            if ckpt_path is not None and ((cfg.serialize and (epoch + 1) % cfg.serialize == 0) or (last and cfg.serialize)):
+                checkpoint.save(ckpt_path, {
+                    "kind": "checkpoint", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
+                    "data": rt.data_meta(), "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "epoch": epoch + 1, "rng": checkpoint.rng_state(rt.device),
+                    "train_config": cfg.to_dict(), "history": history,
+                })
+    finally:  # release the shard files now, not whenever the loaders are collected
+        for loader in (train_loader, val_loader):
+            if loader is not None:
+                loader.close()
     if cfg.save_path is not None:
         checkpoint.save(cfg.save_path, {
             "kind": "weights", "model": model.state_dict(), "model_config": model.cfg.to_dict(),

@@ -191,7 +191,7 @@ def test_train_pipeline_crops_flips_and_normalizes_within_bounds(tiny):
     mean = np.array(load_dataset_mean(tiny).rgb()[0], np.float32)
     stored = _stored_images(tiny)
     loader = Loader(ds, LoaderConfig("train", True, batch_size=24, crop=CROP, mean=tuple(mean), seed=11,
-                                     return_params=True, channels_last=True))
+                                     channels_last=True))
     (batch,) = list(loader)
     assert batch.images.shape == (24, 3, CROP, CROP) and batch.images.dtype == torch.float32
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
@@ -218,7 +218,7 @@ def test_train_pipeline_crops_flips_and_normalizes_within_bounds(tiny):
 def test_val_pipeline_is_centre_crop_and_counts_every_sample_once(tiny):
     ds = load_dataset(tiny)
     for reader in ("lmdb", "recordio"):
-        loader = Loader(ds, LoaderConfig("val", False, batch_size=3, crop=CROP, reader=reader, return_params=True))
+        loader = Loader(ds, LoaderConfig("val", False, batch_size=3, crop=CROP, reader=reader))
         batches = list(loader)
         assert sum(b.labels.shape[0] for b in batches) == 8 and [b.labels.shape[0] for b in batches] == [3, 3, 2]
         assert not any(b.flipped.any() for b in batches)
@@ -266,7 +266,7 @@ def test_cli_train_test_plot_inspect(tiny, tmp_path):
 
 def test_subset_pct_trains_on_part_of_the_epoch(tiny):
     res = fit(tcfg(tiny, epochs=1, subset_pct=50, eval_freq=0))
-    assert res.history[0]["samples"] == 16  # 2 of the 3 batches of 8 (ceil of half the 24 samples)
+    assert res.history[0]["samples"] == 12  # half of the 24 samples, drawn afresh from the whole split
 
 
 def test_weights_from_other_classes_are_refused(tiny, tmp_path):
@@ -305,3 +305,46 @@ def test_corrupt_record_gives_a_clear_error_not_a_dali_trace(tiny, tmp_path):
     assert res.returncode == 1 and "alexnet-pipe verify" in res.stderr and "Traceback" not in res.stderr
     with pytest.raises(DatasetError, match=f"val shards of {data} could not be read.*alexnet-pipe verify"):
         list(Loader(load_dataset(data), LoaderConfig("val", False, batch_size=4, crop=CROP)))
+
+
+def test_reader_processes_give_the_same_batches(tiny):
+    """DALI's parallel external source (records read in a spawned process) changes nothing."""
+    cfg = LoaderConfig("train", True, batch_size=8, crop=CROP, seed=4)
+    ds = load_dataset(tiny)
+    batches = {}
+    for workers in (0, 1):
+        loader = Loader(ds, LoaderConfig(**{**cfg.__dict__, "read_workers": workers}), epoch=3)
+        batches[workers] = [(b.images.clone(), b.labels.clone()) for b in loader]
+        loader.close()
+    assert len(batches[0]) == 3
+    for (img0, lab0), (img1, lab1) in zip(batches[0], batches[1]):
+        assert torch.equal(lab0, lab1) and torch.equal(img0, img1)
+
+
+def test_ranks_of_the_val_loader_count_every_image_once(tiny):
+    """3 ranks over 8 val images: 3 each, one padded sample marked invalid, the union exact."""
+    ds = load_dataset(tiny)
+    labels = []
+    for rank in range(3):
+        loader = Loader(ds, LoaderConfig("val", False, batch_size=2, crop=CROP, shard_id=rank, num_shards=3))
+        batches = list(loader)
+        loader.close()
+        assert sum(len(b.labels) for b in batches) == 3
+        for b in batches:
+            keep = b.valid if b.valid is not None else torch.ones(len(b.labels), dtype=torch.bool)
+            labels += b.labels[keep].tolist()
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_one_loader_serves_consecutive_epochs_like_fresh_ones(tiny):
+    """fit keeps one pipeline for all epochs: its second pass is epoch e+1, as a fresh loader's is."""
+    ds = load_dataset(tiny)
+    cfg = LoaderConfig("train", True, batch_size=8, crop=CROP, seed=2)
+    kept = Loader(ds, cfg, epoch=0)
+    passes = [torch.cat([b.labels for b in kept]) for _ in range(2)]
+    assert kept.epoch == 2
+    kept.close()
+    fresh = Loader(ds, cfg, epoch=1)
+    assert torch.equal(torch.cat([b.labels for b in fresh]), passes[1])
+    fresh.close()
+    assert not torch.equal(passes[0], passes[1])  # a new order each epoch
