@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 
 from .checksum import RecordDigest
-from .datum import Datum, encode_datum
+from .datum import Datum, datum_image_and_label, encode_datum
 from .imaging import Encoded
 from .recordio import IRHeader, RecordIOWriter, pack_payload
 from .scan import Source
@@ -26,7 +27,7 @@ from .scan import Source
 LMDB_DIR = "lmdb"
 RECORDIO_DIR = "recordio"
 LMDB_COMMIT_EVERY = 1000  # records per write transaction, as Caffe's convert_imageset
-LMDB_MAP_SIZE = 1 << 40  # address space only: the file grows with the data
+SCRATCH_MAP_SIZE = 1 << 40  # address space of the scratch LMDB only; the shard stores its data's size
 LMDB_MAX_KEY = 511
 
 
@@ -78,72 +79,93 @@ def dir_size(path: Path) -> int:
     return path.stat().st_size
 
 
-class _LmdbShard:
-    def __init__(self, path: Path):
-        path.mkdir(parents=True)
-        # lock=False: one writer on a private staging directory, and no lock.mdb left behind
-        # in the dataset (readers open with lock=False as well). meminit=True zeroes unused
-        # page space, which makes the file bytes reproducible.
-        self.env = lmdb.open(str(path), map_size=LMDB_MAP_SIZE, subdir=True, lock=False, sync=False, meminit=True)
-        self.txn = self.env.begin(write=True)
-        self.count = 0
-        self.digest = RecordDigest()
+def compact_lmdb(src: Path, dst: Path) -> None:
+    """Copy the LMDB ``src`` to ``dst`` (a new directory), compacted, with a stored map size equal
+    to its data.
 
-    def write(self, key: bytes, value: bytes) -> None:
-        if not self.txn.put(key, value, append=True):
-            raise RuntimeError(f"LMDB refused key {key!r}")
-        self.digest.update(key, value)
-        self.count += 1
-        if self.count % LMDB_COMMIT_EVERY == 0:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
+    LMDB keeps the map size it was written with in the file, and a reader that sets none (DALI's
+    Caffe reader, Caffe itself) reserves that much address space per database: with the 1 TiB
+    a writer needs, one process could open only ~120 shards. Opening ``src`` with a map size of 1
+    makes LMDB round it up to the data's size, and a compacting copy stores that size.
+    """
+    dst.mkdir(parents=True)
+    with lmdb.open(str(src), map_size=1, readonly=True, lock=False, subdir=True) as env:
+        env.copy(str(dst), compact=True)
+    with open(dst / "data.mdb", "rb") as f:  # the copy is not fsynced by LMDB
+        os.fsync(f.fileno())
 
-    def close(self) -> None:
-        self.txn.commit()
-        self.env.sync(True)
-        self.env.close()
+
+def lmdb_map_size(path: Path) -> int:
+    """The map size stored in an LMDB environment's header (what a reader that sets none maps)."""
+    with lmdb.open(str(path), map_size=0, readonly=True, lock=False, subdir=True) as env:
+        return env.info()["map_size"]
 
 
 class ShardWriter:
     """Writes one shard in every requested format into a staging directory.
 
-    Nothing here is visible in the dataset: the converter renames the finished files into
-    place only after ``close()``.
+    Records may arrive in any order (the converter reads its inputs in file order, for sequential
+    I/O on folders and archives) and are stored in record-id order (the shuffled order): they go
+    first into a scratch LMDB keyed as the shard will be, which then becomes the shard's LMDB by a
+    compacting copy (see ``compact_lmdb``) and is read back in key order to write RecordIO.
+    Nothing here is visible in the dataset: the converter renames the finished files into place
+    only after ``close()``.
     """
 
     def __init__(self, staging: Path, plan: ShardPlan, formats: tuple[str, ...], id_width: int):
-        self.staging, self.plan, self.id_width = staging, plan, id_width
+        self.staging, self.plan, self.formats, self.id_width = staging, plan, formats, id_width
         self.paths = {k: staging / v for k, v in shard_paths(plan.name).items()}
-        self._lmdb = _LmdbShard(self.paths["lmdb"]) if "lmdb" in formats else None
-        self._rec = None
-        if "recordio" in formats:
-            self.paths["rec"].parent.mkdir(parents=True, exist_ok=True)
-            self._rec = RecordIOWriter(self.paths["rec"], self.paths["idx"])
+        self._scratch = staging / f".{plan.name}.scratch"
+        self._scratch.mkdir(parents=True)
+        # lock=False: one writer on a private directory. sync=False: a crash redoes the shard
+        # anyway. meminit=True zeroes unused page space, which makes the bytes reproducible.
+        self._env = lmdb.open(str(self._scratch), map_size=SCRATCH_MAP_SIZE, subdir=True, lock=False,
+                              sync=False, meminit=True)
+        self._txn = self._env.begin(write=True)
+        self.count = 0
 
     def add(self, record_id: int, source: Source, image: Encoded) -> None:
-        if self._lmdb is not None:
-            datum = Datum(image.jpeg, source.label, image.height, image.width, 3, encoded=True)
-            self._lmdb.write(lmdb_key(record_id, source.name, self.id_width), encode_datum(datum))
-        if self._rec is not None:
-            self._rec.write(record_id, pack_payload(IRHeader(0, float(source.label), record_id), image.jpeg))
+        datum = Datum(image.jpeg, source.label, image.height, image.width, 3, encoded=True)
+        if not self._txn.put(lmdb_key(record_id, source.name, self.id_width), encode_datum(datum), overwrite=False):
+            raise RuntimeError(f"record {record_id} of {self.plan.name} was written twice")
+        self.count += 1
+        if self.count % LMDB_COMMIT_EVERY == 0:
+            self._txn.commit()
+            self._txn = self._env.begin(write=True)
 
     def close(self) -> dict:
         """Finish every format; return the per-format manifest entries (paths relative to root)."""
+        self._txn.commit()
+        self._env.close()
         rel = shard_paths(self.plan.name)
         out = {}
-        if self._lmdb is not None:
-            self._lmdb.close()
+        rec = None
+        if "recordio" in self.formats:
+            self.paths["rec"].parent.mkdir(parents=True, exist_ok=True)
+            rec = RecordIOWriter(self.paths["rec"], self.paths["idx"])
+        digest = RecordDigest()
+        with lmdb.open(str(self._scratch), readonly=True, lock=False, subdir=True) as env, env.begin() as txn:
+            for key, value in txn.cursor():  # key order = record-id order = stored order
+                digest.update(key, value)
+                if rec is not None:
+                    datum = datum_image_and_label(value)
+                    record_id = int(key.split(b"_", 1)[0])
+                    rec.write(record_id, pack_payload(IRHeader(0, float(datum[1]), record_id), datum[0]))
+        if "lmdb" in self.formats:
+            self.paths["lmdb"].parent.mkdir(parents=True, exist_ok=True)
+            compact_lmdb(self._scratch, self.paths["lmdb"])
             out["lmdb"] = {
                 "path": rel["lmdb"],
-                "checksum": "sha256:" + self._lmdb.digest.hexdigest(),
+                "checksum": "sha256:" + digest.hexdigest(),
                 "bytes": dir_size(self.paths["lmdb"]),
             }
-        if self._rec is not None:
-            self._rec.close()
+        if rec is not None:
+            rec.close()
             out["recordio"] = {
                 "rec": rel["rec"],
                 "idx": rel["idx"],
-                "checksum": "sha256:" + self._rec.digest.hexdigest(),
+                "checksum": "sha256:" + rec.digest.hexdigest(),
                 "bytes": os.path.getsize(self.paths["rec"]),
             }
+        shutil.rmtree(self._scratch)
         return out
