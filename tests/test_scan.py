@@ -57,22 +57,23 @@ def test_flat_val_with_loc_csv(raw_tree):
     assert found.class_names["bee"] == "the bee"
 
 
-def test_flat_val_with_devkit_ground_truth_and_synsets(raw_tree):
+def test_flat_val_with_devkit_ground_truth_and_explicit_devkit_order(raw_tree, tmp_path):
     truth = _flat_val(raw_tree)
     ilsvrc_order = ["cat", "ant", "bee"]  # the devkit's id order is not alphabetical
-    (raw_tree / "synsets.txt").write_text("\n".join(ilsvrc_order) + "\n")
+    (tmp_path / "devkit_order.txt").write_text("\n".join(ilsvrc_order) + "\n")
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text(
         "".join(f"{ilsvrc_order.index(truth[s]) + 1}\n" for s in sorted(truth))
     )
-    found = scan(raw_tree)
+    found = scan(raw_tree, synsets=tmp_path / "devkit_order.txt")
     assert found.classes == list(CLASSES)  # labels still follow sorted class names
     assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == truth
+    assert found.layout["val"].endswith("ground_truth.txt + devkit_order.txt (devkit order)")
 
 
-def test_ground_truth_without_synsets_says_what_to_add(raw_tree):
+def test_ground_truth_without_the_devkit_says_what_to_add(raw_tree):
     truth = _flat_val(raw_tree)
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n" * len(truth))
-    with pytest.raises(LayoutError, match="synset list"):
+    with pytest.raises(LayoutError, match="order is in the devkit's data/meta.mat.*ILSVRC2012_devkit_t12.tar.gz"):
         scan(raw_tree)
 
 
@@ -165,3 +166,4 @@ def test_loose_files_beside_class_folders_are_listed(raw_tree):
     assert [(s.split, s.name) for s in found.skipped] == [("val", "stray.jpg")]
     assert "class folder" in found.skipped[0].reason
     assert len(found.splits["val"]) == 6
+
