@@ -7,19 +7,26 @@ Layouts understood, per split:
      or by a Caffe ``val.txt`` (``name label``); see val_labels.py;
   3. the original archives ``ILSVRC2012_img_train.tar`` (a tar of per-class tars) and
      ``ILSVRC2012_img_val.tar`` (flat; labelled as in 2). Members are located by byte offset so
-     workers read them straight from the archive; nothing is extracted.
+     workers read them straight from the archive; nothing is extracted. Listing the train tar
+     takes minutes, so with ``cache_dir`` the member lists are kept for the next scan.
 Classes are numbered by sorted class name (Caffe/torchvision convention).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import logging
+import operator
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LayoutError
+from .fsutil import atomic_write_bytes
 from .val_labels import (
     CSV_LABELS,
     DEVKIT_ARCHIVES,
@@ -33,6 +40,8 @@ from .val_labels import (
     read_synsets,
 )
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val")
 TRAIN_TARS = ("ILSVRC2012_img_train.tar",)
 VAL_TARS = ("ILSVRC2012_img_val.tar",)
@@ -40,6 +49,8 @@ VAL_TARS = ("ILSVRC2012_img_val.tar",)
 METADATA = frozenset(
     CSV_LABELS + GT_LABELS + SYNSET_LISTS + NAME_LISTS + ID_MAPS + DEVKIT_ARCHIVES + TRAIN_TARS + VAL_TARS
 )
+CACHE_FORMAT = "alexnet-pipe scan cache"
+CACHE_VERSION = 1
 
 # An archive's member lists: group (class, or "" for a flat tar) -> [(name, byte offset, size)].
 Members = dict[str, list[tuple[str, int, int]]]
@@ -163,6 +174,93 @@ def _read_train_tar(path: Path) -> Members:
     return tree
 
 
+# The scan cache: one compact JSON file per archive, e.g.
+#   {"format": "alexnet-pipe scan cache", "version": 1, "kind": "tar of per-class tars",
+#    "archive": "/data/ILSVRC2012_img_train.tar", "size": 147897477120, "mtime_ns": 1340000000000000000,
+#    "groups": {"n01440764": {"names": ["n01440764_10026.JPEG", ...], "offsets": [...], "sizes": [...]}}}
+# Parallel lists, not one dict per member, and no whitespace: about 42 bytes per member, i.e.
+# ~42 MB per million members (~53 MB for ILSVRC2012_img_train.tar, read back in a few seconds
+# instead of minutes). Everything but "groups" is the key: another path, size or mtime means
+# the archive changed (or the file belongs to another one) and it is listed again.
+
+
+def _cache_key(archive: Path, kind: str) -> dict:
+    resolved = archive.resolve()
+    st = resolved.stat()
+    return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "kind": kind, "archive": str(resolved),
+            "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _cache_file(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(f"{key['kind']}\0{key['archive']}".encode()).hexdigest()[:16]
+    return cache_dir / f"{Path(key['archive']).name}.{digest}.json"
+
+
+def _cached_group(columns, archive_size: int) -> list[tuple[str, int, int]] | None:
+    """A group's members if ``columns`` is well formed and fits in the archive, else None."""
+    if not isinstance(columns, dict):
+        return None
+    names, offsets, sizes = columns.get("names"), columns.get("offsets"), columns.get("sizes")
+    if not (isinstance(names, list) and isinstance(offsets, list) and isinstance(sizes, list)):
+        return None
+    if not len(names) == len(offsets) == len(sizes):
+        return None
+    # set(map(type, ...)) runs in C: this check costs ~0.1 s for the 1.28M train members.
+    if set(map(type, names)) - {str} or set(map(type, offsets)) - {int} or set(map(type, sizes)) - {int}:
+        return None
+    if names and (min(offsets) < 0 or min(sizes) < 0 or max(map(operator.add, offsets, sizes)) > archive_size):
+        return None
+    return list(zip(names, offsets, sizes))
+
+
+def _load_cache(path: Path, key: dict) -> Members | None:
+    """The cached members of the archive ``key`` describes; None if absent, stale or malformed."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # missing, unreadable, or not JSON (ValueError covers decoding)
+        return None
+    if not isinstance(obj, dict) or any(obj.get(k) != v for k, v in key.items()):
+        return None
+    groups = obj.get("groups")
+    if not isinstance(groups, dict) or not groups:
+        return None
+    members: Members = {}
+    for group, columns in groups.items():
+        found = _cached_group(columns, key["size"])
+        if found is None:
+            return None
+        members[group] = found
+    return members
+
+
+def _save_cache(path: Path, key: dict, members: Members) -> None:
+    groups = {
+        group: {"names": [m[0] for m in items], "offsets": [m[1] for m in items], "sizes": [m[2] for m in items]}
+        for group, items in members.items()
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # atomic_write_json indents (+36% here: 73 MB instead of 53); same atomic write, compact JSON.
+        atomic_write_bytes(path, json.dumps({**key, "groups": groups}, separators=(",", ":")).encode())
+    except OSError as exc:  # the cache only saves time: never fail a scan over it
+        log.warning("could not write the scan cache %s (%s); the next scan lists the archive again", path, exc)
+
+
+def _members(archive: Path, kind: str, read: Callable[[Path], Members], cache_dir: Path | None) -> Members:
+    """``read(archive)``, through the cache in ``cache_dir`` when one is given."""
+    if cache_dir is None:
+        return read(archive)
+    key = _cache_key(archive, kind)  # stat before reading: a change during the read shows next time
+    path = _cache_file(cache_dir, key)
+    members = _load_cache(path, key)
+    if members is not None:
+        log.info("member list of %s read from the scan cache %s", archive.name, path)
+        return members
+    members = read(archive)
+    _save_cache(path, key, members)
+    return members
+
+
 @dataclass(frozen=True)
 class _FlatFile:
     name: str
@@ -171,7 +269,7 @@ class _FlatFile:
     size: int = -1
 
 
-def _flat_val_files(raw: Path) -> tuple[list[_FlatFile], str] | None:
+def _flat_val_files(raw: Path, cache_dir: Path | None) -> tuple[list[_FlatFile], str] | None:
     val_dir = raw / "val"
     if val_dir.is_dir():
         dirs, files = _list_dir(val_dir)
@@ -180,7 +278,7 @@ def _flat_val_files(raw: Path) -> tuple[list[_FlatFile], str] | None:
         return None
     tar = _find(raw, VAL_TARS)
     if tar is not None:
-        members = sorted(_tar_members(tar)[""])
+        members = sorted(_members(tar, "flat tar", _tar_members, cache_dir)[""])
         return [_FlatFile(Path(name).name, str(tar), offset, size) for name, offset, size in members], tar.name
     return None
 
@@ -209,7 +307,9 @@ def _classes(raw: Path, trees: dict, tar_tree: Members, val_labels: Path | None,
         return sorted({(row.get("PredictionString") or "?").split()[0] for row in csv.DictReader(f)})
 
 
-def scan(raw: Path, val_labels: Path | None = None, synsets: Path | None = None) -> ScanResult:
+def scan(
+    raw: Path, val_labels: Path | None = None, synsets: Path | None = None, cache_dir: Path | None = None
+) -> ScanResult:
     """Find every input image of ``raw`` and its label.
 
     Args:
@@ -219,6 +319,8 @@ def scan(raw: Path, val_labels: Path | None = None, synsets: Path | None = None)
         synsets: the devkit's id order for ILSVRC ground-truth ids: the devkit archive, its
             meta.mat, map_clsloc.txt, or a wnid list in devkit (not sorted) order. Else the devkit
             is looked for in ``raw``; a sorted synset list is never used for the ids.
+        cache_dir: keep the member lists of the tar archives here (created if missing), so the
+            next scan of an unchanged archive does not read it again.
     Returns:
         A ScanResult whose splits list Sources sorted by name.
     Raises:
@@ -236,8 +338,9 @@ def scan(raw: Path, val_labels: Path | None = None, synsets: Path | None = None)
     if (raw / "train").is_dir():
         trees["train"], layout["train"] = _class_folders(raw / "train"), "class folders train/<class>/"
     elif train_tar is not None:
-        tar_tree, layout["train"] = _train_tar_tree(train_tar), f"{train_tar.name} (tar of per-class tars)"
-    flat = _flat_val_files(raw)
+        tar_tree = _members(train_tar, "tar of per-class tars", _train_tar_tree, cache_dir)
+        layout["train"] = f"{train_tar.name} (tar of per-class tars)"
+    flat = _flat_val_files(raw, cache_dir)
     if flat is None and (raw / "val").is_dir():
         trees["val"], layout["val"] = _class_folders(raw / "val"), "class folders val/<class>/"
     if not trees and not tar_tree and flat is None:
