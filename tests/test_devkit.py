@@ -15,7 +15,7 @@ from alexnet_pipe.cli import main
 from alexnet_pipe.errors import LayoutError
 from alexnet_pipe.scan import scan
 
-from .conftest import CLASSES
+from .conftest import CLASSES, make_tree
 from .test_scan import _flat_val, make_archives
 
 GT = "ILSVRC2012_validation_ground_truth.txt"
@@ -71,8 +71,11 @@ def assert_devkit_labels(found, truth: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def flat(raw_tree) -> tuple[Path, dict[str, str]]:
-    return raw_tree, _flat_val(raw_tree)
+def flat(tmp_path) -> tuple[Path, dict[str, str]]:
+    """RAW with train/<class>/ and a flat val/ of 6 tiny JPEGs; {val stem: wnid}."""
+    raw = tmp_path / "raw"
+    make_tree(raw, {"train": 1, "val": 2}, sizes=((16, 12),))
+    return raw, _flat_val(raw)
 
 
 def test_hand_made_meta_mat_reads_like_the_devkits(tmp_path):

@@ -172,11 +172,18 @@ def test_loose_files_beside_class_folders_are_listed(raw_tree):
 
 
 @pytest.fixture
-def archives(raw_tree, tmp_path) -> Path:
-    """The archives of raw_tree, with LOC_val_solution.csv for the val tar."""
-    truth = _flat_val(raw_tree)
+def small_tree(tmp_path) -> Path:
+    """Like raw_tree with tiny images (fast): 3 classes, 2 train and 2 val images each."""
+    make_tree(tmp_path / "raw", {"train": 2, "val": 2}, sizes=((16, 12),))
+    return tmp_path / "raw"
+
+
+@pytest.fixture
+def archives(small_tree, tmp_path) -> Path:
+    """The archives of small_tree, with LOC_val_solution.csv for the val tar."""
+    truth = _flat_val(small_tree)
     arch = tmp_path / "archives"
-    make_archives(raw_tree, arch)
+    make_archives(small_tree, arch)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
     (arch / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     return arch
@@ -209,7 +216,7 @@ def test_scan_cache_spares_reading_the_archives(archives, tmp_path, tar_opens):
     assert again.splits == scan(archives).splits  # and the same as no cache at all
 
 
-def test_changed_archive_is_listed_again(archives, raw_tree, tmp_path, tar_opens):
+def test_changed_archive_is_listed_again(archives, small_tree, tmp_path, tar_opens):
     cache = tmp_path / "cache"
     first = scan(archives, cache_dir=cache)
     train_tar = archives / "ILSVRC2012_img_train.tar"
@@ -220,11 +227,11 @@ def test_changed_archive_is_listed_again(archives, raw_tree, tmp_path, tar_opens
     assert tar_opens == ["ILSVRC2012_img_train.tar"]  # the val tar's cache still held
     # Rewritten without one class, and its old mtime put back: the size still tells.
     st = train_tar.stat()
-    for f in (raw_tree / "train" / "cat").iterdir():
+    for f in (small_tree / "train" / "cat").iterdir():
         f.unlink()
-    (raw_tree / "train" / "cat").rmdir()
+    (small_tree / "train" / "cat").rmdir()
     (archives / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,ant 1\n")
-    make_archives(raw_tree, archives)
+    make_archives(small_tree, archives)
     os.utime(train_tar, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert scan(archives, cache_dir=cache).classes == ["ant", "bee"]
 
