@@ -66,9 +66,11 @@ def _parse_part(ctx, param, value):
               help="Larger images are skipped as decompression bombs.")
 @click.option("--no-passthrough", is_flag=True, help="Re-encode every image, even clean small JPEGs.")
 @click.option("--val-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Labels of a flat val/ (LOC_val_solution.csv, the devkit ground truth, or Caffe val.txt).")
+              help="Labels of a flat val/: LOC_val_solution.csv, Caffe val.txt, the devkit's "
+                   "ILSVRC2012_validation_ground_truth.txt, or the devkit ILSVRC2012_devkit_t12.tar.gz.")
 @click.option("--synsets", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Synset list giving the order of the ground truth's 1-based ids.")
+              help="The devkit's id order for its ground truth: ILSVRC2012_devkit_t12.tar.gz, its data/meta.mat "
+                   "or map_clsloc.txt [default: found in RAW]; a plain wnid list only if in devkit (unsorted) order.")
 @click.option("--force", is_flag=True, help="Discard an earlier conversion in OUT made with other settings.")
 @click.option("--part", callback=_parse_part, default=None, metavar="I/N",
               help="Write only every N-th shard, starting at I (split the work across machines).")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -57,22 +60,23 @@ def test_flat_val_with_loc_csv(raw_tree):
     assert found.class_names["bee"] == "the bee"
 
 
-def test_flat_val_with_devkit_ground_truth_and_synsets(raw_tree):
+def test_flat_val_with_devkit_ground_truth_and_explicit_devkit_order(raw_tree, tmp_path):
     truth = _flat_val(raw_tree)
     ilsvrc_order = ["cat", "ant", "bee"]  # the devkit's id order is not alphabetical
-    (raw_tree / "synsets.txt").write_text("\n".join(ilsvrc_order) + "\n")
+    (tmp_path / "devkit_order.txt").write_text("\n".join(ilsvrc_order) + "\n")
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text(
         "".join(f"{ilsvrc_order.index(truth[s]) + 1}\n" for s in sorted(truth))
     )
-    found = scan(raw_tree)
+    found = scan(raw_tree, synsets=tmp_path / "devkit_order.txt")
     assert found.classes == list(CLASSES)  # labels still follow sorted class names
     assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == truth
+    assert found.layout["val"].endswith("ground_truth.txt + devkit_order.txt (devkit order)")
 
 
-def test_ground_truth_without_synsets_says_what_to_add(raw_tree):
+def test_ground_truth_without_the_devkit_says_what_to_add(raw_tree):
     truth = _flat_val(raw_tree)
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n" * len(truth))
-    with pytest.raises(LayoutError, match="synset list"):
+    with pytest.raises(LayoutError, match="order is in the devkit's data/meta.mat.*ILSVRC2012_devkit_t12.tar.gz"):
         scan(raw_tree)
 
 
@@ -165,3 +169,106 @@ def test_loose_files_beside_class_folders_are_listed(raw_tree):
     assert [(s.split, s.name) for s in found.skipped] == [("val", "stray.jpg")]
     assert "class folder" in found.skipped[0].reason
     assert len(found.splits["val"]) == 6
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    """Like raw_tree with tiny images (fast): 3 classes, 2 train and 2 val images each."""
+    make_tree(tmp_path / "raw", {"train": 2, "val": 2}, sizes=((16, 12),))
+    return tmp_path / "raw"
+
+
+@pytest.fixture
+def archives(small_tree, tmp_path) -> Path:
+    """The archives of small_tree, with LOC_val_solution.csv for the val tar."""
+    truth = _flat_val(small_tree)
+    arch = tmp_path / "archives"
+    make_archives(small_tree, arch)
+    rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
+    (arch / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return arch
+
+
+@pytest.fixture
+def tar_opens(monkeypatch) -> list[str]:
+    """The archive files tarfile.open is asked to read (so a test can prove the cache was used);
+    the inner per-class tars, opened from a file object, are not listed."""
+    opened, real_open = [], tarfile.open
+
+    def counting_open(name=None, *args, **kwargs):
+        if name is not None:
+            opened.append(Path(name).name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", counting_open)
+    return opened
+
+
+def test_scan_cache_spares_reading_the_archives(archives, tmp_path, tar_opens):
+    cache = tmp_path / "out" / ".scan-cache"  # created, parents too
+    first = scan(archives, cache_dir=cache)
+    assert {"ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"} <= set(tar_opens)
+    assert sorted(p.name.split(".")[0] for p in cache.iterdir()) == ["ILSVRC2012_img_train", "ILSVRC2012_img_val"]
+    tar_opens.clear()
+    again = scan(archives, cache_dir=cache)
+    assert tar_opens == []
+    assert again.splits == first.splits and again.layout == first.layout and again.classes == first.classes
+    assert again.splits == scan(archives).splits  # and the same as no cache at all
+
+
+def test_changed_archive_is_listed_again(archives, small_tree, tmp_path, tar_opens):
+    cache = tmp_path / "cache"
+    first = scan(archives, cache_dir=cache)
+    train_tar = archives / "ILSVRC2012_img_train.tar"
+    st = train_tar.stat()
+    os.utime(train_tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes
+    tar_opens.clear()
+    assert scan(archives, cache_dir=cache).splits == first.splits
+    assert tar_opens == ["ILSVRC2012_img_train.tar"]  # the val tar's cache still held
+    # Rewritten without one class, and its old mtime put back: the size still tells.
+    st = train_tar.stat()
+    for f in (small_tree / "train" / "cat").iterdir():
+        f.unlink()
+    (small_tree / "train" / "cat").rmdir()
+    (archives / "LOC_val_solution.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,ant 1\n")
+    make_archives(small_tree, archives)
+    os.utime(train_tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert scan(archives, cache_dir=cache).classes == ["ant", "bee"]
+
+
+def _garbage(cache_file: Path) -> None:
+    obj = json.loads(cache_file.read_text())
+    group = next(iter(obj["groups"].values()))
+    group["offsets"][0] = obj["size"]  # points past the end of the archive
+    cache_file.write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda f: f.write_bytes(b"\x00garbage{"),
+    lambda f: f.write_text("[1, 2, 3]"),
+    lambda f: f.write_text(f.read_text().replace('"names":[', '"names":[1,', 1)),  # lists of unequal length
+    lambda f: f.write_text(f.read_text().replace('"version":1', '"version":0')),
+    _garbage,
+], ids=["not json", "not an object", "bad columns", "other version", "offset past the end"])
+def test_bad_cache_file_is_ignored_and_rewritten(archives, tmp_path, tar_opens, spoil):
+    cache = tmp_path / "cache"
+    first = scan(archives, cache_dir=cache)
+    for f in cache.iterdir():
+        spoil(f)
+    tar_opens.clear()
+    assert scan(archives, cache_dir=cache).splits == first.splits
+    assert sorted(tar_opens) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+    tar_opens.clear()
+    assert scan(archives, cache_dir=cache).splits == first.splits  # rewritten: good again
+    assert tar_opens == []
+
+
+def test_cache_of_another_archive_is_not_used(archives, tmp_path, tar_opens):
+    cache = tmp_path / "cache"
+    scan(archives, cache_dir=cache)
+    copy = tmp_path / "copy"
+    shutil.copytree(archives, copy)
+    tar_opens.clear()
+    found = scan(copy, cache_dir=cache)
+    assert sorted(tar_opens) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
+    assert all(s.path.startswith(str(copy)) for s in found.splits["train"] + found.splits["val"])
