@@ -8,6 +8,7 @@ bytes as an uninterrupted run (nothing time- or order-dependent is stored).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +38,11 @@ from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards,
 log = logging.getLogger(__name__)
 
 STATE_FILE = ".convert.json"
+SCAN_CACHE = ".scan-cache"  # member lists of the archives (scan.py); valid across settings, kept by --force
+LOCK_FILE = ".finalize.lock"
 PARTS_DIR = ".parts"
 STAGING_DIR = ".staging"
-MANAGED = (STATE_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE)
+MANAGED = (STATE_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE, LOCK_FILE)
 CHUNK = 32  # images per worker task: amortises IPC, small enough to keep memory flat
 
 
@@ -76,11 +80,21 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "a different alexnet-pipe output version"
 
 
+def _check_output(dst: Path, force: bool) -> None:
+    """Before any work: OUT must be new, empty, or written by alexnet-pipe convert."""
+    if dst.exists() and not dst.is_dir():
+        raise SettingsMismatchError(f"{dst} exists and is not a directory")
+    foreign = dst.is_dir() and not (dst / STATE_FILE).exists() and any(e.name != SCAN_CACHE for e in dst.iterdir())
+    if foreign and not force:
+        raise SettingsMismatchError(
+            f"{dst} is not empty and was not written by alexnet-pipe convert; choose an empty or new "
+            "directory, or pass --force to write into it anyway"
+        )
+
+
 def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
     """Create OUT or check it belongs to this exact conversion (refuse otherwise)."""
     state = dst / STATE_FILE
-    if dst.exists() and not dst.is_dir():
-        raise SettingsMismatchError(f"{dst} exists and is not a directory")
     if state.exists():
         old = json.loads(state.read_text(encoding="utf-8"))
         if old == identity:
@@ -96,11 +110,6 @@ def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
         log.warning("--force: discarding the earlier conversion in %s", dst)
         for name in MANAGED:
             remove(dst / name)
-    elif dst.is_dir() and any(dst.iterdir()) and not force:
-        raise SettingsMismatchError(
-            f"{dst} is not empty and was not written by alexnet-pipe convert; choose an empty or new "
-            "directory, or pass --force to write into it anyway"
-        )
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write_json(state, identity)  # first: a concurrent --part run then sees OUT as ours
     for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
@@ -295,6 +304,17 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
     return manifest
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (POSIX record lock: also honoured over NFS)."""
+    with open(path, "a+b") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
 def _id_width(found: ScanResult) -> int:
     return max(8, len(str(max(len(s) for s in found.splits.values()))))
 
@@ -309,7 +329,9 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         SettingsMismatchError: OUT holds a different conversion (use --force).
     """
     started = time.perf_counter()
-    found = scan(cfg.src, cfg.val_labels, cfg.synsets)
+    _check_output(cfg.dst, cfg.force)
+    # The archives' member lists are cached in OUT: resumes and --part runs skip the 1.28M headers.
+    found = scan(cfg.src, cfg.val_labels, cfg.synsets, cache_dir=cfg.dst / SCAN_CACHE)
     plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}
     identity = {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
     _prepare_output(cfg.dst, identity, cfg.force)
@@ -351,10 +373,16 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
                 current = None
     finally:
         bar.close()
-    remaining = sum(plan.name not in parts for plan in all_plans)
-    if remaining:  # only with --part: the other parts finish the job
-        return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
-    manifest = _finalize(cfg, found, plans, parts)
+    with _locked(cfg.dst / LOCK_FILE):
+        # Under the lock, and with the completion records read again: --part runs finishing at
+        # the same time each see the other's shards, and exactly the last one writes the manifest.
+        for plan in all_plans:
+            if plan.name not in parts and (part := _load_part(cfg.dst, plan)) is not None:
+                parts[plan.name] = part
+        remaining = sum(plan.name not in parts for plan in all_plans)
+        if remaining:  # only with --part: the other parts finish the job
+            return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
+        manifest = _finalize(cfg, found, plans, parts)
     return ConvertResult(
         cfg.dst,
         {s: e["records"] for s, e in manifest["splits"].items()},

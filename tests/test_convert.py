@@ -105,7 +105,7 @@ def test_same_input_same_bytes_and_mixed_order(raw_tree, tmp_path):
     assert sorted(other) == sorted(labels) and other != labels
 
 
-def test_archives_give_the_same_records_as_folders(raw_tree, tmp_path):
+def test_archives_give_the_same_records_as_folders(raw_tree, tmp_path, monkeypatch):
     truth = _flat_val(raw_tree)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
     (raw_tree / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
@@ -118,6 +118,14 @@ def test_archives_give_the_same_records_as_folders(raw_tree, tmp_path):
         assert [s["lmdb"]["checksum"] for s in a["splits"][split]["shards"]] == [
             s["lmdb"]["checksum"] for s in b["splits"][split]["shards"]
         ]
+    # The archives' member lists are cached in OUT: a rerun (resume, --part) reads no tar header.
+    assert len(list((tmp_path / "from_tars" / ".scan-cache").glob("*.json"))) == 2
+    import tarfile
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    convert(tmp_path / "arch", tmp_path / "from_tars")
+    assert opened == []
 
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused(raw_tree, tmp_path):
@@ -268,3 +276,43 @@ def test_parts_split_across_machines_give_the_single_run_output(raw_tree, tmp_pa
     assert tree_bytes(gathered) == tree_bytes(tmp_path / "single")
     res = CliRunner().invoke(main, ["convert", str(raw_tree), str(tmp_path / "x"), "--part", "2/2"])
     assert res.exit_code == 2 and "0 <= I < N" in res.output
+
+
+def test_a_part_that_finishes_while_another_runs_leaves_the_manifest_to_it(raw_tree, tmp_path, monkeypatch):
+    """Part 1 runs start to finish while part 0 is mid-way (part 0 already looked at OUT): the
+    manifest must still appear, written by part 0, which now finishes last."""
+    import alexnet_pipe.convert as conv
+
+    out = tmp_path / "shared"
+    original = conv._ordered_results
+    other_done = []
+
+    def interleaved(tasks, settings, workers):
+        for item in original(tasks, settings, workers):
+            if not other_done:  # once, in part 0: part 1 (whose own calls come here too) runs whole
+                other_done.append(None)
+                other_done[0] = run_convert(ConvertConfig(src=raw_tree, dst=out, formats=("lmdb", "recordio"),
+                                                          shard_size=5, workers=1, progress=False, part=(1, 2)))
+            yield item
+
+    monkeypatch.setattr(conv, "_ordered_results", interleaved)
+    first = run_convert(ConvertConfig(src=raw_tree, dst=out, formats=("lmdb", "recordio"), shard_size=5,
+                                      workers=1, progress=False, part=(0, 2)))
+    assert other_done[0].remaining_shards > 0  # part 1 ended first and left the manifest to part 0
+    assert first.remaining_shards == 0 and (out / "manifest.json").exists()
+    monkeypatch.setattr(conv, "_ordered_results", original)
+    convert(raw_tree, tmp_path / "single")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "single")
+
+
+def test_two_concurrent_parts_into_one_directory(raw_tree, tmp_path):
+    """Two `--part` processes started together into one directory: one of them writes the manifest."""
+    out = tmp_path / "shared"
+    cmds = [[sys.executable, "-m", "alexnet_pipe", "convert", str(raw_tree), str(out), "--format", "both",
+             "--shard-size", "5", "--workers", "1", "--no-progress", "--part", f"{i}/2"] for i in range(2)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("wrote" in o for o, _ in outputs) == 1  # exactly one run finished the dataset
+    convert(raw_tree, tmp_path / "single")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "single")
