@@ -113,6 +113,8 @@ def verify(root, workers, quick, no_progress):
     from .verify import run_verify
 
     result = run_verify(VerifyConfig(root, workers or default_workers(), not quick, not no_progress))
+    for note in result.notes:
+        click.echo(f"NOTE {note}", err=True)
     for problem in result.problems:
         click.echo(f"PROBLEM {problem}", err=True)
     if not result.ok:
@@ -130,6 +132,15 @@ def info(root, as_json):
 
     summary = dataset_summary(load_dataset(root))
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@main.command()
+@click.argument("root", type=_EXISTING_DIR)
+def upgrade(root):
+    """Bring a dataset converted by an older alexnet-pipe to the current format (no image is rewritten)."""
+    from .upgrade import run_upgrade
+
+    click.echo(run_upgrade(root).summary())
 
 
 @main.command("update-mean")

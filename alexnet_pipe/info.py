@@ -43,6 +43,8 @@ def dataset_summary(ds: Dataset) -> dict:
     return {
         "root": str(ds.root),
         "created_by": m.get("created_by"),
+        "version": ds.version,
+        "upgrade": ds.upgrade_hint(),
         "classes": m["classes"],
         "splits": splits,
         "mean": mean_info,
@@ -52,7 +54,9 @@ def dataset_summary(ds: Dataset) -> dict:
 
 
 def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> str:
-    lines = [f"dataset   {info['root']}  ({info['created_by']})"]
+    lines = [f"dataset   {info['root']}  ({info['created_by']}, format version {info['version']})"]
+    if info.get("upgrade"):
+        lines.append(f"upgrade   {info['upgrade']}")
     classes = info["classes"]
     shown = ", ".join(c["id"] + (f" ({c['name']})" if c["name"] else "") for c in classes[:max_classes])
     more = f", ... {len(classes) - max_classes} more" if len(classes) > max_classes else ""

@@ -10,7 +10,9 @@ from .errors import DatasetError
 
 MANIFEST_FILE = "manifest.json"
 DATASET_FORMAT = "alexnet-pipe-dataset"
-DATASET_VERSION = 1
+DATASET_VERSION = 2
+# Version 1 (before LMDB shards stored the map size of their data) is still read; `upgrade` lifts it.
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,18 @@ class Dataset:
 
     root: Path
     manifest: dict
+
+    @property
+    def version(self) -> int:
+        return self.manifest["version"]
+
+    def upgrade_hint(self) -> str | None:
+        """Why and how to upgrade an older dataset, or None when it is current."""
+        if self.version == DATASET_VERSION:
+            return None
+        return (f"{self.root} was converted by an older alexnet-pipe (format version {self.version}): its LMDB shards "
+                "reserve 1 TiB of address space each, so DALI's own Caffe reader and Caffe open only ~120 of them in "
+                f"one process; run: alexnet-pipe upgrade {self.root} (rewrites no image)")
 
     @property
     def classes(self) -> list[dict]:
@@ -86,9 +100,9 @@ def load_dataset(root: Path) -> Dataset:
         raise DatasetError(f"cannot read {path} ({exc})") from exc
     if manifest.get("format") != DATASET_FORMAT:
         raise DatasetError(f"{path} is not an alexnet-pipe manifest")
-    if manifest.get("version") != DATASET_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise DatasetError(
-            f"{path} has format version {manifest.get('version')}; this alexnet-pipe reads version "
-            f"{DATASET_VERSION}: reconvert the dataset"
+            f"{path} has format version {manifest.get('version')}; this alexnet-pipe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: reconvert the dataset, or use a newer alexnet-pipe"
         )
     return Dataset(root, manifest)

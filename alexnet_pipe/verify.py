@@ -18,6 +18,7 @@ from .errors import AlexnetPipeError
 from .manifest import load_dataset
 from .mean import load_dataset_mean
 from .recordio import iter_records, read_index, unpack_payload
+from .shards import lmdb_map_size
 
 MAX_PROBLEMS_PER_SHARD = 50
 
@@ -37,6 +38,7 @@ class VerifyResult:
     records: int = 0
     shards: int = 0
     problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong (e.g. an older format)
 
     @property
     def ok(self) -> bool:
@@ -56,14 +58,17 @@ def _check_image(jpeg: bytes, width: int | None, height: int | None) -> str | No
     return None
 
 
-def _verify_lmdb(root: Path, entry: dict, num_classes: int, decode: bool) -> tuple[int, list[Problem]]:
+def _verify_lmdb(root: Path, entry: dict, num_classes: int, decode: bool, version: int) -> tuple[int, list[Problem]]:
     where = entry["lmdb"]["path"]
     problems: list[Problem] = []
     digest = RecordDigest()
     count = 0
     try:
+        if version >= 2 and lmdb_map_size(root / where) > (root / where / "data.mdb").stat().st_size:
+            problems.append(Problem(where, None, "stores a map size larger than its data (DALI's Caffe reader maps "
+                                                 f"that much per shard); run alexnet-pipe upgrade {root}"))
         env = lmdb.open(str(root / where), readonly=True, lock=False, subdir=True)
-    except lmdb.Error as exc:
+    except (OSError, lmdb.Error) as exc:
         return 0, [Problem(where, None, f"cannot open LMDB ({exc})")]
     with env, env.begin(buffers=False) as txn:
         for key, value in txn.cursor():
@@ -90,7 +95,7 @@ def _verify_lmdb(root: Path, entry: dict, num_classes: int, decode: bool) -> tup
     return count, problems
 
 
-def _verify_recordio(root: Path, entry: dict, num_classes: int, decode: bool) -> tuple[int, list[Problem]]:
+def _verify_recordio(root: Path, entry: dict, num_classes: int, decode: bool, version: int) -> tuple[int, list[Problem]]:
     rec = entry["recordio"]
     where = rec["rec"]
     problems: list[Problem] = []
@@ -135,9 +140,9 @@ def _check_totals(where: str, entry: dict, count: int, checksum: str, expected: 
 
 
 def _verify_task(args) -> tuple[int, list[Problem]]:
-    root, entry, fmt, num_classes, decode = args
+    root, entry, fmt, num_classes, decode, version = args
     fn = _verify_lmdb if fmt == "lmdb" else _verify_recordio
-    count, problems = fn(root, entry, num_classes, decode)
+    count, problems = fn(root, entry, num_classes, decode, version)
     return count, problems[:MAX_PROBLEMS_PER_SHARD]
 
 
@@ -165,6 +170,8 @@ def run_verify(cfg: VerifyConfig) -> VerifyResult:
 
     ds = load_dataset(cfg.root)
     result = VerifyResult()
+    if (hint := ds.upgrade_hint()) is not None:
+        result.notes.append(hint)
     if ds.manifest.get("mean"):
         try:
             load_dataset_mean(cfg.root)
@@ -173,7 +180,7 @@ def run_verify(cfg: VerifyConfig) -> VerifyResult:
     tasks = []
     for split in ds.splits():
         for entry in ds.shards(split):
-            tasks += [(cfg.root, entry, fmt, ds.num_classes, cfg.decode) for fmt in ds.formats]
+            tasks += [(cfg.root, entry, fmt, ds.num_classes, cfg.decode, ds.version) for fmt in ds.formats]
         if "recordio" in ds.formats and ds.shards(split):
             result.problems += _verify_combined_index(cfg.root, ds.split(split))
     total = sum(t[1]["records"] for t in tasks)

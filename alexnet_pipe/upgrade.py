@@ -1,0 +1,81 @@
+"""The `upgrade` job: bring a dataset converted by an older alexnet-pipe to the current format,
+rewriting no image.
+
+Version 1 wrote every LMDB shard with a stored map size of 1 TiB. Readers that set no map size of
+their own (DALI's Caffe reader, Caffe) reserve that much address space per shard, so one process
+could open only ~120 shards (ImageNet has 257 at the default shard size). The upgrade replaces each
+shard's ``data.mdb`` by a compacted copy that stores its data's size (the records, keys and
+checksums stay exactly as they are), then rewrites the manifest as version 2. It is safe to kill
+and rerun: each shard file is swapped atomically, and the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DatasetError
+from .fsutil import atomic_write_json, fsync_dir, remove
+from .manifest import DATASET_VERSION, MANIFEST_FILE, Dataset, load_dataset
+from .shards import compact_lmdb, dir_size, lmdb_map_size
+
+
+@dataclass(frozen=True)
+class UpgradeResult:
+    root: Path
+    from_version: int
+    shards_rewritten: int
+
+    def summary(self) -> str:
+        if self.from_version == DATASET_VERSION:
+            return f"{self.root} is already at format version {DATASET_VERSION}; nothing to do"
+        return (f"upgraded {self.root} from format version {self.from_version} to {DATASET_VERSION}: "
+                f"{self.shards_rewritten} LMDB shards now store the map size of their data")
+
+
+def needs_compaction(path: Path) -> bool:
+    """True when an LMDB shard stores a map size beyond its data (what version 1 wrote)."""
+    return lmdb_map_size(path) > (path / "data.mdb").stat().st_size
+
+
+def _compact_in_place(path: Path) -> None:
+    """Swap ``path/data.mdb`` for a compacted copy; readers see the old file or the new one."""
+    tmp = path.parent / f".{path.name}.upgrade"
+    remove(tmp)  # left by an interrupted run
+    compact_lmdb(path, tmp)
+    os.replace(tmp / "data.mdb", path / "data.mdb")
+    remove(path / "lock.mdb")  # a reader's lock file from the old environment, if any
+    fsync_dir(path)
+    remove(tmp)
+
+
+def run_upgrade(root: Path) -> UpgradeResult:
+    """Upgrade the dataset in ``root`` in place (see the module docstring).
+
+    Raises:
+        DatasetError: ``root`` is not a converted dataset, or is newer than this alexnet-pipe.
+    """
+    ds: Dataset = load_dataset(root)
+    version = ds.version
+    if version == DATASET_VERSION:
+        return UpgradeResult(root, version, 0)
+    manifest = json.loads(json.dumps(ds.manifest))  # a copy to edit
+    rewritten = 0
+    if "lmdb" in ds.formats:
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                path = root / shard["lmdb"]["path"]
+                if not (path / "data.mdb").is_file():
+                    raise DatasetError(f"{path} is missing; the dataset cannot be upgraded, only reconverted")
+                if needs_compaction(path):
+                    _compact_in_place(path)
+                    rewritten += 1
+                shard["lmdb"]["bytes"] = dir_size(path)
+    # Version 1 never upscaled: record that, so training knows small images were kept small.
+    manifest["settings"].setdefault("upscale", False)
+    manifest["version"] = DATASET_VERSION
+    manifest["upgraded_from"] = version
+    atomic_write_json(root / MANIFEST_FILE, manifest)
+    return UpgradeResult(root, version, rewritten)
