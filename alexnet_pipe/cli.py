@@ -274,10 +274,14 @@ def plot(metrics, output):
 @click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default="cpu", show_default=True)
 @click.option("--epoch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Which epoch's order, crops and flips to draw (1 = the first).")
-def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch):
+@click.option("--mean", "mean_image", is_flag=True, help="Draw the dataset's mean image instead (mean_image.npy).")
+def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch, mean_image):
     """Draw the first samples of an epoch exactly as training reads them (mean added back), with labels."""
-    from .inspect_batch import inspect_batch
+    from .inspect_batch import draw_mean_image, inspect_batch
 
+    if mean_image:
+        click.echo(f"wrote {draw_mean_image(root, output)}")
+        return
     path = inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch - 1)
     click.echo(f"wrote {path}")
 

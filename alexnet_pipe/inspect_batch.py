@@ -1,7 +1,9 @@
-"""`inspect`: the first samples of a training epoch drawn as a grid, to see crops and flips."""
+"""`inspect`: the first samples of a training epoch drawn as a grid, to see crops and flips; or the
+dataset's mean image."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from .config import TrainConfig
@@ -24,3 +26,32 @@ def inspect_batch(root: Path, out: Path, split: str, count: int, crop: int, seed
     names = [c["name"] or c["id"] for c in load_dataset(root).classes]
     captions = ["flipped" if f else "" for f in batch.flipped.tolist()]
     return draw_grid(images, batch.labels.cpu().tolist(), names, out, captions=captions)
+
+
+MEAN_IMAGE_FILE = "mean_image.npy"
+
+
+def draw_mean_image(root: Path, out: Path) -> Path:
+    """Save the dataset's mean image (``mean_image.npy``, H x W x 3 RGB float) as a PNG."""
+    import numpy as np
+    from PIL import Image
+
+    from .errors import DatasetError
+    from .fsutil import atomic_write_bytes
+
+    load_dataset(root)  # a converted dataset, or one clear error
+    path = root / MEAN_IMAGE_FILE
+    if not path.is_file():
+        raise DatasetError(f"{root} has no {MEAN_IMAGE_FILE} (converted by an older alexnet-pipe); reconvert it "
+                           "to get the mean image")
+    try:
+        mean = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read {path} ({exc})") from exc
+    if mean.ndim != 3 or mean.shape[2] != 3:
+        raise DatasetError(f"{path} holds an array of shape {mean.shape}, expected H x W x 3")
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(mean), 0, 255).astype(np.uint8), "RGB").save(buf, "PNG")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
