@@ -705,17 +705,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--classes", type=int, default=1000, help="class folders (default 1000, as ImageNet)")
     ap.add_argument("--train", type=int, default=120_000, help="train inputs of the full run (split over the classes)")
     ap.add_argument("--half", type=int, default=None, help="train inputs of the comparison run (default: half)")
     ap.add_argument("--val-per-class", type=int, default=10, help="val images per class (the half run gets half)")
     ap.add_argument("--shard-size", type=int, default=250,
                     help="records per shard (default 250: 480 train shards at 120k inputs, 240 at 60k)")
     ap.add_argument("--train-images", type=int, default=3000, help="images in the training epoch (--subset_pct)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="training batch size (-z)")
     ap.add_argument("--workers", type=int, default=benchenv.usable_cores(), help="convert/verify processes")
-    ap.add_argument("--data-threads", type=int, default=2)
-    ap.add_argument("--short-side", type=int, default=16)
+    ap.add_argument("--data-threads", type=int, default=2, help="DALI CPU threads of train and test")
+    ap.add_argument("--short-side", type=int, default=16, help="convert --short-side (16 keeps the images as they are)")
     ap.add_argument("--shards-open", type=int, default=1000,
                     help="also convert this many one-record shards and open them all in DALI (0: skip)")
     ap.add_argument("--dali-nofile", type=int, default=1024,
