@@ -351,7 +351,9 @@ def dali_open(root: Path, batch: int, nofile: int) -> dict:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if 0 < nofile < soft or (nofile > 0 and soft == resource.RLIM_INFINITY):
+    if nofile > 0 and hard != resource.RLIM_INFINITY:
+        nofile = min(nofile, hard)
+    if 0 < nofile and (soft == resource.RLIM_INFINITY or nofile < soft):
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 
     from nvidia.dali import fn, pipeline_def
@@ -735,7 +737,13 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.dali_open is not None:
-        result = dali_open(args.dali_open, batch=1000, nofile=args.dali_nofile)
+        try:
+            result = dali_open(args.dali_open, batch=1000, nofile=args.dali_nofile)
+        except RuntimeError as exc:  # DALI's multi-page error -> the operator and the cause, one line
+            from alexnet_pipe.pipeline import dali_cause
+
+            print(json.dumps({"ok": False, "error": dali_cause(exc)}))
+            return 1
         print(json.dumps(result))
         return 0 if result["ok"] else 1
 
