@@ -8,7 +8,7 @@ TORCH   ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 DEMO    ?= demo-out
 WORKERS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench scale-check clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -45,5 +45,13 @@ demo: install
 bench: install
 	$(PY) tools/bench_convert.py
 
+# 1,000 classes of tiny images in hundreds of shards, every step through the CLI, with wall time and
+# peak memory (tools/scale_check.py; results in benchmarks/scale-check.md). Not part of `make test`.
+# SCALE_FLAGS=--small: a smoke run of about two minutes, reported in $(SCALE)/scale-check-small.md.
+SCALE       ?= scale-out
+SCALE_FLAGS ?=
+scale-check: install
+	$(PY) tools/scale_check.py --work $(SCALE) $(SCALE_FLAGS)
+
 clean:
-	rm -rf $(VENV) $(DEMO) *.egg-info
+	rm -rf $(VENV) $(DEMO) $(SCALE) *.egg-info
