@@ -232,9 +232,31 @@ def _append_metrics(path: Path | None, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def small_image_warning(ds: Dataset, crop: int) -> str | None:
+    """Which stored images are smaller than the crop (their crops get mean-coloured borders), or None.
+    Uses the converter's histogram of stored short sides (``short_side_counts``)."""
+    found = []
+    for name in ds.splits():
+        split = ds.split(name)
+        counts = split.get("short_side_counts")
+        if counts is None:  # converted before the histogram existed: only the setting can tell
+            short = ds.manifest["settings"].get("short_side", 0)
+            small = split["records"] if 0 < short < crop else 0
+        else:
+            small = sum(n for side, n in counts.items() if int(side) < crop)
+        if small:
+            found.append(f"{small} of {split['records']} {name} images")
+    if not found:
+        return None
+    return (f"{' and '.join(found)} have a short side below the crop {crop}: their crops are padded with the mean "
+            f"colour; reconvert with --short-side {max(crop, 256)} (without --no-upscale) or pass a smaller --crop")
+
+
 def _open(cfg: TrainConfig) -> tuple[Dataset, _Runtime]:
     ds = load_dataset(cfg.data_dir)
     mean = load_dataset_mean(cfg.data_dir)  # refuses an old full-image mean with the update-mean hint
+    if (warning := small_image_warning(ds, cfg.crop)) is not None:
+        log.warning("%s", warning)
     return ds, _Runtime(cfg, ds, mean)
 
 
