@@ -23,6 +23,7 @@ from alexnet_pipe.convert import run_convert
 from alexnet_pipe.datum import decode_datum
 from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source
 from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.mean import centre_box
 from alexnet_pipe.recordio import iter_records, unpack_payload
 from alexnet_pipe.scan import Source
 
@@ -115,8 +116,12 @@ def sof_marker(jpeg: bytes) -> int:
     raise AssertionError("no SOF marker")
 
 
-def decoded(enc: Encoded) -> np.ndarray:
-    """Check the invariants of every stored image; return its decoded pixels (H, W, 3)."""
+def decoded(enc: Encoded, mean_size: int = 256) -> np.ndarray:
+    """Check the invariants of every stored image; return its decoded pixels (H, W, 3).
+
+    ``mean_size``: the settings' mean-image size S (the short side, or 256 when sizes are kept);
+    the statistics cover the centre min(S, h) x min(S, w) of the image.
+    """
     im = Image.open(io.BytesIO(enc.jpeg))
     im.load()
     assert im.format == "JPEG"
@@ -129,8 +134,11 @@ def decoded(enc: Encoded) -> np.ndarray:
     # of the pixels before JPEG (see Encoded and test_stats_are_exact_for_the_encoded_pixels),
     # so within JPEG error of the decoded output. The worst case is these tiny saturated block
     # images, where 4:2:0 chroma blurs edges: means within 1.5 grey levels, RMS within 6.
-    n = arr.shape[0] * arr.shape[1]
-    flat = arr.reshape(-1, 3).astype(np.int64)
+    box = centre_box(arr.shape[1], arr.shape[0], mean_size)
+    centre = arr[box.y : box.y + box.height, box.x : box.x + box.width]
+    n = box.pixels
+    assert enc.pixels == n == min(mean_size, enc.width) * min(mean_size, enc.height)
+    flat = centre.reshape(-1, 3).astype(np.int64)
     sums, sq_sums = flat.sum(0), (flat * flat).sum(0)
     if enc.passthrough:
         assert enc.sums == tuple(int(v) for v in sums)
@@ -154,7 +162,9 @@ def assert_colour(arr: np.ndarray, row: int, col: int, expected, tol: float = TO
 
 @pytest.fixture
 def settings() -> ImageSettings:
-    return ImageSettings()
+    # Colour modes and bad inputs are checked at the input's own size (small test images would
+    # otherwise be scaled up to the short side); scaling has its own tests under geometry.
+    return ImageSettings(upscale=False)
 
 
 # ----------------------------------------------------------------------------- colour modes
@@ -282,7 +292,7 @@ def test_exif_rotated_large_jpeg_is_rotated_then_downscaled():
     shown = np.kron(display_image(), np.ones((4, 4, 1), np.uint8))  # 192x128 displayed
     stored = np.ascontiguousarray(np.rot90(shown, STORED_ROTATION[6]))  # 128x192 stored
     enc = process(with_exif_orientation(stored, 6), ImageSettings(short_side=32))
-    arr = decoded(enc)
+    arr = decoded(enc, 32)
     assert (enc.width, enc.height) == (48, 32)
     assert_colour(arr, 0, 0, RED)
     assert_colour(arr, 0, 2, GREEN)
@@ -309,7 +319,7 @@ def test_large_image_short_side_scaled_down(fmt, size, short_side):
     arr_in = smooth_rgb(h, w)
     arr_in[: h // 2, : w // 2] = RED
     enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=short_side))
-    arr = decoded(enc)
+    arr = decoded(enc, short_side)
     assert not enc.passthrough
     assert min(enc.width, enc.height) == short_side
     long_side = round(max(w, h) * short_side / min(w, h))
@@ -319,11 +329,31 @@ def test_large_image_short_side_scaled_down(fmt, size, short_side):
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_small_image_is_not_upscaled(fmt):
+@pytest.mark.parametrize("size", [(40, 30), (30, 40)])
+def test_small_image_is_scaled_up_to_the_short_side(fmt, size):
+    """As im2rec --resize: the short side becomes exactly N, also for smaller images."""
+    w, h = size
+    arr_in = smooth_rgb(h, w)
+    arr_in[: h // 2] = BLUE
+    enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=64))
+    arr = decoded(enc, 64)
+    assert not enc.passthrough
+    assert (enc.width, enc.height) == ((85, 64) if w > h else (64, 85))  # 40 * 64 / 30 = 85.3
+    assert np.all(np.abs(arr[: enc.height // 2 - 6].reshape(-1, 3).mean(0) - BLUE) <= TOL)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_small_image_is_kept_without_upscale(fmt):
     data = encode(Image.fromarray(smooth_rgb(30, 40)), fmt)
-    enc = process(data, ImageSettings(short_side=64, passthrough=False))
-    decoded(enc)
+    enc = process(data, ImageSettings(short_side=64, passthrough=False, upscale=False))
+    decoded(enc, 64)
     assert (enc.width, enc.height) == (40, 30)
+
+
+def test_clean_small_jpeg_passes_through_without_upscale():
+    data = encode(Image.fromarray(smooth_rgb(30, 40)), "JPEG", quality=85)
+    assert process(data, ImageSettings(short_side=64, upscale=False)).jpeg == data
+    assert not process(data, ImageSettings(short_side=64)).passthrough  # upscaled instead
 
 
 def test_short_side_zero_keeps_size():
@@ -337,7 +367,7 @@ def test_clean_small_jpeg_passes_through_byte_identical():
     enc = process(data, ImageSettings(short_side=48))
     assert enc.passthrough and enc.jpeg == data
     assert (enc.width, enc.height) == (64, 48)
-    decoded(enc)  # statistics exactly those of the stored bytes
+    decoded(enc, 48)  # statistics exactly those of the stored bytes
 
 
 def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
@@ -345,7 +375,7 @@ def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
     enc = process(data, ImageSettings(short_side=48, passthrough=False))
     assert not enc.passthrough and enc.jpeg != data
     ref = np.asarray(Image.open(io.BytesIO(data))).astype(int)
-    assert np.abs(decoded(enc).astype(int) - ref).mean() < 3
+    assert np.abs(decoded(enc, 48).astype(int) - ref).mean() < 3
 
 
 def test_jpeg_resized_to_its_draft_size_is_not_passed_through():
@@ -542,13 +572,11 @@ def test_convert_skips_bad_files_with_reasons(converted):
 
 
 def expected_size(path: Path) -> tuple[int, int]:
-    """Upright size with the short side scaled down to SHORT_SIDE (computed independently)."""
+    """Upright size with the short side scaled (up or down) to exactly SHORT_SIDE (computed independently)."""
     with Image.open(path) as im:
         (w, h), orientation = im.size, im.getexif().get(0x0112)
     if orientation in (6, 8):
         w, h = h, w
-    if min(w, h) <= SHORT_SIDE:
-        return w, h
     return (round(w * SHORT_SIDE / h), SHORT_SIDE) if w >= h else (SHORT_SIDE, round(h * SHORT_SIDE / w))
 
 
