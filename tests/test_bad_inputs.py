@@ -16,12 +16,12 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source
+from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source, target_size
 from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.mean import centre_box
 from alexnet_pipe.recordio import iter_records, unpack_payload
@@ -298,6 +298,35 @@ def test_exif_rotated_large_jpeg_is_rotated_then_downscaled():
     assert_colour(arr, 0, 2, GREEN)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(settings, orientation):
+    """OpenCV decodes, the EXIF orientation is applied as Pillow's exif_transpose applies it."""
+    stored = np.kron(display_image(), np.ones((2, 2, 1), np.uint8))  # 96x64
+    data = with_exif_orientation(stored, orientation)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).astype(int)
+    enc = process(data, settings)
+    arr = decoded(enc).astype(int)
+    assert arr.shape == want.shape
+    assert np.abs(arr - want).mean() < 3
+
+
+@pytest.mark.parametrize(
+    "w,h,short_side,upscale,expected",
+    [
+        (500, 375, 256, True, (341, 256)),  # 500 * 256 / 375 = 341.3
+        (375, 500, 256, True, (256, 341)),
+        (100, 80, 256, True, (320, 256)),  # up, as im2rec --resize
+        (100, 80, 256, False, (100, 80)),  # --no-upscale: kept
+        (1600, 1200, 256, False, (341, 256)),  # down either way
+        (256, 300, 256, True, (256, 300)),  # already there
+        (300, 300, 0, True, (300, 300)),  # 0 keeps every size
+        (7, 1000, 16, True, (16, 2286)),  # 1000 * 16 / 7 = 2285.7
+    ],
+)
+def test_target_size(w, h, short_side, upscale, expected):
+    assert target_size(w, h, short_side, upscale) == expected
+
+
 def test_progressive_jpeg_is_reencoded_as_baseline(settings):
     arr_in = blocks([[RED, GREEN], [BLUE, WHITE]])
     data = encode(Image.fromarray(arr_in), "JPEG", quality=95, progressive=True)
@@ -432,6 +461,8 @@ BAD_INPUTS = {
     "random": (np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes(), None, ["not an image"]),
     "truncated_jpeg": (cut(noisy_jpeg(), 0.5), None, ["truncated"]),
     "truncated_jpeg_near_end": (cut(noisy_jpeg(), 0.9), None, ["truncated"]),
+    "jpeg_without_end_marker": (noisy_jpeg()[:-2], None, ["truncated"]),
+    "truncated_pass_through_candidate": (cut(noisy_jpeg(256, 320), 0.95), None, ["truncated"]),
     "truncated_progressive_jpeg": (cut(noisy_jpeg(progressive=True), 0.75), None, ["truncated"]),
     "truncated_png": (_truncated_png(), None, ["truncated"]),
     "corrupt_png": (_corrupt_png(), None, ["corrupt"]),
