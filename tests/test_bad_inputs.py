@@ -310,6 +310,48 @@ def test_every_exif_orientation_matches_pillow(settings, orientation):
     assert np.abs(arr - want).mean() < 3
 
 
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_exif_orientation_read_in_either_byte_order(settings, order):
+    """Big-endian (MM, most cameras) and little-endian (II) EXIF blocks, written by hand."""
+    stored = np.ascontiguousarray(np.rot90(display_image(), STORED_ROTATION[6]))
+    jpeg = encode(Image.fromarray(stored), "JPEG", quality=95)
+    mark = b"MM" if order == ">" else b"II"
+    ifd = struct.pack(order + "H", 1) + struct.pack(order + "HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack(order + "I", 0)
+    tiff = mark + struct.pack(order + "HI", 42, 8) + ifd
+    arr = decoded(process(_with_app1(jpeg, b"Exif\0\0" + tiff), settings))
+    assert arr.shape[:2] == (32, 48)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 2, GREEN)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, reading the stored copy back
+def test_broken_exif_keeps_the_image_as_stored(settings):
+    jpeg = encode(Image.fromarray(display_image()), "JPEG", quality=95)
+    data = _with_app1(jpeg, b"Exif\0\0MM\0*\0\0\xff\xff")  # IFD offset past the end
+    enc = process(data, settings)
+    assert enc.passthrough and enc.jpeg == data  # orientation unreadable = upright, as Pillow reads it
+    arr = decoded(enc)
+    assert arr.shape[:2] == (32, 48)
+    assert_colour(arr, 0, 0, RED)
+
+
+def test_mpo_is_stored_as_its_first_picture():
+    """Multi-picture JPEGs (some cameras): the first picture is stored, never the extra ones."""
+    first, second = Image.fromarray(blocks([[RED, BLUE]])), Image.fromarray(blocks([[GREEN, WHITE]]))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second], quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    enc = process(buf.getvalue(), ImageSettings(short_side=16))
+    assert not enc.passthrough  # 32x16, short side 16: a plain JPEG would pass through
+    arr = decoded(enc, 16)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 1, BLUE)
+
+
 @pytest.mark.parametrize(
     "w,h,short_side,upscale,expected",
     [
