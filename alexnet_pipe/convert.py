@@ -175,12 +175,12 @@ def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[
 def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, mean: MeanImageSum) -> dict:
     """Close, rename into place, then record completion (the order is what makes it safe).
 
-    The shard's exact mean-image sums go to ``.parts/<shard>.mean.npz`` before the completion
+    A train shard's exact mean-image sums go to ``.parts/<shard>.mean.npz`` before the completion
     record, so a resumed or ``--part`` run merges the very sums an uninterrupted run would.
     A shard whose every input was skipped gets no files, only its completion record.
     """
     entries = writer.close()
-    if part["records"]:
+    if part["records"] and plan.split == "train":  # the mean image is the train split's
         rel = f"{PARTS_DIR}/{plan.name}.mean.npz"
         atomic_write_bytes(dst / rel, mean.to_bytes())
         part["mean_sums"] = rel
