@@ -350,6 +350,17 @@ def _check_pixels(width: int, height: int, settings: ImageSettings) -> None:
         )
 
 
+def _target(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
+    """The stored size; a sliver scaled up to the short side must not become a memory bomb."""
+    tw, th = target_size(width, height, settings.short_side, settings.upscale)
+    if tw * th > settings.max_pixels:
+        raise BadImage(
+            f"scaling {width}x{height} to short side {settings.short_side} gives {tw}x{th} = {tw * th} pixels, "
+            f"over the limit of {settings.max_pixels}"
+        )
+    return tw, th
+
+
 def _open(data: bytes, settings: ImageSettings) -> Image.Image:
     """Pillow's header parse, with the pixel limit applied before any pixel is decoded."""
     try:
@@ -371,7 +382,7 @@ def _process(data: bytes, settings: ImageSettings) -> tuple[Encoded, np.ndarray]
     head = _jpeg_header(data)
     if head is not None and head.fast:
         _check_pixels(head.width, head.height, settings)
-        target = target_size(head.width, head.height, settings.short_side, settings.upscale)
+        target = _target(head.width, head.height, settings)
         orientation = head.orientation
         passthrough = (
             settings.passthrough
@@ -391,7 +402,7 @@ def _process(data: bytes, settings: ImageSettings) -> tuple[Encoded, np.ndarray]
             # We apply our own pixel limit; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = _open(data, settings)
-            target = target_size(*im.size, settings.short_side, settings.upscale)
+            target = _target(*im.size, settings)
             bgr, orientation = _decode_with_pillow(im, target)
     # The target of the full-size input (not of the DCT-scaled one: rounding differs), turned
     # with the image when the orientation swaps its sides.

@@ -511,6 +511,12 @@ BAD_INPUTS = {
     "bomb_30000": (bomb_png(30000, 30000), None, ["decompression bomb"]),
     # Above max_pixels (89,478,485) but under Pillow's own error limit (twice that): our check.
     "bomb_10000": (bomb_png(10000, 10000), None, ["decompression bomb", "100000000", "89478485"]),
+    # 2 x 2000 is small, but scaled up to short side 256 it would be 256 x 256000 pixels.
+    "sliver_scaled_over_limit": (
+        encode(Image.fromarray(smooth_rgb(2000, 2)), "PNG"),
+        ImageSettings(max_pixels=10_000_000),
+        ["256x256000", "over the limit of 10000000"],
+    ),
     "over_custom_limit": (
         encode(Image.fromarray(smooth_rgb(100, 100)), "JPEG"),
         ImageSettings(max_pixels=5000),
