@@ -57,7 +57,9 @@ def _parse_part(ctx, param, value):
 @click.option("--format", "fmt", type=click.Choice(["lmdb", "recordio", "both"]), default="lmdb", show_default=True,
               help="Shard format: Caffe Datum LMDB, MXNet RecordIO, or both.")
 @click.option("--short-side", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Scale the shorter side down to this (never up); 0 keeps the size.")
+              help="Scale every image, up or down, so its shorter side is exactly this (as im2rec --resize); "
+                   "0 keeps the size.")
+@click.option("--no-upscale", is_flag=True, help="Never scale up: images with a shorter short side keep their size.")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Records per shard.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
@@ -75,7 +77,7 @@ def _parse_part(ctx, param, value):
 @click.option("--part", callback=_parse_part, default=None, metavar="I/N",
               help="Write only every N-th shard, starting at I (split the work across machines).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert(raw, out, fmt, short_side, quality, shard_size, workers, seed, max_pixels, no_passthrough,
+def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers, seed, max_pixels, no_passthrough,
             val_labels, synsets, force, part, no_progress):
     """Convert RAW (ImageNet layout) into validated, shuffled shards in OUT.
 
@@ -87,7 +89,7 @@ def convert(raw, out, fmt, short_side, quality, shard_size, workers, seed, max_p
         src=raw, dst=out,
         formats=("lmdb", "recordio") if fmt == "both" else (fmt,),
         image=ImageSettings(short_side=short_side, quality=quality, max_pixels=max_pixels,
-                            passthrough=not no_passthrough),
+                            passthrough=not no_passthrough, upscale=not no_upscale),
         shard_size=shard_size, workers=workers or default_workers(), seed=seed, force=force,
         progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
     )

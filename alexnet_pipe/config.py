@@ -24,10 +24,11 @@ def default_workers() -> int:
 class ImageSettings:
     """How every image is normalised before it is stored. Part of the output's identity."""
 
-    short_side: int = 256  # scale the shorter side down to this; 0 keeps the size
+    short_side: int = 256  # scale so the shorter side is exactly this (up or down); 0 keeps the size
     quality: int = 90  # JPEG quality of re-encoded images
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs
-    passthrough: bool = True  # keep a clean small-enough baseline RGB JPEG's bytes as they are
+    passthrough: bool = True  # keep a clean baseline RGB JPEG that needs no resize byte for byte
+    upscale: bool = True  # False: never scale up (a short side below short_side is kept as it is)
 
     def __post_init__(self) -> None:
         if self.short_side < 0:
@@ -36,6 +37,11 @@ class ImageSettings:
             raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
         if self.max_pixels < 1:
             raise ValueError(f"max pixels must be >= 1, got {self.max_pixels}")
+
+    @property
+    def mean_size(self) -> int:
+        """Side S of the stored mean image: the centre S x S of every image is averaged."""
+        return self.short_side if self.short_side > 0 else 256
 
 
 @dataclass(frozen=True)

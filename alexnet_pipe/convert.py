@@ -25,12 +25,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import __version__
-from .config import ConvertConfig
+from .config import ConvertConfig, ImageSettings
 from .errors import SettingsMismatchError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove
-from .imaging import Encoded, process_batch
+from .imaging import BatchResult, Encoded, process_batch
 from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
-from .mean import MEAN_FILE, PixelStats, write_mean
+from .mean import (MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, MeanImageSum, PixelStats, write_mean,
+                   write_mean_image)
 from .recordio import read_index
 from .scan import ScanResult, Source, scan
 from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards, shard_paths
@@ -42,7 +43,9 @@ SCAN_CACHE = ".scan-cache"  # member lists of the archives (scan.py); valid acro
 LOCK_FILE = ".finalize.lock"
 PARTS_DIR = ".parts"
 STAGING_DIR = ".staging"
-MANAGED = (STATE_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE, LOCK_FILE)
+MANAGED = (STATE_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY,
+           MEAN_IMAGE_BINARYPROTO, LOCK_FILE)
+SHORT_SIDE_COUNTS_BELOW = 512  # per-size counts of stored short sides below this go into the manifest
 CHUNK = 32  # images per worker task: amortises IPC, small enough to keep memory flat
 
 
@@ -122,7 +125,8 @@ def _load_part(dst: Path, plan: ShardPlan) -> dict | None:
     if not path.is_file():
         return None
     part = json.loads(path.read_text(encoding="utf-8"))
-    files = [part.get("lmdb", {}).get("path"), part.get("recordio", {}).get("rec"), part.get("recordio", {}).get("idx")]
+    files = [part.get("lmdb", {}).get("path"), part.get("recordio", {}).get("rec"), part.get("recordio", {}).get("idx"),
+             part.get("mean_sums")]
     if all((dst / f).exists() for f in files if f):
         return part
     return None  # a file vanished since: redo the shard
@@ -147,20 +151,21 @@ def _chunks(plans: list[ShardPlan]) -> Iterator[tuple[ShardPlan, tuple[int, ...]
 
 
 def _worker_context():
-    """Workers forked from a server that imported the image code and torch once.
+    """Workers forked from a server that imported the image code (Pillow, OpenCV, numpy) once.
 
-    Spawned workers start clean but each imports torch (~2.5 s of CPU and ~200 MB apiece); a
-    forkserver pays that once and its children share the pages. Neither inherits the parent's
-    threads or locks, unlike a plain fork. Spawn where forkserver does not exist (Windows).
+    The image code never imports torch (~2.5 s per process); a forkserver pays the remaining
+    imports once and its children share the pages. Neither inherits the parent's threads or
+    locks (the parent may have imported torch), unlike a plain fork. Spawn where forkserver
+    does not exist (Windows).
     """
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["alexnet_pipe.imaging", "torch", "torch.nn.functional"])
+    ctx.set_forkserver_preload(["alexnet_pipe.imaging"])
     return ctx
 
 
-def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[tuple, list]]:
+def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[tuple, BatchResult]]:
     """Run process_batch over tasks; yield (task, results) in task order, memory bounded."""
     if workers == 1:
         for task in tasks:
@@ -181,12 +186,18 @@ def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict) -> dict:
+def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, mean: MeanImageSum) -> dict:
     """Close, rename into place, then record completion (the order is what makes it safe).
 
+    A train shard's exact mean-image sums go to ``.parts/<shard>.mean.npz`` before the completion
+    record, so a resumed or ``--part`` run merges the very sums an uninterrupted run would.
     A shard whose every input was skipped gets no files, only its completion record.
     """
     entries = writer.close()
+    if part["records"] and plan.split == "train":  # the mean image is the train split's
+        rel = f"{PARTS_DIR}/{plan.name}.mean.npz"
+        atomic_write_bytes(dst / rel, mean.to_bytes())
+        part["mean_sums"] = rel
     if part["records"]:
         for rel in shard_paths(plan.name).values():
             staged = dst / STAGING_DIR / plan.name / rel
@@ -204,23 +215,32 @@ def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict) -
 class _ShardState:
     """Accumulates one shard while its chunks come back from the workers."""
 
-    def __init__(self, dst: Path, plan: ShardPlan, formats: tuple[str, ...], id_width: int):
+    def __init__(self, dst: Path, plan: ShardPlan, formats: tuple[str, ...], id_width: int, settings: ImageSettings):
         self.plan = plan
         staging = dst / STAGING_DIR / plan.name
         remove(staging)
         staging.mkdir(parents=True)
         self.writer = ShardWriter(staging, plan, formats, id_width)
         self.stats = PixelStats()
+        self.mean = MeanImageSum(settings.mean_size)
+        self.short_sides: Counter = Counter()  # stored short side -> images, below SHORT_SIDE_COUNTS_BELOW
+        self.min_short_side: int | None = None
         self.labels: Counter = Counter()
         self.skipped: list[dict] = []
         self.passthrough = 0
         self.done = 0
 
-    def add(self, positions: tuple[int, ...], sources: tuple[Source, ...], results: list) -> None:
-        for position, src, res in zip(positions, sources, results):
+    def add(self, positions: tuple[int, ...], sources: tuple[Source, ...], batch: BatchResult) -> None:
+        if batch.mean_sum is not None:
+            self.mean.add(batch.mean_sum, batch.mean_count)
+        for position, src, res in zip(positions, sources, batch.results):
             if isinstance(res, Encoded):
                 self.writer.add(self.plan.first_id + position, src, res)
-                self.stats.add_image(res.width, res.height, res.sums, res.sq_sums)
+                self.stats.add_image(res.pixels, res.sums, res.sq_sums)
+                short = min(res.width, res.height)
+                if short < SHORT_SIDE_COUNTS_BELOW:
+                    self.short_sides[short] += 1
+                self.min_short_side = short if self.min_short_side is None else min(self.min_short_side, short)
                 self.labels[src.label] += 1
                 self.passthrough += res.passthrough
             else:
@@ -238,6 +258,8 @@ class _ShardState:
             "passthrough": self.passthrough,
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
             "stats": self.stats.to_json(),
+            "short_side_counts": {str(k): v for k, v in sorted(self.short_sides.items())},
+            "min_short_side": self.min_short_side,
             "skipped": self.skipped,
         }
 
@@ -256,10 +278,36 @@ def _write_combined_index(dst: Path, split: str, parts: list[dict]) -> str:
     return rel
 
 
+def _resize_policy(image: ImageSettings) -> dict:
+    """The manifest's ``resize`` entry: the size rule in numbers and in words."""
+    n = image.short_side
+    if n == 0:
+        rule = "sizes kept"
+    elif image.upscale:
+        rule = f"scaled up or down so the short side is exactly {n}, aspect ratio kept, as im2rec --resize {n}"
+    else:
+        rule = f"scaled down so the short side is {n}; images whose short side is below {n} keep their size"
+    return {"short_side": n, "upscale": image.upscale, "rule": rule}
+
+
 def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]], parts: dict) -> dict:
+    """Merge the shards' records into the manifest, mean.json and the mean image.
+
+    Manifest fields about sizes, for readers that check crops:
+
+    - ``resize``: ``{"short_side": N, "upscale": bool, "rule": "<the rule in words>"}``.
+    - ``splits[split]["short_side_counts"]``: ``{"<side>": images}`` for every stored short
+      side below 512 pixels (a compact histogram: with upscaling on, only ``{"N": all}`` when
+      N < 512); ``splits[split]["min_short_side"]``: the smallest stored short side (None when
+      the split stored nothing). A training crop C needs padding for images with a short side
+      below C: ``sum(n for side, n in counts.items() if int(side) < C)`` of them.
+    - ``mean_image``: ``{"npy": ..., "binaryproto": ..., "size": S, "images": n}`` (None
+      without training images); ``mean``: ``mean.json``, over the same pixels.
+    """
     dst = cfg.dst
     splits, skipped = {}, [{"split": s.split, "name": s.name, "reason": s.reason} for s in found.skipped]
     train_stats = PixelStats()
+    train_mean = MeanImageSum(cfg.image.mean_size)
     for split, split_plans in plans.items():
         split_parts = [parts[p.name] for p in split_plans]
         written = [p for p in split_parts if p["records"] > 0]  # an all-bad shard has no files
@@ -269,12 +317,21 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
             skipped.extend(p["skipped"])
             if split == "train":
                 train_stats.merge(PixelStats.from_json(p["stats"]))
+                if p.get("mean_sums"):
+                    sums = MeanImageSum.from_bytes((dst / p["mean_sums"]).read_bytes(), p["mean_sums"])
+                    train_mean.add(sums.sum, sums.count)
+        short_sides: Counter = Counter()
+        for p in split_parts:
+            short_sides.update({int(k): v for k, v in p["short_side_counts"].items()})
+        mins = [p["min_short_side"] for p in split_parts if p["min_short_side"] is not None]
         entry = {
             "records": sum(p["records"] for p in split_parts),
             "inputs": len(found.splits[split]),
             "skipped": sum(len(p["skipped"]) for p in split_parts),
             "passthrough": sum(p["passthrough"] for p in split_parts),
             "class_counts": [labels.get(i, 0) for i in range(len(found.classes))],
+            "short_side_counts": {str(k): v for k, v in sorted(short_sides.items())},
+            "min_short_side": min(mins) if mins else None,
             "layout": found.layout[split],
             "shards": [
                 {k: p[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in p} for p in written
@@ -283,19 +340,24 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
         if "recordio" in cfg.formats and written:
             entry["recordio_index"] = _write_combined_index(dst, split, written)
         splits[split] = entry
+    mean_image = None
     if train_stats.pixels:
-        source = f"train split after resize to short side {cfg.image.short_side}" if cfg.image.short_side else "train split"
+        size = cfg.image.mean_size
+        source = f"train split: centre {size}x{size} of every image ({_resize_policy(cfg.image)['rule']})"
         write_mean(dst / MEAN_FILE, train_stats.to_mean(source))
+        mean_image = write_mean_image(dst, train_mean, train_stats.images)
     manifest = {
         "format": DATASET_FORMAT,
         "version": DATASET_VERSION,
         "created_by": f"alexnet-pipe {__version__}",
         "settings": cfg.settings(),
+        "resize": _resize_policy(cfg.image),
         "classes": [
             {"index": i, "id": c, "name": found.class_names.get(c, "")} for i, c in enumerate(found.classes)
         ],
         "splits": splits,
         "mean": MEAN_FILE if train_stats.pixels else None,
+        "mean_image": mean_image,
         "record_id_width": _id_width(found),
         "skipped": skipped,
     }
@@ -361,15 +423,15 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     current: _ShardState | None = None
     n_skipped = 0
     try:
-        for (plan, positions, sources), results in _ordered_results(_chunks(pending), cfg.image, cfg.workers):
+        for (plan, positions, sources), batch in _ordered_results(_chunks(pending), cfg.image, cfg.workers):
             if current is None or current.plan is not plan:
-                current = _ShardState(cfg.dst, plan, cfg.formats, id_width)
-            current.add(positions, sources, results)
-            n_skipped += sum(isinstance(r, str) for r in results)
+                current = _ShardState(cfg.dst, plan, cfg.formats, id_width, cfg.image)
+            current.add(positions, sources, batch)
+            n_skipped += sum(isinstance(r, str) for r in batch.results)
             bar.update(len(sources))
             bar.set_postfix(skipped=n_skipped, refresh=False)
             if current.done == len(plan.sources):
-                parts[plan.name] = _commit_shard(cfg.dst, plan, current.writer, current.part())
+                parts[plan.name] = _commit_shard(cfg.dst, plan, current.writer, current.part(), current.mean)
                 current = None
     finally:
         bar.close()

@@ -40,6 +40,13 @@ def dataset_summary(ds: Dataset) -> dict:
         mean_info = {"channel_order": mean.channel_order, "mean": mean.mean, "std": mean.std, "source": mean.source}
     except AlexnetPipeError as exc:
         mean_info = {"error": str(exc)}
+    mean_image = m.get("mean_image")
+    if mean_image:
+        mean_image = dict(mean_image, files=[
+            {"path": mean_image[k], "bytes": (ds.root / mean_image[k]).stat().st_size
+             if (ds.root / mean_image[k]).is_file() else None}
+            for k in ("npy", "binaryproto")
+        ])
     return {
         "root": str(ds.root),
         "created_by": m.get("created_by"),
@@ -48,6 +55,7 @@ def dataset_summary(ds: Dataset) -> dict:
         "classes": m["classes"],
         "splits": splits,
         "mean": mean_info,
+        "mean_image": mean_image,
         "settings": m["settings"],
         "skipped": m["skipped"],
     }
@@ -80,6 +88,11 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> st
         fmt = lambda v: "(" + ", ".join(f"{x:.2f}" for x in v) + ")"  # noqa: E731
         std = fmt(mean["std"]) if mean["std"] else "unknown"
         lines.append(f"mean      {mean['channel_order']} {fmt(mean['mean'])}  std {std}  [{mean['source']}]")
+    image = info.get("mean_image")
+    if image:
+        files = ", ".join(f"{f['path']} ({'missing' if f['bytes'] is None else _human(f['bytes'])})"
+                          for f in image["files"])
+        lines.append(f"mean img  {image['size']}x{image['size']} over {image['images']} train images: {files}")
     lines.append("settings  " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
     for s in info["skipped"][:10]:
         lines.append(f"skipped   {s['split']}/{s['name']}: {s['reason']}")

@@ -1,27 +1,43 @@
-"""The dataset mean store: exact pixel statistics, ``mean.json``, and old-format detection.
+"""The dataset mean store: exact pixel statistics, ``mean.json``, the mean image, old formats.
 
 Current format (``mean.json``)::
 
     {"format": "alexnet-pipe-mean", "version": 1, "channel_order": "RGB",
      "mean": [r, g, b], "std": [r, g, b] | null, "value_range": [0, 255], ...}
 
+What is averaged: the centre S x S of every training image as stored (S = the short side,
+256 when sizes are kept; see ``centre_box``), the same pixels as the mean image
+``mean_image.npy`` (S x S x 3, RGB, float32) and its Caffe copy ``mean.binaryproto``
+(1 x 3 x S x S, BGR). So each plane's mean of the mean image is ``mean.json``'s mean whenever
+every image covers the whole S x S (always, when images are scaled up to the short side), and
+``update-mean`` on our own ``mean.binaryproto`` gives back ``mean.json``'s mean. neon's old
+full-image mean was likewise a centre-crop mean. Training uses the per-channel mean (neon's recipe).
+
 Old formats are full mean images (neon's ``dataset_cache.pkl``, Caffe's
-``mean.binaryproto``, ``mean.npy``); readers refuse them and point at ``update-mean``.
+``mean.binaryproto``, ``mean.npy``); where there is no ``mean.json`` beside them, readers
+refuse them and point at ``update-mean``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DatasetError, OldMeanFormatError
-from .fsutil import atomic_write_json
+import numpy as np
+
+from .blobproto import encode_blobproto
+from .errors import DatasetError, FormatError, OldMeanFormatError
+from .fsutil import atomic_write_bytes, atomic_write_json
 
 MEAN_FILE = "mean.json"
 MEAN_FORMAT = "alexnet-pipe-mean"
 MEAN_VERSION = 1
+MEAN_IMAGE_NPY = "mean_image.npy"
+MEAN_IMAGE_BINARYPROTO = "mean.binaryproto"  # also an old format: only an old one when mean.json is missing
 OLD_MEAN_FILES = ("dataset_cache.pkl", "mean.binaryproto", "mean.npy")
 
 
@@ -64,16 +80,20 @@ class ChannelMean:
 
 @dataclass
 class PixelStats:
-    """Exact integer sums over RGB pixels, so merging shards in any order gives the same mean."""
+    """Exact integer sums over RGB pixels, so merging shards in any order gives the same mean.
+
+    The pixels are those of the mean image: the centre box of every image (``centre_box``).
+    """
 
     images: int = 0
     pixels: int = 0
     sums: list[int] = field(default_factory=lambda: [0, 0, 0])
     sq_sums: list[int] = field(default_factory=lambda: [0, 0, 0])
 
-    def add_image(self, width: int, height: int, sums, sq_sums) -> None:
+    def add_image(self, pixels: int, sums, sq_sums) -> None:
+        """One image's sums over ``pixels`` pixels (its centre box, see ``centre_box``)."""
         self.images += 1
-        self.pixels += width * height
+        self.pixels += pixels
         for c in range(3):
             self.sums[c] += sums[c]
             self.sq_sums[c] += sq_sums[c]
@@ -151,3 +171,109 @@ def load_dataset_mean(root: Path) -> ChannelMean:
     if old:
         raise OldMeanFormatError(f"{root} holds an old full-image mean ({', '.join(old)}); {fix}")
     raise DatasetError(f"{root} has no {MEAN_FILE}; convert the dataset with alexnet-pipe convert")
+
+
+# ---------------------------------------------------------------- the mean image
+
+
+@dataclass(frozen=True)
+class CentreBox:
+    """The part of a W x H image that the S x S mean image covers, and where it lands in it."""
+
+    x: int  # left column in the image
+    y: int  # top row in the image
+    width: int
+    height: int
+    canvas_x: int  # left column in the S x S canvas
+    canvas_y: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def centre_box(width: int, height: int, size: int) -> CentreBox:
+    """The centre ``min(size, width)`` x ``min(size, height)`` of an image, centred in the canvas.
+
+    Example: a 341 x 256 image with size 256 gives x=42, y=0, 256 x 256 at canvas (0, 0); a
+    100 x 80 image (sizes kept) gives the whole image at canvas (78, 88).
+    """
+    w, h = min(size, width), min(size, height)
+    return CentreBox((width - w) // 2, (height - h) // 2, w, h, (size - w) // 2, (size - h) // 2)
+
+
+def _smallest_uint(arr: np.ndarray) -> np.ndarray:
+    """The array in the narrowest unsigned dtype that holds its values exactly."""
+    top = int(arr.max()) if arr.size else 0
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        if top <= np.iinfo(dtype).max:
+            return arr.astype(dtype)
+    raise ValueError(f"value {top} does not fit 64 bits")
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A .npz whose bytes depend only on the arrays (np.savez stamps the current time)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+class MeanImageSum:
+    """Exact per-pixel sums of centre boxes on an S x S canvas (RGB) and how many covered each pixel.
+
+    Integer sums make merging shards and worker chunks order-free: any worker count, resume or
+    ``--part`` split gives the same mean image.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.sum = np.zeros((size, size, 3), np.uint64)
+        self.count = np.zeros((size, size), np.uint64)
+
+    def add(self, sums: np.ndarray, counts: np.ndarray) -> None:
+        if sums.shape != self.sum.shape or counts.shape != self.count.shape:
+            raise ValueError(f"mean sums of shape {sums.shape} do not fit a {self.size} x {self.size} canvas")
+        self.sum += sums
+        self.count += counts
+
+    def to_bytes(self) -> bytes:
+        """Deterministic .npz (``sum``, ``count``) in the smallest exact dtypes."""
+        return _npz_bytes({"sum": _smallest_uint(self.sum), "count": _smallest_uint(self.count)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> "MeanImageSum":
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                sums, counts = z["sum"], z["count"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+            raise FormatError(f"{where} is not a readable mean-image sum ({exc})") from exc
+        if sums.ndim != 3 or sums.shape[2] != 3 or counts.shape != sums.shape[:2] or sums.shape[0] != sums.shape[1]:
+            raise FormatError(f"{where} holds sums of shape {sums.shape} and counts {counts.shape}; expected S x S x 3 and S x S")
+        out = cls(sums.shape[0])
+        out.add(sums.astype(np.uint64), counts.astype(np.uint64))
+        return out
+
+    def image(self) -> np.ndarray:
+        """S x S x 3 float32 RGB: sum / count where some image covered the pixel, else 0."""
+        covered = np.maximum(self.count, 1).astype(np.float64)[..., None]
+        return (self.sum.astype(np.float64) / covered).astype(np.float32)
+
+
+def write_mean_image(root: Path, sums: MeanImageSum, images: int) -> dict:
+    """Write ``mean_image.npy`` and ``mean.binaryproto`` (atomically); return the manifest entry.
+
+    The binaryproto is what Caffe's ``compute_image_mean`` writes: a BlobProto with
+    num=1, channels=3, height=S, width=S and packed float data in C x H x W BGR order.
+    """
+    image = sums.image()
+    buf = io.BytesIO()
+    np.save(buf, image, allow_pickle=False)
+    atomic_write_bytes(root / MEAN_IMAGE_NPY, buf.getvalue())
+    atomic_write_bytes(root / MEAN_IMAGE_BINARYPROTO, encode_blobproto(image[..., ::-1].transpose(2, 0, 1)))
+    return {"npy": MEAN_IMAGE_NPY, "binaryproto": MEAN_IMAGE_BINARYPROTO, "size": sums.size, "images": images}

@@ -16,13 +16,14 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source
+from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source, target_size
 from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.mean import centre_box
 from alexnet_pipe.recordio import iter_records, unpack_payload
 from alexnet_pipe.scan import Source
 
@@ -115,8 +116,12 @@ def sof_marker(jpeg: bytes) -> int:
     raise AssertionError("no SOF marker")
 
 
-def decoded(enc: Encoded) -> np.ndarray:
-    """Check the invariants of every stored image; return its decoded pixels (H, W, 3)."""
+def decoded(enc: Encoded, mean_size: int = 256) -> np.ndarray:
+    """Check the invariants of every stored image; return its decoded pixels (H, W, 3).
+
+    ``mean_size``: the settings' mean-image size S (the short side, or 256 when sizes are kept);
+    the statistics cover the centre min(S, h) x min(S, w) of the image.
+    """
     im = Image.open(io.BytesIO(enc.jpeg))
     im.load()
     assert im.format == "JPEG"
@@ -129,8 +134,11 @@ def decoded(enc: Encoded) -> np.ndarray:
     # of the pixels before JPEG (see Encoded and test_stats_are_exact_for_the_encoded_pixels),
     # so within JPEG error of the decoded output. The worst case is these tiny saturated block
     # images, where 4:2:0 chroma blurs edges: means within 1.5 grey levels, RMS within 6.
-    n = arr.shape[0] * arr.shape[1]
-    flat = arr.reshape(-1, 3).astype(np.int64)
+    box = centre_box(arr.shape[1], arr.shape[0], mean_size)
+    centre = arr[box.y : box.y + box.height, box.x : box.x + box.width]
+    n = box.pixels
+    assert enc.pixels == n == min(mean_size, enc.width) * min(mean_size, enc.height)
+    flat = centre.reshape(-1, 3).astype(np.int64)
     sums, sq_sums = flat.sum(0), (flat * flat).sum(0)
     if enc.passthrough:
         assert enc.sums == tuple(int(v) for v in sums)
@@ -154,7 +162,9 @@ def assert_colour(arr: np.ndarray, row: int, col: int, expected, tol: float = TO
 
 @pytest.fixture
 def settings() -> ImageSettings:
-    return ImageSettings()
+    # Colour modes and bad inputs are checked at the input's own size (small test images would
+    # otherwise be scaled up to the short side); scaling has its own tests under geometry.
+    return ImageSettings(upscale=False)
 
 
 # ----------------------------------------------------------------------------- colour modes
@@ -282,10 +292,81 @@ def test_exif_rotated_large_jpeg_is_rotated_then_downscaled():
     shown = np.kron(display_image(), np.ones((4, 4, 1), np.uint8))  # 192x128 displayed
     stored = np.ascontiguousarray(np.rot90(shown, STORED_ROTATION[6]))  # 128x192 stored
     enc = process(with_exif_orientation(stored, 6), ImageSettings(short_side=32))
-    arr = decoded(enc)
+    arr = decoded(enc, 32)
     assert (enc.width, enc.height) == (48, 32)
     assert_colour(arr, 0, 0, RED)
     assert_colour(arr, 0, 2, GREEN)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(settings, orientation):
+    """OpenCV decodes, the EXIF orientation is applied as Pillow's exif_transpose applies it."""
+    stored = np.kron(display_image(), np.ones((2, 2, 1), np.uint8))  # 96x64
+    data = with_exif_orientation(stored, orientation)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")).astype(int)
+    enc = process(data, settings)
+    arr = decoded(enc).astype(int)
+    assert arr.shape == want.shape
+    assert np.abs(arr - want).mean() < 3
+
+
+def _with_app1(jpeg: bytes, payload: bytes) -> bytes:
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_exif_orientation_read_in_either_byte_order(settings, order):
+    """Big-endian (MM, most cameras) and little-endian (II) EXIF blocks, written by hand."""
+    stored = np.ascontiguousarray(np.rot90(display_image(), STORED_ROTATION[6]))
+    jpeg = encode(Image.fromarray(stored), "JPEG", quality=95)
+    mark = b"MM" if order == ">" else b"II"
+    ifd = struct.pack(order + "H", 1) + struct.pack(order + "HHIHH", 0x0112, 3, 1, 6, 0) + struct.pack(order + "I", 0)
+    tiff = mark + struct.pack(order + "HI", 42, 8) + ifd
+    arr = decoded(process(_with_app1(jpeg, b"Exif\0\0" + tiff), settings))
+    assert arr.shape[:2] == (32, 48)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 2, GREEN)
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, reading the stored copy back
+def test_broken_exif_keeps_the_image_as_stored(settings):
+    jpeg = encode(Image.fromarray(display_image()), "JPEG", quality=95)
+    data = _with_app1(jpeg, b"Exif\0\0MM\0*\0\0\xff\xff")  # IFD offset past the end
+    enc = process(data, settings)
+    assert enc.passthrough and enc.jpeg == data  # orientation unreadable = upright, as Pillow reads it
+    arr = decoded(enc)
+    assert arr.shape[:2] == (32, 48)
+    assert_colour(arr, 0, 0, RED)
+
+
+def test_mpo_is_stored_as_its_first_picture():
+    """Multi-picture JPEGs (some cameras): the first picture is stored, never the extra ones."""
+    first, second = Image.fromarray(blocks([[RED, BLUE]])), Image.fromarray(blocks([[GREEN, WHITE]]))
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second], quality=95)
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    enc = process(buf.getvalue(), ImageSettings(short_side=16))
+    assert not enc.passthrough  # 32x16, short side 16: a plain JPEG would pass through
+    arr = decoded(enc, 16)
+    assert_colour(arr, 0, 0, RED)
+    assert_colour(arr, 0, 1, BLUE)
+
+
+@pytest.mark.parametrize(
+    "w,h,short_side,upscale,expected",
+    [
+        (500, 375, 256, True, (341, 256)),  # 500 * 256 / 375 = 341.3
+        (375, 500, 256, True, (256, 341)),
+        (100, 80, 256, True, (320, 256)),  # up, as im2rec --resize
+        (100, 80, 256, False, (100, 80)),  # --no-upscale: kept
+        (1600, 1200, 256, False, (341, 256)),  # down either way
+        (256, 300, 256, True, (256, 300)),  # already there
+        (300, 300, 0, True, (300, 300)),  # 0 keeps every size
+        (7, 1000, 16, True, (16, 2286)),  # 1000 * 16 / 7 = 2285.7
+    ],
+)
+def test_target_size(w, h, short_side, upscale, expected):
+    assert target_size(w, h, short_side, upscale) == expected
 
 
 def test_progressive_jpeg_is_reencoded_as_baseline(settings):
@@ -309,7 +390,7 @@ def test_large_image_short_side_scaled_down(fmt, size, short_side):
     arr_in = smooth_rgb(h, w)
     arr_in[: h // 2, : w // 2] = RED
     enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=short_side))
-    arr = decoded(enc)
+    arr = decoded(enc, short_side)
     assert not enc.passthrough
     assert min(enc.width, enc.height) == short_side
     long_side = round(max(w, h) * short_side / min(w, h))
@@ -319,11 +400,31 @@ def test_large_image_short_side_scaled_down(fmt, size, short_side):
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
-def test_small_image_is_not_upscaled(fmt):
+@pytest.mark.parametrize("size", [(40, 30), (30, 40)])
+def test_small_image_is_scaled_up_to_the_short_side(fmt, size):
+    """As im2rec --resize: the short side becomes exactly N, also for smaller images."""
+    w, h = size
+    arr_in = smooth_rgb(h, w)
+    arr_in[: h // 2] = BLUE
+    enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=64))
+    arr = decoded(enc, 64)
+    assert not enc.passthrough
+    assert (enc.width, enc.height) == ((85, 64) if w > h else (64, 85))  # 40 * 64 / 30 = 85.3
+    assert np.all(np.abs(arr[: enc.height // 2 - 6].reshape(-1, 3).mean(0) - BLUE) <= TOL)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_small_image_is_kept_without_upscale(fmt):
     data = encode(Image.fromarray(smooth_rgb(30, 40)), fmt)
-    enc = process(data, ImageSettings(short_side=64, passthrough=False))
-    decoded(enc)
+    enc = process(data, ImageSettings(short_side=64, passthrough=False, upscale=False))
+    decoded(enc, 64)
     assert (enc.width, enc.height) == (40, 30)
+
+
+def test_clean_small_jpeg_passes_through_without_upscale():
+    data = encode(Image.fromarray(smooth_rgb(30, 40)), "JPEG", quality=85)
+    assert process(data, ImageSettings(short_side=64, upscale=False)).jpeg == data
+    assert not process(data, ImageSettings(short_side=64)).passthrough  # upscaled instead
 
 
 def test_short_side_zero_keeps_size():
@@ -337,7 +438,7 @@ def test_clean_small_jpeg_passes_through_byte_identical():
     enc = process(data, ImageSettings(short_side=48))
     assert enc.passthrough and enc.jpeg == data
     assert (enc.width, enc.height) == (64, 48)
-    decoded(enc)  # statistics exactly those of the stored bytes
+    decoded(enc, 48)  # statistics exactly those of the stored bytes
 
 
 def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
@@ -345,7 +446,7 @@ def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
     enc = process(data, ImageSettings(short_side=48, passthrough=False))
     assert not enc.passthrough and enc.jpeg != data
     ref = np.asarray(Image.open(io.BytesIO(data))).astype(int)
-    assert np.abs(decoded(enc).astype(int) - ref).mean() < 3
+    assert np.abs(decoded(enc, 48).astype(int) - ref).mean() < 3
 
 
 def test_jpeg_resized_to_its_draft_size_is_not_passed_through():
@@ -402,12 +503,20 @@ BAD_INPUTS = {
     "random": (np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes(), None, ["not an image"]),
     "truncated_jpeg": (cut(noisy_jpeg(), 0.5), None, ["truncated"]),
     "truncated_jpeg_near_end": (cut(noisy_jpeg(), 0.9), None, ["truncated"]),
+    "jpeg_without_end_marker": (noisy_jpeg()[:-2], None, ["truncated"]),
+    "truncated_pass_through_candidate": (cut(noisy_jpeg(256, 320), 0.95), None, ["truncated"]),
     "truncated_progressive_jpeg": (cut(noisy_jpeg(progressive=True), 0.75), None, ["truncated"]),
     "truncated_png": (_truncated_png(), None, ["truncated"]),
     "corrupt_png": (_corrupt_png(), None, ["corrupt"]),
     "bomb_30000": (bomb_png(30000, 30000), None, ["decompression bomb"]),
     # Above max_pixels (89,478,485) but under Pillow's own error limit (twice that): our check.
     "bomb_10000": (bomb_png(10000, 10000), None, ["decompression bomb", "100000000", "89478485"]),
+    # 2 x 2000 is small, but scaled up to short side 256 it would be 256 x 256000 pixels.
+    "sliver_scaled_over_limit": (
+        encode(Image.fromarray(smooth_rgb(2000, 2)), "PNG"),
+        ImageSettings(max_pixels=10_000_000),
+        ["256x256000", "over the limit of 10000000"],
+    ),
     "over_custom_limit": (
         encode(Image.fromarray(smooth_rgb(100, 100)), "JPEG"),
         ImageSettings(max_pixels=5000),
@@ -542,13 +651,11 @@ def test_convert_skips_bad_files_with_reasons(converted):
 
 
 def expected_size(path: Path) -> tuple[int, int]:
-    """Upright size with the short side scaled down to SHORT_SIDE (computed independently)."""
+    """Upright size with the short side scaled (up or down) to exactly SHORT_SIDE (computed independently)."""
     with Image.open(path) as im:
         (w, h), orientation = im.size, im.getexif().get(0x0112)
     if orientation in (6, 8):
         w, h = h, w
-    if min(w, h) <= SHORT_SIDE:
-        return w, h
     return (round(w * SHORT_SIDE / h), SHORT_SIDE) if w >= h else (SHORT_SIDE, round(h * SHORT_SIDE / w))
 
 

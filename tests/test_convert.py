@@ -96,6 +96,8 @@ def test_same_input_same_bytes_and_mixed_order(raw_tree, tmp_path):
     convert(raw_tree, tmp_path / "a", workers=1)
     convert(raw_tree, tmp_path / "b", workers=2)
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    # ... the mean image and the per-shard sums included
+    assert {"mean_image.npy", "mean.binaryproto", ".parts/train-00000.mean.npz"} <= tree_bytes(tmp_path / "b").keys()
     labels = [d.label for p in load_dataset(tmp_path / "a").lmdb_paths("train") for _, d in lmdb_records(p)]
     # stored order is shuffled: not class by class
     assert labels != sorted(labels)
@@ -184,6 +186,7 @@ def test_kill_and_rerun_matches_clean_run(tmp_path):
     convert(raw, tmp_path / "clean", shard_size=6)
     killed, clean = tree_bytes(tmp_path / "killed"), tree_bytes(tmp_path / "clean")
     assert killed.keys() == clean.keys()
+    assert {"mean.json", "mean_image.npy", "mean.binaryproto"} <= clean.keys()
     assert killed == clean
 
 

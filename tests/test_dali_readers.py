@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_pipe.config import ConvertConfig
+from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.recordio import MAGIC_BYTES, frame_record, iter_records
@@ -58,7 +58,7 @@ def _epochs(spec: dict, epochs: int, num_shards: int = 1, batch: int = 4, shuffl
         yield seen
 
 
-SIZES = ((96, 72), (200, 260), (600, 400), (64, 160))  # (600, 400) is resized to 384x256
+SIZES = ((96, 72), (200, 260), (600, 400), (64, 160))  # short side scaled to 256: (600, 400) -> 384x256
 
 
 @pytest.fixture
@@ -78,9 +78,9 @@ def dataset(tmp_path):
 
 def _expected(arr: np.ndarray) -> np.ndarray:
     h, w = arr.shape[:2]
-    if min(h, w) <= 256:
+    if min(h, w) == 256:
         return arr
-    scale = 256 / min(h, w)
+    scale = 256 / min(h, w)  # up or down
     size = (round(w * scale), 256) if w > h else (256, round(h * scale))
     return np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BICUBIC))
 
@@ -139,7 +139,9 @@ def test_mxnet_reader_restores_split_records(tmp_path):
         (raw / "train" / cls).mkdir(parents=True)
         (raw / "train" / cls / "m.jpg").write_bytes(data)
     out = tmp_path / "out"
-    run_convert(ConvertConfig(src=raw, dst=out, formats=("recordio",), workers=1, progress=False))
+    # Short side 48 = the image's own: it needs no resize, so its bytes pass through.
+    run_convert(ConvertConfig(src=raw, dst=out, formats=("recordio",), workers=1, progress=False,
+                              image=ImageSettings(short_side=48)))
     rec = load_dataset(out).recordio_paths("train")[0][0]
     payloads = [p for _, p in iter_records(rec)]
     assert all(p[24:] == data for p in payloads)  # passed through unchanged, magic included

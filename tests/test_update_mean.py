@@ -17,7 +17,8 @@ import pytest
 from alexnet_pipe import protobuf as pb
 from alexnet_pipe.config import UpdateMeanConfig
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, OldMeanFormatError, UnsafePickleError
-from alexnet_pipe.legacy_mean import decode_blobproto, encode_blobproto, run_update_mean
+from alexnet_pipe.blobproto import decode_blobproto, encode_blobproto
+from alexnet_pipe.legacy_mean import run_update_mean
 from alexnet_pipe.mean import load_dataset_mean, read_mean_file
 
 
