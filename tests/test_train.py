@@ -29,6 +29,8 @@ from alexnet_pipe.pipeline import Loader, LoaderConfig
 from alexnet_pipe.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.train import EvalResult, _Runtime, fit, lr_at, run_test, topk_correct
 
+from .conftest import make_tree
+
 CROP = 67  # the smallest crop the network takes: fast CPU steps
 
 
@@ -348,3 +350,34 @@ def test_one_loader_serves_consecutive_epochs_like_fresh_ones(tiny):
     assert torch.equal(torch.cat([b.labels for b in fresh]), passes[1])
     fresh.close()
     assert not torch.equal(passes[0], passes[1])  # a new order each epoch
+
+
+def test_images_smaller_than_the_crop_are_reported(tmp_path, caplog):
+    """--no-upscale keeps small images small: training says how many crops will be padded."""
+    make_tree(tmp_path / "raw", {"train": 4, "val": 2}, sizes=((60, 50), (120, 90)))  # every other one small
+    for upscale, name in ((False, "small"), (True, "upscaled")):
+        run_convert(ConvertConfig(src=tmp_path / "raw", dst=tmp_path / name, shard_size=10, workers=1, progress=False,
+                                  image=ImageSettings(short_side=72, upscale=upscale)))
+    from alexnet_pipe.train import small_image_warning
+
+    message = small_image_warning(load_dataset(tmp_path / "small"), CROP)
+    assert message is not None and "6 of 12 train images and 3 of 6 val images" in message
+    assert "without --no-upscale" in message
+    assert small_image_warning(load_dataset(tmp_path / "upscaled"), CROP) is None
+    with caplog.at_level("WARNING"):
+        fit(tcfg(tmp_path / "small", epochs=1, eval_freq=0))
+    assert any("padded with the mean colour" in r.message for r in caplog.records)
+
+
+def test_inspect_mean_draws_the_mean_image(tiny, tmp_path):
+    res = CliRunner().invoke(main, ["inspect", str(tiny), "--mean", "-o", str(tmp_path / "mean.png")])
+    assert res.exit_code == 0, res.output
+    drawn = np.asarray(Image.open(tmp_path / "mean.png"))
+    stored = np.load(tiny / "mean_image.npy")
+    assert drawn.shape == stored.shape == (72, 72, 3)
+    assert np.abs(drawn.astype(float) - stored).max() <= 0.5
+    (tmp_path / "old").mkdir()
+    shutil.copytree(tiny, tmp_path / "old" / "d")
+    (tmp_path / "old" / "d" / "mean_image.npy").unlink()
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "old" / "d"), "--mean", "-o", str(tmp_path / "m.png")])
+    assert res.exit_code == 1 and "has no mean_image.npy" in res.output
