@@ -41,7 +41,8 @@ demo: install
 	@echo "  alexnet.pt      trained weights; alexnet.ckpt the last checkpoint (resume with --model_file)"
 	@echo "  metrics.jsonl   per-epoch metrics; curves.png their plot; grid.png one training batch"
 
-# Converter throughput against a naive PIL loop (see tools/bench_convert.py).
+# Converter throughput against MXNet's im2rec.py (from its own virtualenv: MXNET_PY, see
+# tools/bench_convert.py --help; without it im2rec is reported as not run) and a naive PIL loop.
 bench: install
 	$(PY) tools/bench_convert.py
 
