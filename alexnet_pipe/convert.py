@@ -33,7 +33,8 @@ from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
 from .mean import (MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, MeanImageSum, PixelStats, write_mean,
                    write_mean_image)
 from .recordio import read_index
-from .scan import ScanResult, Source, scan
+from .scan import ScanResult, scan
+from .sources import Source
 from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards, shard_paths
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ def _plan_digest(found: ScanResult) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(found.classes).encode())
     for split, sources in sorted(found.splits.items()):
-        for s in sources:
-            h.update(f"{split}\0{s.name}\0{s.label}\n".encode("utf-8", "surrogateescape"))
+        for name, label in zip(sources.names(), sources.labels.tolist()):
+            h.update(f"{split}\0{name}\0{label}\n".encode("utf-8", "surrogateescape"))
     return "sha256:" + h.hexdigest()
 
 
@@ -186,7 +187,7 @@ def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, mean: MeanImageSum) -> dict:
+def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, mean: MeanImageSum) -> None:
     """Close, rename into place, then record completion (the order is what makes it safe).
 
     A train shard's exact mean-image sums go to ``.parts/<shard>.mean.npz`` before the completion
@@ -209,7 +210,6 @@ def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, m
         part.update(entries)
     remove(dst / STAGING_DIR / plan.name)
     atomic_write_json(dst / PARTS_DIR / f"{plan.name}.json", part)
-    return part
 
 
 class _ShardState:
@@ -290,7 +290,7 @@ def _resize_policy(image: ImageSettings) -> dict:
     return {"short_side": n, "upscale": image.upscale, "rule": rule}
 
 
-def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]], parts: dict) -> dict:
+def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]]) -> dict:
     """Merge the shards' records into the manifest, mean.json and the mean image.
 
     Manifest fields about sizes, for readers that check crops:
@@ -309,36 +309,40 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
     train_stats = PixelStats()
     train_mean = MeanImageSum(cfg.image.mean_size)
     for split, split_plans in plans.items():
-        split_parts = [parts[p.name] for p in split_plans]
-        written = [p for p in split_parts if p["records"] > 0]  # an all-bad shard has no files
-        labels: Counter = Counter()
-        for p in split_parts:
+        # One completion record at a time: memory stays flat however many shards there are.
+        labels, short_sides = Counter(), Counter()
+        records = passthrough = n_skipped = 0
+        mins, shards = [], []
+        for plan in split_plans:
+            p = _load_part(dst, plan)
+            if p is None:  # checked under the lock just before: a shard vanished meanwhile
+                raise SettingsMismatchError(f"shard {plan.name} of {dst} disappeared while finishing; rerun the command")
             labels.update({int(k): v for k, v in p["labels"].items()})
+            short_sides.update({int(k): v for k, v in p["short_side_counts"].items()})
             skipped.extend(p["skipped"])
+            records, passthrough, n_skipped = records + p["records"], passthrough + p["passthrough"], n_skipped + len(p["skipped"])
+            if p["min_short_side"] is not None:
+                mins.append(p["min_short_side"])
             if split == "train":
                 train_stats.merge(PixelStats.from_json(p["stats"]))
                 if p.get("mean_sums"):
                     sums = MeanImageSum.from_bytes((dst / p["mean_sums"]).read_bytes(), p["mean_sums"])
                     train_mean.add(sums.sum, sums.count)
-        short_sides: Counter = Counter()
-        for p in split_parts:
-            short_sides.update({int(k): v for k, v in p["short_side_counts"].items()})
-        mins = [p["min_short_side"] for p in split_parts if p["min_short_side"] is not None]
+            if p["records"] > 0:  # an all-bad shard has no files
+                shards.append({k: p[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in p})
         entry = {
-            "records": sum(p["records"] for p in split_parts),
+            "records": records,
             "inputs": len(found.splits[split]),
-            "skipped": sum(len(p["skipped"]) for p in split_parts),
-            "passthrough": sum(p["passthrough"] for p in split_parts),
+            "skipped": n_skipped,
+            "passthrough": passthrough,
             "class_counts": [labels.get(i, 0) for i in range(len(found.classes))],
             "short_side_counts": {str(k): v for k, v in sorted(short_sides.items())},
             "min_short_side": min(mins) if mins else None,
             "layout": found.layout[split],
-            "shards": [
-                {k: p[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in p} for p in written
-            ],
+            "shards": shards,
         }
-        if "recordio" in cfg.formats and written:
-            entry["recordio_index"] = _write_combined_index(dst, split, written)
+        if "recordio" in cfg.formats and shards:
+            entry["recordio_index"] = _write_combined_index(dst, split, shards)
         splits[split] = entry
     mean_image = None
     if train_stats.pixels:
@@ -398,7 +402,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     identity = {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
     _prepare_output(cfg.dst, identity, cfg.force)
 
-    parts: dict[str, dict] = {}
+    done: set[str] = set()  # names of complete shards (their records stay on disk until the end)
     pending: list[ShardPlan] = []
     all_plans = [plan for split_plans in plans.values() for plan in split_plans]
     # --part I/N: this process writes every N-th shard; the others may be in progress elsewhere
@@ -406,16 +410,15 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     mine = [plan for k, plan in enumerate(all_plans) if cfg.part is None or k % cfg.part[1] == cfg.part[0]]
     mine_names = {plan.name for plan in mine}
     for plan in all_plans:
-        part = _load_part(cfg.dst, plan)
-        if part is not None:
-            parts[plan.name] = part
+        if _load_part(cfg.dst, plan) is not None:
+            done.add(plan.name)
         elif plan.name in mine_names:
             _clear_shard(cfg.dst, plan)
             pending.append(plan)
     total = sum(len(p.sources) for p in mine)
     todo = sum(len(p.sources) for p in pending)
-    if parts:
-        log.info("resuming: %d shards already complete, %d to write", len(parts), len(pending))
+    if done:
+        log.info("resuming: %d shards already complete, %d to write", len(done), len(pending))
 
     id_width = _id_width(found)
     bar = tqdm(total=total, initial=total - todo, unit="img", desc="convert", disable=not cfg.progress,
@@ -431,20 +434,19 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
             bar.update(len(sources))
             bar.set_postfix(skipped=n_skipped, refresh=False)
             if current.done == len(plan.sources):
-                parts[plan.name] = _commit_shard(cfg.dst, plan, current.writer, current.part(), current.mean)
+                _commit_shard(cfg.dst, plan, current.writer, current.part(), current.mean)
+                done.add(plan.name)
                 current = None
     finally:
         bar.close()
     with _locked(cfg.dst / LOCK_FILE):
         # Under the lock, and with the completion records read again: --part runs finishing at
         # the same time each see the other's shards, and exactly the last one writes the manifest.
-        for plan in all_plans:
-            if plan.name not in parts and (part := _load_part(cfg.dst, plan)) is not None:
-                parts[plan.name] = part
-        remaining = sum(plan.name not in parts for plan in all_plans)
+        done.update(plan.name for plan in all_plans if plan.name not in done and _load_part(cfg.dst, plan))
+        remaining = len(all_plans) - len(done)
         if remaining:  # only with --part: the other parts finish the job
             return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
-        manifest = _finalize(cfg, found, plans, parts)
+        manifest = _finalize(cfg, found, plans)
     return ConvertResult(
         cfg.dst,
         {s: e["records"] for s, e in manifest["splits"].items()},

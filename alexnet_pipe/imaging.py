@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ImageSettings
 from .mean import centre_box
-from .scan import Source
+from .sources import Source
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _EXIF_ORIENTATION = 0x0112

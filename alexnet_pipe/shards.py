@@ -13,16 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
 from .checksum import RecordDigest
 from .datum import Datum, datum_image_and_label, encode_datum
 from .imaging import Encoded
 from .recordio import IRHeader, RecordIOWriter, pack_payload
-from .scan import Source
+from .sources import Source, SourceTable, SourceView
 
 LMDB_DIR = "lmdb"
 RECORDIO_DIR = "recordio"
@@ -38,7 +40,7 @@ class ShardPlan:
     split: str
     index: int
     first_id: int
-    sources: tuple[Source, ...]
+    sources: Sequence[Source]  # a view of the split's SourceTable: Sources are made on access
 
     @property
     def name(self) -> str:
@@ -49,11 +51,19 @@ def shuffle_key(seed: int, split: str, name: str) -> bytes:
     return hashlib.sha256(f"{seed}\0{split}\0{name}".encode("utf-8", "surrogateescape")).digest()
 
 
-def plan_shards(split: str, sources: list[Source], shard_size: int, seed: int) -> list[ShardPlan]:
-    """Shuffle a split's inputs deterministically and cut them into shards of ``shard_size``."""
-    ordered = sorted(sources, key=lambda s: shuffle_key(seed, split, s.name))
+def plan_shards(split: str, sources: SourceTable, shard_size: int, seed: int) -> list[ShardPlan]:
+    """Shuffle a split's inputs deterministically and cut them into shards of ``shard_size``.
+
+    The order is that of the inputs' ``shuffle_key``, sorted on its first 128 bits (two uint64
+    columns: 16 bytes an input, not a Python bytes object each).
+    """
+    hi, lo = np.empty(len(sources), np.uint64), np.empty(len(sources), np.uint64)
+    for i, name in enumerate(sources.names()):
+        key = shuffle_key(seed, split, name)
+        hi[i], lo[i] = int.from_bytes(key[:8], "big"), int.from_bytes(key[8:16], "big")
+    ordered = np.lexsort((lo, hi))
     return [
-        ShardPlan(split, k, start, tuple(ordered[start : start + shard_size]))
+        ShardPlan(split, k, start, SourceView(sources, ordered[start : start + shard_size]))
         for k, start in enumerate(range(0, len(ordered), shard_size))
     ]
 

@@ -121,7 +121,7 @@ def test_archives_give_the_same_records_as_folders(raw_tree, tmp_path, monkeypat
             s["lmdb"]["checksum"] for s in b["splits"][split]["shards"]
         ]
     # The archives' member lists are cached in OUT: a rerun (resume, --part) reads no tar header.
-    assert len(list((tmp_path / "from_tars" / ".scan-cache").glob("*.json"))) == 2
+    assert len(list((tmp_path / "from_tars" / ".scan-cache").glob("*.npz"))) == 2
     import tarfile
     opened = []
     real_open = tarfile.open

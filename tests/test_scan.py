@@ -9,6 +9,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alexnet_pipe.errors import LayoutError
@@ -236,20 +237,28 @@ def test_changed_archive_is_listed_again(archives, small_tree, tmp_path, tar_ope
     assert scan(archives, cache_dir=cache).classes == ["ant", "bee"]
 
 
-def _garbage(cache_file: Path) -> None:
-    obj = json.loads(cache_file.read_text())
-    group = next(iter(obj["groups"].values()))
-    group["offsets"][0] = obj["size"]  # points past the end of the archive
-    cache_file.write_text(json.dumps(obj))
+def _rewrite(cache_file: Path, change) -> None:
+    """Load a cache file's arrays, let ``change`` edit the dict, write it back as .npz."""
+    with np.load(cache_file, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    with open(cache_file, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _past_the_end(arrays: dict) -> None:
+    arrays["offsets"] = arrays["offsets"].copy()
+    arrays["offsets"][0] = json.loads(str(arrays["key"]))["size"]  # points past the end of the archive
 
 
 @pytest.mark.parametrize("spoil", [
     lambda f: f.write_bytes(b"\x00garbage{"),
-    lambda f: f.write_text("[1, 2, 3]"),
-    lambda f: f.write_text(f.read_text().replace('"names":[', '"names":[1,', 1)),  # lists of unequal length
-    lambda f: f.write_text(f.read_text().replace('"version":1', '"version":0')),
-    _garbage,
-], ids=["not json", "not an object", "bad columns", "other version", "offset past the end"])
+    lambda f: _rewrite(f, lambda a: a.pop("sizes")),
+    lambda f: _rewrite(f, lambda a: a.update(name_ends=a["name_ends"][:-1])),  # columns of unequal length
+    lambda f: _rewrite(f, lambda a: a.update(key=np.array(str(a["key"]).replace('"version": 2', '"version": 0')))),
+    lambda f: _rewrite(f, _past_the_end),
+    lambda f: _rewrite(f, lambda a: a.update(offsets=np.array([object()] * len(a["offsets"])))),
+], ids=["not an npz", "missing column", "bad columns", "other version", "offset past the end", "pickled objects"])
 def test_bad_cache_file_is_ignored_and_rewritten(archives, tmp_path, tar_opens, spoil):
     cache = tmp_path / "cache"
     first = scan(archives, cache_dir=cache)

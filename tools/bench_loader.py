@@ -361,7 +361,7 @@ def report(command: str, started: str, env: list[str], load: tuple, ctx: Context
         "mainly to deliver the records: there the read-only rows are the ones that matter. A loader "
         "feeds a GPU fast enough if its records/s exceed the GPU's training img/s with room to spare.",
         "- The dataset is small and sits in the page cache: random access costs a memory lookup here, "
-        "not a disk seek. On ImageNet (about 140 GB of JPEGs, more than most machines cache), the new "
+        "not a disk seek. On ImageNet converted at short side 256 (some 40-50 GB of JPEGs; more than some machines cache), the new "
         "loader's random reads hit the disk where the old readers read each shard front to back; that "
         "cost depends on the storage (NVMe, network file system, ...) and is not measured here.",
         "- The old readers' start-up includes filling the 4,096-record shuffle buffer; the new loader's "
