@@ -82,3 +82,26 @@ def test_dali_mxnet_reader_opens_300_recordio_shards(many):
 
     labels = _read_all(mxnet()).astype(np.int64)
     assert len(labels) == SHARDS and np.bincount(labels).tolist() == [SHARDS // 4] * 4
+
+
+def test_a_dali_build_failure_keeps_the_real_cause(tmp_path):
+    """DALI's error is pages long; ``dali_cause`` keeps the operator and the cause, drops the rest."""
+    from nvidia.dali import fn, pipeline_def
+
+    from alexnet_pipe.pipeline import dali_cause
+
+    missing = tmp_path / "no-such-shard"
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def caffe():
+        jpegs, labels = fn.readers.caffe(path=[str(missing)])
+        return jpegs, labels
+
+    with pytest.raises(RuntimeError) as info:
+        pipe = caffe()
+        pipe.build()
+        pipe.run()
+    cause = dali_cause(info.value)
+    assert "readers.caffe" in cause and str(missing) in cause
+    assert "C++ context" not in cause and "\n" not in cause
+    assert "LMDB Error" in cause  # the real cause, not only DALI's first line ("Critical error ...")
