@@ -88,7 +88,12 @@ def _check_output(dst: Path, force: bool) -> None:
     """Before any work: OUT must be new, empty, or written by alexnet-pipe convert."""
     if dst.exists() and not dst.is_dir():
         raise SettingsMismatchError(f"{dst} exists and is not a directory")
-    foreign = dst.is_dir() and not (dst / STATE_FILE).exists() and any(e.name != SCAN_CACHE for e in dst.iterdir())
+    # Ours even before the state file exists: the scan cache, and the state file being written by
+    # a concurrent --part run into the same new directory.
+    ours = (SCAN_CACHE, f".{STATE_FILE}.tmp-")
+    foreign = dst.is_dir() and not (dst / STATE_FILE).exists() and any(
+        not e.name.startswith(ours) for e in dst.iterdir()
+    )
     if foreign and not force:
         raise SettingsMismatchError(
             f"{dst} is not empty and was not written by alexnet-pipe convert; choose an empty or new "
