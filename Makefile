@@ -34,12 +34,13 @@ demo: install
 	$(APP) test -w $(DEMO)/batches -b cpu --crop 67 --model_file $(DEMO)/alexnet.pt --no_progress_bar
 	$(APP) plot $(DEMO)/metrics.jsonl -o $(DEMO)/curves.png
 	$(APP) inspect $(DEMO)/batches -o $(DEMO)/grid.png --crop 67 -n 16
+	$(APP) inspect $(DEMO)/batches --mean -o $(DEMO)/mean.png
 	@echo
 	@echo "demo outputs in $(DEMO)/:"
 	@echo "  raw/            the generated image set (ImageNet folder layout)"
-	@echo "  batches/        LMDB + RecordIO shards, manifest.json, mean.json"
+	@echo "  batches/        LMDB + RecordIO shards, manifest.json, mean.json, mean_image.npy, mean.binaryproto"
 	@echo "  alexnet.pt      trained weights; alexnet.ckpt the last checkpoint (resume with --model_file)"
-	@echo "  metrics.jsonl   per-epoch metrics; curves.png their plot; grid.png one training batch"
+	@echo "  metrics.jsonl   per-epoch metrics; curves.png their plot; grid.png one training batch; mean.png the mean image"
 
 # Converter throughput against MXNet's im2rec.py (from its own virtualenv: MXNET_PY, see
 # tools/bench_convert.py --help; without it im2rec is reported as not run) and a naive PIL loop.

@@ -446,7 +446,8 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         bar.close()
     with _locked(cfg.dst / LOCK_FILE):
         # Under the lock, and with the completion records read again: --part runs finishing at
-        # the same time each see the other's shards, and exactly the last one writes the manifest.
+        # the same time each see the other's shards: the last to take the lock writes the manifest (one
+        # that ends just after the first may write it again, identically: every byte follows from OUT).
         done.update(plan.name for plan in all_plans if plan.name not in done and _load_part(cfg.dst, plan))
         remaining = len(all_plans) - len(done)
         if remaining:  # only with --part: the other parts finish the job

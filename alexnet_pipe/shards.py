@@ -90,8 +90,8 @@ def dir_size(path: Path) -> int:
 
 
 def compact_lmdb(src: Path, dst: Path) -> None:
-    """Copy the LMDB ``src`` to ``dst`` (a new directory), compacted, with a stored map size equal
-    to its data.
+    """Copy the LMDB ``src`` to ``dst`` (a new directory), compacted, with a stored map size of
+    ``src``'s data (at least the copy's, which a compacting copy can only shrink).
 
     LMDB keeps the map size it was written with in the file, and a reader that sets none (DALI's
     Caffe reader, Caffe itself) reserves that much address space per database: with the 1 TiB
@@ -109,6 +109,16 @@ def lmdb_map_size(path: Path) -> int:
     """The map size stored in an LMDB environment's header (what a reader that sets none maps)."""
     with lmdb.open(str(path), map_size=0, readonly=True, lock=False, subdir=True) as env:
         return env.info()["map_size"]
+
+
+def reserves_too_much(path: Path) -> bool:
+    """True when an LMDB shard's stored map size is far beyond its data (version 1's 1 TiB).
+
+    Our shards store the size of the scratch database they were compacted from: the data's size,
+    or up to ~1.5x it where records were inserted out of key order (half-full B-tree pages).
+    Twice the data plus 1 MiB separates that from a writer's reservation.
+    """
+    return lmdb_map_size(path) > 2 * (path / "data.mdb").stat().st_size + (1 << 20)
 
 
 class ShardWriter:

@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import DatasetError
 from .fsutil import atomic_write_json, fsync_dir, remove
 from .manifest import DATASET_VERSION, MANIFEST_FILE, Dataset, load_dataset
-from .shards import compact_lmdb, dir_size, lmdb_map_size
+from .shards import compact_lmdb, dir_size, reserves_too_much
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,6 @@ class UpgradeResult:
             return f"{self.root} is already at format version {DATASET_VERSION}; nothing to do"
         return (f"upgraded {self.root} from format version {self.from_version} to {DATASET_VERSION}: "
                 f"{self.shards_rewritten} LMDB shards now store the map size of their data")
-
-
-def needs_compaction(path: Path) -> bool:
-    """True when an LMDB shard stores a map size beyond its data (what version 1 wrote)."""
-    return lmdb_map_size(path) > (path / "data.mdb").stat().st_size
 
 
 def _compact_in_place(path: Path) -> None:
@@ -69,7 +64,7 @@ def run_upgrade(root: Path) -> UpgradeResult:
                 path = root / shard["lmdb"]["path"]
                 if not (path / "data.mdb").is_file():
                     raise DatasetError(f"{path} is missing; the dataset cannot be upgraded, only reconverted")
-                if needs_compaction(path):
+                if reserves_too_much(path):
                     _compact_in_place(path)
                     rewritten += 1
                 shard["lmdb"]["bytes"] = dir_size(path)

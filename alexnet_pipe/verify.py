@@ -18,7 +18,7 @@ from .errors import AlexnetPipeError
 from .manifest import load_dataset
 from .mean import load_dataset_mean
 from .recordio import iter_records, read_index, unpack_payload
-from .shards import lmdb_map_size
+from .shards import reserves_too_much
 
 MAX_PROBLEMS_PER_SHARD = 50
 
@@ -64,9 +64,9 @@ def _verify_lmdb(root: Path, entry: dict, num_classes: int, decode: bool, versio
     digest = RecordDigest()
     count = 0
     try:
-        if version >= 2 and lmdb_map_size(root / where) > (root / where / "data.mdb").stat().st_size:
-            problems.append(Problem(where, None, "stores a map size larger than its data (DALI's Caffe reader maps "
-                                                 f"that much per shard); run alexnet-pipe upgrade {root}"))
+        if version >= 2 and reserves_too_much(root / where):
+            problems.append(Problem(where, None, "stores a map size far beyond its data (DALI's Caffe reader reserves "
+                                                 f"that much address space per shard); run alexnet-pipe upgrade {root}"))
         env = lmdb.open(str(root / where), readonly=True, lock=False, subdir=True)
     except (OSError, lmdb.Error) as exc:
         return 0, [Problem(where, None, f"cannot open LMDB ({exc})")]

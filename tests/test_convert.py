@@ -316,6 +316,8 @@ def test_two_concurrent_parts_into_one_directory(raw_tree, tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in cmds]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert sum("wrote" in o for o, _ in outputs) == 1  # exactly one run finished the dataset
+    # The last run to take the lock writes the manifest; if both end after all shards are in, both
+    # do, one after the other, with the same bytes.
+    assert sum("wrote" in o for o, _ in outputs) >= 1
     convert(raw_tree, tmp_path / "single")
     assert tree_bytes(out) == tree_bytes(tmp_path / "single")
