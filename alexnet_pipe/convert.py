@@ -150,10 +150,11 @@ def _chunks(plans: list[ShardPlan]) -> Iterator[tuple[ShardPlan, tuple[int, ...]
     byte-offset order (forward-only I/O over folders and the 138 GB train tar, instead of the
     shuffled order's random reads); the shard writer stores them back in the shuffled order."""
     for plan in plans:
-        order = sorted(range(len(plan.sources)), key=lambda k: (plan.sources[k].path, plan.sources[k].offset))
+        sources = list(plan.sources)  # made once per shard from the table's columns
+        order = sorted(range(len(sources)), key=lambda k: (sources[k].path, sources[k].offset))
         for start in range(0, len(order), CHUNK):
             positions = tuple(order[start : start + CHUNK])
-            yield plan, positions, tuple(plan.sources[k] for k in positions)
+            yield plan, positions, tuple(sources[k] for k in positions)
 
 
 def _worker_context():
