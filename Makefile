@@ -8,7 +8,7 @@ TORCH   ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 DEMO    ?= demo-out
 WORKERS ?=
 
-.PHONY: install test demo bench scale-check clean
+.PHONY: install test faults demo bench scale-check clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(PY) -m pytest -q -rs
+
+# The slow fault suites: crafted attacks, seeded mutation fuzz, kills (docs/RELIABILITY.md).
+# `make test` runs a fast subset of each; this runs them in full.
+faults: install
+	$(PY) -m pytest -q -rs -m faults
 
 # The main job on a built-in default, CPU only: draw ten classes of shapes (120 train / 30 val
 # each, 96x72), convert and verify them, train AlexNet at crop 67 for 18 epochs, evaluate, plot.
