@@ -2,7 +2,8 @@
 
 Both carry the model config and the data settings (classes, mean/std, crop) so a file can be
 tested, resumed, imported or used for prediction without the original command line.
-A checkpoint adds the optimizer, the completed epoch count, RNG states and the train config.
+A checkpoint adds the optimizer, the completed epoch count and the train config (what goes in
+is decided in ``train_state.py``).
 """
 
 from __future__ import annotations
@@ -59,16 +60,3 @@ def load(path: Path) -> dict:
         if key not in body:
             raise CheckpointError(f"{path} lacks '{key}'; the file is damaged or from an unknown writer")
     return body
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)

@@ -148,6 +148,8 @@ class TrainConfig:
     shard_id: int = 0  # this process's shard of the data (torchrun rank)
     num_shards: int = 1  # how many processes share the data (torchrun world size)
     log_every: int = 20  # steps between host syncs for the progress bar
+    lr_scale: str = "linear"  # linear: --lr holds for 128 images and scales with the global batch; none
+    dist_timeout_s: float = 600.0  # a rank waiting longer than this on the others ends the job
 
     def __post_init__(self) -> None:
         checks = [
@@ -166,6 +168,8 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.read_workers >= 0, f"--read-workers must be >= 0, got {self.read_workers}"),
             (self.init in ("neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
+            (self.lr_scale in ("linear", "none"), f"--lr-scale must be linear or none, got {self.lr_scale}"),
+            (self.dist_timeout_s > 0, f"the distributed timeout must be > 0, got {self.dist_timeout_s}"),
             (not (self.test_only and self.model_file is None), "--test_only needs --model_file (the weights to test)"),
         ]
         for ok, message in checks:

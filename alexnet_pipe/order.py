@@ -58,6 +58,13 @@ class OrderConfig:
         """Samples each rank reads per epoch, padding included."""
         return math.ceil(self.epoch_records / self.num_shards)
 
+    def step_total(self, step: int, batch_size: int) -> int:
+        """Real (non-padding) samples over all ranks in ``step`` of an epoch, each rank reading
+        ``batch_size``: step k covers the global positions [k*b*W, min((k+1)*b, per_shard)*W)."""
+        start = step * batch_size * self.num_shards
+        end = min((step + 1) * batch_size, self.per_shard) * self.num_shards
+        return max(0, min(end, self.epoch_records) - start)
+
 
 @dataclass(frozen=True)
 class EpochPlan:

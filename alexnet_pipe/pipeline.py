@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import DatasetError
@@ -98,7 +99,13 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
 
     extra = {"py_num_workers": cfg.read_workers, "py_start_method": "spawn"} if cfg.read_workers else {}
     return graph(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads), device_id=cfg.device_id,
-                 seed=cfg.seed & 0x7FFFFFFF, prefetch_queue_depth=2, **extra)
+                 seed=_pipeline_seed(cfg), prefetch_queue_depth=2, **extra)
+
+
+def _pipeline_seed(cfg: LoaderConfig) -> int:
+    """DALI's own seed, distinct per rank and fixed by ``-r`` (the order and augmentation come from
+    ``order.py`` and are global; this seeds whatever randomness DALI keeps for itself)."""
+    return int(np.random.SeedSequence([cfg.seed % 2**63, cfg.shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class Batch:
     labels: torch.Tensor  # N, int64
     flipped: torch.Tensor  # N, bool (on the CPU)
     valid: torch.Tensor | None = None  # N, bool, on the images' device; None: no padding in this batch
+    real_total: int = 0  # real (non-padding) samples in this step over all ranks: the loss's divisor
 
 
 class Loader:
@@ -163,7 +171,8 @@ class Loader:
                 flipped = torch.from_numpy(plan.mirror[k * b : (k + 1) * b]).bool()
                 valid = plan.valid[k * b : (k + 1) * b]
                 yield Batch(images, out["labels"].reshape(-1).long(), flipped,
-                            None if valid.all() else torch.from_numpy(valid).to(images.device))
+                            None if valid.all() else torch.from_numpy(valid).to(images.device),
+                            self.source.order.step_total(k, b))
         except RuntimeError as exc:
             _raise_record_error(exc, self._root, self.cfg.split)
         self.epoch += 1

@@ -58,7 +58,7 @@ def test_gpu_and_cpu_validation_batches_agree(data):
 
 
 def test_gpu_bf16_training_learns(data, tmp_path):
-    res = fit(TrainConfig(data_dir=data, epochs=4, backend="gpu", datatype="bf16", batch_size=32, lr=0.001,
+    res = fit(TrainConfig(data_dir=data, epochs=4, backend="gpu", datatype="bf16", batch_size=32, lr=0.001, lr_scale="none",
                           progress=False, save_path=tmp_path / "w.pt"))
     losses = [r["train_loss"] for r in res.history]
     assert losses[-1] < losses[0]

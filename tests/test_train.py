@@ -27,7 +27,8 @@ from alexnet_pipe.mean import load_dataset_mean
 from alexnet_pipe.model import AlexNet, AlexNetConfig, param_groups
 from alexnet_pipe.pipeline import Loader, LoaderConfig
 from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import EvalResult, _Runtime, fit, lr_at, run_test, topk_correct
+from alexnet_pipe.runtime import Runtime
+from alexnet_pipe.train import EvalResult, fit, lr_at, run_test, topk_correct
 
 from .conftest import make_tree
 
@@ -45,7 +46,7 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def tcfg(data: Path, **kw) -> TrainConfig:
-    base = {"backend": "cpu", "datatype": "f32", "crop": CROP, "batch_size": 8, "lr": 0.001, "progress": False,
+    base = {"backend": "cpu", "datatype": "f32", "crop": CROP, "batch_size": 8, "lr": 0.001, "lr_scale": "none", "progress": False,
             "data_threads": 1}
     base.update(kw)
     return TrainConfig(data_dir=data, **base)
@@ -159,7 +160,7 @@ def test_test_only_equals_a_direct_computation(tiny, tmp_path):
     reported = run_test(tcfg(tiny, test_only=True, model_file=tmp_path / "w.pt", output_file=tmp_path / "m.jsonl"))
     # Direct: load the weights, run the same validation pipeline, compute the numbers by hand.
     ds = load_dataset(tiny)
-    rt = _Runtime(tcfg(tiny), ds, load_dataset_mean(tiny))
+    rt = Runtime(tcfg(tiny), ds, load_dataset_mean(tiny))
     model = AlexNet(AlexNetConfig(num_classes=4, crop=CROP))
     model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True)["model"])
     model.eval()

@@ -1,0 +1,124 @@
+"""What a run derives from its TrainConfig: device, precision, rank and the data loaders.
+
+``open_run(cfg)`` loads the dataset and its mean and returns a ``Runtime``; ``fit``, ``run_test``,
+``inspect`` and the benchmarks all build their loaders through it, so each sees exactly the
+records, order and augmentation training sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from .config import TrainConfig
+from .distributed import Dist, DistConfig
+from .errors import DatasetError, TrainingError
+from .manifest import Dataset, load_dataset
+from .mean import ChannelMean, load_dataset_mean
+from .pipeline import Loader, LoaderConfig
+
+log = logging.getLogger(__name__)
+
+BASE_BATCH = 128  # the neon recipe's lr holds for this many images per step
+
+
+class Runtime:
+    """Device, precision, rank and loaders for one run. ``dist`` joins the process group only
+    when ``join`` is set (training and testing; a loader for ``inspect`` needs none)."""
+
+    def __init__(self, cfg: TrainConfig, ds: Dataset, mean: ChannelMean, join: bool = False):
+        self.cfg, self.ds = cfg, ds
+        if cfg.backend == "gpu":
+            if not torch.cuda.is_available():
+                raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
+            self.device = torch.device("cuda", cfg.device_id)
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        else:
+            self.device = torch.device("cpu")
+        self.amp_dtype = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.datatype]
+        self.mean_rgb, self.std_rgb = mean.rgb()
+        if cfg.normalize_std and self.std_rgb is None:
+            raise DatasetError(f"{ds.root}/mean.json has no std (an upgraded old mean); drop --normalize-std")
+        dist_cfg = DistConfig(cfg.shard_id, cfg.num_shards, cfg.dist_timeout_s)
+        self.dist = Dist(dist_cfg if join else DistConfig(), self.device)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.num_shards
+
+    @property
+    def lr(self) -> float:
+        """The weights' base lr: ``--lr`` as given, or scaled from 128 images to the global batch."""
+        if self.cfg.lr_scale == "linear":
+            return self.cfg.lr * self.global_batch / BASE_BATCH
+        return self.cfg.lr
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def loader_config(self, split: str, train: bool, batch_size: int | None = None) -> LoaderConfig:
+        """The loader settings that follow from the run's config (one place: fit, test, inspect)."""
+        cfg = self.cfg
+        gpu = self.device.type == "cuda"
+        return LoaderConfig(
+            split=split, train=train, batch_size=batch_size or cfg.batch_size, crop=cfg.crop,
+            device_id=cfg.device_id if gpu else None, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
+            seed=cfg.rng_seed, subset_pct=cfg.subset_pct if train else 100.0, num_threads=cfg.data_threads,
+            read_workers=cfg.read_workers, fp16=gpu and self.amp_dtype is not None,
+            channels_last=cfg.channels_last, mean=self.mean_rgb, std=self.std_rgb if cfg.normalize_std else None,
+            reader=cfg.reader,
+        )
+
+    def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None) -> Loader:
+        return Loader(self.ds, self.loader_config(split, train, batch_size), epoch)
+
+    def data_meta(self) -> dict:
+        """Data settings that travel with the weights (predict/import will need them)."""
+        return {
+            "classes": [c["id"] for c in self.ds.classes],
+            "class_names": [c.get("name", "") for c in self.ds.classes],
+            "mean_rgb": list(self.mean_rgb),
+            "std_rgb": list(self.std_rgb) if self.cfg.normalize_std else None,
+            "crop": self.cfg.crop,
+            "short_side": self.ds.manifest["settings"]["short_side"],
+            "channel_order": "RGB",
+            "value_range": [0, 255],
+        }
+
+    def close(self) -> None:
+        self.dist.close()
+
+
+def small_image_warning(ds: Dataset, crop: int) -> str | None:
+    """Which stored images are smaller than the crop (their crops get mean-coloured borders), or None.
+    Uses the converter's histogram of stored short sides (``short_side_counts``)."""
+    found = []
+    for name in ds.splits():
+        split = ds.split(name)
+        counts = split.get("short_side_counts")
+        if counts is None:  # converted before the histogram existed: only the setting can tell
+            short = ds.manifest["settings"].get("short_side", 0)
+            small = split["records"] if 0 < short < crop else 0
+        else:
+            small = sum(n for side, n in counts.items() if int(side) < crop)
+        if small:
+            found.append(f"{small} of {split['records']} {name} images")
+    if not found:
+        return None
+    return (f"{' and '.join(found)} have a short side below the crop {crop}: their crops are padded with the mean "
+            f"colour; reconvert with --short-side {max(crop, 256)} (without --no-upscale) or pass a smaller --crop")
+
+
+def open_run(cfg: TrainConfig, join: bool = False) -> Runtime:
+    """Load the dataset and its mean (refusing an old full-image mean with the update-mean hint)."""
+    ds = load_dataset(cfg.data_dir)
+    mean = load_dataset_mean(cfg.data_dir)
+    rt = Runtime(cfg, ds, mean, join)
+    if rt.dist.is_main and (warning := small_image_warning(ds, cfg.crop)) is not None:
+        log.warning("%s", warning)
+    return rt

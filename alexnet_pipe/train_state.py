@@ -1,0 +1,78 @@
+"""What a checkpoint or weights file holds of a run, and how a run is restored from one.
+
+The training RNG is reseeded from (seed, epoch, rank) at every epoch start (``seed_epoch``), so
+an epoch's dropout masks need no saved state, and a checkpoint written by N ranks resumes on M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+from .manifest import Dataset
+from .runtime import Runtime
+
+_DROPOUT_STREAM = 0xD50
+
+
+@dataclass
+class Restored:
+    start_epoch: int  # epochs already trained
+    history: list[dict]  # their metrics rows
+
+
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seed torch's RNGs (dropout) for ``epoch`` on ``rank``: distinct per rank, fixed by (seed, epoch)."""
+    state = np.random.SeedSequence([seed % 2**63, epoch, rank, _DROPOUT_STREAM]).generate_state(2, np.uint64)
+    torch.manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def check_compatible(body: dict, path: Path, ds: Dataset, crop: int) -> None:
+    """Refuse weights trained for other classes or another crop than this run's."""
+    mc = body["model_config"]
+    num_classes = ds.num_classes
+    if mc.get("num_classes") != num_classes:
+        raise CheckpointError(f"{path} was trained for {mc.get('num_classes')} classes; this dataset has {num_classes}")
+    trained = body["data"].get("classes")
+    here = [c["id"] for c in ds.classes]
+    if trained is not None and trained != here:
+        first = next(i for i, (a, b) in enumerate(zip(trained, here)) if a != b)
+        raise CheckpointError(
+            f"{path} was trained on other classes (class {first} is {trained[first]!r} there, "
+            f"{here[first]!r} in {ds.root}); its scores would be read against the wrong labels"
+        )
+    if mc.get("crop") != crop:
+        raise CheckpointError(f"{path} was trained with --crop {mc.get('crop')}; pass --crop {mc.get('crop')}")
+
+
+def restore(body: dict, model: torch.nn.Module, opt, scaler) -> Restored:
+    """Load weights (any kind) and, from a checkpoint, the optimizer and the epoch count."""
+    model.load_state_dict(body["model"])
+    if body["kind"] != "checkpoint":
+        return Restored(0, [])
+    opt.load_state_dict(body["optimizer"])
+    if scaler is not None and body.get("scaler"):
+        scaler.load_state_dict(body["scaler"])
+    return Restored(body["epoch"], list(body.get("history", [])))
+
+
+def checkpoint_payload(rt: Runtime, model, opt, scaler, epoch: int, history: list[dict]) -> dict:
+    """A resumable checkpoint after ``epoch`` completed epochs."""
+    return {
+        "kind": "checkpoint", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
+        "data": rt.data_meta(), "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch, "world_size": rt.dist.world_size, "train_config": rt.cfg.to_dict(), "history": history,
+    }
+
+
+def weights_payload(rt: Runtime, model, epoch: int, history: list[dict]) -> dict:
+    """The final weights: model, its config and the data settings, no optimizer."""
+    return {
+        "kind": "weights", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
+        "data": rt.data_meta(), "epoch": epoch, "train_config": rt.cfg.to_dict(), "history": history,
+    }
