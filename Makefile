@@ -34,7 +34,7 @@ demo: install
 	$(APP) convert $(DEMO)/raw $(DEMO)/batches --format both --short-side 72 --no-progress
 	$(APP) verify $(DEMO)/batches --no-progress
 	$(APP) info $(DEMO)/batches
-	$(APP) train -w $(DEMO)/batches -b cpu -e 18 --crop 67 -z 32 --lr 0.003 --lr-step 13 --init kaiming \
+	$(APP) train -w $(DEMO)/batches -b cpu -e 18 --crop 67 -z 32 --lr 0.012 --lr-step 13 --init kaiming \
 		-s $(DEMO)/alexnet.pt -o $(DEMO)/metrics.jsonl --serialize 5 --data-threads 1
 	$(APP) test -w $(DEMO)/batches -b cpu --crop 67 --model_file $(DEMO)/alexnet.pt --no_progress_bar
 	$(APP) plot $(DEMO)/metrics.jsonl -o $(DEMO)/curves.png

@@ -185,7 +185,10 @@ def _train_options(fn):
         click.option("--no_progress_bar", is_flag=True),
         click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True,
                      help="Crop size (227 = Caffe geometry; 112 for quick CPU runs)."),
-        click.option("--lr", type=float, default=0.01, show_default=True, help="Weights' lr (biases get 2x)."),
+        click.option("--lr", type=float, default=0.01, show_default=True,
+                     help="Weights' lr for 128 images per step (biases get 2x); see --lr-scale."),
+        click.option("--lr-scale", type=click.Choice(["linear", "none"]), default="linear", show_default=True,
+                     help="linear: the lr used is --lr x (-z x ranks) / 128; none: --lr as given."),
         click.option("--lr-step", type=click.IntRange(min=1), default=20, show_default=True,
                      help="lr x0.1 every N epochs."),
         click.option("--momentum", type=float, default=0.9, show_default=True),
@@ -199,6 +202,10 @@ def _train_options(fn):
         click.option("--read-workers", type=click.IntRange(min=0), default=None,
                      help="Processes reading records for DALI; 0: the training process reads them "
                           "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4]."),
+        click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Launch this many ranks on this machine with torchrun (one per GPU)."),
+        click.option("--dist-timeout", "dist_timeout_s", type=click.FloatRange(min=1), default=600.0,
+                     show_default=True, help="Seconds a rank waits for the others before the job ends."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -210,6 +217,7 @@ def _train_config(test_only: bool, kw: dict):
 
     from .config import TrainConfig
 
+    kw.pop("nproc")
     backend = kw.pop("backend") or ("gpu" if torch.cuda.is_available() else "cpu")
     datatype = kw.pop("datatype") or ("bf16" if backend == "gpu" else "f32")
     threads = kw.pop("data_threads")
@@ -220,8 +228,54 @@ def _train_config(test_only: bool, kw: dict):
         lr_step=kw.pop("lr_step"), weight_decay=kw.pop("weight_decay"), normalize_std=kw.pop("normalize_std"),
         # Reading costs 10-25 us per record in Python: at GPU rates that belongs off the training thread.
         read_workers=_default(kw.pop("read_workers"), 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))),
-        **kw, **extra,
+        **_torchrun_rank(kw), **kw, **extra,
     )
+
+
+def _torchrun_rank(kw: dict) -> dict:
+    """This process's rank, world size and GPU under torchrun (its environment variables), or {}."""
+    import os
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return {}
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if rank:  # one voice: the other ranks report errors only
+        logging.getLogger().setLevel(logging.ERROR)
+    kw.pop("device_id")
+    return {"shard_id": rank, "num_shards": world, "device_id": local}
+
+
+def _launch(nproc: int) -> None:
+    """`train --nproc N`: run this same command line as N torchrun ranks on this machine."""
+    import os
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if "RANK" in os.environ:
+        raise click.UsageError("--nproc starts torchrun itself; under torchrun, drop it")
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    # torchrun's default of one thread per rank starves CPU ranks; share the cores out instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, default_workers() // nproc)))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1.0)
+    try:
+        elastic_launch(config, sys.executable)("-m", "alexnet_pipe", *args)
+    except ChildFailedError as exc:
+        deaths = []
+        for rank, failure in sorted(exc.failures.items()):
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            deaths.append(f"rank {rank} ended with {how}")
+        raise click.ClickException(f"the {nproc}-rank job failed: {'; '.join(deaths)} (each rank's own message is "
+                                   "above); resume from the last checkpoint with --model_file") from None
 
 
 def _default(value, fallback):
@@ -232,9 +286,13 @@ def _run_training(cfg) -> None:
     from .train import fit, run_test
 
     if cfg.test_only:
-        click.echo(run_test(cfg).neon_line())
+        result = run_test(cfg)
+        if cfg.shard_id == 0:  # every rank has the same figures; one prints them
+            click.echo(result.neon_line())
         return
     result = fit(cfg)
+    if cfg.shard_id != 0:
+        return
     if result.final is not None:
         click.echo(result.final.neon_line())
     if result.weights_path is not None:
@@ -244,7 +302,19 @@ def _run_training(cfg) -> None:
 @main.command()
 @_train_options
 def train(**kw):
-    """Train the neon AlexNet on a converted dataset (DALI on the GPU, or -b cpu)."""
+    """Train the neon AlexNet on a converted dataset (DALI on the GPU, or -b cpu).
+
+    \b
+    Several GPUs: `--nproc N` on one machine, or torchrun for several machines
+    (torchrun --nproc_per_node=8 --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT
+    -m alexnet_pipe train ...), with the same flags. Each rank reads its share of every
+    epoch's global order. Batch and lr rule: -z is per rank, so a step sees -z x ranks
+    images; --lr is neon's rate for 128 images and, with --lr-scale linear (the default),
+    the rate used is --lr x (-z x ranks) / 128.
+    """
+    if kw["nproc"] > 1:
+        _launch(kw["nproc"])
+        return
     _run_training(_train_config(False, kw))
 
 
@@ -252,6 +322,9 @@ def train(**kw):
 @_train_options
 def test_cmd(**kw):
     """Evaluate --model_file on the validation split (same as train --test_only)."""
+    if kw["nproc"] > 1:
+        _launch(kw["nproc"])
+        return
     _run_training(_train_config(True, kw))
 
 
