@@ -204,6 +204,8 @@ def _train_options(fn):
                           "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4]."),
         click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Launch this many ranks on this machine with torchrun (one per GPU)."),
+        click.option("--allreduce-dtype", type=click.Choice(["f32", "bf16"]), default=None,
+                     help="Gradients' all-reduce between ranks [default: bf16 with -d bf16, else f32]."),
         click.option("--dist-timeout", "dist_timeout_s", type=click.FloatRange(min=1), default=600.0,
                      show_default=True, help="Seconds a rank waits for the others before the job ends."),
     ]

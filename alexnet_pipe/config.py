@@ -150,6 +150,7 @@ class TrainConfig:
     log_every: int = 20  # steps between host syncs for the progress bar
     lr_scale: str = "linear"  # linear: --lr holds for 128 images and scales with the global batch; none
     dist_timeout_s: float = 600.0  # a rank waiting longer than this on the others ends the job
+    allreduce_dtype: str | None = None  # gradients' all-reduce: f32 or bf16 (None: bf16 with -d bf16)
 
     def __post_init__(self) -> None:
         checks = [
@@ -169,12 +170,16 @@ class TrainConfig:
             (self.read_workers >= 0, f"--read-workers must be >= 0, got {self.read_workers}"),
             (self.init in ("neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
             (self.lr_scale in ("linear", "none"), f"--lr-scale must be linear or none, got {self.lr_scale}"),
+            (self.allreduce_dtype in (None, "f32", "bf16"), f"allreduce dtype must be f32 or bf16, got {self.allreduce_dtype}"),
             (self.dist_timeout_s > 0, f"the distributed timeout must be > 0, got {self.dist_timeout_s}"),
             (not (self.test_only and self.model_file is None), "--test_only needs --model_file (the weights to test)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def resolved_allreduce_dtype(self) -> str:
+        return self.allreduce_dtype or ("bf16" if self.datatype == "bf16" else "f32")
 
     def resolved_checkpoint_path(self) -> Path | None:
         if self.checkpoint_path is not None:

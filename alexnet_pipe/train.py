@@ -249,7 +249,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         start_epoch, history = restored.start_epoch, restored.history
         metrics = MetricsLog(cfg.output_file, enabled=main)
         metrics.start(None if cfg.model_file is None else start_epoch)
-        train_model = rt.dist.wrap(model)
+        train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
             train_model = torch.compile(train_model)
         has_val = "val" in ds.splits()

@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py MODE DATA OUT
 
 MODE samples: each rank reads one train epoch and reports the records and labels it was fed.
-MODE step:    one training epoch of exactly one step, dropout off; rank 0 saves the parameters.
+MODE step:    one training epoch of exactly one step, dropout off, gradients all-reduced in f32 or
+              bf16; rank 0 saves the parameters before and after.
 MODE mismatch: rank 1 asks for another lr than rank 0; fit must refuse to start.
 """
 
@@ -48,7 +49,7 @@ def samples(data: Path, out: Path) -> None:
     rt.close()
 
 
-def step(data: Path, out: Path, batch_size: int) -> None:
+def step(data: Path, out: Path, batch_size: int, grads: str) -> None:
     rt = open_run(config(data, batch_size=batch_size), join=True)
     model = _build_model(rt, rt.ds.num_classes, 67, 0)
     for m in model.modules():  # dropout masks cannot match between 1 and 2 processes: take it out
@@ -58,7 +59,7 @@ def step(data: Path, out: Path, batch_size: int) -> None:
     opt = torch.optim.SGD(param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9)
     loader = rt.loader("train", True, 0)
     assert len(loader) == 1, "the test's split must fill exactly one step"
-    train_one_epoch(rt.dist.wrap(model), loader, opt, None, rt, 0, 0.01)
+    train_one_epoch(rt.dist.wrap(model, bf16_grads=grads == "bf16"), loader, opt, None, rt, 0, 0.01)
     if rt.dist.is_main:
         torch.save({"before": before, "after": model.state_dict()}, out)
     loader.close()
@@ -75,7 +76,7 @@ if __name__ == "__main__":
     if mode == "samples":
         samples(data, out)
     elif mode == "step":
-        step(data, out, int(sys.argv[4]))
+        step(data, out, int(sys.argv[4]), sys.argv[5])
     elif mode == "mismatch":
         mismatch(data, out)
     else:

@@ -64,15 +64,22 @@ def test_two_ranks_see_the_whole_split_once_per_epoch(data, tmp_path):
 
 def test_one_step_on_two_ranks_equals_one_process_with_the_double_batch(data, tmp_path):
     # 15 records: 2 ranks x 8 (one padding sample) and 1 process x 16 both fill exactly one step.
-    one = torchrun(1, str(WORKER), "step", str(data), str(tmp_path / "p1.pt"), "16")
-    two = torchrun(2, str(WORKER), "step", str(data), str(tmp_path / "p2.pt"), "8")
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert two.returncode == 0, two.stderr[-3000:]
-    p1, p2 = torch.load(tmp_path / "p1.pt"), torch.load(tmp_path / "p2.pt")
+    one = torchrun(1, str(WORKER), "step", str(data), str(tmp_path / "p1.pt"), "16", "f32")
+    two = torchrun(2, str(WORKER), "step", str(data), str(tmp_path / "p2.pt"), "8", "f32")
+    bf16 = torchrun(2, str(WORKER), "step", str(data), str(tmp_path / "pb.pt"), "8", "bf16")
+    for res in (one, two, bf16):
+        assert res.returncode == 0, res.stderr[-3000:]
+    p1, p2, pb = (torch.load(tmp_path / f"{n}.pt") for n in ("p1", "p2", "pb"))
     moved = max((p1["after"][k] - p1["before"][k]).abs().max().item() for k in p1["after"])
-    differ = max((p1["after"][k] - p2["after"][k]).abs().max().item() for k in p1["after"])
     assert moved > 1e-4  # the step did something
-    assert differ < 1e-6  # float32 sums in another order: measured 4e-9 on this machine
+
+    def differ(p):
+        return max((p1["after"][k] - p["after"][k]).abs().max().item() for k in p1["after"])
+
+    assert differ(p2) < 1e-6  # float32 sums in another order: measured 4e-9 on this machine
+    # bf16 all-reduce: gradients rounded to 8 significant bits (0.4% each), so the step differs
+    # by about that much of its size (measured 0.5% at the largest element), not more.
+    assert differ(pb) < 2e-2 * moved
 
 
 def test_two_rank_validation_equals_one_process(data, tmp_path):
