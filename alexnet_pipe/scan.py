@@ -10,6 +10,16 @@ Layouts understood, per split:
      workers read them straight from the archive; nothing is extracted. Listing the train tar
      takes minutes, so with ``cache_dir`` the member lists are kept for the next scan.
 Classes are numbered by sorted class name (Caffe/torchvision convention).
+
+Nothing is dropped silently, and nothing shifts a label:
+  * an archive must be readable to its end-of-archive marker, else the scan fails naming the
+    byte (tarwalk.py): a damaged header or a partial download never reads as fewer classes;
+  * links, GNU sparse files and other members that are not plain files are listed as skipped;
+  * system and metadata folders (``__MACOSX``, ``lost+found``, hidden folders, ``@eaDir``, ...)
+    and empty folders are never classes: they are listed as skipped;
+  * with a synset list (--synsets, one of SYNSET_LISTS in RAW, or the devkit), the classes found
+    must be exactly its classes: missing or extra classes are an error naming them.
+Hidden files (names starting with ".") are ignored, in folders and archives alike.
 """
 
 from __future__ import annotations
@@ -32,9 +42,12 @@ import numpy as np
 from .errors import LayoutError
 from .fsutil import atomic_write_bytes
 from .sources import Source, SourceTable, SourceTableBuilder
+from .tarwalk import corrupt, open_tar, skip_reason
+from .tarwalk import members as tar_members
 from .val_labels import (
     CSV_LABELS,
     DEVKIT_ARCHIVES,
+    DEVKIT_DIR,
     GT_LABELS,
     ID_MAPS,
     NAME_LISTS,
@@ -55,7 +68,20 @@ METADATA = frozenset(
     CSV_LABELS + GT_LABELS + SYNSET_LISTS + NAME_LISTS + ID_MAPS + DEVKIT_ARCHIVES + TRAIN_TARS + VAL_TARS
 )
 CACHE_FORMAT = "alexnet-pipe scan cache"
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: archives checked to their end-of-archive marker; skipped members kept
+# Folders that operating systems, file systems and NAS boxes make: never classes, never images.
+# (Hidden folders, names starting with ".", are skipped too: .Trash-1000, .AppleDouble, .git ...)
+SYSTEM_FOLDERS = {
+    "__macosx": "macOS archive metadata folder",
+    "lost+found": "file system recovery folder",
+    "@eadir": "Synology thumbnail folder",
+    "#recycle": "NAS recycle bin",
+    "#snapshot": "NAS snapshot folder",
+    "$recycle.bin": "Windows recycle bin",
+    "recycler": "Windows recycle bin",
+    "system volume information": "Windows system folder",
+    DEVKIT_DIR.casefold(): "the ILSVRC devkit",
+}
 
 __all__ = ["Source", "SourceTable", "ScanResult", "Skip", "scan"]
 
@@ -76,10 +102,25 @@ class ScanResult:
     class_names: dict[str, str]
     splits: dict[str, SourceTable]  # inputs of each split, sorted by name
     skipped: list[Skip] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also logged: e.g. labels that have no file
 
 
 def _visible(entries) -> list[os.DirEntry]:
     return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def system_folder(name: str) -> str | None:
+    """What a folder called ``name`` is, if it is a hidden or system folder (never a class)."""
+    if name in (".", ".."):
+        return None
+    if name.startswith("."):
+        return "hidden folder"
+    return SYSTEM_FOLDERS.get(name.casefold())
+
+
+def _some(names: list[str], k: int = 5) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def _list_dir(path: Path) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
@@ -96,28 +137,64 @@ def _find(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / name for name in names if (root / name).is_file()), None)
 
 
-def _files_below(folder: Path) -> list[tuple[str, str]]:
+def _files_below(folder: Path, system: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """(name relative to ``folder``, path) of every visible file below it, sorted; like
     torchvision's ImageFolder, images in subfolders of a class folder belong to that class.
-    (os.path, not pathlib: pathlib interns every name part, a table that would grow by the
-    million on ImageNet and never shrink.)"""
+    Hidden and system subfolders are not entered; they are appended to ``system`` as
+    (relative name, what it is). (os.path, not pathlib: pathlib interns every name part, a
+    table that would grow by the million on ImageNet and never shrink.)"""
     out = []
     top = os.fspath(folder)
     for root, dirs, files in os.walk(top):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = os.path.relpath(root, top)
         prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        kept = []
+        for d in dirs:
+            what = system_folder(d)
+            if what is None:
+                kept.append(d)
+            elif system is not None:
+                system.append((prefix + d, what))
+        dirs[:] = kept
         for name in files:
             path = os.path.join(root, name)
             if not name.startswith(".") and os.path.isfile(path):
                 out.append((prefix + name, path))
+    if system is not None:
+        system.sort()
     return sorted(out)
 
 
-def _class_dirs(split_dir: Path) -> dict[str, Path]:
+def _has_files(folder: str) -> bool:
+    """Whether ``folder`` holds a visible file (what _files_below lists); stops at the first."""
+    subdirs = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file():
+                return True
+            if entry.is_dir() and system_folder(entry.name) is None:
+                subdirs.append(entry.path)
+    return any(_has_files(d) for d in subdirs)
+
+
+def _class_dirs(split_dir: Path, split: str) -> tuple[dict[str, Path], list[Skip]]:
     """class name -> folder, for the class folders of a split (their files are listed later,
-    one class at a time, straight into a SourceTable)."""
-    return {d.name: Path(d.path) for d in _list_dir(split_dir)[0]}
+    one class at a time, straight into a SourceTable); and the folders that are no class:
+    hidden, system (``__MACOSX``, ``lost+found``, ...) and empty ones, as skipped."""
+    classes, skipped = {}, []
+    with os.scandir(split_dir) as it:
+        entries = sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+    for d in entries:
+        what = system_folder(d.name)
+        if what is None and not _has_files(d.path):
+            what = "empty folder (no files)"
+        if what is None:
+            classes[d.name] = Path(d.path)
+        else:
+            skipped.append(Skip(split, d.name + "/", f"{what}, not a class"))
+    return classes, skipped
 
 
 def _by_name(groups) -> list[str]:
@@ -126,7 +203,9 @@ def _by_name(groups) -> list[str]:
     return sorted(groups, key=lambda g: g + "/")
 
 
-def _folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, int], split: str) -> SourceTable:
+def _folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, int],
+                  split: str) -> tuple[SourceTable, list[Skip]]:
+    """The inputs of a split's class folders, and the hidden or system subfolders not entered."""
     for cls in folders:
         if cls not in index:
             raise LayoutError(
@@ -134,11 +213,14 @@ def _folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, in
                 "every class must appear in train/ (or the synset list)"
             )
     table = SourceTableBuilder()
+    skipped = []
     location = str(split_dir)
     for cls in _by_name(folders):
-        for name, _ in _files_below(folders[cls]):
+        system: list[tuple[str, str]] = []
+        for name, _ in _files_below(folders[cls], system):
             table.add(f"{cls}/{name}", index[cls], location)
-    return table.build()
+        skipped.extend(Skip(split, f"{cls}/{rel}/", f"{what}, not read") for rel, what in system)
+    return table.build(), skipped
 
 
 @dataclass
@@ -152,6 +234,7 @@ class Members:
     name_ends: np.ndarray  # int64
     offsets: np.ndarray  # int64: byte offset of the member's data in the archive file
     sizes: np.ndarray  # int64
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (member name, why it is not read)
 
     def rows(self, g: int) -> range:
         return range(int(self.group_ends[g - 1]) if g else 0, int(self.group_ends[g]))
@@ -165,6 +248,7 @@ class _MembersBuilder:
         self.groups: list[str] = []
         self.group_ends, self.name_ends, self.offsets, self.sizes = array("q"), array("q"), array("q"), array("q")
         self.names = bytearray()
+        self.skipped: list[tuple[str, str]] = []
 
     def add_group(self, group: str, members: list[tuple[str, int, int]]) -> None:
         for name, offset, size in sorted(members):
@@ -178,17 +262,77 @@ class _MembersBuilder:
     def build(self) -> Members:
         col = lambda a: np.frombuffer(a, np.int64).copy()  # noqa: E731
         return Members(self.groups, col(self.group_ends), bytes(self.names), col(self.name_ends),
-                       col(self.offsets), col(self.sizes))
+                       col(self.offsets), col(self.sizes), list(self.skipped))
+
+
+def _system_parent(name: str) -> tuple[str, str] | None:
+    """(folder, what it is) for a member name inside a hidden or system folder, else None.
+    (String operations: this runs for each of 1.28M members.)"""
+    folder = name.rpartition("/")[0]
+    if not folder:
+        return None
+    parts = folder.split("/")
+    for k, part in enumerate(parts):
+        what = system_folder(part) if part else None
+        if what is not None:
+            return "/".join(parts[: k + 1]), what
+    return None
+
+
+class _TarFiles:
+    """The plain files of one archive (a flat tar or a per-class tar), by file name (the name
+    without its folders), and the members that are not read, with why."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix  # "<class>/" for the members of a per-class tar, in skip names
+        self.files: dict[str, tuple[int, int, str]] = {}  # file name -> (offset, size, member name)
+        self.skipped: list[tuple[str, str]] = []
+        self._folders: dict[str, str] = {}
+
+    def add(self, member: tarfile.TarInfo, offset: int) -> None:
+        """``member`` of the archive, whose data starts at ``offset`` of the archive file."""
+        why = skip_reason(member)
+        if why == "":  # a directory: nothing to read, nothing to list
+            return
+        if why is not None:
+            self.skipped.append((self.prefix + member.name, why))
+            return
+        system = _system_parent(member.name)
+        if system is not None:  # listed once per folder, like a folder of a class folder
+            self._folders.setdefault(system[0], system[1])
+            return
+        name = member.name.rpartition("/")[2]
+        if name.startswith("."):  # hidden files are ignored, as in folders
+            return
+        earlier = self.files.get(name)
+        if earlier is not None:  # tar semantics: the later member of a name replaces the earlier
+            self.skipped.append((self.prefix + earlier[2], f"a later member {member.name!r} has the same file name"))
+        self.files[name] = (offset, member.size, member.name)
+
+    def rows(self) -> list[tuple[str, int, int]]:
+        return [(name, offset, size) for name, (offset, size, _) in self.files.items()]
+
+    def all_skipped(self) -> list[tuple[str, str]]:
+        return self.skipped + [(f"{self.prefix}{d}/", f"{what}, not read") for d, what in sorted(self._folders.items())]
+
+
+def _archive_size(tar: tarfile.TarFile) -> int:
+    return os.fstat(tar.fileobj.fileno()).st_size
 
 
 def _tar_members(path: Path) -> Members:
-    """The members of a flat tar (the validation archive), as one group ""."""
-    built = _MembersBuilder()
+    """The members of a flat tar (the validation archive), as one group "" named by file name."""
+    fail = corrupt(path)
+    found = _TarFiles()
     try:
-        with tarfile.open(path, "r:") as tar:
-            built.add_group("", [(m.name, m.offset_data, m.size) for m in tar if m.isfile()])
-    except tarfile.TarError as exc:
-        raise LayoutError(f"{path} is not a readable uncompressed tar archive ({exc})") from exc
+        with open_tar(path, fail=fail) as tar:
+            for member in tar_members(tar, _archive_size(tar), fail):
+                found.add(member, member.offset_data)
+    except OSError as exc:
+        raise LayoutError(f"could not read {path} ({exc})") from exc
+    built = _MembersBuilder()
+    built.add_group("", found.rows())
+    built.skipped = found.all_skipped()
     return built.build()
 
 
@@ -196,29 +340,49 @@ def _train_tar_tree(path: Path) -> Members:
     """class -> members, for a tar of per-class tars."""
     try:
         return _read_train_tar(path)
-    except tarfile.TarError as exc:
-        raise LayoutError(
-            f"{path} is not a readable uncompressed tar of per-class tars ({exc}); "
-            "expected the original ILSVRC2012_img_train.tar"
-        ) from exc
+    except OSError as exc:
+        raise LayoutError(f"could not read {path} ({exc})") from exc
 
 
 def _read_train_tar(path: Path) -> Members:
     built = _MembersBuilder()
-    with tarfile.open(path, "r:") as outer:
-        for member in outer:
-            if not member.isfile() or not member.name.endswith(".tar"):
+    fail = corrupt(path)
+    seen: dict[str, str] = {}  # class -> its member name
+    with open_tar(path, fail=fail) as outer:
+        for member in tar_members(outer, _archive_size(outer), fail):
+            why = skip_reason(member)
+            if why == "":
                 continue
-            cls = Path(member.name).name[: -len(".tar")]
-            inner_file = outer.extractfile(member)
-            with tarfile.open(fileobj=inner_file, mode="r:") as inner:
-                # Inner offsets are relative to the inner tar, which starts at the outer
-                # member's data: the sum is the JPEG's byte offset in the archive file.
-                built.add_group(cls, [
-                    (Path(m.name).name, member.offset_data + m.offset_data, m.size)
-                    for m in inner
-                    if m.isfile() and not Path(m.name).name.startswith(".")
-                ])
+            if why is not None:
+                built.skipped.append((member.name, why))
+                continue
+            system = _system_parent(member.name)
+            file_name = member.name.rpartition("/")[2]
+            if system is not None or file_name.startswith("."):
+                built.skipped.append((member.name, f"{system[1] if system else 'hidden file'}, not a class"))
+                continue
+            if not file_name.endswith(".tar"):
+                built.skipped.append((member.name, "not a per-class .tar archive"))
+                continue
+            cls = file_name[: -len(".tar")]
+            if cls in seen:
+                raise LayoutError(f"{path} holds two archives of class {cls}: {seen[cls]} and {member.name}; "
+                                  "expected the original ILSVRC2012_img_train.tar (one .tar per class)")
+            seen[cls] = member.name
+            found = _TarFiles(prefix=f"{cls}/")
+            start = member.offset_data
+            # The failure names the byte of the outer archive file, and the class archive.
+            inner_fail = lambda at, why, _start=start, _name=member.name: fail(_start + at, f"in {_name}: {why}")  # noqa: E731
+            with open_tar(fileobj=outer.extractfile(member), fail=inner_fail) as inner:
+                for m in tar_members(inner, member.size, inner_fail):
+                    # Inner offsets are relative to the inner tar, which starts at the outer
+                    # member's data: the sum is the JPEG's byte offset in the archive file.
+                    found.add(m, start + m.offset_data)
+            built.skipped.extend(found.all_skipped())
+            if found.files:
+                built.add_group(cls, found.rows())
+            else:
+                built.skipped.append((member.name, "holds no images, not a class"))
     if not built.groups:
         raise LayoutError(f"{path} holds no per-class .tar members; expected ILSVRC2012_img_train.tar")
     return built.build()
@@ -226,7 +390,8 @@ def _read_train_tar(path: Path) -> Members:
 
 # The scan cache: one .npz file per archive (numpy arrays only, read with allow_pickle=False):
 # "key" (the archive's resolved path, size and mtime, as one JSON string), "groups" (the group
-# names, NUL-separated), and the Members columns. About 45 bytes per member: ~58 MB for
+# names, NUL-separated), the Members columns, and "skipped" (JSON: [[member, reason], ...]).
+# Only an archive read to its end-of-archive marker is cached. About 45 bytes per member: ~58 MB for
 # ILSVRC2012_img_train.tar, read back in well under a second instead of minutes of tar headers.
 # Another path, size or mtime means the archive changed (or the file belongs to another one)
 # and it is listed again; a file that is not well formed is ignored and rewritten.
@@ -251,9 +416,14 @@ def _load_cache(path: Path, key: str, archive_size: int) -> Members | None:
             if str(z["key"]) != key:
                 return None
             groups = bytes(z["groups"]).decode("utf-8", "surrogateescape").split("\0")
+            skipped = json.loads(str(z["skipped"]))
             members = Members(groups, z["group_ends"], bytes(z["names"]), z["name_ends"], z["offsets"], z["sizes"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
+    if not (isinstance(skipped, list)
+            and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in skipped)):
+        return None
+    members.skipped = [(name, reason) for name, reason in skipped]
     n = len(members.offsets)
     columns_ok = (
         all(a.dtype == np.int64 and a.ndim == 1 for a in (members.group_ends, members.name_ends, members.offsets,
@@ -276,7 +446,7 @@ def _save_cache(path: Path, key: str, members: Members) -> None:
     np.savez(buf, key=np.array(key), groups=np.frombuffer("\0".join(members.groups).encode("utf-8", "surrogateescape"),
                                                           np.uint8),
              group_ends=members.group_ends, names=np.frombuffer(members.names, np.uint8), name_ends=members.name_ends,
-             offsets=members.offsets, sizes=members.sizes)
+             offsets=members.offsets, sizes=members.sizes, skipped=np.array(json.dumps(members.skipped)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, buf.getvalue())
@@ -320,39 +490,78 @@ class _FlatFile:
     size: int = -1
 
 
-def _flat_val_files(raw: Path, cache_dir: Path | None) -> tuple[list[_FlatFile], str] | None:
+@dataclass
+class _FlatVal:
+    files: list[_FlatFile]
+    where: str  # for the layout string
+    skipped: list[Skip]  # folders (of a folder) or members (of a tar) that are not read
+
+
+def _flat_val_files(raw: Path, cache_dir: Path | None) -> _FlatVal | None:
+    """The files of a flat validation set (a val/ folder of files and no class folder, or the
+    val tar), sorted by name; None if there is none."""
     val_dir = raw / "val"
     if val_dir.is_dir():
-        dirs, files = _list_dir(val_dir)
-        if files and not dirs:
-            return [_FlatFile(f.name, f.path) for f in files], "flat val/ folder"
+        files = _list_dir(val_dir)[1]
+        folders, not_classes = _class_dirs(val_dir, "val")
+        if files and not folders:
+            return _FlatVal([_FlatFile(f.name, f.path) for f in files], "flat val/ folder", not_classes)
         return None
     tar = _find(raw, VAL_TARS)
     if tar is not None:
         members = _members(tar, "flat tar", _tar_members, cache_dir)
-        files = [_FlatFile(Path(members.name(r).decode("utf-8", "surrogateescape")).name, str(tar),
+        files = [_FlatFile(members.name(r).decode("utf-8", "surrogateescape"), str(tar),
                            int(members.offsets[r]), int(members.sizes[r])) for r in members.rows(0)]
-        return sorted(files, key=lambda f: f.name), tar.name
+        return _FlatVal(sorted(files, key=lambda f: f.name), tar.name,
+                        [Skip("val", name, why) for name, why in members.skipped])
     return None
 
 
-def _classes(raw: Path, trees: dict, tar_tree: Members | None, val_labels: Path | None,
-             synsets: Path | None) -> list[str]:
-    """The sorted class wnids: train's folders, else val's, else a synset list or the devkit."""
-    if "train" in trees:
-        return sorted(trees["train"])
-    if tar_tree is not None:
-        return sorted(tar_tree.groups)
-    if "val" in trees:
-        return sorted(trees["val"])
+def _class_list(raw: Path, synsets: Path | None) -> tuple[list[str], str] | None:
+    """The classes of a synset list, and its name: --synsets, else the first of SYNSET_LISTS in
+    RAW, else the devkit's (meta.mat or map_clsloc.txt, extracted or in its archive in RAW)."""
     if synsets is not None:
-        return sorted(class_list(synsets))
+        return class_list(synsets), synsets.name
     synset_path = _find(raw, SYNSET_LISTS)
     if synset_path is not None:
-        return sorted(read_synsets(synset_path)[0])
+        return read_synsets(synset_path)[0], synset_path.name
     devkit = find_id_map(raw, archives=tuple(raw / n for n in DEVKIT_ARCHIVES if (raw / n).is_file()))
     if devkit is not None:
-        return sorted(devkit.wnid_of.values())
+        return list(devkit.wnid_of.values()), devkit.source
+    return None
+
+
+def _check_class_list(classes: list[str], origin: str, listed: tuple[list[str], str]) -> None:
+    """The classes found (from ``origin``) must be exactly those of the synset list."""
+    wnids, source = listed
+    extra = sorted(set(classes) - set(wnids))
+    missing = sorted(set(wnids) - set(classes))
+    if extra:
+        raise LayoutError(
+            f"{origin} has {len(extra)} {'class' if len(extra) == 1 else 'classes'} that {source} does not list: "
+            f"{_some(extra)}; is it this dataset's list? Remove those classes, or pass --synsets FILE naming "
+            "this dataset's classes"
+        )
+    if missing:
+        raise LayoutError(
+            f"{origin} has {len(classes)} classes but {source} lists {len(set(wnids))}; missing: {_some(missing)}. "
+            "The input looks incomplete (a partial copy or download?): restore those classes, or for a "
+            "deliberate subset pass --synsets with a list of just the classes kept"
+        )
+
+
+def _classes(raw: Path, trees: dict, tar_tree: Members | None, val_labels: Path | None,
+             synsets: Path | None, listed: tuple[list[str], str] | None) -> tuple[list[str], str | None]:
+    """The sorted class wnids: train's folders, else val's, else a synset list or the devkit;
+    and where they were found, for messages (None: from the list itself)."""
+    if "train" in trees:
+        return sorted(trees["train"]), "train/" if (raw / "train").is_dir() else f"{raw}/"
+    if tar_tree is not None:
+        return sorted(tar_tree.groups), TRAIN_TARS[0]
+    if "val" in trees:
+        return sorted(trees["val"]), "val/"
+    if listed is not None:
+        return sorted(listed[0]), None
     csv_path = val_labels or _find(raw, CSV_LABELS)
     if csv_path is None or csv_path.suffix != ".csv":
         raise LayoutError(
@@ -360,7 +569,7 @@ def _classes(raw: Path, trees: dict, tar_tree: Members | None, val_labels: Path 
             f"({', '.join(SYNSET_LISTS)}), the devkit ({DEVKIT_ARCHIVES[0]}) or LOC_val_solution.csv"
         )
     with open(csv_path, newline="", encoding="utf-8") as f:
-        return sorted({(row.get("PredictionString") or "?").split()[0] for row in csv.DictReader(f)})
+        return sorted({(row.get("PredictionString") or "?").split()[0] for row in csv.DictReader(f)}), csv_path.name
 
 
 def scan(
@@ -389,36 +598,49 @@ def scan(
             raise LayoutError(f"{given} does not exist or is not a file")
     trees: dict[str, dict[str, Path]] = {}  # split -> class -> folder
     layout: dict[str, str] = {}
+    not_classes: list[Skip] = []  # folders that are no class, members that are not read
     tar_tree: Members | None = None
     train_tar = _find(raw, TRAIN_TARS)
     if (raw / "train").is_dir():
-        trees["train"], layout["train"] = _class_dirs(raw / "train"), "class folders train/<class>/"
+        trees["train"], skipped = _class_dirs(raw / "train", "train")
+        layout["train"] = "class folders train/<class>/"
+        not_classes += skipped
     elif train_tar is not None:
         tar_tree = _members(train_tar, "tar of per-class tars", _train_tar_tree, cache_dir)
         layout["train"] = f"{train_tar.name} (tar of per-class tars)"
+        not_classes += [Skip("train", name, why) for name, why in tar_tree.skipped]
     flat = _flat_val_files(raw, cache_dir)
     if flat is None and (raw / "val").is_dir():
-        trees["val"], layout["val"] = _class_dirs(raw / "val"), "class folders val/<class>/"
+        trees["val"], skipped = _class_dirs(raw / "val", "val")
+        layout["val"] = "class folders val/<class>/"
+        not_classes += skipped
+    elif flat is not None:
+        not_classes += flat.skipped
     if not trees and tar_tree is None and flat is None:
-        dirs, _ = _list_dir(raw)
-        if dirs:
-            trees["train"], layout["train"] = _class_dirs(raw), "class folders <class>/ (train only)"
-        else:
+        folders, skipped = _class_dirs(raw, "train")
+        if not folders:
+            also = f" ({_some([s.name for s in skipped])} {'is' if len(skipped) == 1 else 'are'} not)" if skipped else ""
             raise LayoutError(
-                f"{raw} has no class folders; expected {raw}/train/<class>/<image>.JPEG (and val/), "
+                f"{raw} has no class folders{also}; expected {raw}/train/<class>/<image>.JPEG (and val/), "
                 f"{raw}/<class>/<image>.JPEG, or the archives {TRAIN_TARS[0]} / {VAL_TARS[0]}"
             )
+        trees["train"], layout["train"] = folders, "class folders <class>/ (train only)"
+        not_classes += skipped
 
     name_path = _find(raw, NAME_LISTS)
     class_names = read_synsets(name_path)[1] if name_path else {}
-    classes = _classes(raw, trees, tar_tree, val_labels, synsets)
+    listed = _class_list(raw, synsets)
+    classes, origin = _classes(raw, trees, tar_tree, val_labels, synsets, listed)
+    if listed is not None and origin is not None:
+        _check_class_list(classes, origin, listed)
     index = {c: i for i, c in enumerate(classes)}
 
-    result = ScanResult(layout, classes, class_names, {})
+    result = ScanResult(layout, classes, class_names, {}, not_classes)
     for split, folders in trees.items():
         # Inputs are listed one class folder at a time, straight into compact columns.
         split_dir = raw if layout[split].endswith("(train only)") else raw / split
-        result.splits[split] = _folder_table(split_dir, folders, index, split)
+        result.splits[split], skipped = _folder_table(split_dir, folders, index, split)
+        result.skipped.extend(skipped)
         # Loose files beside the class folders have no class: list them, never drop them silently.
         result.skipped.extend(
             Skip(split, f.name, "not inside a class folder (no label)")
@@ -428,18 +650,25 @@ def scan(
     if tar_tree is not None:
         result.splits["train"] = _tar_table(train_tar, tar_tree, index)
     if flat is not None:
-        files, where = flat
-        labels, label_source = flat_labels(raw, [f.name for f in files], classes, val_labels, synsets)
-        layout["val"] = f"{where} labelled by {label_source}"
+        files = flat.files
+        labels, label_source, no_file = flat_labels(raw, [f.name for f in files], classes, val_labels, synsets)
+        layout["val"] = f"{flat.where} labelled by {label_source}"
         table = SourceTableBuilder()
         for f, lab in zip(files, labels):
             if lab is not None:  # a flat file's own path is its location (its name is the file name)
                 table.add(f.name, lab, f.path if f.size >= 0 else os.path.dirname(f.path), f.offset, f.size)
         result.splits["val"] = table.build()
-        result.skipped.extend(
-            Skip("val", f.name, f"no label in {label_source}") for f, lab in zip(files, labels) if lab is None
-        )
+        unlabelled = [f.name for f, lab in zip(files, labels) if lab is None]
+        result.skipped.extend(Skip("val", name, f"no label in {label_source}") for name in unlabelled)
+        if unlabelled or no_file:
+            result.warnings.append(
+                f"val ({flat.where}): {len(unlabelled)} of {len(files)} files have no label in {label_source}"
+                + (f" (listed as skipped: {_some(unlabelled)})" if unlabelled else "")
+                + f"; {len(no_file)} labelled images have no file" + (f" ({_some(no_file)})" if no_file else "")
+            )
     for split in list(result.splits):
         if not len(result.splits[split]):
             raise LayoutError(f"the {split} split of {raw} ({layout[split]}) holds no files")
+    for warning in result.warnings:
+        log.warning("%s", warning)
     return result

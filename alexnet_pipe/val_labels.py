@@ -4,7 +4,10 @@ Label files understood:
   * ``LOC_val_solution.csv`` (``ImageId,PredictionString``; the first token is the wnid);
   * Caffe's ``val.txt`` (``<file> <0-based index in sorted wnid order>``);
   * the devkit's ``ILSVRC2012_validation_ground_truth.txt``: one devkit class id (1-based) per
-    line, line k = the k-th image in sorted file-name order.
+    line, line k = the image ``ILSVRC2012_val_<k, 8 digits>``. The number is taken from each
+    file's name, never from its position in the file list: with one image missing and one stray
+    file (a ``Thumbs.db``) the counts still agree, and positions would shift every later label.
+Files without a label and labels without a file are both reported (flat_labels' result).
 
 Why the devkit ids need care: they follow the order of the devkit's ``data/meta.mat`` (id 1 is
 n02119789 kit fox), not sorted wnid order (n01440764 tench first). Paired with a sorted list
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import tarfile
 import zlib
 from collections.abc import Iterable
@@ -37,6 +41,8 @@ ID_MAPS = (META_MAT, MAP_CLSLOC)  # meta.mat first: it is the 2012 ground truth'
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"  # the extracted devkit; its files are in data/
 DEVKIT_ARCHIVES = ("ILSVRC2012_devkit_t12.tar.gz",)
 MAT_FIELDS = ("ILSVRC2012_ID", "WNID", "num_children")  # the meta.mat fields we read
+# An ILSVRC validation image: its number is its line in the devkit's ground truth.
+VAL_NAME = re.compile(r"ILSVRC\d{4}_val_(\d{8})(?:\.[^./]*)?")
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,7 @@ def find_id_map(raw: Path, near: Path | None = None, archives: tuple[Path, ...] 
     return None
 
 
-def _csv_labels(csv_path: Path, names: list[str], index: dict[str, int]) -> list[int | None]:
+def _csv_labels(csv_path: Path, names: list[str], index: dict[str, int]) -> tuple[list[int | None], list[str]]:
     wnid_of = {}
     with open(csv_path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -289,7 +295,8 @@ def _csv_labels(csv_path: Path, names: list[str], index: dict[str, int]) -> list
         if wnid is not None and wnid not in index:
             raise LayoutError(f"{csv_path} labels {name} as {wnid}, which is not a known class")
         labels.append(None if wnid is None else index[wnid])
-    return labels
+    stems = {Path(name).stem for name in names}
+    return labels, sorted(image for image in wnid_of if image not in stems)
 
 
 def _find_ground_truth(raw: Path, val_labels: Path | None, archives: list[Path]) -> _LabelText | None:
@@ -322,18 +329,24 @@ def _int(token: str, where: str, n: int) -> int:
 
 def _caffe_labels(
     gt: _LabelText, lines: list[tuple[int, list[str]]], names: list[str], n_classes: int
-) -> list[int | None]:
+) -> tuple[list[int | None], list[str]]:
     """Caffe's val.txt: ``<file name> <0-based label in sorted class order>``."""
-    label_of = {parts[0]: _int(parts[1], gt.name, n) for n, parts in lines}
+    label_of = {}
+    for n, (name, token) in lines:
+        label = label_of[name] = _int(token, gt.name, n)
+        if not 0 <= label < n_classes:
+            raise LayoutError(f"{gt.name} has label {label} outside 0..{n_classes - 1} (line {n}; "
+                              f"{n_classes} classes were found)")
     labels = [label_of.get(name) for name in names]
-    bad = [x for x in labels if x is not None and not 0 <= x < n_classes]
-    if bad:
-        raise LayoutError(f"{gt.name} has label {bad[0]} outside 0..{n_classes - 1}")
-    return labels
+    present = set(names)
+    return labels, sorted(name for name in label_of if name not in present)
 
 
-def _devkit_labels(gt: _LabelText, ids: list[tuple[int, int]], id_map: IdMap, index: dict[str, int]) -> list[int]:
-    labels = []
+def _devkit_labels(gt: _LabelText, ids: list[tuple[int, int]], id_map: IdMap, index: dict[str, int],
+                   names: list[str]) -> tuple[list[int | None], list[str]]:
+    """Labels by image number: ``ids`` holds (line number k, class id), the label of the file
+    ``ILSVRC2012_val_<k>``; files named otherwise, or without a line, get None."""
+    label_of: dict[int, int] = {}
     for n, class_id in ids:
         wnid = id_map.wnid_of.get(class_id)
         if wnid is None:
@@ -346,8 +359,16 @@ def _devkit_labels(gt: _LabelText, ids: list[tuple[int, int]], id_map: IdMap, in
                 f"{gt.name} line {n}: id {class_id} is {wnid} in {id_map.source}, which is not among the "
                 f"{len(index)} training classes; is it this dataset's devkit?"
             )
-        labels.append(index[wnid])
-    return labels
+        label_of[n] = index[wnid]
+    numbers = [VAL_NAME.fullmatch(name) for name in names]
+    labels = [None if m is None else label_of.get(int(m.group(1))) for m in numbers]
+    if names and all(m is None for m in numbers):
+        raise LayoutError(
+            f"{gt.name} labels images by number (line k: ILSVRC2012_val_<k as 8 digits>), but no file of the flat "
+            f"validation set is named so (e.g. {names[0]!r}); keep the original file names"
+        )
+    found = {int(m.group(1)) for m in numbers if m is not None}
+    return labels, [f"ILSVRC2012_val_{k:08d}" for k in sorted(label_of) if k not in found]
 
 
 def _no_id_map(raw: Path, gt: _LabelText) -> LayoutError:
@@ -362,7 +383,7 @@ def _no_id_map(raw: Path, gt: _LabelText) -> LayoutError:
 
 def flat_labels(
     raw: Path, names: list[str], classes: list[str], val_labels: Path | None, synsets: Path | None
-) -> tuple[list[int | None], str]:
+) -> tuple[list[int | None], str, list[str]]:
     """One label (None: unlabelled) per flat validation file.
 
     Args:
@@ -372,7 +393,8 @@ def flat_labels(
         val_labels: the label file given by the user (CSV, ground truth, val.txt, devkit archive).
         synsets: the id order given by the user for the devkit ground truth.
     Returns:
-        The labels, and which file(s) gave them, e.g. "ILSVRC2012_validation_ground_truth.txt + meta.mat".
+        The labels; which file(s) gave them, e.g. "ILSVRC2012_validation_ground_truth.txt + meta.mat";
+        and the images the labels name that are not among ``names`` (sorted).
     Raises:
         LayoutError: no labels, malformed labels, or devkit ids without the devkit's id order.
     """
@@ -381,7 +403,8 @@ def flat_labels(
     if csv_path is None and val_labels is None:
         csv_path = next((raw / n for n in CSV_LABELS if (raw / n).is_file()), None)
     if csv_path is not None:
-        return _csv_labels(csv_path, names, index), csv_path.name
+        labels, no_file = _csv_labels(csv_path, names, index)
+        return labels, csv_path.name, no_file
     archives = _devkit_archives(raw, synsets)
     gt = _find_ground_truth(raw, val_labels, archives)
     if gt is None:
@@ -391,19 +414,16 @@ def flat_labels(
         )
     lines = [(n, line.split()) for n, line in enumerate(gt.text.splitlines(), 1) if line.strip()]
     if lines and all(len(parts) == 2 for _, parts in lines):
-        return _caffe_labels(gt, lines, names, len(classes)), gt.name
+        labels, no_file = _caffe_labels(gt, lines, names, len(classes))
+        return labels, gt.name, no_file
     if not all(len(parts) == 1 for _, parts in lines):
         raise LayoutError(f"{gt.name}: expected one label per line, or '<file> <label>' per line")
     ids = [(n, _int(parts[0], gt.name, n)) for n, parts in lines]
-    if len(ids) != len(names):
-        raise LayoutError(
-            f"{gt.name} has {len(ids)} labels but the flat validation set has {len(names)} files; "
-            "the ground truth must list one label per image in sorted file-name order"
-        )
     if synsets is not None:
         id_map = _explicit_id_map(synsets, gt.name)
     else:
         id_map = find_id_map(raw, gt.folder, tuple(_devkit_archives(raw, None, gt.archive)))
     if id_map is None:
         raise _no_id_map(raw, gt)
-    return _devkit_labels(gt, ids, id_map, index), f"{gt.name} + {id_map.source}"
+    labels, no_file = _devkit_labels(gt, ids, id_map, index, names)
+    return labels, f"{gt.name} + {id_map.source}", no_file

@@ -232,6 +232,11 @@ def test_devkit_of_other_classes_is_refused(flat):
     (raw / "meta.mat").write_bytes(meta_mat_bytes(("cat", "ant", "yak")))
     truth_ids = ground_truth(truth).splitlines()
     assert "3" in truth_ids  # some image is a bee, id 3, which this meta.mat calls yak
+    # The devkit is the only class list: the class set is checked against it first.
+    with pytest.raises(LayoutError, match="train/ has 1 class that meta.mat does not list: bee"):
+        scan(raw)
+    # With a synset list of the right classes, the ground truth's ids still meet the wrong devkit.
+    (raw / "synsets.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     with pytest.raises(LayoutError, match="id 3 is yak in meta.mat, which is not among the 3 training classes"):
         scan(raw)
 

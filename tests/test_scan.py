@@ -14,7 +14,7 @@ import pytest
 
 from alexnet_pipe.errors import LayoutError
 from alexnet_pipe.imaging import read_source
-from alexnet_pipe.scan import scan
+from alexnet_pipe.scan import CACHE_VERSION, scan
 
 from .conftest import CLASSES, make_tree
 
@@ -81,12 +81,19 @@ def test_ground_truth_without_the_devkit_says_what_to_add(raw_tree):
         scan(raw_tree)
 
 
-def test_ground_truth_count_mismatch(raw_tree):
-    _flat_val(raw_tree)
-    (raw_tree / "synsets.txt").write_text("\n".join(CLASSES))
-    (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n")
-    with pytest.raises(LayoutError, match="has 2 labels but the flat validation set has 6"):
-        scan(raw_tree)
+def test_ground_truth_shorter_than_the_files(raw_tree, tmp_path):
+    """Labels go by image number: images 3..6, which the 2 lines do not cover, are listed as
+    skipped, and the 2 labelled ones keep their labels."""
+    truth = _flat_val(raw_tree)
+    (tmp_path / "order.txt").write_text("cat\nant\nbee\n")
+    (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{['cat', 'ant', 'bee'].index(truth[s]) + 1}\n" for s in sorted(truth)[:2]))
+    found = scan(raw_tree, synsets=tmp_path / "order.txt")
+    assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == {s: truth[s] for s in sorted(truth)[:2]}
+    assert [s.name for s in found.skipped] == [f"{s}.JPEG" for s in sorted(truth)[2:]]
+    assert found.warnings == [f"val (flat val/ folder): 4 of 6 files have no label in ILSVRC2012_validation_ground_truth.txt"
+                              f" + order.txt (devkit order) (listed as skipped: {', '.join(s.name for s in found.skipped)})"
+                              "; 0 labelled images have no file"]
 
 
 def test_caffe_val_txt(raw_tree):
@@ -255,7 +262,8 @@ def _past_the_end(arrays: dict) -> None:
     lambda f: f.write_bytes(b"\x00garbage{"),
     lambda f: _rewrite(f, lambda a: a.pop("sizes")),
     lambda f: _rewrite(f, lambda a: a.update(name_ends=a["name_ends"][:-1])),  # columns of unequal length
-    lambda f: _rewrite(f, lambda a: a.update(key=np.array(str(a["key"]).replace('"version": 2', '"version": 0')))),
+    lambda f: _rewrite(f, lambda a: a.update(key=np.array(str(a["key"]).replace(f'"version": {CACHE_VERSION}',
+                                                                                '"version": 2')))),
     lambda f: _rewrite(f, _past_the_end),
     lambda f: _rewrite(f, lambda a: a.update(offsets=np.array([object()] * len(a["offsets"])))),
 ], ids=["not an npz", "missing column", "bad columns", "other version", "offset past the end", "pickled objects"])
