@@ -247,16 +247,22 @@ def _torchrun_rank(kw: dict) -> dict:
     return {"shard_id": rank, "num_shards": world, "device_id": local}
 
 
-def _launch(nproc: int) -> None:
+def _launch(nproc: int, backend: str | None) -> None:
     """`train --nproc N`: run this same command line as N torchrun ranks on this machine."""
     import os
     import uuid
+
+    import torch
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if "RANK" in os.environ:
         raise click.UsageError("--nproc starts torchrun itself; under torchrun, drop it")
+    gpus = torch.cuda.device_count()
+    if (backend or ("gpu" if gpus else "cpu")) == "gpu" and gpus < nproc:
+        fix = f"pass --nproc {gpus} or -b cpu" if gpus else "pass -b cpu"
+        raise click.UsageError(f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}; {fix}")
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
@@ -315,7 +321,7 @@ def train(**kw):
     the rate used is --lr x (-z x ranks) / 128.
     """
     if kw["nproc"] > 1:
-        _launch(kw["nproc"])
+        _launch(kw["nproc"], kw["backend"])
         return
     _run_training(_train_config(False, kw))
 
@@ -325,7 +331,7 @@ def train(**kw):
 def test_cmd(**kw):
     """Evaluate --model_file on the validation split (same as train --test_only)."""
     if kw["nproc"] > 1:
-        _launch(kw["nproc"])
+        _launch(kw["nproc"], kw["backend"])
         return
     _run_training(_train_config(True, kw))
 
