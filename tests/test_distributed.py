@@ -7,6 +7,7 @@ ranks leave one padding sample, 9 val records likewise.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,7 +25,8 @@ from alexnet_pipe.synthetic import SynthConfig, make_image_tree
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("dist_worker.py")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-COMMON = ["-b", "cpu", "--crop", "67", "-z", "4", "--no_progress_bar", "--data-threads", "1", "--lr", "0.001"]
+# -z 7 on 2 ranks: the 15 train records end in a step where rank 1's batch is all padding.
+COMMON = ["-b", "cpu", "--crop", "67", "-z", "7", "--no_progress_bar", "--data-threads", "1", "--lr", "0.001"]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +107,9 @@ def test_checkpoints_move_between_rank_counts_and_only_rank_0_writes(data, tmp_p
               "-o", str(metrics), "--nproc", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     [row] = rows(metrics)
-    assert (row["world_size"], row["global_batch"], row["samples"]) == (2, 8, 15)
-    assert row["lr"] == pytest.approx(0.001 * 8 / 128)  # --lr-scale linear: --lr holds for 128 images
+    assert (row["world_size"], row["global_batch"], row["samples"]) == (2, 14, 15)
+    assert row["lr"] == pytest.approx(0.001 * 14 / 128)  # --lr-scale linear: --lr holds for 128 images
+    assert math.isfinite(row["train_loss"])  # the all-padding batch added nothing, not NaN
     # Resume the 2-rank checkpoint on 1 rank, then that one on 2 ranks again.
     res = cli("train", "-w", str(data), *COMMON, "-e", "2", "--model_file", str(ckpt2), "--serialize", "1",
               "--checkpoint", str(ckpt1), "-o", str(metrics))
@@ -178,3 +181,11 @@ def _descends(pid: int, ancestor: int) -> bool:
         except OSError:
             return False
     return False
+
+
+def test_more_ranks_than_gpus_is_refused_before_launching(data):
+    gpus = torch.cuda.device_count()
+    nproc = max(2, gpus + 1)
+    res = cli("train", "-w", str(data), "-b", "gpu", "--nproc", str(nproc))
+    assert res.returncode == 2
+    assert f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}" in res.stderr
