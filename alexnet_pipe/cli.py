@@ -66,6 +66,8 @@ def _parse_part(ctx, param, value):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stored shuffle order.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=ImageSettings.max_pixels, show_default=True,
               help="Larger images are skipped as decompression bombs.")
+@click.option("--max-file-mb", type=click.IntRange(min=1), default=ImageSettings.max_file_mb, show_default=True,
+              help="Larger input files (MiB) are skipped, with a reason, before they are read.")
 @click.option("--no-passthrough", is_flag=True, help="Re-encode every image, even clean small JPEGs.")
 @click.option("--val-labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Labels of a flat val/: LOC_val_solution.csv, Caffe val.txt, the devkit's "
@@ -77,8 +79,8 @@ def _parse_part(ctx, param, value):
 @click.option("--part", callback=_parse_part, default=None, metavar="I/N",
               help="Write only every N-th shard, starting at I (split the work across machines).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers, seed, max_pixels, no_passthrough,
-            val_labels, synsets, force, part, no_progress):
+def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers, seed, max_pixels, max_file_mb,
+            no_passthrough, val_labels, synsets, force, part, no_progress):
     """Convert RAW (ImageNet layout) into validated, shuffled shards in OUT.
 
     Rerunning the same command after an interruption finishes the job.
@@ -89,7 +91,7 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
         src=raw, dst=out,
         formats=("lmdb", "recordio") if fmt == "both" else (fmt,),
         image=ImageSettings(short_side=short_side, quality=quality, max_pixels=max_pixels,
-                            passthrough=not no_passthrough, upscale=not no_upscale),
+                            passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb),
         shard_size=shard_size, workers=workers or default_workers(), seed=seed, force=force,
         progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
     )

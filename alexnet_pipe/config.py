@@ -29,6 +29,7 @@ class ImageSettings:
     max_pixels: int = 89_478_485  # larger images are skipped as decompression bombs
     passthrough: bool = True  # keep a clean baseline RGB JPEG that needs no resize byte for byte
     upscale: bool = True  # False: never scale up (a short side below short_side is kept as it is)
+    max_file_mb: int = 64  # larger input files (MiB) are skipped before they are read into memory
 
     def __post_init__(self) -> None:
         if self.short_side < 0:
@@ -37,6 +38,8 @@ class ImageSettings:
             raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
         if self.max_pixels < 1:
             raise ValueError(f"max pixels must be >= 1, got {self.max_pixels}")
+        if self.max_file_mb < 1:
+            raise ValueError(f"max file size must be >= 1 MiB, got {self.max_file_mb}")
 
     @property
     def mean_size(self) -> int:

@@ -14,21 +14,24 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from . import __version__
 from .config import ConvertConfig, ImageSettings
 from .errors import SettingsMismatchError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove
-from .imaging import BatchResult, Encoded, process_batch
+from .imaging import BatchResult, Encoded, batch_to_pipe, process_batch
 from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
 from .mean import (MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, MeanImageSum, PixelStats, write_mean,
                    write_mean_image)
@@ -172,23 +175,96 @@ def _worker_context():
     return ctx
 
 
+def _run_alone(sources: list[Source], settings: ImageSettings) -> BatchResult | int:
+    """process_batch in a new process of its own: the result, or the exit code of a process that
+    died first (-N: killed by signal N)."""
+    ctx = _worker_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=batch_to_pipe, args=(send, sources, settings), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the process died before it sent anything
+        result = None
+    finally:
+        receive.close()
+        proc.join()
+    return proc.exitcode if result is None else result
+
+
+def _death(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _retry_alone(sources: tuple[Source, ...], settings: ImageSettings) -> BatchResult:
+    """A chunk that was in flight when a worker process died (a decoder's native crash, or the
+    kernel's OOM killer): rerun in a process of its own; if that dies too, every image in a
+    process of its own, so that only an image that kills its process is skipped, with the reason."""
+    whole = _run_alone(list(sources), settings)
+    if isinstance(whole, BatchResult):
+        return whole
+    results: list[Encoded | str] = []
+    size = settings.mean_size
+    mean_sum, mean_count = np.zeros((size, size, 3), np.uint64), np.zeros((size, size), np.uint64)
+    for src in sources:
+        one = _run_alone([src], settings)
+        if isinstance(one, BatchResult):
+            results.append(one.results[0])
+            if one.mean_sum is not None:
+                mean_sum += one.mean_sum
+                mean_count += one.mean_count
+            continue
+        reason = f"the image decoder crashed its process ({_death(one)})"
+        log.warning("%s: %s; skipped", src.name, reason)
+        results.append(reason)
+    if not any(isinstance(r, Encoded) for r in results):
+        return BatchResult(results, None, None)
+    return BatchResult(results, mean_sum, mean_count)
+
+
 def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[tuple, BatchResult]]:
-    """Run process_batch over tasks; yield (task, results) in task order, memory bounded."""
+    """Run process_batch over tasks; yield (task, results) in task order, memory bounded.
+
+    A worker process that dies breaks the whole pool: every chunk still in flight is then rerun
+    on its own (``_retry_alone``), and a new pool takes the rest. One worker (``workers == 1``)
+    runs in this process: there a native crash ends the run.
+    """
     if workers == 1:
         for task in tasks:
             yield task, process_batch(list(task[2]), settings)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=_worker_context())
+    ctx = _worker_context()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
     window: deque = deque()
+    tasks = iter(tasks)
     try:
-        for task in tasks:
-            window.append((task, pool.submit(process_batch, list(task[2]), settings)))
-            if len(window) >= workers * 4:
-                head, fut = window.popleft()
-                yield head, fut.result()
-        while window:
+        while True:
+            while len(window) < workers * 4 and (task := next(tasks, None)) is not None:
+                window.append((task, pool.submit(process_batch, list(task[2]), settings)))
+            if not window:
+                return
             head, fut = window.popleft()
-            yield head, fut.result()
+            try:
+                batch = fut.result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                # A chunk that finished before the pool broke keeps its result; the others are rerun.
+                redo = [(task, done.done() and not done.cancelled() and done.exception() is None, done)
+                        for task, done in [(head, fut), *window]]
+                window.clear()
+                log.warning("a worker process died: rerunning the %d chunks that were in flight, each in a "
+                            "process of its own", sum(not ok for _, ok, _ in redo))
+                for task, ok, done in redo:
+                    yield task, (done.result() if ok else _retry_alone(task[2], settings))
+                pool = ProcessPoolExecutor(workers, mp_context=ctx)
+                continue
+            yield head, batch
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

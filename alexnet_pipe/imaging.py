@@ -4,30 +4,51 @@ Every image is decoded completely before anything is written, so a truncated or 
 input is caught here, never by the training pipeline (DALI has no skip-bad-sample option).
 
 Codecs: 8-bit baseline and progressive RGB/greyscale JPEGs, nearly every input, have their
-header segments read here (size, frame type, EXIF orientation, the pixel limit) and are decoded
-by OpenCV (about 35% faster than Pillow on 500 x 375 photos; DCT-domain 1/2, 1/4, 1/8 scaling
-for large ones), then resized and encoded by OpenCV. Everything else (PNG, CMYK, 16-bit, alpha,
-odd JPEGs, non-images) is read and decoded by Pillow and joins the same path. Imports stay light
-(no torch: ~2.5 s per worker process). Measurements: benchmarks/convert.md.
-Pixels are BGR inside this module (OpenCV's order) and statistics are returned RGB.
+header segments read here (size, frame type, EXIF orientation, ICC profile, the pixel limit) and
+are decoded by OpenCV (about 35% faster than Pillow on 500 x 375 photos; DCT-domain 1/2, 1/4,
+1/8 scaling for large ones), then resized and encoded by OpenCV. Everything else (PNG, CMYK,
+16-bit, alpha, odd JPEGs, colour-managed JPEGs, non-images) is read and decoded by Pillow and
+joins the same path. Imports stay light (no torch: ~2.5 s per worker process). Measurements:
+benchmarks/convert.md. Pixels are BGR inside this module (OpenCV's order) and statistics are
+returned RGB.
+
+Hostile inputs: only the decoders of ``ALLOWED_FORMATS`` ever see an input's bytes (Pillow is
+opened with that allowlist; OpenCV only gets data that starts with a JPEG signature, which its
+format sniffing hands to libjpeg); anything else is skipped with its reason, before any parser of
+that format runs. Files over ``ImageSettings.max_file_mb`` are skipped before they are read. Any
+exception while processing one input becomes that input's skip reason (``process_source``): one
+odd file never stops a conversion. Colour: an input with a non-sRGB ICC profile is converted to
+sRGB (LittleCMS through ``PIL.ImageCms``) and never passed through; an unusable profile keeps the
+image, read as sRGB, with a warning in the log.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
+import os
 import struct
 import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from .config import ImageSettings
 from .mean import centre_box
 from .sources import Source
 
+log = logging.getLogger(__name__)
+
+# The only formats whose decoders see an input's bytes (Pillow's names; MPO is opened by the JPEG
+# plugin). Pillow knows ~40 more (EPS runs Ghostscript where it is installed; DDS, PSD, ICO, ...):
+# none is reachable from a file, whatever its name.
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+ALLOWED_NAMES = "JPEG, PNG, GIF, BMP, TIFF, WebP"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"  # what OpenCV's format sniffing hands to libjpeg (checked before imdecode)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _EXIF_ORIENTATION = 0x0112
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
@@ -84,11 +105,31 @@ class BatchResult:
     mean_count: np.ndarray | None  # (S, S): how many images covered each canvas pixel
 
 
-def read_source(src: Source) -> bytes:
-    """The raw bytes of an input: a whole file, or a byte range inside an archive."""
+def _too_large(size: int, max_mb: int) -> BadImage:
+    return BadImage(f"file too large ({size} bytes, over the limit of {max_mb} MiB set by --max-file-mb)")
+
+
+def read_source(src: Source, max_mb: int | None = None) -> bytes:
+    """The raw bytes of an input: a whole file, or a byte range inside an archive.
+
+    ``max_mb``: inputs over this many MiB are refused (BadImage) before they are read; at most
+    one byte more than the limit is ever read (a file that grows, or a device or pipe that never
+    ends, is cut there and refused).
+    """
+    limit = None if max_mb is None else max_mb << 20
     with open(src.path, "rb") as f:
         if src.size < 0:
-            return f.read()
+            if limit is None:
+                return f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise _too_large(size, max_mb)
+            data = f.read(limit + 1)
+            if len(data) > limit:
+                raise _too_large(os.fstat(f.fileno()).st_size, max_mb)
+            return data
+        if limit is not None and src.size > limit:
+            raise _too_large(src.size, max_mb)
         f.seek(src.offset)
         data = f.read(src.size)
     if len(data) != src.size:
@@ -121,7 +162,9 @@ def _orientation(im: Image.Image) -> int:
     ``im.load()``: for a PNG ``getexif()`` itself decodes the pixels, and a decode error swallowed
     here would leave a half-decoded image that a later ``load()`` accepts as complete."""
     try:
-        value = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Corrupt EXIF data": handled here, not news
+            value = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
     except Exception:  # a broken EXIF block must not lose an otherwise good image
         return 1
     return value if 1 <= value <= 8 else 1
@@ -139,6 +182,7 @@ class _JpegHeader:
     orientation: int  # EXIF orientation, 1 when absent or unreadable
     multi_picture: bool  # an MPO (APP2 "MPF"): more pictures follow the first one's EOI
     scan: int  # offset of the first SOS marker
+    icc: bytes | None  # the ICC profile of the APP2 "ICC_PROFILE" segments, assembled as Pillow does
 
     @property
     def fast(self) -> bool:
@@ -177,6 +221,7 @@ def _jpeg_header(data: bytes) -> _JpegHeader | None:
     frame = None
     orientation, multi_picture = 1, False
     exif_seen = False
+    icc_segments: list[bytes] = []
     while pos + 4 <= end:
         if data[pos] != 0xFF:
             return None
@@ -190,7 +235,8 @@ def _jpeg_header(data: bytes) -> _JpegHeader | None:
             precision, height, width, components = frame[1], frame[2], frame[3], frame[4]
             if width < 1 or height < 1:
                 return None  # height 0: defined later by a DNL marker, which OpenCV does not read
-            return _JpegHeader(width, height, components, frame[0], precision, orientation, multi_picture, pos)
+            return _JpegHeader(width, height, components, frame[0], precision, orientation, multi_picture, pos,
+                               _assemble_icc(icc_segments))
         if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # standalone markers (EOI before any scan: not an image)
             if marker == 0xD9:
                 return None
@@ -209,8 +255,21 @@ def _jpeg_header(data: bytes) -> _JpegHeader | None:
             orientation = _exif_orientation(body)
         elif marker == 0xE2 and body[:4] == b"MPF\0":
             multi_picture = True
+        elif marker == 0xE2 and body[:12] == b"ICC_PROFILE\0":
+            icc_segments.append(body)
         pos += 2 + length
     return None
+
+
+def _assemble_icc(segments: list[bytes]) -> bytes | None:
+    """An ICC profile split over APP2 segments (sequence number, count, data), joined exactly as
+    Pillow's JPEG plugin joins it (so both decode paths see the same profile); None if absent."""
+    if not segments:
+        return None
+    segments = sorted(segments)
+    if len(segments[0]) < 14 or segments[0][13] != len(segments):
+        return None  # a fragment missing: Pillow ignores the profile too
+    return b"".join(s[14:] for s in segments)
 
 
 def _jpeg_complete(data: bytes, scan: int) -> bool:
@@ -232,6 +291,8 @@ def _reduction(width: int, height: int, target: tuple[int, int]) -> tuple[int, i
 def _decode_jpeg(data: bytes, head: _JpegHeader, target: tuple[int, int] | None) -> np.ndarray:
     """OpenCV decode to BGR, scaled in the DCT domain towards ``target`` (None: full size)."""
     width, height = head.width, head.height
+    if data[:3] != _JPEG_SIGNATURE:  # OpenCV picks a decoder by the signature: only libjpeg may get it
+        raise BadImage("not a JPEG")
     if not _jpeg_complete(data, head.scan):
         raise BadImage("truncated or corrupt image data (the JPEG has no end-of-image marker after its scan)")
     k, flag = _reduction(width, height, target) if target is not None else (1, cv2.IMREAD_COLOR)
@@ -277,19 +338,118 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         raise BadImage(f"unsupported image mode {mode} ({exc})") from exc
 
 
-def _decode_with_pillow(im: Image.Image, target: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """Pillow's full decode (every format and mode it knows) -> (upright BGR, EXIF orientation)."""
+# ----------------------------------------------------------------------------- colour (ICC profiles)
+
+_GREY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+_COLOUR_MODES = ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA")
+_SAME_AS_SRGB = 2  # a profile that moves no colour of the probe by more than this is sRGB (grey levels)
+
+
+class _UnusableProfile(Exception):
+    """The image's ICC profile cannot be applied; the image is read as sRGB (the message says why)."""
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+@functools.cache
+def _probe(mode: str) -> Image.Image:
+    """Colours to compare a profile's conversion with the identity: a 6-level RGB cube or a grey ramp."""
+    if mode == "L":
+        return Image.fromarray(np.arange(0, 256, 5, dtype=np.uint8)[None, :], "L")
+    levels = np.arange(0, 256, 51, dtype=np.uint8)
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(1, -1, 3)
+    return Image.fromarray(cube, "RGB")
+
+
+@functools.lru_cache(maxsize=16)
+def _to_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from pixels of ``mode`` (RGB, L or CMYK) described by the profile ``icc``
+    to sRGB, or None when the profile is sRGB already: its conversion moves no colour by more
+    than ``_SAME_AS_SRGB`` levels (every sRGB profile variant, whatever it is called).
+
+    Cached per profile: most photographs of a collection share a handful of profiles.
+    Raises ``_UnusableProfile`` for a profile LittleCMS cannot read or apply to these pixels.
+    """
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = profile.profile.xcolor_space.strip()
+    except Exception as exc:  # a corrupt profile: LittleCMS refuses it, in whatever words
+        raise _UnusableProfile(f"unreadable ICC profile ({type(exc).__name__}: {exc})") from exc
+    wanted = {"RGB": "RGB", "L": "GRAY", "CMYK": "CMYK"}[mode]
+    if space != wanted:
+        raise _UnusableProfile(f"an ICC profile for {space or 'unknown'} colours on {wanted} pixels")
+    try:
+        transform = ImageCms.buildTransform(profile, _srgb_profile(), mode, "RGB")
+        if mode == "CMYK":
+            return transform
+        probe = _probe(mode)
+        moved = np.asarray(transform.apply(probe), np.int16) - np.asarray(probe.convert("RGB"), np.int16)
+    except Exception as exc:
+        raise _UnusableProfile(f"unusable ICC profile ({type(exc).__name__}: {exc})") from exc
+    return None if np.abs(moved).max() <= _SAME_AS_SRGB else transform
+
+
+def _icc_is_srgb(icc: bytes | None, components: int) -> bool:
+    """True when a JPEG's pixels need no colour conversion (no profile, or an sRGB one)."""
+    if icc is None:
+        return True
+    try:
+        return _to_srgb_transform(icc, "L" if components == 1 else "RGB") is None
+    except _UnusableProfile:
+        return False  # Pillow's path reads it and notes why the profile is not used
+
+
+def _to_srgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    """Any Pillow mode -> 8-bit sRGB: ``_to_rgb``, through the image's ICC profile when it has one
+    that is not sRGB. A profile that cannot be used (corrupt, or for other pixels than these) is
+    ignored: the image is kept, read as sRGB as untagged images are, and ``notes`` says why."""
+    icc = im.info.get("icc_profile")
+    if not icc:
+        return _to_rgb(im)
+    if not isinstance(icc, (bytes, bytearray)):  # a TIFF tag of the wrong type: text, numbers
+        notes.append(f"unreadable ICC profile (a {type(icc).__name__}, not bytes); colours read as sRGB")
+        return _to_rgb(im)
+    if im.mode == "CMYK":
+        mode = "CMYK"
+    elif im.mode in _GREY_MODES:
+        mode = "L"
+    elif im.mode in _COLOUR_MODES:
+        mode = "RGB"
+    else:  # YCbCr, LAB, HSV: no profile of ours describes them
+        notes.append(f"ICC profile not applied to {im.mode} pixels; colours read as sRGB")
+        return _to_rgb(im)
+    try:
+        transform = _to_srgb_transform(bytes(icc), mode)
+    except _UnusableProfile as exc:
+        notes.append(f"{exc}; colours read as sRGB")
+        return _to_rgb(im)
+    if mode == "CMYK":
+        return im.convert("RGB") if transform is None else transform.apply(im)
+    rgb = _to_rgb(im)  # alpha composited over white, 16-bit scaled: then the colours converted
+    if transform is None:
+        return rgb
+    return transform.apply(rgb if mode == "RGB" else rgb.getchannel(0))
+
+
+def _decode_with_pillow(im: Image.Image, target: tuple[int, int], notes: list[str]) -> tuple[np.ndarray, int]:
+    """Pillow's full decode (every allowed format and mode) -> (upright sRGB as BGR, EXIF orientation)."""
     if im.format == "JPEG":
         im.draft(im.mode, target)  # DCT-domain downscaling while staying >= the target size
     try:
         im.load()  # the full decode: truncation and corrupt data surface here
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise BadImage(f"truncated or corrupt image data ({exc})") from exc
+    except Exception as exc:  # a decoder tripping over its own header fields (a TIFF tag of the wrong type)
+        raise BadImage(f"corrupt image header ({type(exc).__name__}: {_one_line(exc)})") from exc
     # Only after load(): reading a PNG's EXIF first let a corrupt PNG through (see _orientation).
     orientation = _orientation(im)
-    if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-    return cv2.cvtColor(np.asarray(_to_rgb(im)), cv2.COLOR_RGB2BGR), orientation
+    bgr = cv2.cvtColor(np.asarray(_to_srgb(im, notes)), cv2.COLOR_RGB2BGR)
+    # The orientation read above, applied as on the OpenCV path (not ImageOps.exif_transpose,
+    # which rewrites the EXIF block too and raises on a slightly malformed one).
+    return (bgr if orientation == 1 else _UPRIGHT[orientation](bgr)), orientation
 
 
 # ----------------------------------------------------------------------------- resize, encode, stats
@@ -361,26 +521,53 @@ def _target(width: int, height: int, settings: ImageSettings) -> tuple[int, int]
     return tw, th
 
 
+def _unidentified(data: bytes) -> str:
+    """Why no allowed decoder opened ``data``: an allowed format whose header is broken, another
+    format (named by Pillow's signature checks, which only compare the first 16 bytes: no parser
+    of that format runs), or no image at all."""
+    prefix = data[:16]
+    Image.init()
+    for fmt in ALLOWED_FORMATS + tuple(f for f in Image.ID if f not in ALLOWED_FORMATS):
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        try:
+            hit = accept is not None and accept(prefix)
+        except Exception:
+            continue
+        if not hit:
+            continue
+        if fmt not in ALLOWED_FORMATS:
+            return f"not an allowed image format (looks like {fmt}); allowed: {ALLOWED_NAMES}"
+        try:  # the allowed decoder's own words for what is wrong with the header
+            factory(io.BytesIO(data), "")
+        except Exception as exc:
+            return f"unreadable {fmt} header ({_one_line(exc)})"
+        return f"unreadable {fmt} header"
+    return f"not an image (no allowed format recognised); allowed: {ALLOWED_NAMES}"
+
+
 def _open(data: bytes, settings: ImageSettings) -> Image.Image:
-    """Pillow's header parse, with the pixel limit applied before any pixel is decoded."""
+    """Pillow's header parse by an allowed decoder, with the pixel limit applied before any
+    pixel is decoded."""
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise BadImage(f"decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
-        raise BadImage("not an image (no known image format)") from exc
+        raise BadImage(_unidentified(data)) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage(f"unreadable image header ({exc})") from exc
     _check_pixels(*im.size, settings)
     return im
 
 
-def _process(data: bytes, settings: ImageSettings) -> tuple[Encoded, np.ndarray]:
-    """``process``, also returning the BGR pixels that were encoded (for the mean image)."""
+def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = None) -> tuple[Encoded, np.ndarray]:
+    """``process``, also returning the BGR pixels that were encoded (for the mean image).
+    ``notes``: gets a line for what was done to a kept image that its user may want to know."""
+    notes = [] if notes is None else notes
     if not data:
         raise BadImage("empty file")
     head = _jpeg_header(data)
-    if head is not None and head.fast:
+    if head is not None and head.fast and _icc_is_srgb(head.icc, head.components):
         _check_pixels(head.width, head.height, settings)
         target = _target(head.width, head.height, settings)
         orientation = head.orientation
@@ -403,7 +590,7 @@ def _process(data: bytes, settings: ImageSettings) -> tuple[Encoded, np.ndarray]
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = _open(data, settings)
             target = _target(*im.size, settings)
-            bgr, orientation = _decode_with_pillow(im, target)
+            bgr, orientation = _decode_with_pillow(im, target, notes)
     # The target of the full-size input (not of the DCT-scaled one: rounding differs), turned
     # with the image when the orientation swaps its sides.
     bgr = _resize(bgr, target[::-1] if orientation in (5, 6, 7, 8) else target)
@@ -429,13 +616,32 @@ def process_source(src: Source, settings: ImageSettings) -> Encoded | str:
     return _process_source(src, settings)[0]
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _process_source(src: Source, settings: ImageSettings) -> tuple[Encoded | str, np.ndarray | None]:
+    """Every input is isolated: whatever goes wrong with it becomes its skip reason."""
+    notes: list[str] = []
     try:
-        return _process(read_source(src), settings)
+        data = read_source(src, settings.max_file_mb)
     except BadImage as exc:
         return str(exc), None
     except OSError as exc:  # unreadable file: permissions, I/O error
-        return f"cannot read input ({exc})", None
+        return f"cannot read input ({_one_line(exc)})", None
+    except Exception as exc:
+        return f"cannot read input ({type(exc).__name__}: {_one_line(exc)})", None
+    try:
+        result = _process(data, settings, notes)
+    except BadImage as exc:
+        return _one_line(exc, 1000), None
+    except Exception as exc:  # a decoder's unforeseen error on odd data: this input only
+        return f"cannot convert this image ({type(exc).__name__}: {_one_line(exc)})", None
+    for note in notes:
+        log.warning("%s: %s", src.name, note)
+    return result
 
 
 def _add_to_canvas(canvas_sum: np.ndarray, canvas_count: np.ndarray, image: np.ndarray) -> None:
@@ -471,3 +677,12 @@ def process_batch(sources: list[Source], settings: ImageSettings) -> BatchResult
     if not any(isinstance(r, Encoded) for r in results):
         return BatchResult(results, None, None)
     return BatchResult(results, np.ascontiguousarray(canvas_sum[..., ::-1]), canvas_count)
+
+
+def batch_to_pipe(conn, sources: list[Source], settings: ImageSettings) -> None:
+    """Entry point of a process of its own (convert's retry after a worker died): ``process_batch``,
+    its result sent back over ``conn``."""
+    try:
+        conn.send(process_batch(sources, settings))
+    finally:
+        conn.close()
