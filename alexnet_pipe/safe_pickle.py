@@ -101,9 +101,15 @@ _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 
 # ---------------------------------------------------------------- opcodes
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]{1,200}")
+
+
 def _global_refused(module: str, name: str, pos: int) -> UnsafePickleError:
+    # Names come from the file: anything but a plain dotted name is shown escaped (no newlines,
+    # no terminal control codes in the one-line message).
+    shown = f"{module}.{name}" if _PLAIN_NAME.fullmatch(f"{module}.{name}") else ascii(f"{module[:80]}.{name[:80]}")
     return UnsafePickleError(
-        f"the pickle asks for {module}.{name} (at byte {pos}), which is not part of a numpy array; refusing "
+        f"the pickle asks for {shown} (at byte {pos}), which is not part of a numpy array; refusing "
         "to load it (only numbers, strings, lists, dicts and numeric numpy arrays are allowed)")
 
 
@@ -316,13 +322,14 @@ _ATOMS = (str, bytes, int, float, bool, type(None), np.generic)
 
 
 def _typename(obj: object) -> str:
+    """What ``obj`` is, in words: "numpy.dtype" (a global), "a numpy array", "a value of type str"."""
     if isinstance(obj, _Global):
         return obj.name
     if isinstance(obj, _ArrayPending):
-        return "numpy array"
+        return "a numpy array"
     if isinstance(obj, _DtypePending):
-        return "numpy dtype"
-    return type(obj).__name__
+        return "a numpy dtype"
+    return f"a value of type {type(obj).__name__}"
 
 
 class _Machine:
@@ -380,7 +387,7 @@ class _Machine:
     def _key(self, key: object) -> object:
         ok = isinstance(key, _ATOMS) or (type(key) is tuple and all(isinstance(k, _ATOMS) for k in key))
         if not ok:
-            raise self._refuse(f"a dict key is a {_typename(key)}; only numbers, strings and tuples of them are allowed")
+            raise self._refuse(f"a dict key is {_typename(key)}; only numbers, strings and tuples of them are allowed")
         return key
 
     def _raw_bytes(self, raw: object, what: str) -> bytes:
@@ -392,16 +399,16 @@ class _Machine:
                 return raw.encode("latin1")
             except UnicodeEncodeError:
                 raise self._bad(f"{what} is text, not bytes") from None
-        raise self._refuse(f"{what} is a {_typename(raw)}, not bytes (an object array?)")
+        raise self._refuse(f"{what} is {_typename(raw)}, not bytes (an object array?)")
 
     def _dtype(self, obj: object) -> np.dtype:
         if not isinstance(obj, _DtypePending):
-            raise self._refuse(f"a numpy dtype is given as a {_typename(obj)}")
+            raise self._refuse(f"a numpy dtype is given as {_typename(obj)}")
         return obj.fix()
 
     def _reduce(self, func: object, args: object) -> object:
         if not isinstance(func, _Global):
-            raise self._refuse(f"the pickle calls a {_typename(func)}")
+            raise self._refuse(f"the pickle calls {_typename(func)}")
         if type(args) is not tuple:
             raise self._bad(f"the arguments of {func.name} are not a tuple")
         kind = func.kind
@@ -446,7 +453,7 @@ class _Machine:
         elif isinstance(target, _ArrayPending):
             self._build_array(target, state)
         else:
-            raise self._refuse(f"the pickle sets the state of a {_typename(target)} (BUILD)")
+            raise self._refuse(f"the pickle sets the state (BUILD) of {_typename(target)}")
 
     def _build_dtype(self, target: _DtypePending, state: object) -> None:
         if target.dtype is not None:
@@ -576,12 +583,12 @@ class _Machine:
 
     def _list(self, target: object) -> list:
         if type(target) is not list:
-            raise self._refuse(f"the pickle appends to a {_typename(target)}")
+            raise self._refuse(f"the pickle appends to {_typename(target)}")
         return target
 
     def _dict(self, target: object) -> dict:
         if type(target) is not dict:
-            raise self._refuse(f"the pickle sets items of a {_typename(target)}")
+            raise self._refuse(f"the pickle sets items of {_typename(target)}")
         return target
 
     def _pairs(self, target: dict, items: list[object]) -> dict:

@@ -202,11 +202,11 @@ def test_object_count_is_capped():
 
 
 @pytest.mark.parametrize("data, message", [
-    (PROTO2 + b"}(" + b"]" + i(1) + b"u.", "dict key is a list"),
-    (PROTO2 + b"}" + g("numpy", "dtype") + i(1) + b"s.", "dict key is a numpy.dtype"),
-    (PROTO2 + i(1) + i(2) + b"a.", "appends to a int"),
-    (PROTO2 + b")" + b"(" + i(1) + i(2) + b"u.", "sets items of a tuple"),
-    (PROTO2 + b"}" + dct() + b"b.", "sets the state of a dict"),
+    (PROTO2 + b"}(" + b"]" + i(1) + b"u.", "dict key is a value of type list"),
+    (PROTO2 + b"}" + g("numpy", "dtype") + i(1) + b"s.", "dict key is numpy.dtype"),
+    (PROTO2 + i(1) + i(2) + b"a.", "appends to a value of type int"),
+    (PROTO2 + b")" + b"(" + i(1) + i(2) + b"u.", "sets items of a value of type tuple"),
+    (PROTO2 + b"}" + dct() + b"b.", "sets the state \\(BUILD\\) of a value of type dict"),
     (PROTO2 + dct(s("x"), g("numpy", "ndarray")) + b".", "numpy.ndarray itself as a value"),
     (PROTO2 + b"(" + s("numpy") + b")0" + s("dtype") + b"\x93.", "computes the name of a global"),
     (PROTO2 + call(g("numpy", "dtype"), s("f4"), i(0), i(1)) + tup(i(3), s("<"), b"N", b"N", b"N", i(-1), i(-1), i(0))
@@ -244,6 +244,13 @@ def test_array_state_is_checked(data, message):
     assert loads(array_state(tup(i(2), i(3)), b"\0" * 24)).shape == (2, 3)
     with pytest.raises(FormatError, match=message):
         loads(data)
+
+
+def test_refused_names_are_shown_escaped_on_one_line():
+    data = PROTO2 + b"\x8c\x04os\n\x1b\x8c\x06system\x93."  # a newline and an ESC in the module name
+    with pytest.raises(UnsafePickleError) as caught:
+        loads(data)
+    assert "'os\\n\\x1b.system'" in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_every_truncation_is_a_format_error():

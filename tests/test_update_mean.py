@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from click.testing import CliRunner
+
 from alexnet_pipe import protobuf as pb
+from alexnet_pipe.cli import main
 from alexnet_pipe.config import UpdateMeanConfig
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, OldMeanFormatError, UnsafePickleError
 from alexnet_pipe.blobproto import decode_blobproto, encode_blobproto
@@ -182,6 +185,11 @@ def test_cli_upgrades_a_python2_cache(tmp_path):
     assert read_mean_file(tmp_path / "mean.json").mean == pytest.approx((10.0, 20.0, 30.0))
 
 
+# Those that read or wrote process memory on the old unpickler run in a process of their own;
+# those that would run code or import a module, through click's runner (faster).
+MEMORY_ATTACKS = ("negative-offset-view", "bytearray8-write", "8GiB-reconstruct", "out-of-bounds-strides")
+
+
 @pytest.mark.parametrize("name", list(attack_pickles("SENTINEL")))
 def test_cli_refuses_crafted_attack(tmp_path, name):
     """Each attack of issue 7 (they read or wrote process memory, or ran code, on the old unpickler)."""
@@ -191,12 +199,17 @@ def test_cli_refuses_crafted_attack(tmp_path, name):
     cache_path = tmp_path / "dataset_cache.pkl"
     cache_path.write_bytes(data)
 
-    proc = run_cli(str(cache_path), cwd=tmp_path)
+    if name in MEMORY_ATTACKS:
+        proc = run_cli(str(cache_path), cwd=tmp_path)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        res = CliRunner().invoke(main, ["update-mean", str(cache_path)])
+        rc, stdout, stderr = res.exit_code, res.stdout, res.stderr
 
-    assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {cache_path}: ") and fragment in lines[0], proc.stderr
-    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert rc == 1, (rc, stderr)
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {cache_path}: ") and fragment in lines[0], stderr
+    assert stdout == "" and "Traceback" not in stderr
     assert not sentinel.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset_cache.pkl"] and cache_path.read_bytes() == data
 
@@ -379,9 +392,9 @@ def npy_bytes(header: str, data: bytes = b"", version: tuple[int, int] = (1, 0))
     (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3)}", b"\0" * 47), "holds 47 bytes"),
     (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3)}", b"\0" * 49), "holds 49 bytes"),
     (npy_bytes("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (3,)}", b"\0" * 12), "structured"),
-    (npy_bytes("{'descr': '|O', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), "dtype object"),
-    (npy_bytes("{'descr': '<c8', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), "dtype complex64"),
-    (npy_bytes("{'descr': '(2,)<f4', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), "plain number type"),
+    (npy_bytes("{'descr': '|O', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), r"dtype '\|O'.*object"),
+    (npy_bytes("{'descr': '<c8', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), "dtype '<c8'; expected bool, int, uint or float"),
+    (npy_bytes("{'descr': '(2,)<f4', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), r"dtype '\(2,\)<f4'"),
     (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 1, 1, 3)}", b"\0" * 12), "at most 4 axes"),
     (npy_bytes("{'descr': '<f4', 'fortran_order': 0, 'shape': (3,)}", b"\0" * 12), "malformed shape"),
     (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (-3,)}"), "malformed shape"),
