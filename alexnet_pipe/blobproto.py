@@ -7,8 +7,6 @@ The fields used: ``num``/``channels``/``height``/``width`` (1-4, legacy shape), 
 
 from __future__ import annotations
 
-import struct
-
 import numpy as np
 
 from . import protobuf as pb
@@ -34,25 +32,32 @@ def encode_blobproto(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+MAX_DIMS = 4  # Caffe's legacy shape; a mean image never needs more
+
+
 def _blob_shape(buf: memoryview) -> list[int]:
-    """``BlobShape { repeated int64 dim = 1 [packed = true]; }``, packed or not."""
+    """``BlobShape { repeated int64 dim = 1 [packed = true]; }``, packed or not, at most 4 dims."""
     dims: list[int] = []
+
+    def add(dim: int) -> None:
+        if dim >= 1 << 63:  # int64 two's complement: a negative dim is corrupt, not just large
+            raise FormatError(f"BlobShape has a negative dimension: {dim - (1 << 64)}")
+        if len(dims) == MAX_DIMS:
+            raise FormatError(f"BlobShape has more than {MAX_DIMS} dimensions; a mean blob has at most {MAX_DIMS}")
+        dims.append(dim)
+
     for number, wire, value in pb.iter_fields(buf):
         if number != 1:
             continue
         if wire == pb.VARINT:
-            dims.append(value)
+            add(value)
         elif wire == pb.LENGTH:
             pos = 0
             while pos < len(value):
                 dim, pos = pb.decode_varint(value, pos)
-                dims.append(dim)
+                add(dim)
         else:
             raise FormatError(f"BlobShape.dim has wire type {wire}, expected varint")
-    # int64 two's complement: a negative dim is corrupt, not just large.
-    signed = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]
-    if any(d < 0 for d in signed):
-        raise FormatError(f"BlobShape has a negative dimension: {signed}")
     return dims
 
 
@@ -61,40 +66,41 @@ def decode_blobproto(buf: bytes | memoryview) -> np.ndarray:
 
     The shape comes from ``shape.dim`` (field 7) when present, else from the legacy
     num/channels/height/width (missing ones count as 1). Values come from ``double_data``
-    when it is non-empty (as in Caffe's ``Blob::FromProto``), else from ``data``.
+    when it is non-empty (as in Caffe's ``Blob::FromProto``), else from ``data``. The values
+    are gathered as raw little-endian bytes into one buffer, never as Python floats, so the
+    array costs its own size (plus the file) and no more.
 
     Returns:
         float32 (or float64 for ``double_data``) array, e.g. (1, 3, 256, 256) for Caffe's mean.
     Raises:
-        FormatError: truncated bytes, no shape, or a value count that does not fit the shape.
+        FormatError: truncated bytes, no shape, more than 4 dims, or a value count that does
+        not fit the shape.
     """
     legacy: dict[int, int] = {}
     shape: list[int] | None = None
-    floats: list[float] = []
-    doubles: list[float] = []
+    floats = bytearray()  # packed or unpacked repeated float, in order
+    doubles = bytearray()
     for number, wire, value in pb.iter_fields(buf):
         if number in (1, 2, 3, 4):
             if wire != pb.VARINT:
                 raise FormatError(f"BlobProto field {number} has wire type {wire}, expected varint")
             legacy[number] = pb.to_int32(value)
-        elif number == 5:
-            if wire == pb.LENGTH:
-                floats.extend(pb.packed_floats(value))
-            elif wire == pb.FIXED32:  # unpacked repeated float, as old writers did
-                floats.append(struct.unpack("<f", value)[0])
+        elif number in (5, 8):
+            width, fixed, target = (4, pb.FIXED32, floats) if number == 5 else (8, pb.FIXED64, doubles)
+            if wire == pb.LENGTH and len(value) % width == 0:
+                target += value
+            elif wire == fixed:  # unpacked repeated float, as old writers did
+                target += value
             else:
-                raise FormatError(f"BlobProto.data has wire type {wire}, expected packed float")
+                kind = "float" if number == 5 else "double"
+                raise FormatError(f"BlobProto field {number} has wire type {wire} or a partial element; "
+                                  f"expected packed {kind}")
         elif number == 7:
             if wire != pb.LENGTH:
                 raise FormatError(f"BlobProto.shape has wire type {wire}, expected a message")
             shape = (shape or []) + _blob_shape(value)  # repeated sub-messages merge
-        elif number == 8:
-            if wire == pb.LENGTH:
-                doubles.extend(pb.packed_floats(value, double=True))
-            elif wire == pb.FIXED64:
-                doubles.append(struct.unpack("<d", value)[0])
-            else:
-                raise FormatError(f"BlobProto.double_data has wire type {wire}, expected packed double")
+            if len(shape) > MAX_DIMS:
+                raise FormatError(f"BlobShape has more than {MAX_DIMS} dimensions; a mean blob has at most {MAX_DIMS}")
         # diff=6, double_diff=9 and unknown fields are not part of a mean: skip them.
     if shape is None:
         if not legacy:
@@ -102,11 +108,13 @@ def decode_blobproto(buf: bytes | memoryview) -> np.ndarray:
         shape = [legacy.get(n, 1) for n in (1, 2, 3, 4)]
         if any(d < 0 for d in shape):
             raise FormatError(f"BlobProto has a negative dimension: {shape}")
-    values = np.asarray(doubles, np.float64) if doubles else np.asarray(floats, np.float32)
-    count = int(np.prod(shape, dtype=object))
+    values = np.frombuffer(doubles, "<f8") if doubles else np.frombuffer(floats, "<f4")
+    count = 1
+    for d in shape:
+        count *= d
     if values.size != count:
         raise FormatError(
             f"BlobProto shape {tuple(shape)} needs {count} values but the data holds {values.size} "
             "(truncated or not a Caffe mean file)"
         )
-    return values.reshape(shape)
+    return values.astype(np.float64 if doubles else np.float32, copy=False).reshape(shape)

@@ -14,10 +14,13 @@ up first (``name.bak``, ``name.bak1``, ...).
 
 from __future__ import annotations
 
-import io
+import ast
 import operator
 import pickle
 import pickletools
+import re
+import reprlib
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +31,13 @@ from .config import UpdateMeanConfig
 from .errors import AlexnetPipeError, DatasetError, FormatError, UnsafePickleError
 from .fsutil import atomic_write_bytes, backup_path
 from .mean import MEAN_FILE, OLD_MEAN_FILES, ChannelMean, read_mean_file, write_mean
+from .safe_pickle import loads as safe_loads
+from .safe_pickle import read_capped
 
 NEON_CACHE_PROTOCOL = 2  # what neon's save_obj wrote; the highest a Python 2 neon can read
+# A 1024x1024 float64 mean image is 24 MiB; anything much larger is not a mean file.
+MAX_MEAN_FILE_BYTES = 256 << 20
+NPY_MAX_HEADER = 10_000  # numpy's own limit for a header it will parse
 
 
 @dataclass(frozen=True)
@@ -56,77 +64,11 @@ class UpdateMeanResult:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- untrusted pickles
+# ---------------------------------------------------------------- untrusted files
 
-def _latin1_encode(text: object, encoding: str = "latin1") -> bytes:
-    """``_codecs.encode``, limited to what Python 3 pickles of bytes need (protocol <= 2)."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafePickleError(f"pickle calls _codecs.encode with {type(text).__name__}, {encoding!r}; "
-                                "only latin1 text (how Python 3 pickles bytes) is allowed")
-    return text.encode("latin1")
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Resolves only the globals numpy array (and scalar) pickles use; anything else is refused."""
-
-    def find_class(self, module: str, name: str):
-        # Taken from numpy's own reducers so both numpy 1.x (numpy.core) and 2.x (numpy._core)
-        # resolve without importing the deprecated numpy.core shim.
-        reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
-        scalar = np.float64(0).__reduce__()[0]
-        allowed = {
-            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-            ("numpy.core.multiarray", "scalar"): scalar,
-            ("numpy._core.multiarray", "scalar"): scalar,
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-            # Python 3 writes bytes as _codecs.encode(str, 'latin1') at protocol <= 2, so our own
-            # rewritten caches need it; Python 2 caches hold plain str instead.
-            ("_codecs", "encode"): _latin1_encode,
-        }
-        try:
-            return allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"the pickle asks for {module}.{name}, which is not part of a numpy array; "
-                "refusing to load it (a dataset cache holds only numbers, strings and numpy arrays)"
-            ) from None
-
-
-def _refuse_object_arrays(obj: object) -> None:
-    """Object arrays can hold anything and run code when used; a mean never needs one."""
-    stack, seen = [obj], set()
-    while stack:
-        item = stack.pop()
-        if id(item) in seen:  # pickles can build cycles
-            continue
-        seen.add(id(item))
-        if isinstance(item, np.ndarray) and item.dtype.hasobject:
-            raise UnsafePickleError(f"the pickle holds a numpy array of dtype {item.dtype} (Python objects); "
-                                    "only numeric arrays are allowed")
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
-
-
-def safe_unpickle(data: bytes) -> object:
-    """Load an untrusted (possibly Python 2) pickle that may hold only plain data and numpy arrays.
-
-    Raises:
-        UnsafePickleError: it names any other global, or holds an object-dtype array.
-        FormatError: the bytes are not a readable pickle.
-    """
-    try:
-        obj = _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except UnsafePickleError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- corrupt input can fail in any numpy/pickle internals
-        raise FormatError(f"not a readable pickle ({type(exc).__name__}: {exc})") from exc
-    _refuse_object_arrays(obj)
-    return obj
+def _read_input(path: Path) -> bytes:
+    """A user-given mean file, whole; refused past ``MAX_MEAN_FILE_BYTES`` (means are a few MiB)."""
+    return read_capped(path, MAX_MEAN_FILE_BYTES, "a mean file")
 
 
 def _numpy1_global_names(data: bytes) -> bytes:
@@ -198,8 +140,9 @@ def _read_binaryproto(path: Path, channel_order: str | None) -> _Decoded:
     if channel_order is not None:
         raise AlexnetPipeError(f"--channel-order applies to .npy means only; {path.name} is a Caffe "
                                "BlobProto, which is always BGR")
+    data = _read_input(path)
     try:
-        arr = decode_blobproto(path.read_bytes())
+        arr = decode_blobproto(data)
     except FormatError as exc:
         raise FormatError(f"{path}: not a valid Caffe mean BlobProto: {exc}") from exc
     image = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
@@ -215,13 +158,63 @@ def _read_binaryproto(path: Path, channel_order: str | None) -> _Decoded:
     return _Decoded(rgb, what, f"{path} ({what}, BGR)", _scale_notes(rgb))
 
 
-def _read_npy(path: Path, channel_order: str | None) -> _Decoded:
+_NPY_DESCR = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")  # dtype.str of a plain number type: '<f4', '|u1'
+
+
+def _npy_header(data: bytes, path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) of an .npy file, parsed without numpy.load.
+
+    Only a plain number type is accepted, so numpy never unpickles anything, and the caller
+    checks the shape against the bytes present before anything is allocated.
+    """
+    if not data.startswith(b"\x93NUMPY") or len(data) < 10:
+        raise FormatError(f"{path}: not an .npy file (no \\x93NUMPY magic)")
+    major, minor = data[6], data[7]
+    if (major, minor) not in ((1, 0), (2, 0), (3, 0)):
+        raise FormatError(f"{path}: .npy version {major}.{minor}; expected 1.0, 2.0 or 3.0")
+    fmt = "<H" if major == 1 else "<I"
+    start = 8 + struct.calcsize(fmt)
+    if len(data) < start:
+        raise FormatError(f"{path}: .npy file truncated inside its header")
+    (length,) = struct.unpack_from(fmt, data, 8)
+    if length > NPY_MAX_HEADER or start + length > len(data):
+        raise FormatError(f"{path}: .npy header of {length} bytes is too long or truncated")
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise FormatError(f"{path}: not a readable .npy array without pickles ({exc})") from exc
-    if not isinstance(arr, np.ndarray):
-        raise FormatError(f"{path}: holds {type(arr).__name__}; expected a single mean array")
+        text = data[start:start + length].decode("utf-8" if major == 3 else "latin1")
+        try:
+            header = ast.literal_eval(text)
+        except SyntaxError:  # Python 2 on some platforms wrote shapes as (3L, 256L)
+            header = ast.literal_eval(re.sub(r"\b([0-9]+)L\b", r"\1", text))
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
+        raise FormatError(f"{path}: .npy header is not a readable dict ({type(exc).__name__})") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise FormatError(f"{path}: .npy header is not numpy's dict of descr, fortran_order and shape")
+    shape, fortran, descr = header["shape"], header["fortran_order"], header["descr"]
+    if type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape) or type(fortran) is not bool:
+        raise FormatError(f"{path}: .npy header has a malformed shape or fortran_order")
+    if not isinstance(descr, str) or not _NPY_DESCR.fullmatch(descr):
+        raise FormatError(f"{path}: .npy array has dtype {reprlib.repr(descr)}; expected bool, int, uint or "
+                          "float (structured, object and pickled arrays are refused)")
+    return shape, fortran, np.dtype(descr), start + length
+
+
+def _decode_npy(data: bytes, path: Path) -> np.ndarray:
+    """The array of an .npy file, checked against the file's size first (no 2 TiB allocations)."""
+    shape, fortran, dtype, offset = _npy_header(data, path)
+    if len(shape) > 4:
+        raise FormatError(f"{path}: array has shape {shape}; a mean image has at most 4 axes")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(data) - offset:
+        raise FormatError(f"{path}: .npy header declares shape {shape} of {dtype} ({count * dtype.itemsize:,} "
+                          f"bytes) but the file holds {len(data) - offset:,} bytes of data (truncated or corrupt)")
+    flat = np.frombuffer(data, dtype, count=count, offset=offset)
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _read_npy(path: Path, channel_order: str | None) -> _Decoded:
+    arr = _decode_npy(_read_input(path), path)
     image = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
     if _is_three_values(image):
         layout = "C"
@@ -246,7 +239,8 @@ def _read_npy(path: Path, channel_order: str | None) -> _Decoded:
 def _neon_bgr_mean(cache: object, path: Path) -> tuple[np.ndarray, str, bool]:
     """(per-channel BGR means, description, already per-channel) of a neon dataset cache."""
     if not isinstance(cache, dict) or "global_mean" not in cache:
-        keys = sorted(map(str, cache)) if isinstance(cache, dict) else type(cache).__name__
+        # Keys come from the file: reprlib escapes them and keeps the line short.
+        keys = reprlib.repr(sorted(reprlib.repr(k) for k in cache)) if isinstance(cache, dict) else type(cache).__name__
         raise FormatError(f"{path}: no 'global_mean' (found {keys}); expected neon's dataset cache, "
                           "a dict with 'img_size' and 'global_mean'")
     gm = cache["global_mean"]
@@ -257,7 +251,7 @@ def _neon_bgr_mean(cache: object, path: Path) -> tuple[np.ndarray, str, bool]:
     try:
         size = operator.index(cache.get("img_size"))
     except TypeError:
-        raise FormatError(f"{path}: img_size is {cache.get('img_size')!r}; "
+        raise FormatError(f"{path}: img_size is {reprlib.repr(cache.get('img_size'))}; "
                           "expected the image side in pixels") from None
     if size < 1 or gm.shape != (size * size * 3, 1):
         raise FormatError(f"{path}: global_mean has shape {gm.shape}; expected ({size}*{size}*3, 1) "
@@ -268,10 +262,10 @@ def _neon_bgr_mean(cache: object, path: Path) -> tuple[np.ndarray, str, bool]:
 
 # ---------------------------------------------------------------- the job
 
-def _backup(path: Path) -> Path:
-    """Copy ``path`` to a free ``.bak`` name before it is overwritten."""
+def _backup(path: Path, data: bytes | None = None) -> Path:
+    """Copy ``path`` (whose bytes, if already read, are ``data``) to a free ``.bak`` name."""
     dst = backup_path(path)
-    atomic_write_bytes(dst, path.read_bytes())
+    atomic_write_bytes(dst, _read_input(path) if data is None else data)
     return dst
 
 
@@ -303,9 +297,9 @@ def _update_neon_cache(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
     if cfg.channel_order is not None:
         raise AlexnetPipeError(f"--channel-order applies to .npy means only; {path.name} is neon's cache, "
                                "whose global_mean is RGB planar")
-    raw = path.read_bytes()
+    raw = _read_input(path)
     try:
-        cache = safe_unpickle(raw)
+        cache = safe_loads(raw)
     except UnsafePickleError as exc:
         raise UnsafePickleError(f"{path}: {exc}") from exc
     except FormatError as exc:
@@ -320,7 +314,7 @@ def _update_neon_cache(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
         dtype = gm.dtype if gm.dtype.kind == "f" else np.float64
         upgraded = dict(cache, global_mean=bgr.reshape(3, 1).astype(dtype))
         data = _numpy1_global_names(pickle.dumps(upgraded, protocol=NEON_CACHE_PROTOCOL))
-        backups.append(_backup(path))
+        backups.append(_backup(path, raw))  # the very bytes that were read
         atomic_write_bytes(path, data)
         written.append(path)
     rgb = bgr[::-1]

@@ -10,49 +10,26 @@ import pickle
 import pickletools
 import struct
 import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from click.testing import CliRunner
+
 from alexnet_pipe import protobuf as pb
+from alexnet_pipe.cli import main
 from alexnet_pipe.config import UpdateMeanConfig
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, OldMeanFormatError, UnsafePickleError
 from alexnet_pipe.blobproto import decode_blobproto, encode_blobproto
-from alexnet_pipe.legacy_mean import run_update_mean
+from alexnet_pipe.legacy_mean import MAX_MEAN_FILE_BYTES, run_update_mean
 from alexnet_pipe.mean import load_dataset_mean, read_mean_file
+from tests.pickle_samples import attack_pickles, full_mean_image, neon_cache, py2_pickle
 
 
 # ---------------------------------------------------------------- helpers
-
-def full_mean_image(values: tuple[float, float, float], size: int = 4) -> np.ndarray:
-    """C x H x W float32 image whose channel c averages exactly ``values[c]`` (a +-0.5 checkerboard on top)."""
-    checker = np.where((np.add.outer(np.arange(size), np.arange(size)) % 2) == 0, 0.5, -0.5)
-    return np.stack([v + checker for v in values]).astype(np.float32)
-
-
-class Py2Pickler(pickle._Pickler):
-    """Writes what Python 2's cPickle wrote: byte and text strings as STRING opcodes, not unicode."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj) -> None:
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-    dispatch[str] = save_py2_str
-
-
-def py2_pickle(obj) -> bytes:
-    buf = io.BytesIO()
-    Py2Pickler(buf, protocol=2).dump(obj)
-    # Python 2's numpy 1.x named its reconstructor numpy.core.multiarray.
-    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
 
 def py3_pickle(obj) -> bytes:
     return pickle.dumps(obj, protocol=2)
@@ -60,13 +37,6 @@ def py3_pickle(obj) -> bytes:
 
 def pickle_globals(data: bytes) -> set[str]:
     return {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
-
-
-def neon_cache(size: int = 4) -> dict:
-    """An old-format neon cache: full RGB-planar mean with channel means R=10, G=20, B=30."""
-    planar = full_mean_image((10.0, 20.0, 30.0), size).reshape(-1, 1)
-    return {"img_size": size, "global_mean": planar, "nclass": 2, "label_names": ["cat", "dog"],
-            "train_start": 0, "batch_prefix": "macrobatch_"}
 
 
 def blob_with_shape_field(arr: np.ndarray, data_encoding: str) -> bytes:
@@ -194,6 +164,74 @@ def test_garbage_pickle_raises_format_error(tmp_path):
         run_update_mean(UpdateMeanConfig(cache_path))
 
 
+# ---------------------------------------------------------------- hostile pickles, through the CLI
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real command line, in a process of its own (a crash would show as a signal)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "alexnet_pipe", "update-mean", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_upgrades_a_python2_cache(tmp_path):
+    cache_path = tmp_path / "dataset_cache.pkl"
+    cache_path.write_bytes(py2_pickle(neon_cache()))
+    proc = run_cli(str(cache_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "R=10.000  G=20.000  B=30.000" in proc.stdout
+    assert read_mean_file(tmp_path / "mean.json").mean == pytest.approx((10.0, 20.0, 30.0))
+
+
+# Those that read or wrote process memory on the old unpickler run in a process of their own;
+# those that would run code or import a module, through click's runner (faster).
+MEMORY_ATTACKS = ("negative-offset-view", "bytearray8-write", "8GiB-reconstruct", "out-of-bounds-strides")
+
+
+@pytest.mark.parametrize("name", list(attack_pickles("SENTINEL")))
+def test_cli_refuses_crafted_attack(tmp_path, name):
+    """Each attack of issue 7 (they read or wrote process memory, or ran code, on the old unpickler)."""
+    sentinel = tmp_path / "SENTINEL"
+    data, fragment = attack_pickles(str(sentinel))[name]
+    pickletools.dis(data, out=io.StringIO())  # well-formed: the refusal is not a parse error
+    cache_path = tmp_path / "dataset_cache.pkl"
+    cache_path.write_bytes(data)
+
+    if name in MEMORY_ATTACKS:
+        proc = run_cli(str(cache_path), cwd=tmp_path)
+        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    else:
+        res = CliRunner().invoke(main, ["update-mean", str(cache_path)])
+        rc, stdout, stderr = res.exit_code, res.stdout, res.stderr
+
+    assert rc == 1, (rc, stderr)
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {cache_path}: ") and fragment in lines[0], stderr
+    assert stdout == "" and "Traceback" not in stderr
+    assert not sentinel.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset_cache.pkl"] and cache_path.read_bytes() == data
+
+
+def test_big_endian_cache_is_upgraded(tmp_path):
+    cache = neon_cache()
+    cache["global_mean"] = cache["global_mean"].astype(">f4")  # written on a big-endian machine
+    cache_path = tmp_path / "dataset_cache.pkl"
+    cache_path.write_bytes(py2_pickle(cache))
+    run_update_mean(UpdateMeanConfig(cache_path))
+    upgraded = pickle.loads(cache_path.read_bytes(), encoding="latin1")
+    np.testing.assert_array_equal(upgraded["global_mean"], [[30.0], [20.0], [10.0]])
+
+
+def test_oversized_mean_file_is_refused_unread(tmp_path):
+    src = tmp_path / "mean.npy"
+    with open(src, "wb") as f:
+        f.truncate(MAX_MEAN_FILE_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(FormatError, match=r"mean.npy is 268,435,457 bytes, more than the 268,435,456 allowed"):
+        run_update_mean(UpdateMeanConfig(src))
+
+
 # ---------------------------------------------------------------- Caffe mean.binaryproto
 
 def test_blobproto_round_trip():
@@ -269,6 +307,43 @@ def test_binaryproto_with_wrong_channel_count(tmp_path):
         run_update_mean(UpdateMeanConfig(src))
 
 
+def test_binaryproto_with_more_than_four_dims_is_refused():
+    arr = np.ones((1, 1, 3, 2, 2), np.float32)
+    with pytest.raises(FormatError, match="more than 4 dimensions"):
+        decode_blobproto(blob_with_shape_field(arr, "packed"))
+    # Repeated shape messages merge: 3 + 2 dims are 5 as well.
+    buf = (pb.bytes_field(7, pb.bytes_field(1, bytes([1, 1, 3]))) + pb.bytes_field(7, pb.bytes_field(1, bytes([2, 2])))
+           + pb.bytes_field(5, arr.tobytes()))
+    with pytest.raises(FormatError, match="more than 4 dimensions"):
+        decode_blobproto(buf)
+
+
+def test_binaryproto_shape_larger_than_data_allocates_nothing():
+    dims = b"".join(pb.encode_varint(d) for d in (1 << 40, 3, 256, 256))
+    buf = pb.bytes_field(7, pb.bytes_field(1, dims)) + pb.bytes_field(5, b"\0" * 16)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="needs 216172782113783808 values but the data holds 4"):
+            decode_blobproto(buf)
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_binaryproto_decodes_into_one_numpy_buffer():
+    """A 4 MB mean: about 4 MB of memory (it took ~10x as Python floats), same values."""
+    arr = np.random.default_rng(0).uniform(0, 255, (3, 577, 577)).astype(np.float32)
+    buf = encode_blobproto(arr)
+    tracemalloc.start()
+    try:
+        out = decode_blobproto(buf)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out[0], arr)
+    assert out.flags.writeable and peak < 1.5 * arr.nbytes, f"peak {peak:,} for {arr.nbytes:,} bytes of data"
+
+
 # ---------------------------------------------------------------- mean.npy
 
 @pytest.mark.parametrize("layout, channel_order, expected", [
@@ -302,6 +377,66 @@ def test_npy_with_pickled_objects_is_refused(tmp_path):
     np.save(src, np.array([1, "x", 3], dtype=object), allow_pickle=True)
     with pytest.raises(FormatError, match="mean.npy"):
         run_update_mean(UpdateMeanConfig(src))
+
+
+def npy_bytes(header: str, data: bytes = b"", version: tuple[int, int] = (1, 0)) -> bytes:
+    """An .npy file written by hand (numpy pads the header to 64 bytes; readers need not care)."""
+    text = header.encode("latin1") + b"\n"
+    length = struct.pack("<H" if version[0] == 1 else "<I", len(text))
+    return b"\x93NUMPY" + bytes(version) + length + text + data
+
+
+@pytest.mark.parametrize("content, message", [
+    (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000, 3)}"),
+     r"declares shape \(100000000000, 3\) of float32 \(1,200,000,000,000 bytes\) but the file holds 0"),
+    (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3)}", b"\0" * 47), "holds 47 bytes"),
+    (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3)}", b"\0" * 49), "holds 49 bytes"),
+    (npy_bytes("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (3,)}", b"\0" * 12), "structured"),
+    (npy_bytes("{'descr': '|O', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), r"dtype '\|O'.*object"),
+    (npy_bytes("{'descr': '<c8', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), "dtype '<c8'; expected bool, int, uint or float"),
+    (npy_bytes("{'descr': '(2,)<f4', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), r"dtype '\(2,\)<f4'"),
+    (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 1, 1, 3)}", b"\0" * 12), "at most 4 axes"),
+    (npy_bytes("{'descr': '<f4', 'fortran_order': 0, 'shape': (3,)}", b"\0" * 12), "malformed shape"),
+    (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (-3,)}"), "malformed shape"),
+    (npy_bytes("{'descr': '<f4', 'shape': (3,)}", b"\0" * 12), "numpy's dict"),
+    (npy_bytes("[" * 4000 + "]" * 4000), "not a readable dict"),
+    (npy_bytes("__import__('os').system('true')"), "not a readable dict"),
+    (npy_bytes("{" + " " * 20000 + "}"), "too long"),
+    (npy_bytes("{}", version=(9, 0)), "version 9.0"),
+    (b"\x93NUMPY\x01", "not an .npy file"),
+    (b"PK\x03\x04" + b"\0" * 30, "not an .npy file"),
+], ids=["2TiB-shape", "short-data", "extra-data", "structured", "object", "complex", "subarray", "five-dims",
+        "fortran-not-bool", "negative-dim", "missing-key", "deep-nesting", "code", "huge-header", "version",
+        "truncated-magic", "npz"])
+def test_hostile_npy_is_refused_before_allocating(tmp_path, content, message):
+    src = tmp_path / "mean.npy"
+    src.write_bytes(content)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=message) as caught:
+            run_update_mean(UpdateMeanConfig(src))
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
+    assert str(src) in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "mean.json").exists()
+
+
+@pytest.mark.parametrize("version, header", [
+    ((1, 0), "{'descr': '>f8', 'fortran_order': True, 'shape': (3L, 2L, 2L), }"),  # Python 2, big-endian
+    ((2, 0), "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3), }"),
+    ((3, 0), "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3), }"),
+])
+def test_npy_header_forms(tmp_path, version, header):
+    chw = full_mean_image((10.0, 20.0, 30.0), size=2).astype(np.float64)
+    if "'<f4'" in header:
+        data = chw.transpose(1, 2, 0).astype("<f4").tobytes()
+    else:
+        data = chw.astype(">f8").tobytes(order="F")
+    src = tmp_path / "mean.npy"
+    src.write_bytes(npy_bytes(header, data, version))
+    run_update_mean(UpdateMeanConfig(src))
+    assert read_mean_file(tmp_path / "mean.json").mean == pytest.approx((10.0, 20.0, 30.0))
 
 
 # ---------------------------------------------------------------- dataset directories
