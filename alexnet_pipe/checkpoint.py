@@ -4,10 +4,17 @@ Both carry the model config and the data settings (classes, mean/std, crop) so a
 tested, resumed, imported or used for prediction without the original command line.
 A checkpoint adds the optimizer, the completed epoch count and the train config (what goes in
 is decided in ``train_state.py``).
+
+Every file ends with a SHA-256 of its torch bytes (``TRAILER``; torch.load ignores bytes after
+the zip directory), because a zip's own CRCs are not checked when tensors are read: a flipped
+bit in a weight would load silently. ``save(..., keep=K)`` keeps the K newest files as
+``name``, ``name.1`` .. ``name.{K-1}``; ``load_newest_good`` falls back along them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -20,10 +27,29 @@ from .fsutil import fsync_dir
 FORMAT = "alexnet-pipe-model"
 VERSION = 1
 KINDS = ("weights", "checkpoint")
+TRAILER = b"\n#alexnet-pipe-sha256:"  # + 64 hex digits + newline, at the very end of the file
+_TRAILER_LEN = len(TRAILER) + 65
+
+log = logging.getLogger(__name__)
 
 
-def save(path: Path, payload: dict) -> None:
-    """Write atomically: a reader sees the previous file or the complete new one."""
+class _Hashing:
+    """A write-only file wrapper that hashes what passes through (torch.save streams into it)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save(path: Path, payload: dict, keep: int = 1) -> None:
+    """Write atomically: a reader sees the previous file or the complete new one. With ``keep``
+    > 1 the previous files move to ``path.1``, ``path.2``, ... (the oldest is dropped)."""
     if payload.get("kind") not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     body = {"format": FORMAT, "version": VERSION, "created_by": f"alexnet-pipe {__version__}", **payload}
@@ -31,9 +57,15 @@ def save(path: Path, payload: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(body, f)
+            hashing = _Hashing(f)
+            torch.save(body, hashing)
+            f.write(TRAILER + hashing.sha.hexdigest().encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        for k in range(keep - 1, 0, -1):  # each rename is atomic: a crash leaves a valid set
+            older = rotated(path, k - 1)
+            if older.exists():
+                os.replace(older, rotated(path, k))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -41,10 +73,60 @@ def save(path: Path, payload: dict) -> None:
     fsync_dir(path.parent)
 
 
+def rotated(path: Path, k: int) -> Path:
+    """The k-th older file kept beside ``path`` (k = 0: ``path`` itself)."""
+    return path if k == 0 else path.with_name(f"{path.name}.{k}")
+
+
+def _verify(path: Path) -> None:
+    """Check the SHA-256 trailer (files written before it existed have none and pass)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size > _TRAILER_LEN:
+            f.seek(size - _TRAILER_LEN)
+            tail = f.read()
+        else:
+            tail = b""
+        if not tail.startswith(TRAILER):
+            return
+        expected = tail[len(TRAILER):-1].decode("ascii", "replace")
+        f.seek(0)
+        sha, left = hashlib.sha256(), size - _TRAILER_LEN
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            sha.update(chunk)
+            left -= len(chunk)
+    if sha.hexdigest() != expected:
+        raise CheckpointError(f"{path} is damaged (its SHA-256 does not match the one written with it); "
+                              "use an older checkpoint or the weights file")
+
+
+def load_newest_good(path: Path, keep: int = 8) -> tuple[dict, Path]:
+    """``path`` or, when it is damaged, the newest good one of ``path.1`` .. ``path.{keep-1}``,
+    with a warning. Raises the newest file's error when none is good."""
+    first_error = None
+    for k in range(keep):
+        candidate = rotated(path, k)
+        if k and not candidate.exists():
+            break
+        try:
+            body = load(candidate)
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            continue
+        if k:
+            log.warning("%s; resuming from the previous checkpoint %s instead", first_error, candidate)
+        return body, candidate
+    raise first_error
+
+
 def load(path: Path) -> dict:
     """Read a weights or checkpoint file (tensors and plain data only: weights_only=True)."""
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass a file written by alexnet-pipe train -s or --serialize")
+    _verify(path)
     try:
         body = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
