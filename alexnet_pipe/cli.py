@@ -204,6 +204,12 @@ def _train_options(fn):
         click.option("--read-workers", type=click.IntRange(min=0), default=None,
                      help="Processes reading records for DALI; 0: the training process reads them "
                           "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4]."),
+        click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
+                     help="Steps between progress updates and the per-step rows of -o."),
+        click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Also checkpoint every N minutes, mid-epoch too (SIGTERM/SIGINT always checkpoint)."),
+        click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Checkpoint files kept: the newest at --checkpoint, older ones as .1, .2, ..."),
         click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Launch this many ranks on this machine with torchrun (one per GPU)."),
         click.option("--allreduce-dtype", type=click.Choice(["f32", "bf16"]), default=None,
@@ -223,6 +229,10 @@ def _train_config(test_only: bool, kw: dict):
 
     kw.pop("nproc")
     backend = kw.pop("backend") or ("gpu" if torch.cuda.is_available() else "cpu")
+    if kw["save_path"] is None and not (test_only or kw["test_only"]):  # a trained model is never discarded
+        import time
+
+        kw["save_path"] = Path("alexnet-runs") / time.strftime("%Y%m%d-%H%M%S") / "alexnet.pt"
     datatype = kw.pop("datatype") or ("bf16" if backend == "gpu" else "f32")
     threads = kw.pop("data_threads")
     extra = {"data_threads": threads} if threads else {}
@@ -300,13 +310,47 @@ def _run_training(cfg) -> None:
         if cfg.shard_id == 0:  # every rank has the same figures; one prints them
             click.echo(result.neon_line())
         return
+    from .fsutil import check_output_file
+    from .preempt import EXIT_CODES
+
+    for path, what in ((cfg.save_path, "-s"), (cfg.resolved_checkpoint_path(), "--checkpoint"),
+                       (cfg.output_file, "-o")):
+        if path is not None:
+            check_output_file(path, what)  # before any work: a bad path must not cost a trained model
+    if cfg.shard_id == 0:
+        logging.getLogger(__name__).info("weights will be written to %s, checkpoints to %s", cfg.save_path,
+                                         cfg.resolved_checkpoint_path())
     result = fit(cfg)
     if cfg.shard_id != 0:
+        if result.stopped_by is not None:
+            sys.exit(EXIT_CODES.get(result.stopped_by, 1))
         return
+    if result.stopped_by is not None:
+        import signal
+
+        name = signal.Signals(result.stopped_by).name
+        click.echo(f"stopped by {name} after {result.epochs_run} epochs; checkpoint: {result.checkpoint_path}", err=True)
+        click.echo(f"resume with: {_resume_command(result.checkpoint_path)}", err=True)
+        sys.exit(EXIT_CODES.get(result.stopped_by, 1))
     if result.final is not None:
         click.echo(result.final.neon_line())
     if result.weights_path is not None:
         click.echo(f"weights: {result.weights_path}")
+
+
+def _resume_command(ckpt) -> str:
+    """This process's command line with --model_file pointing at ``ckpt``."""
+    import shlex
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--model_file", "--model-file"):
+            skip = True
+        elif not arg.startswith(("--model_file=", "--model-file=")):
+            args.append(arg)
+    return shlex.join(["alexnet-pipe", *args, "--model_file", str(ckpt)])
 
 
 @main.command()

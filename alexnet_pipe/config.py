@@ -153,6 +153,8 @@ class TrainConfig:
     log_every: int = 20  # steps between host syncs for the progress bar
     lr_scale: str = "linear"  # linear: --lr holds for 128 images and scales with the global batch; none
     dist_timeout_s: float = 600.0  # a rank waiting longer than this on the others ends the job
+    checkpoint_minutes: float | None = None  # also checkpoint every N minutes, mid-epoch too
+    keep_checkpoints: int = 3  # checkpoint files kept: the newest as <path>, older as <path>.1, .2
     allreduce_dtype: str | None = None  # gradients' all-reduce: f32 or bf16 (None: bf16 with -d bf16)
 
     def __post_init__(self) -> None:
@@ -174,6 +176,9 @@ class TrainConfig:
             (self.init in ("neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
             (self.lr_scale in ("linear", "none"), f"--lr-scale must be linear or none, got {self.lr_scale}"),
             (self.allreduce_dtype in (None, "f32", "bf16"), f"allreduce dtype must be f32 or bf16, got {self.allreduce_dtype}"),
+            (self.checkpoint_minutes is None or self.checkpoint_minutes > 0,
+             f"--checkpoint-minutes must be > 0, got {self.checkpoint_minutes}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.dist_timeout_s > 0, f"the distributed timeout must be > 0, got {self.dist_timeout_s}"),
             (not (self.test_only and self.model_file is None), "--test_only needs --model_file (the weights to test)"),
         ]

@@ -47,3 +47,21 @@ def backup_path(path: Path) -> Path:
         candidate = path.with_name(f"{path.name}.bak{n}")
         n += 1
     return candidate
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a directory, a parent
+    that is a file, a directory without write permission. Creates nothing."""
+    from .errors import AlexnetPipeError
+
+    if path.is_dir():
+        raise AlexnetPipeError(f"{option} {path} is a directory; give a file name, e.g. {path / 'alexnet.pt'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise AlexnetPipeError(f"{option} {path} is not writable; choose another path")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise AlexnetPipeError(f"{option} {path}: {ancestor} is a file, not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise AlexnetPipeError(f"{option} {path}: {ancestor} is not writable; choose another path")

@@ -1,18 +1,21 @@
 """Where a run's per-epoch rows go. Only the main rank writes; the others hold a silent logger.
 
 ``MetricsLog`` keeps the ``-o`` JSON-lines file: one row per epoch (and per ``test``). A fresh
-run starts the file anew; a resumed run first drops the rows after its checkpoint's epoch, so
-the file never holds an epoch twice. More loggers (TensorBoard, ...) plug in with the same
+run starts the file anew and keeps an existing one aside (``m.jsonl.1``, ``.2``, ...); a resumed
+run first drops the rows after its checkpoint's epoch, so the file never holds an epoch twice. More loggers (TensorBoard, ...) plug in with the same
 ``start``/``write``/``close`` calls.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 from .fsutil import fsync_dir
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -21,13 +24,19 @@ class MetricsLog:
     def __init__(self, path: Path | None, enabled: bool = True):
         self.path = path if enabled else None
 
-    def start(self, resumed_epoch: int | None) -> None:
-        """Fresh run (None): begin an empty file. Resume after epoch N: keep rows up to epoch N."""
+    def start(self, resumed_epoch: int | None, resumed_step: int = 0) -> None:
+        """Fresh run (None): begin an empty file. Resume after epoch N (and ``resumed_step`` steps
+        of epoch N+1): keep the rows up to there."""
         if self.path is None:
             return
         if resumed_epoch is None:
             if self.path.exists():
-                self.path.unlink()
+                n = 1
+                while self.path.with_name(f"{self.path.name}.{n}").exists():
+                    n += 1
+                aside = self.path.with_name(f"{self.path.name}.{n}")
+                os.replace(self.path, aside)
+                log.info("kept the previous metrics file as %s", aside)
             return
         if not self.path.exists():
             return
@@ -37,22 +46,34 @@ class MetricsLog:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
-            if not isinstance(row, dict) or int(row.get("epoch", 0) or 0) <= resumed_epoch:
+            if not isinstance(row, dict):
+                continue
+            epoch = int(row.get("epoch", 0) or 0)
+            if epoch <= resumed_epoch or (epoch == resumed_epoch + 1 and "step" in row
+                                          and int(row["step"]) <= resumed_step):
                 kept.append(line)
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
 
-    def write(self, record: dict) -> None:
-        """Append one row; it reaches the disk before the next epoch starts."""
+    def write_step(self, epoch: int, lr: float, progress) -> None:
+        """A row every ``--log-every`` steps: the epoch's mean loss so far, lr, img/s."""
+        self.write({"epoch": epoch, "step": progress.step, "train_loss": progress.loss_sum / max(progress.samples, 1),
+                    "lr": lr, "samples": progress.samples,
+                    "img_per_s": progress.samples / progress.seconds if progress.seconds else 0.0}, durable=False)
+
+    def write(self, record: dict, durable: bool = True) -> None:
+        """Append one row; an epoch's row reaches the disk before the next epoch starts (step rows
+        are not fsynced: one per --log-every steps would cost the training thread)."""
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
 
     def close(self) -> None:
         pass

@@ -115,6 +115,7 @@ class Batch:
     flipped: torch.Tensor  # N, bool (on the CPU)
     valid: torch.Tensor | None = None  # N, bool, on the images' device; None: no padding in this batch
     real_total: int = 0  # real (non-padding) samples in this step over all ranks: the loss's divisor
+    step: int = 0  # this batch's step within its epoch
 
 
 class Loader:
@@ -126,15 +127,18 @@ class Loader:
     that ``Batch.valid`` marks; the last batch may be smaller.
     """
 
-    def __init__(self, ds: Dataset, cfg: LoaderConfig, epoch: int = 0):
+    def __init__(self, ds: Dataset, cfg: LoaderConfig, epoch: int = 0, start_step: int = 0):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self.cfg, self._root = cfg, ds.root
         table = record_table(ds, cfg.split, _reader_kind(ds, cfg))
         order = OrderConfig(len(table), cfg.train, cfg.seed, cfg.shard_id, cfg.num_shards, cfg.subset_pct)
-        self.source = EpochSource(table, order, cfg.batch_size, epoch)
+        self.source = EpochSource(table, order, cfg.batch_size, epoch, start_step)
         self.samples = order.per_shard  # samples this shard reads per epoch (padding included)
         self.epoch = epoch  # the epoch the next pass yields
+        self.start_step = start_step  # the step the next pass starts at (a run resumed mid-epoch)
+        if start_step * cfg.batch_size >= max(self.samples, 1):
+            raise ValueError(f"step {start_step} is past the end of an epoch of {len(self)} steps")
         self._pipe = build_pipeline(self.source, cfg)
         try:
             self._pipe.build()
@@ -148,6 +152,7 @@ class Loader:
             _raise_record_error(exc, ds.root, cfg.split)
 
     def __len__(self) -> int:
+        """Steps in a whole epoch."""
         return math.ceil(self.samples / self.cfg.batch_size)
 
     def close(self) -> None:
@@ -164,7 +169,7 @@ class Loader:
         plan = self.source.plan(self.epoch)
         b = self.cfg.batch_size
         try:
-            for k, (out,) in enumerate(self._it):
+            for k, (out,) in enumerate(self._it, start=self.start_step):
                 images = out["images"]
                 if self.cfg.channels_last:
                     images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
@@ -172,10 +177,11 @@ class Loader:
                 valid = plan.valid[k * b : (k + 1) * b]
                 yield Batch(images, out["labels"].reshape(-1).long(), flipped,
                             None if valid.all() else torch.from_numpy(valid).to(images.device),
-                            self.source.order.step_total(k, b))
+                            self.source.order.step_total(k, b), k)
         except RuntimeError as exc:
             _raise_record_error(exc, self._root, self.cfg.split)
         self.epoch += 1
+        self.start_step = 0
 
 
 def dali_cause(exc: Exception) -> str:

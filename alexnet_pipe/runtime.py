@@ -74,8 +74,8 @@ class Runtime:
             reader=cfg.reader,
         )
 
-    def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None) -> Loader:
-        return Loader(self.ds, self.loader_config(split, train, batch_size), epoch)
+    def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0) -> Loader:
+        return Loader(self.ds, self.loader_config(split, train, batch_size), epoch, start_step)
 
     def data_meta(self) -> dict:
         """Data settings that travel with the weights (predict/import will need them)."""

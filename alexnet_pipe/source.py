@@ -15,10 +15,12 @@ from .records import RecordReader, RecordTable
 
 
 class EpochSource:
-    """Batch ``k`` of epoch ``first_epoch + epoch_idx``, for one rank."""
+    """Batch ``k`` of epoch ``first_epoch + epoch_idx``, for one rank. The first epoch starts at
+    batch ``first_step`` (a run resumed mid-epoch); later ones at batch 0."""
 
-    def __init__(self, table: RecordTable, order: OrderConfig, batch_size: int, first_epoch: int):
+    def __init__(self, table: RecordTable, order: OrderConfig, batch_size: int, first_epoch: int, first_step: int = 0):
         self.table, self.order, self.batch_size, self.first_epoch = table, order, batch_size, first_epoch
+        self.first_step = first_step
         self._reader: RecordReader | None = None
         self._plan: tuple[int, EpochPlan] | None = None
 
@@ -30,7 +32,8 @@ class EpochSource:
 
     def __call__(self, info) -> tuple:
         plan = self.plan(self.first_epoch + info.epoch_idx)
-        start = info.iteration * self.batch_size
+        step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
+        start = step * self.batch_size
         if start >= len(plan):
             raise StopIteration
         if self._reader is None:

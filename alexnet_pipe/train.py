@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,11 @@ from tqdm import tqdm
 
 from . import checkpoint, train_state
 from .config import TrainConfig
-from .errors import DatasetError, TrainingError
+from .errors import CheckpointError, DatasetError, TrainingError
 from .loggers import MetricsLog
 from .model import AlexNet, AlexNetConfig, param_groups
 from .pipeline import Batch, Loader
+from .preempt import Action, Preemption
 from .runtime import Runtime, open_run, small_image_warning  # noqa: F401  (small_image_warning: public here too)
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class FitResult:
     history: list[dict]
     final: EvalResult | None
     weights_path: Path | None
+    stopped_by: int | None = None  # the signal that ended the run early (SIGTERM/SIGINT), or None
+    checkpoint_path: Path | None = None  # where the run's last checkpoint is
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
@@ -105,23 +109,52 @@ def step_loss(logits: torch.Tensor, batch: Batch, world_size: int) -> tuple[torc
     return total * (world_size / max(batch.real_total, 1)), total.detach(), count
 
 
-def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int, lr: float) -> tuple[float, int, float]:
-    """One pass over the loader (epoch ``epoch``). Returns (mean loss, samples, seconds), both
-    over all ranks.
+@dataclass
+class EpochRun:
+    """What one call of ``train_one_epoch`` did: the epoch's sums through its last step, over
+    all ranks (a resumed epoch's earlier steps included), and whether it reached the end."""
 
-    Losses are summed on the device and read back only every ``log_every`` steps: a host sync
-    per step would stall the GPU queue. Every rank syncs at the same steps.
+    partial: train_state.Partial
+    finished: bool
+
+    @property
+    def mean_loss(self) -> float:
+        return self.partial.loss_sum / max(self.partial.samples, 1)
+
+
+def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int, lr: float,
+                    start: train_state.Partial | None = None, preemption: Preemption | None = None,
+                    on_checkpoint: Callable[[train_state.Partial], None] | None = None,
+                    on_log: Callable[[train_state.Partial], None] | None = None) -> EpochRun:
+    """One pass over the loader (epoch ``epoch``), from step ``start.step`` when resuming.
+
+    After each step ``preemption`` may ask for a checkpoint (``on_checkpoint`` gets the progress)
+    or for a stop: the pass then ends early with ``finished`` False. ``on_log`` gets the progress
+    every ``log_every`` steps. Losses are summed on the
+    device and read back only every ``log_every`` steps: a host sync per step would stall the GPU
+    queue. Every rank syncs at the same steps.
     """
     cfg = rt.cfg
-    if loader.epoch != epoch:  # the loader serves epochs in sequence; a skipped pass would shift the data
-        raise RuntimeError(f"the train loader is at epoch {loader.epoch + 1}, expected {epoch + 1}")
+    start = start or train_state.Partial()
+    if loader.epoch != epoch or loader.start_step != start.step:  # a skipped pass would shift the data
+        raise RuntimeError(f"the train loader is at epoch {loader.epoch + 1} step {loader.start_step}, "
+                           f"expected {epoch + 1} step {start.step}")
     model.train()
-    train_state.seed_epoch(cfg.rng_seed, epoch, rt.dist.rank)
-    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss, samples (this rank)
-    bar = tqdm(total=loader.samples * rt.dist.world_size, unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and rt.dist.is_main), dynamic_ncols=True, smoothing=0.1)
+    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss, samples (this rank, this call)
+    bar = tqdm(total=loader.samples * rt.dist.world_size, initial=start.samples, unit="img",
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and rt.dist.is_main),
+               dynamic_ncols=True, smoothing=0.1)
     started = time.perf_counter()
-    for step, batch in enumerate(loader):
+
+    def progress(steps_done: int) -> train_state.Partial:
+        total = sums.clone()
+        rt.dist.sum_(total)
+        return train_state.Partial(steps_done, start.loss_sum + total[0].item(), start.samples + int(total[1].item()),
+                                   start.seconds + time.perf_counter() - started)
+
+    steps_done = start.step
+    for batch in loader:
+        train_state.seed_step(cfg.rng_seed, epoch, batch.step, rt.dist.rank)
         with rt.autocast():
             logits = model(batch.images)
             loss, total, count = step_loss(logits, batch, rt.dist.world_size)
@@ -135,26 +168,29 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
             opt.step()
         sums[0] += total.double()
         sums[1] += count
+        steps_done = batch.step + 1
         bar.update(batch.labels.shape[0] * rt.dist.world_size)
-        if (step + 1) % cfg.log_every == 0:
-            mean_loss = _global_mean(sums, rt)
-            _check_finite(mean_loss, epoch, lr)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:g}", refresh=False)
+        if steps_done % cfg.log_every == 0:
+            now = progress(steps_done)
+            _check_finite(now.loss_sum / max(now.samples, 1), epoch, lr)
+            bar.set_postfix(loss=f"{now.loss_sum / max(now.samples, 1):.3f}", lr=f"{lr:g}", refresh=False)
+            if on_log is not None:
+                on_log(now)
+        action = preemption.poll(steps_done) if preemption is not None else Action.GO_ON
+        if action is not Action.GO_ON and steps_done < len(loader):
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            on_checkpoint(progress(steps_done))
+            preemption.checkpointed()
+            if action is Action.STOP:
+                bar.close()
+                return EpochRun(progress(steps_done), finished=False)
     bar.close()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
-    seconds = time.perf_counter() - started
-    rt.dist.sum_(sums)
-    seen = int(sums[1].item())
-    mean_loss = sums[0].item() / max(seen, 1)
-    _check_finite(mean_loss, epoch, lr)
-    return mean_loss, seen, seconds
-
-
-def _global_mean(sums: torch.Tensor, rt: Runtime) -> float:
-    both = sums.clone()
-    rt.dist.sum_(both)
-    return both[0].item() / max(both[1].item(), 1)
+    result = EpochRun(progress(steps_done), finished=True)
+    _check_finite(result.mean_loss, epoch, lr)
+    return result
 
 
 def _check_finite(mean_loss: float, epoch: int, lr: float) -> None:
@@ -217,12 +253,27 @@ def _global_settings(rt: Runtime) -> dict:
             "model_file": str(cfg.model_file), "dataset": rt.ds.manifest.get("created", str(rt.ds.root))}
 
 
+def _resume_step(restored: train_state.Restored, body: dict, rt: Runtime, path: Path) -> train_state.Partial:
+    """A mid-epoch checkpoint's step in this run's global batch (the positions done must match)."""
+    partial = restored.partial
+    if not partial.step:
+        return partial
+    done = partial.step * body.get("global_batch", rt.global_batch)
+    if done % rt.global_batch:
+        raise CheckpointError(
+            f"{path} stopped {done} samples into epoch {restored.start_epoch + 1}, which is not a whole number of "
+            f"steps of {rt.global_batch} (-z x ranks); resume with a global batch of {body.get('global_batch')}")
+    return train_state.Partial(done // rt.global_batch, partial.loss_sum, partial.samples, partial.seconds)
+
+
 def fit(cfg: TrainConfig) -> FitResult:
     """Train for ``cfg.epochs`` epochs (resuming when ``model_file`` is a checkpoint).
 
     The recipe: neon's AlexNet, SGD with momentum, a step lr schedule, weight decay on weights
     only; every epoch a fresh global order with random crops and flips; evaluation every
-    ``eval_freq`` epochs; checkpoints every ``serialize`` epochs; final weights at ``save_path``.
+    ``eval_freq`` epochs; checkpoints every ``serialize`` epochs and every ``checkpoint_minutes``;
+    final weights at ``save_path``. SIGTERM/SIGINT end the run after the current step with a
+    checkpoint (``FitResult.stopped_by``).
     """
     rt = open_run(cfg, join=True)
     main = rt.dist.is_main
@@ -236,53 +287,73 @@ def fit(cfg: TrainConfig) -> FitResult:
         opt = torch.optim.SGD(param_groups(model, rt.lr, cfg.weight_decay, cfg.bias_lr_mult),
                               lr=rt.lr, momentum=cfg.momentum, fused=(rt.device.type == "cuda") or None)
         scaler = torch.amp.GradScaler(rt.device.type) if cfg.datatype == "f16" else None
-        restored = train_state.Restored(0, [])
+        restored = train_state.Restored(0, [], train_state.Partial())
         if cfg.model_file is not None:
-            body = checkpoint.load(cfg.model_file)
-            train_state.check_compatible(body, cfg.model_file, ds, cfg.crop)
+            body, source = checkpoint.load_newest_good(cfg.model_file)
+            train_state.check_compatible(body, source, ds, cfg.crop)
             restored = train_state.restore(body, model, opt, scaler)
-            if restored.start_epoch and main:
-                log.info("resuming %s after epoch %d", cfg.model_file, restored.start_epoch)
+            restored.partial = _resume_step(restored, body, rt, source)
+            if (restored.start_epoch or restored.partial.step) and main:
+                log.info("resuming %s after epoch %d%s", source, restored.start_epoch,
+                         f", step {restored.partial.step}" if restored.partial.step else "")
             if restored.start_epoch >= cfg.epochs and main:
-                log.warning("%s already has %d epochs; nothing to train (raise -e)", cfg.model_file,
-                            restored.start_epoch)
-        start_epoch, history = restored.start_epoch, restored.history
+                log.warning("%s already has %d epochs; nothing to train (raise -e)", source, restored.start_epoch)
+        start_epoch, history, partial = restored.start_epoch, restored.history, restored.partial
         metrics = MetricsLog(cfg.output_file, enabled=main)
-        metrics.start(None if cfg.model_file is None else start_epoch)
+        metrics.start(None if cfg.model_file is None else start_epoch, partial.step)
         train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
             train_model = torch.compile(train_model)
         has_val = "val" in ds.splits()
         ckpt_path = cfg.resolved_checkpoint_path()
-        final = None
-        for epoch in range(start_epoch, cfg.epochs):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
-            lr = opt.param_groups[0]["lr"]
-            if train_loader is None:  # one pipeline serves every epoch: its source knows each epoch's order
-                train_loader = rt.loader("train", True, epoch)
-            train_loss, seen, seconds = train_one_epoch(train_model, train_loader, opt, scaler, rt, epoch, lr)
-            record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "samples": seen,
-                      "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds,
-                      "world_size": rt.dist.world_size, "global_batch": rt.global_batch}
-            last = epoch + 1 == cfg.epochs
-            if has_val and cfg.eval_freq and ((epoch + 1) % cfg.eval_freq == 0 or last):
-                if val_loader is None:  # built on first use, then reused: its order and crops never change
-                    val_loader = rt.loader("val", False, 0)
-                final = evaluate(train_model, val_loader, rt)
-                record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
-                if main:
-                    log.info("epoch %d: %s", epoch + 1, final.neon_line())
-            if main and epoch >= 1 and abs(train_loss - math.log(ds.num_classes)) < 0.01 and ds.num_classes > 1:
-                log.warning("train loss %.3f sits at chance (ln %d): the learning rate may be too high for this "
-                            "data (try --lr 0.001), or, on a small data set, neon's init is slow to start "
-                            "(try --init kaiming)", train_loss, ds.num_classes)
-            history.append(record)
-            metrics.write(record)
-            if main:
-                log.info("epoch %d: train loss %.4f, %.0f img/s", epoch + 1, train_loss, record["img_per_s"])
-            if main and ckpt_path is not None and cfg.serialize and ((epoch + 1) % cfg.serialize == 0 or last):
-                checkpoint.save(ckpt_path, train_state.checkpoint_payload(rt, model, opt, scaler, epoch + 1, history))
+        final, stopped_by = None, None
+
+        def save_checkpoint(epochs_done: int, progress: train_state.Partial | None = None) -> None:
+            if main and ckpt_path is not None:
+                checkpoint.save(ckpt_path, train_state.checkpoint_payload(rt, model, opt, scaler, epochs_done, history,
+                                                                          progress), keep=cfg.keep_checkpoints)
+
+        with Preemption(rt.dist, cfg.checkpoint_minutes, cfg.log_every) as preemption:
+            for epoch in range(start_epoch, cfg.epochs):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
+                lr = opt.param_groups[0]["lr"]
+                if train_loader is None:  # one pipeline serves every epoch: its source knows each epoch's order
+                    train_loader = rt.loader("train", True, epoch, start_step=partial.step)
+                run = train_one_epoch(train_model, train_loader, opt, scaler, rt, epoch, lr, partial, preemption,
+                                      on_checkpoint=lambda progress, e=epoch: save_checkpoint(e, progress),
+                                      on_log=lambda progress, e=epoch: metrics.write_step(e + 1, lr, progress))
+                partial = train_state.Partial()
+                if not run.finished:
+                    stopped_by = preemption.signal
+                    break
+                seen, seconds = run.partial.samples, run.partial.seconds
+                record = {"epoch": epoch + 1, "lr": lr, "train_loss": run.mean_loss, "samples": seen,
+                          "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds,
+                          "world_size": rt.dist.world_size, "global_batch": rt.global_batch}
+                if main:  # the train line first, then validation's
+                    log.info("epoch %d: train loss %.4f, %.0f img/s", epoch + 1, run.mean_loss, record["img_per_s"])
+                last = epoch + 1 == cfg.epochs
+                if has_val and cfg.eval_freq and ((epoch + 1) % cfg.eval_freq == 0 or last):
+                    if val_loader is None:  # built on first use, then reused: its order and crops never change
+                        val_loader = rt.loader("val", False, 0)
+                    final = evaluate(train_model, val_loader, rt)
+                    record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
+                    if main:
+                        log.info("epoch %d: %s", epoch + 1, final.neon_line())
+                _warn_at_chance(rt, epoch, run.mean_loss)
+                history.append(record)
+                metrics.write(record)
+                stopping = preemption.signal is not None
+                if cfg.serialize and ((epoch + 1) % cfg.serialize == 0 or last) or stopping:
+                    save_checkpoint(epoch + 1)
+                    preemption.checkpointed()
+                if stopping and not last:
+                    stopped_by = preemption.signal
+                    break
+        if stopped_by is not None:
+            rt.dist.barrier()
+            return FitResult(len(history), history, final, None, stopped_by, ckpt_path)
         if main and cfg.save_path is not None:
             checkpoint.save(cfg.save_path,
                             train_state.weights_payload(rt, model, max(start_epoch, cfg.epochs), history))
@@ -293,3 +364,11 @@ def fit(cfg: TrainConfig) -> FitResult:
             if loader is not None:
                 loader.close()
         rt.close()
+
+
+def _warn_at_chance(rt: Runtime, epoch: int, train_loss: float) -> None:
+    classes = rt.ds.num_classes
+    if rt.dist.is_main and epoch >= 1 and classes > 1 and abs(train_loss - math.log(classes)) < 0.01:
+        log.warning("train loss %.3f sits at chance (ln %d): the learning rate may be too high for this "
+                    "data (try --lr 0.001), or, on a small data set, neon's init is slow to start "
+                    "(try --init kaiming)", train_loss, classes)

@@ -1,7 +1,10 @@
 """What a checkpoint or weights file holds of a run, and how a run is restored from one.
 
-The training RNG is reseeded from (seed, epoch, rank) at every epoch start (``seed_epoch``), so
-an epoch's dropout masks need no saved state, and a checkpoint written by N ranks resumes on M.
+The training RNG is reseeded from (seed, epoch, step, rank) before every step (``seed_step``),
+and the data of a step is a function of (seed, epoch, step) (``order.py``), so a checkpoint needs
+no RNG or DALI state: one written mid-epoch resumes at the next step with exactly the samples,
+crops, flips and dropout masks that remained, and one written by N ranks resumes on M (with the
+data of the remaining steps, but other dropout masks).
 """
 
 from __future__ import annotations
@@ -20,14 +23,29 @@ _DROPOUT_STREAM = 0xD50
 
 
 @dataclass
+class Partial:
+    """How far into an epoch a run got: its steps and its sums so far, over all ranks."""
+
+    step: int = 0  # steps of the epoch done
+    loss_sum: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "loss_sum": self.loss_sum, "samples": self.samples, "seconds": self.seconds}
+
+
+@dataclass
 class Restored:
-    start_epoch: int  # epochs already trained
+    start_epoch: int  # epochs fully trained
     history: list[dict]  # their metrics rows
+    partial: Partial  # progress into epoch ``start_epoch`` (a mid-epoch checkpoint)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> None:
-    """Seed torch's RNGs (dropout) for ``epoch`` on ``rank``: distinct per rank, fixed by (seed, epoch)."""
-    state = np.random.SeedSequence([seed % 2**63, epoch, rank, _DROPOUT_STREAM]).generate_state(2, np.uint64)
+def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
+    """Seed torch's RNGs (dropout) for one step: distinct per rank, fixed by (seed, epoch, step).
+    A host-side call that queues no device work; about 10 us."""
+    state = np.random.SeedSequence([seed % 2**63, epoch, step, rank, _DROPOUT_STREAM]).generate_state(2, np.uint64)
     torch.manual_seed(int(state[0] >> np.uint64(1)))
 
 
@@ -53,20 +71,23 @@ def restore(body: dict, model: torch.nn.Module, opt, scaler) -> Restored:
     """Load weights (any kind) and, from a checkpoint, the optimizer and the epoch count."""
     model.load_state_dict(body["model"])
     if body["kind"] != "checkpoint":
-        return Restored(0, [])
+        return Restored(0, [], Partial())
     opt.load_state_dict(body["optimizer"])
     if scaler is not None and body.get("scaler"):
         scaler.load_state_dict(body["scaler"])
-    return Restored(body["epoch"], list(body.get("history", [])))
+    partial = Partial(**body["partial"]) if body.get("partial") else Partial()
+    return Restored(body["epoch"], list(body.get("history", [])), partial)
 
 
-def checkpoint_payload(rt: Runtime, model, opt, scaler, epoch: int, history: list[dict]) -> dict:
-    """A resumable checkpoint after ``epoch`` completed epochs."""
+def checkpoint_payload(rt: Runtime, model, opt, scaler, epoch: int, history: list[dict],
+                       partial: Partial | None = None) -> dict:
+    """A resumable checkpoint after ``epoch`` completed epochs and ``partial.step`` steps of the next."""
     return {
         "kind": "checkpoint", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
         "data": rt.data_meta(), "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch, "world_size": rt.dist.world_size, "train_config": rt.cfg.to_dict(), "history": history,
+        "epoch": epoch, "partial": (partial or Partial()).to_dict(), "global_batch": rt.global_batch,
+        "world_size": rt.dist.world_size, "train_config": rt.cfg.to_dict(), "history": history,
     }
 
 

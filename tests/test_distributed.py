@@ -44,9 +44,9 @@ def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Complet
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "alexnet_pipe", *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 def rows(path: Path) -> list[dict]:
@@ -104,7 +104,7 @@ def test_checkpoints_move_between_rank_counts_and_only_rank_0_writes(data, tmp_p
     ckpt2, ckpt1 = tmp_path / "two.ckpt", tmp_path / "one.ckpt"
     metrics = tmp_path / "m.jsonl"
     res = cli("train", "-w", str(data), *COMMON, "-e", "1", "--serialize", "1", "--checkpoint", str(ckpt2),
-              "-o", str(metrics), "--nproc", "2")
+              "-o", str(metrics), "--nproc", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     [row] = rows(metrics)
     assert (row["world_size"], row["global_batch"], row["samples"]) == (2, 14, 15)
@@ -112,10 +112,10 @@ def test_checkpoints_move_between_rank_counts_and_only_rank_0_writes(data, tmp_p
     assert math.isfinite(row["train_loss"])  # the all-padding batch added nothing, not NaN
     # Resume the 2-rank checkpoint on 1 rank, then that one on 2 ranks again.
     res = cli("train", "-w", str(data), *COMMON, "-e", "2", "--model_file", str(ckpt2), "--serialize", "1",
-              "--checkpoint", str(ckpt1), "-o", str(metrics))
+              "--checkpoint", str(ckpt1), "-o", str(metrics), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     res = cli("train", "-w", str(data), *COMMON, "-e", "3", "--model_file", str(ckpt1), "--serialize", "1",
-              "--checkpoint", str(ckpt2), "-o", str(metrics), "--nproc", "2")
+              "--checkpoint", str(ckpt2), "-o", str(metrics), "--nproc", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     history = rows(metrics)
     assert [(r["epoch"], r["world_size"], r["samples"]) for r in history] == [(1, 2, 15), (2, 1, 15), (3, 2, 15)]
@@ -134,7 +134,7 @@ def test_ranks_that_disagree_refuse_to_start(data, tmp_path):
 def test_a_killed_rank_ends_the_job_with_a_message(data, tmp_path):
     cmd = [sys.executable, "-m", "alexnet_pipe", "train", "-w", str(data), *COMMON, "-e", "500", "--nproc", "2",
            "-o", str(tmp_path / "m.jsonl")]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "m.jsonl").exists():  # training is under way once an epoch is logged
