@@ -88,7 +88,11 @@ def assert_same_weights(path: Path, reference: dict) -> None:
         assert torch.equal(got[k], reference[k]), k
 
 
-@pytest.mark.parametrize("seed", [0])
+# One seed in `make test`; `make faults` adds five more random steps for each kind of kill.
+SEEDS = [0, *(pytest.param(s, marks=pytest.mark.faults) for s in range(1, 6))]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_sigterm_at_a_random_step_then_resume_gives_identical_weights(data, reference, tmp_path, seed):
     at = random.Random(seed).randint(1, 10)
     res = interrupt(data, tmp_path, signal.SIGTERM, at)
@@ -110,8 +114,9 @@ def test_sigterm_at_a_random_step_then_resume_gives_identical_weights(data, refe
     assert steps == sorted(set(steps)) and len(steps) == 12  # every step logged once
 
 
-def test_sigkill_then_resume_from_the_last_periodic_checkpoint(data, reference, tmp_path):
-    at = random.Random(1).randint(2, 10)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sigkill_then_resume_from_the_last_periodic_checkpoint(data, reference, tmp_path, seed):
+    at = random.Random(100 + seed).randint(3, 10)  # once step k is logged, steps 1..k-1 are checkpointed
     # Every step is due for a checkpoint at 0.00001 minutes; K = 2 files are kept.
     res = interrupt(data, tmp_path, signal.SIGKILL, at, "--checkpoint-minutes", "0.00001", "--keep-checkpoints", "2")
     assert res.returncode == -signal.SIGKILL
