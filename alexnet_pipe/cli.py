@@ -15,6 +15,7 @@ from .errors import AlexnetPipeError
 
 _DIR = click.Path(path_type=Path)
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+_LIST_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 class _Group(click.Group):
@@ -74,19 +75,36 @@ def _parse_part(ctx, param, value):
                    "ILSVRC2012_validation_ground_truth.txt, or the devkit ILSVRC2012_devkit_t12.tar.gz.")
 @click.option("--synsets", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="The devkit's id order for its ground truth: ILSVRC2012_devkit_t12.tar.gz, its data/meta.mat "
-                   "or map_clsloc.txt [default: found in RAW]; a plain wnid list only if in devkit (unsorted) order.")
+                   "or map_clsloc.txt [default: found in RAW]; a plain wnid list only if in devkit (unsorted) order. "
+                   "With --list: the class names, line k naming label k (e.g. Caffe's synset_words.txt).")
+@click.option("--list", "train_list", type=_LIST_FILE, default=None, metavar="FILE",
+              help="Take the training images from a list file instead of class folders: Caffe's "
+                   "'<path> <label>' lines, or an im2rec .lst (tab-separated index, label, path); paths are relative "
+                   "to RAW, labels are taken as given.")
+@click.option("--list-val", "val_list", type=_LIST_FILE, default=None, metavar="FILE",
+              help="The validation images' list file (with --list; same formats).")
+@click.option("--val-ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="For an input without a val split: hold out this fraction of each class as val "
+                   "(stratified, chosen by --seed; im2rec's --train-ratio is 1 minus this).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the layout, classes, counts per split, shard plan and the inputs that would be "
+                   "skipped; write nothing.")
 @click.option("--force", is_flag=True, help="Discard an earlier conversion in OUT made with other settings.")
 @click.option("--part", callback=_parse_part, default=None, metavar="I/N",
               help="Write only every N-th shard, starting at I (split the work across machines).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers, seed, max_pixels, max_file_mb,
-            no_passthrough, val_labels, synsets, force, part, no_progress):
-    """Convert RAW (ImageNet layout) into validated, shuffled shards in OUT.
+            no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part, no_progress):
+    """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
 
     Rerunning the same command after an interruption finishes the job.
-    """
-    from .convert import run_convert
 
+    \b
+    Examples:
+      alexnet-pipe convert raw/ batches/ --format both
+      alexnet-pipe convert images/ batches/ --list train.txt --list-val val.txt --synsets synset_words.txt
+      alexnet-pipe convert flowers/ batches/ --val-ratio 0.05 --dry-run
+    """
     cfg = ConvertConfig(
         src=raw, dst=out,
         formats=("lmdb", "recordio") if fmt == "both" else (fmt,),
@@ -94,13 +112,22 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
                             passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb),
         shard_size=shard_size, workers=workers or default_workers(), seed=seed, force=force,
         progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
+        train_list=train_list, val_list=val_list, val_ratio=val_ratio,
     )
+    if dry_run:
+        from .dryrun import format_plan, plan_convert
+
+        click.echo(format_plan(plan_convert(cfg)))
+        return
+    from .convert import run_convert
+    from .info import plural
+
     result = run_convert(cfg)
     if result.remaining_shards:
         click.echo(f"part {part[0]}/{part[1]} done ({result.converted_now} images in {result.seconds:.1f} s); "
-                   f"{result.remaining_shards} shards of other parts are not in {out} yet. The run that completes "
-                   "the last part writes the manifest; or gather all shards and .parts/ into one directory and "
-                   "rerun the command without --part.")
+                   f"{plural(result.remaining_shards, 'shard')} of other parts "
+                   f"{'is' if result.remaining_shards == 1 else 'are'} not in {out} yet. The run that completes the last part writes the manifest; or gather all "
+                   "shards and .parts/ into one directory and rerun the command without --part.")
         return
     counts = ", ".join(f"{split} {n}" for split, n in result.records.items())
     click.echo(f"wrote {out}: {counts} records, {result.skipped} skipped "

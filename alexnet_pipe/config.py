@@ -63,8 +63,20 @@ class ConvertConfig:
     val_labels: Path | None = None  # overrides auto-detection of the flat-val label file
     synsets: Path | None = None  # overrides auto-detection of the synset list
     part: tuple[int, int] | None = None  # (I, N): write only shards k with k % N == I (split work)
+    train_list: Path | None = None  # a Caffe list or im2rec .lst naming the train images (paths under src)
+    val_list: Path | None = None  # the same for the val images
+    val_ratio: float | None = None  # carve this fraction of each class out of train as val (holdout.py)
 
     def __post_init__(self) -> None:
+        if self.val_list is not None and self.train_list is None:
+            raise ValueError("--list-val needs --list, the list of the training images")
+        if self.train_list is not None and self.val_labels is not None:
+            raise ValueError("--val-labels labels a flat val/ folder; with --list, give the validation list "
+                             "with --list-val")
+        if self.val_ratio is not None and not 0 < self.val_ratio < 1:
+            raise ValueError(f"--val-ratio must be between 0 and 1 (0.05: 5% of each class), got {self.val_ratio}")
+        if self.val_ratio is not None and self.val_list is not None:
+            raise ValueError("--val-ratio carves a validation split, and --list-val gives one: use one of them")
         if self.part is not None and not (self.part[1] >= 1 and 0 <= self.part[0] < self.part[1]):
             raise ValueError(f"part must be I/N with 0 <= I < N, got {self.part[0]}/{self.part[1]}")
         if not self.formats or any(f not in FORMATS for f in self.formats):
@@ -81,6 +93,8 @@ class ConvertConfig:
             **asdict(self.image),
             "shard_size": self.shard_size,
             "seed": self.seed,
+            # Only when set: the settings of earlier conversions (and their resumes) stay the same.
+            **({"val_ratio": self.val_ratio} if self.val_ratio is not None else {}),
         }
 
 

@@ -32,6 +32,7 @@ from .config import ConvertConfig, ImageSettings
 from .errors import SettingsMismatchError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove
 from .imaging import BatchResult, Encoded, batch_to_pipe, process_batch
+from .info import plural
 from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
 from .mean import (MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, MeanImageSum, PixelStats, write_mean,
                    write_mean_image)
@@ -76,7 +77,12 @@ def _plan_digest(found: ScanResult) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _describe_mismatch(old: dict, new: dict) -> str:
+def output_identity(cfg: ConvertConfig, found: ScanResult) -> dict:
+    """What OUT's state file records: a rerun resumes only a conversion with this same identity."""
+    return {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
+
+
+def describe_mismatch(old: dict, new: dict) -> str:
     diffs = [
         f"{k}: {old['settings'].get(k)!r} -> {new['settings'].get(k)!r}"
         for k in sorted(set(old.get("settings", {})) | set(new["settings"]))
@@ -87,7 +93,7 @@ def _describe_mismatch(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "a different alexnet-pipe output version"
 
 
-def _check_output(dst: Path, force: bool) -> None:
+def check_output(dst: Path, force: bool) -> None:
     """Before any work: OUT must be new, empty, or written by alexnet-pipe convert."""
     if dst.exists() and not dst.is_dir():
         raise SettingsMismatchError(f"{dst} exists and is not a directory")
@@ -115,7 +121,7 @@ def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
             return
         if not force:
             raise SettingsMismatchError(
-                f"{dst} holds a conversion made with other settings or input ({_describe_mismatch(old, identity)}); "
+                f"{dst} holds a conversion made with other settings or input ({describe_mismatch(old, identity)}); "
                 "rerun with the same settings to resume it, choose another output directory, "
                 "or pass --force to discard it and start over"
             )
@@ -128,7 +134,7 @@ def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
         (dst / name).mkdir(exist_ok=True)
 
 
-def _load_part(dst: Path, plan: ShardPlan) -> dict | None:
+def load_part(dst: Path, plan: ShardPlan) -> dict | None:
     """The completion record of a shard, if the shard was fully written."""
     path = dst / PARTS_DIR / f"{plan.name}.json"
     if not path.is_file():
@@ -396,7 +402,7 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
         records = passthrough = n_skipped = 0
         mins, shards = [], []
         for plan in split_plans:
-            p = _load_part(dst, plan)
+            p = load_part(dst, plan)
             if p is None:  # checked under the lock just before: a shard vanished meanwhile
                 raise SettingsMismatchError(f"shard {plan.name} of {dst} disappeared while finishing; rerun the command")
             labels.update({int(k): v for k, v in p["labels"].items()})
@@ -467,6 +473,21 @@ def _id_width(found: ScanResult) -> int:
     return max(8, len(str(max(len(s) for s in found.splits.values()))))
 
 
+def find_inputs(cfg: ConvertConfig, cache_dir: Path | None) -> ScanResult:
+    """The inputs of ``cfg``: list files (--list) or a scanned layout, then --val-ratio's split."""
+    if cfg.train_list is not None:
+        from .listfile import scan_lists
+
+        found = scan_lists(cfg.src, cfg.train_list, cfg.val_list, cfg.synsets)
+    else:
+        found = scan(cfg.src, cfg.val_labels, cfg.synsets, cache_dir=cache_dir)
+    if cfg.val_ratio is not None:
+        from .holdout import carve_val
+
+        found = carve_val(found, cfg.val_ratio, cfg.seed)
+    return found
+
+
 def run_convert(cfg: ConvertConfig) -> ConvertResult:
     """Convert ``cfg.src`` into ``cfg.dst``; resume an interrupted run of the same command.
 
@@ -477,11 +498,11 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         SettingsMismatchError: OUT holds a different conversion (use --force).
     """
     started = time.perf_counter()
-    _check_output(cfg.dst, cfg.force)
+    check_output(cfg.dst, cfg.force)
     # The archives' member lists are cached in OUT: resumes and --part runs skip the 1.28M headers.
-    found = scan(cfg.src, cfg.val_labels, cfg.synsets, cache_dir=cfg.dst / SCAN_CACHE)
+    found = find_inputs(cfg, cache_dir=cfg.dst / SCAN_CACHE)
     plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}
-    identity = {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
+    identity = output_identity(cfg, found)
     _prepare_output(cfg.dst, identity, cfg.force)
 
     done: set[str] = set()  # names of complete shards (their records stay on disk until the end)
@@ -492,7 +513,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     mine = [plan for k, plan in enumerate(all_plans) if cfg.part is None or k % cfg.part[1] == cfg.part[0]]
     mine_names = {plan.name for plan in mine}
     for plan in all_plans:
-        if _load_part(cfg.dst, plan) is not None:
+        if load_part(cfg.dst, plan) is not None:
             done.add(plan.name)
         elif plan.name in mine_names:
             _clear_shard(cfg.dst, plan)
@@ -500,7 +521,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     total = sum(len(p.sources) for p in mine)
     todo = sum(len(p.sources) for p in pending)
     if done:
-        log.info("resuming: %d shards already complete, %d to write", len(done), len(pending))
+        log.info("resuming: %s already complete, %d to write", plural(len(done), "shard"), len(pending))
 
     id_width = _id_width(found)
     bar = tqdm(total=total, initial=total - todo, unit="img", desc="convert", disable=not cfg.progress,
@@ -525,7 +546,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         # Under the lock, and with the completion records read again: --part runs finishing at
         # the same time each see the other's shards: the last to take the lock writes the manifest (one
         # that ends just after the first may write it again, identically: every byte follows from OUT).
-        done.update(plan.name for plan in all_plans if plan.name not in done and _load_part(cfg.dst, plan))
+        done.update(plan.name for plan in all_plans if plan.name not in done and load_part(cfg.dst, plan))
         remaining = len(all_plans) - len(done)
         if remaining:  # only with --part: the other parts finish the job
             return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)

@@ -8,6 +8,11 @@ from .mean import load_dataset_mean
 from .shards import dir_size
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 shard"``, ``"2 shards"``; ``many`` for irregular plurals (``plural(n, "class", "classes")``)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -73,13 +78,14 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> st
     for name, split in info["splits"].items():
         total += split["bytes"]
         lines.append(
-            f"{name:<9} {split['records']} records in {len(split['shards'])} shards, {_human(split['bytes'])}, "
+            f"{name:<9} {plural(split['records'], 'record')} in {plural(len(split['shards']), 'shard')}, "
+            f"{_human(split['bytes'])}, "
             f"{split['skipped']} skipped  [{split['layout']}]"
         )
         for s in split["shards"][:max_shards]:
-            lines.append(f"            {s['name']}  {s['records']} records  {_human(s['bytes'])}")
+            lines.append(f"            {s['name']}  {plural(s['records'], 'record')}  {_human(s['bytes'])}")
         if len(split["shards"]) > max_shards:
-            lines.append(f"            ... {len(split['shards']) - max_shards} more shards")
+            lines.append(f"            ... {plural(len(split['shards']) - max_shards, 'more shard', 'more shards')}")
     lines.append(f"on disk   {_human(total)}")
     mean = info["mean"]
     if "error" in mean:
@@ -92,7 +98,8 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> st
     if image:
         files = ", ".join(f"{f['path']} ({'missing' if f['bytes'] is None else _human(f['bytes'])})"
                           for f in image["files"])
-        lines.append(f"mean img  {image['size']}x{image['size']} over {image['images']} train images: {files}")
+        over = plural(image["images"], "train image")
+        lines.append(f"mean img  {image['size']}x{image['size']} over {over}: {files}")
     lines.append("settings  " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
     for s in info["skipped"][:10]:
         lines.append(f"skipped   {s['split']}/{s['name']}: {s['reason']}")

@@ -118,7 +118,7 @@ def system_folder(name: str) -> str | None:
     return SYSTEM_FOLDERS.get(name.casefold())
 
 
-def _some(names: list[str], k: int = 5) -> str:
+def some_names(names: list[str], k: int = 5) -> str:
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
@@ -163,6 +163,13 @@ def _files_below(folder: Path, system: list[tuple[str, str]] | None = None) -> l
     if system is not None:
         system.sort()
     return sorted(out)
+
+
+def _with_images(skipped: list[Skip], lead: str = " with images (") -> str:
+    """For an error: why each folder found is no class, e.g. " with images (cat/: empty folder (no files))"."""
+    if not skipped:
+        return ""
+    return lead + some_names([f"{s.name}: {s.reason.removesuffix(', not a class')}" for s in skipped], 3) + ")"
 
 
 def _has_files(folder: str) -> bool:
@@ -539,12 +546,13 @@ def _check_class_list(classes: list[str], origin: str, listed: tuple[list[str], 
     if extra:
         raise LayoutError(
             f"{origin} has {len(extra)} {'class' if len(extra) == 1 else 'classes'} that {source} does not list: "
-            f"{_some(extra)}; is it this dataset's list? Remove those classes, or pass --synsets FILE naming "
+            f"{some_names(extra)}; is it this dataset's list? Remove those classes, or pass --synsets FILE naming "
             "this dataset's classes"
         )
     if missing:
         raise LayoutError(
-            f"{origin} has {len(classes)} classes but {source} lists {len(set(wnids))}; missing: {_some(missing)}. "
+            f"{origin} has {len(classes)} classes but {source} lists {len(set(wnids))}; "
+            f"missing: {some_names(missing)}. "
             "The input looks incomplete (a partial copy or download?): restore those classes, or for a "
             "deliberate subset pass --synsets with a list of just the classes kept"
         )
@@ -603,6 +611,11 @@ def scan(
     train_tar = _find(raw, TRAIN_TARS)
     if (raw / "train").is_dir():
         trees["train"], skipped = _class_dirs(raw / "train", "train")
+        if not trees["train"]:
+            raise LayoutError(
+                f"{raw / 'train'} has no class folders{_with_images(skipped)}; expected "
+                f"{raw / 'train'}/<class>/<image>.JPEG: put each class's training images in its folder"
+            )
         layout["train"] = "class folders train/<class>/"
         not_classes += skipped
     elif train_tar is not None:
@@ -612,6 +625,12 @@ def scan(
     flat = _flat_val_files(raw, cache_dir)
     if flat is None and (raw / "val").is_dir():
         trees["val"], skipped = _class_dirs(raw / "val", "val")
+        if not trees["val"]:
+            raise LayoutError(
+                f"{raw / 'val'} holds no images{_with_images(skipped, ' (')}; expected "
+                f"{raw / 'val'}/<class>/<image>.JPEG or a flat val/ of labelled images: add them, or remove the empty val/ folder to convert train "
+                "only (--val-ratio then carves a validation split from train)"
+            )
         layout["val"] = "class folders val/<class>/"
         not_classes += skipped
     elif flat is not None:
@@ -619,10 +638,10 @@ def scan(
     if not trees and tar_tree is None and flat is None:
         folders, skipped = _class_dirs(raw, "train")
         if not folders:
-            also = f" ({_some([s.name for s in skipped])} {'is' if len(skipped) == 1 else 'are'} not)" if skipped else ""
             raise LayoutError(
-                f"{raw} has no class folders{also}; expected {raw}/train/<class>/<image>.JPEG (and val/), "
-                f"{raw}/<class>/<image>.JPEG, or the archives {TRAIN_TARS[0]} / {VAL_TARS[0]}"
+                f"{raw} has no class folders{_with_images(skipped)}; expected {raw}/train/<class>/<image>.JPEG "
+                f"(and val/), {raw}/<class>/<image>.JPEG, or the archives {TRAIN_TARS[0]} / {VAL_TARS[0]}"
+                + ("; put each class's images in its folder" if skipped else "")
             )
         trees["train"], layout["train"] = folders, "class folders <class>/ (train only)"
         not_classes += skipped
@@ -663,12 +682,16 @@ def scan(
         if unlabelled or no_file:
             result.warnings.append(
                 f"val ({flat.where}): {len(unlabelled)} of {len(files)} files have no label in {label_source}"
-                + (f" (listed as skipped: {_some(unlabelled)})" if unlabelled else "")
-                + f"; {len(no_file)} labelled images have no file" + (f" ({_some(no_file)})" if no_file else "")
+                + (f" (listed as skipped: {some_names(unlabelled)})" if unlabelled else "")
+                + f"; {len(no_file)} labelled images have no file" + (f" ({some_names(no_file)})" if no_file else "")
             )
     for split in list(result.splits):
         if not len(result.splits[split]):
-            raise LayoutError(f"the {split} split of {raw} ({layout[split]}) holds no files")
+            gone = [f"{s.name}: {s.reason}" for s in result.skipped if s.split == split]
+            raise LayoutError(
+                f"the {split} split of {raw} ({layout[split]}) has no image to convert"
+                + (f": all {len(gone)} inputs found are skipped ({some_names(gone, 3)})" if gone else "")
+            )
     for warning in result.warnings:
         log.warning("%s", warning)
     return result

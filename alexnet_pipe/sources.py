@@ -71,6 +71,14 @@ class SourceTable(Sequence[Source]):
             yield blob[start:end].decode(*_ENCODING)
             start = end
 
+    def take(self, rows: np.ndarray) -> SourceTable:
+        """A new table of the given rows, in the given order."""
+        out = SourceTableBuilder()
+        for i in rows.tolist():
+            out.add(self.name(i), int(self.labels[i]), self.locations[self._where[i]], int(self.offsets[i]),
+                    int(self.sizes[i]))
+        return out.build()
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, SourceTable):
             return NotImplemented
