@@ -231,6 +231,9 @@ def _train_options(fn):
         click.option("--read-workers", type=click.IntRange(min=0), default=None,
                      help="Processes reading records for DALI; 0: the training process reads them "
                           "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4]."),
+        click.option("--tensorboard", "tensorboard_dir", type=_DIR, default=None,
+                     help="Also write TensorBoard scalars (loss, lr, val, img/s, data wait) to this directory "
+                          "(needs pip install 'alexnet-pipe[tensorboard]')."),
         click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
                      help="Steps between progress updates and the per-step rows of -o."),
         click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -265,7 +268,7 @@ def _train_config(test_only: bool, kw: dict):
     extra = {"data_threads": threads} if threads else {}
     return TrainConfig(
         backend=backend, datatype=datatype, test_only=kw.pop("test_only") or test_only,
-        progress=not kw.pop("no_progress_bar"), compile=kw.pop("compile_model"),
+        progress=not kw.pop("no_progress_bar"), progress_bar=sys.stderr.isatty(), compile=kw.pop("compile_model"),
         lr_step=kw.pop("lr_step"), weight_decay=kw.pop("weight_decay"), normalize_std=kw.pop("normalize_std"),
         # Reading costs 10-25 us per record in Python: at GPU rates that belongs off the training thread.
         read_workers=_default(kw.pop("read_workers"), 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))),

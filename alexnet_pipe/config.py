@@ -60,6 +60,8 @@ class ConvertConfig:
     seed: int = 0
     force: bool = False
     progress: bool = True
+    progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
+    tensorboard_dir: Path | None = None  # also write TensorBoard scalars here
     val_labels: Path | None = None  # overrides auto-detection of the flat-val label file
     synsets: Path | None = None  # overrides auto-detection of the synset list
     part: tuple[int, int] | None = None  # (I, N): write only shards k with k % N == I (split work)
@@ -106,6 +108,8 @@ class VerifyConfig:
     workers: int = field(default_factory=default_workers)
     decode: bool = True  # decode every image (slow); False checks structure and checksums only
     progress: bool = True
+    progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
+    tensorboard_dir: Path | None = None  # also write TensorBoard scalars here
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -148,6 +152,8 @@ class TrainConfig:
     subset_pct: float = 100.0
     output_file: Path | None = None  # per-epoch metrics, JSON lines
     progress: bool = True
+    progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
+    tensorboard_dir: Path | None = None  # also write TensorBoard scalars here
     crop: int = 224
     lr: float = 0.01  # weights; biases get lr * bias_lr_mult (neon: 0.02)
     bias_lr_mult: float = 2.0

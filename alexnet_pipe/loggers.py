@@ -2,8 +2,8 @@
 
 ``MetricsLog`` keeps the ``-o`` JSON-lines file: one row per epoch (and per ``test``). A fresh
 run starts the file anew and keeps an existing one aside (``m.jsonl.1``, ``.2``, ...); a resumed
-run first drops the rows after its checkpoint's epoch, so the file never holds an epoch twice. More loggers (TensorBoard, ...) plug in with the same
-``start``/``write``/``close`` calls.
+run first drops the rows after its checkpoint's epoch, so the file never holds an epoch twice. ``TensorBoardLog`` writes the same figures as TensorBoard
+scalars. Both answer ``start``/``write``/``write_step``/``close``; ``Loggers`` fans out to several.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class MetricsLog:
         """A row every ``--log-every`` steps: the epoch's mean loss so far, lr, img/s."""
         self.write({"epoch": epoch, "step": progress.step, "train_loss": progress.loss_sum / max(progress.samples, 1),
                     "lr": lr, "samples": progress.samples,
-                    "img_per_s": progress.samples / progress.seconds if progress.seconds else 0.0}, durable=False)
+                    "img_per_s": progress.samples / progress.seconds if progress.seconds else 0.0,
+                    "data_wait_s": progress.data_wait_s}, durable=False)
 
     def write(self, record: dict, durable: bool = True) -> None:
         """Append one row; an epoch's row reaches the disk before the next epoch starts (step rows
@@ -77,3 +78,68 @@ class MetricsLog:
 
     def close(self) -> None:
         pass
+
+
+class TensorBoardLog:
+    """Scalars for TensorBoard under ``log_dir`` (``--tensorboard``), on the global step axis."""
+
+    def __init__(self, log_dir: Path, steps_per_epoch: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            from .errors import AlexnetPipeError
+
+            raise AlexnetPipeError("--tensorboard needs the tensorboard package: "
+                                   "pip install 'alexnet-pipe[tensorboard]' (or pip install tensorboard)") from exc
+        self._writer_class, self.log_dir, self.steps_per_epoch = SummaryWriter, log_dir, steps_per_epoch
+        self._writer = None
+
+    def start(self, resumed_epoch: int | None, resumed_step: int = 0) -> None:
+        # A resumed run drops the events written after its checkpoint (TensorBoard's purge_step).
+        purge = None if resumed_epoch is None else resumed_epoch * self.steps_per_epoch + resumed_step + 1
+        self._writer = self._writer_class(str(self.log_dir), purge_step=purge)
+
+    def write(self, record: dict, durable: bool = True) -> None:
+        if "epoch" not in record or "step" in record:
+            return
+        step = record["epoch"] * self.steps_per_epoch
+        for key, tag in (("train_loss", "train/loss_epoch"), ("val_loss", "val/loss"), ("val_top1", "val/top1"),
+                         ("val_top5", "val/top5"), ("img_per_s", "speed/img_per_s_epoch"), ("lr", "lr")):
+            if record.get(key) is not None:
+                self._writer.add_scalar(tag, record[key], step)
+        self._writer.flush()
+
+    def write_step(self, epoch: int, lr: float, progress) -> None:
+        step = (epoch - 1) * self.steps_per_epoch + progress.step
+        self._writer.add_scalar("train/loss", progress.loss_sum / max(progress.samples, 1), step)
+        self._writer.add_scalar("lr", lr, step)
+        if progress.seconds:
+            self._writer.add_scalar("speed/img_per_s", progress.samples / progress.seconds, step)
+            self._writer.add_scalar("speed/data_wait_pct", 100 * progress.data_wait_s / progress.seconds, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class Loggers:
+    """Several loggers behind one set of calls."""
+
+    def __init__(self, *loggers):
+        self.loggers = [x for x in loggers if x is not None]
+
+    def start(self, resumed_epoch: int | None, resumed_step: int = 0) -> None:
+        for x in self.loggers:
+            x.start(resumed_epoch, resumed_step)
+
+    def write(self, record: dict) -> None:
+        for x in self.loggers:
+            x.write(record)
+
+    def write_step(self, epoch: int, lr: float, progress) -> None:
+        for x in self.loggers:
+            x.write_step(epoch, lr, progress)
+
+    def close(self) -> None:
+        for x in self.loggers:
+            x.close()

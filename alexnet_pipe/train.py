@@ -23,7 +23,7 @@ from tqdm import tqdm
 from . import checkpoint, train_state
 from .config import TrainConfig
 from .errors import CheckpointError, DatasetError, TrainingError
-from .loggers import MetricsLog
+from .loggers import Loggers, MetricsLog, TensorBoardLog
 from .model import AlexNet, AlexNetConfig, param_groups
 from .pipeline import Batch, Loader
 from .preempt import Action, Preemption
@@ -140,20 +140,28 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
         raise RuntimeError(f"the train loader is at epoch {loader.epoch + 1} step {loader.start_step}, "
                            f"expected {epoch + 1} step {start.step}")
     model.train()
-    sums = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss, samples (this rank, this call)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, samples, data wait (this rank, call)
     bar = tqdm(total=loader.samples * rt.dist.world_size, initial=start.samples, unit="img",
-               desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and rt.dist.is_main),
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and cfg.progress_bar and rt.dist.is_main),
                dynamic_ncols=True, smoothing=0.1)
+    plain = _PlainProgress(cfg, rt, epoch, len(loader)) if cfg.progress and not cfg.progress_bar else None
     started = time.perf_counter()
 
     def progress(steps_done: int) -> train_state.Partial:
         total = sums.clone()
         rt.dist.sum_(total)
         return train_state.Partial(steps_done, start.loss_sum + total[0].item(), start.samples + int(total[1].item()),
-                                   start.seconds + time.perf_counter() - started)
+                                   start.seconds + time.perf_counter() - started,
+                                   start.data_wait_s + total[2].item() / rt.dist.world_size)
 
     steps_done = start.step
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        waited = time.perf_counter()
+        batch = next(batches, None)  # on the GPU: how long the step waited for its data
+        if batch is None:
+            break
+        sums[2] += time.perf_counter() - waited
         train_state.seed_step(cfg.rng_seed, epoch, batch.step, rt.dist.rank)
         with rt.autocast():
             logits = model(batch.images)
@@ -176,6 +184,8 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
             bar.set_postfix(loss=f"{now.loss_sum / max(now.samples, 1):.3f}", lr=f"{lr:g}", refresh=False)
             if on_log is not None:
                 on_log(now)
+            if plain is not None:
+                plain.maybe_log(now, lr)
         action = preemption.poll(steps_done) if preemption is not None else Action.GO_ON
         if action is not Action.GO_ON and steps_done < len(loader):
             if rt.device.type == "cuda":
@@ -191,6 +201,28 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
     result = EpochRun(progress(steps_done), finished=True)
     _check_finite(result.mean_loss, epoch, lr)
     return result
+
+
+class _PlainProgress:
+    """Progress as log lines (stderr is not a terminal: batch jobs, CI, | tee): at most one
+    every 30 s, with img/s, the share of time waiting for data and the epoch's ETA."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, epoch: int, steps: int):
+        self.cfg, self.main, self.epoch, self.steps = cfg, rt.dist.is_main, epoch, steps
+        self._last = time.monotonic()
+
+    def maybe_log(self, now: train_state.Partial, lr: float) -> None:
+        if not self.main or time.monotonic() - self._last < self.EVERY_S:
+            return
+        self._last = time.monotonic()
+        rate = now.step / now.seconds if now.seconds else 0.0
+        eta = (self.steps - now.step) / rate if rate else 0.0
+        log.info("epoch %d/%d step %d/%d: loss %.4f, lr %g, %.0f img/s, data wait %.0f%%, epoch ETA %dm%02ds",
+                 self.epoch + 1, self.cfg.epochs, now.step, self.steps, now.loss_sum / max(now.samples, 1), lr,
+                 now.samples / now.seconds if now.seconds else 0.0,
+                 100 * now.data_wait_s / now.seconds if now.seconds else 0.0, eta // 60, eta % 60)
 
 
 def _check_finite(mean_loss: float, epoch: int, lr: float) -> None:
@@ -263,7 +295,8 @@ def _resume_step(restored: train_state.Restored, body: dict, rt: Runtime, path: 
         raise CheckpointError(
             f"{path} stopped {done} samples into epoch {restored.start_epoch + 1}, which is not a whole number of "
             f"steps of {rt.global_batch} (-z x ranks); resume with a global batch of {body.get('global_batch')}")
-    return train_state.Partial(done // rt.global_batch, partial.loss_sum, partial.samples, partial.seconds)
+    return train_state.Partial(done // rt.global_batch, partial.loss_sum, partial.samples, partial.seconds,
+                               partial.data_wait_s)
 
 
 def fit(cfg: TrainConfig) -> FitResult:
@@ -277,7 +310,7 @@ def fit(cfg: TrainConfig) -> FitResult:
     """
     rt = open_run(cfg, join=True)
     main = rt.dist.is_main
-    train_loader = val_loader = None
+    train_loader = val_loader = metrics = None
     try:
         rt.dist.check_same(_global_settings(rt))
         ds = rt.ds
@@ -299,7 +332,11 @@ def fit(cfg: TrainConfig) -> FitResult:
             if restored.start_epoch >= cfg.epochs and main:
                 log.warning("%s already has %d epochs; nothing to train (raise -e)", source, restored.start_epoch)
         start_epoch, history, partial = restored.start_epoch, restored.history, restored.partial
-        metrics = MetricsLog(cfg.output_file, enabled=main)
+        if start_epoch < cfg.epochs:  # one pipeline serves every epoch: its source knows each epoch's order
+            train_loader = rt.loader("train", True, start_epoch, start_step=partial.step)
+        steps_per_epoch = len(train_loader) if train_loader is not None else 1
+        metrics = Loggers(MetricsLog(cfg.output_file, enabled=main),
+                          TensorBoardLog(cfg.tensorboard_dir, steps_per_epoch) if main and cfg.tensorboard_dir else None)
         metrics.start(None if cfg.model_file is None else start_epoch, partial.step)
         train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
@@ -318,8 +355,6 @@ def fit(cfg: TrainConfig) -> FitResult:
                 for group in opt.param_groups:
                     group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
                 lr = opt.param_groups[0]["lr"]
-                if train_loader is None:  # one pipeline serves every epoch: its source knows each epoch's order
-                    train_loader = rt.loader("train", True, epoch, start_step=partial.step)
                 run = train_one_epoch(train_model, train_loader, opt, scaler, rt, epoch, lr, partial, preemption,
                                       on_checkpoint=lambda progress, e=epoch: save_checkpoint(e, progress),
                                       on_log=lambda progress, e=epoch: metrics.write_step(e + 1, lr, progress))
@@ -363,6 +398,8 @@ def fit(cfg: TrainConfig) -> FitResult:
         for loader in (train_loader, val_loader):
             if loader is not None:
                 loader.close()
+        if metrics is not None:
+            metrics.close()
         rt.close()
 
 

@@ -30,9 +30,11 @@ class Partial:
     loss_sum: float = 0.0
     samples: int = 0
     seconds: float = 0.0
+    data_wait_s: float = 0.0  # of ``seconds``, the time spent waiting for the next batch (mean over ranks)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "loss_sum": self.loss_sum, "samples": self.samples, "seconds": self.seconds}
+        return {"step": self.step, "loss_sum": self.loss_sum, "samples": self.samples, "seconds": self.seconds,
+                "data_wait_s": self.data_wait_s}
 
 
 @dataclass
