@@ -396,13 +396,14 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
 
     import torch
 
-    from .bench import BenchConfig, format_rows, run_benchmark
+    from .bench import BenchConfig, check_device, format_rows, run_benchmark
 
     backend = backend or ("gpu" if torch.cuda.is_available() else "cpu")
     cfg = BenchConfig(backend=backend, device_id=device_id, batch_size=batch_size, crop=crop,
                       datatype=datatype or ("bf16" if backend == "gpu" else "f32"), channels_last=not nchw,
                       compile=compile_model, iterations=iterations, throughput_steps=throughput_steps,
                       data_dir=data_dir)
+    check_device(cfg)
     device = (torch.cuda.get_device_name(device_id) if backend == "gpu" else platform.processor() or "CPU")
     device += f", torch {torch.__version__}"
     rows = run_benchmark(cfg)
