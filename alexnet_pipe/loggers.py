@@ -2,8 +2,8 @@
 
 ``MetricsLog`` keeps the ``-o`` JSON-lines file: one row per epoch (and per ``test``). A fresh
 run starts the file anew; a resumed run first drops the rows after its checkpoint's epoch, so
-the file never holds an epoch twice. More loggers (TensorBoard, ...) plug in with the same
-``start``/``write``/``close`` calls.
+the file never holds an epoch twice, then marks the resume: ``{"event": "resumed", "after_epoch": N}``.
+More loggers (TensorBoard, ...) plug in with the same ``start``/``write``/``close`` calls.
 """
 
 from __future__ import annotations
@@ -37,8 +37,13 @@ class MetricsLog:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a crash
+            if isinstance(row, dict) and row.get("event") == "resumed" and \
+                    isinstance(row.get("after_epoch"), int) and row["after_epoch"] >= resumed_epoch:
+                continue  # a resume from a later (or the same) checkpoint: this one replaces it
             if not isinstance(row, dict) or int(row.get("epoch", 0) or 0) <= resumed_epoch:
                 kept.append(line)
+        if resumed_epoch:  # `plot` marks where the run went on
+            kept.append(json.dumps({"event": "resumed", "after_epoch": resumed_epoch}))
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from alexnet_pipe.errors import AlexnetPipeError, FormatError
+from alexnet_pipe.loggers import MetricsLog
 from alexnet_pipe.plot import (
     RESUME_LABEL,
     curves_figure,
@@ -116,6 +117,20 @@ def test_epoch_rows_finds_resume_points():
     marked = epoch_records(2) + [{"event": "resumed", "after_epoch": 2}] + epoch_records(2, first=3)
     assert epoch_rows(marked)[1] == [2]
     assert epoch_rows(epoch_records(2) + [dict(epoch_records(1, first=3)[0], resumed=True)])[1] == [2]
+
+
+def test_metrics_log_marks_a_resume_that_plot_reads(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.start(None)
+    for r in epoch_records(4):
+        log.write(r)
+    log.start(2)  # resumed from the checkpoint after epoch 2: rows 3 and 4 go, a marker comes
+    for r in epoch_records(3, first=3):
+        log.write(r)
+    log.start(4)
+    log.start(4)  # crashed again before epoch 5 ended: still one marker for it
+    rows, resumes = epoch_rows(read_metrics(tmp_path / "m.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and resumes == [2, 4]
 
 
 # ---------------------------------------------------------------- curves
