@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import TrainingError
 from .model import AlexNet, AlexNetConfig, param_groups
 
 
@@ -164,8 +165,20 @@ def time_end_to_end(cfg: BenchConfig, device: torch.device) -> dict:
     return {"name": "end to end: DALI train pipeline + this config", "img_per_s": seen / (time.perf_counter() - start)}
 
 
+def check_device(cfg: BenchConfig) -> None:
+    """Raise, with the fix, when ``-b gpu`` is asked for and torch has no such CUDA device."""
+    if cfg.backend != "gpu":
+        return
+    if not torch.cuda.is_available():
+        raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
+    if cfg.device_id >= torch.cuda.device_count():
+        raise TrainingError(f"-i {cfg.device_id}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0; pick one of them")
+
+
 def run_benchmark(cfg: BenchConfig) -> list[dict]:
     """Rows: the plain-PyTorch baseline first, then this configuration (and end to end)."""
+    check_device(cfg)
     device = torch.device("cuda", cfg.device_id) if cfg.backend == "gpu" else torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

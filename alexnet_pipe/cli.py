@@ -414,17 +414,21 @@ def test_cmd(**kw):
 
 @main.command()
 @click.argument("metrics", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=_DIR, default=Path("curves.png"), show_default=True)
+@click.option("-o", "--output", type=_DIR, default=Path("curves.png"), show_default=True,
+              help="The drawing: .png, .svg or .pdf, chosen by the suffix.")
 def plot(metrics, output):
-    """Draw loss and top-1/top-5 against epoch from a -o metrics file."""
-    from .plot import plot_curves, read_metrics
+    """Draw loss, top-1/top-5, the learning rate and img/s against epoch from a -o metrics file,
+    with the points where a run was resumed marked."""
+    from .plot import check_output, plot_curves, read_metrics
 
+    check_output(output)
     click.echo(f"wrote {plot_curves(read_metrics(metrics), output, title=str(metrics))}")
 
 
 @main.command()
 @click.argument("root", type=_EXISTING_DIR)
-@click.option("-o", "--output", type=_DIR, default=Path("grid.png"), show_default=True)
+@click.option("-o", "--output", type=_DIR, default=Path("grid.png"), show_default=True,
+              help="The drawing: .png, .svg or .pdf, chosen by the suffix.")
 @click.option("--split", default="train", show_default=True)
 @click.option("-n", "--count", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
@@ -466,13 +470,14 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
 
     import torch
 
-    from .bench import BenchConfig, format_rows, run_benchmark
+    from .bench import BenchConfig, check_device, format_rows, run_benchmark
 
     backend = backend or ("gpu" if torch.cuda.is_available() else "cpu")
     cfg = BenchConfig(backend=backend, device_id=device_id, batch_size=batch_size, crop=crop,
                       datatype=datatype or ("bf16" if backend == "gpu" else "f32"), channels_last=not nchw,
                       compile=compile_model, iterations=iterations, throughput_steps=throughput_steps,
                       data_dir=data_dir)
+    check_device(cfg)
     device = (torch.cuda.get_device_name(device_id) if backend == "gpu" else platform.processor() or "CPU")
     device += f", torch {torch.__version__}"
     rows = run_benchmark(cfg)

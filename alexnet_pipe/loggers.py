@@ -2,8 +2,10 @@
 
 ``MetricsLog`` keeps the ``-o`` JSON-lines file: one row per epoch (and per ``test``). A fresh
 run starts the file anew and keeps an existing one aside (``m.jsonl.1``, ``.2``, ...); a resumed
-run first drops the rows after its checkpoint's epoch, so the file never holds an epoch twice. ``TensorBoardLog`` writes the same figures as TensorBoard
-scalars. Both answer ``start``/``write``/``write_step``/``close``; ``Loggers`` fans out to several.
+run first drops the rows after its checkpoint, so the file never holds an epoch twice, then marks
+the resume for ``plot``: ``{"event": "resumed", "after_epoch": N, "after_step": S}``.
+``TensorBoardLog`` writes the same figures as TensorBoard scalars. Both answer
+``start``/``write``/``write_step``/``close``; ``Loggers`` fans out to several.
 """
 
 from __future__ import annotations
@@ -48,10 +50,15 @@ class MetricsLog:
                 continue  # a line cut short by a crash
             if not isinstance(row, dict):
                 continue
+            if row.get("event") == "resumed" and isinstance(row.get("after_epoch"), int) \
+                    and row["after_epoch"] >= resumed_epoch:
+                continue  # a resume from a later (or the same) checkpoint: this one replaces it
             epoch = int(row.get("epoch", 0) or 0)
             if epoch <= resumed_epoch or (epoch == resumed_epoch + 1 and "step" in row
                                           and int(row["step"]) <= resumed_step):
                 kept.append(line)
+        if resumed_epoch or resumed_step:  # `plot` marks where the run went on
+            kept.append(json.dumps({"event": "resumed", "after_epoch": resumed_epoch, "after_step": resumed_step}))
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)

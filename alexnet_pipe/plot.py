@@ -1,7 +1,9 @@
-"""Pillow-only drawings: training curves from the metrics log, and image grids for ``inspect``.
+"""Training curves from the metrics log, and image grids for ``inspect``, drawn with matplotlib.
 
-No matplotlib: two small jobs do not justify the dependency. Both writers produce a
-PNG atomically (write aside, then rename), so a viewer polling the file never sees half.
+matplotlib is imported inside the drawing functions, so commands that draw nothing (``convert``,
+``info``) do not pay for it. Figures are plain ``matplotlib.figure.Figure`` objects rendered by
+Agg (no display, no pyplot state), written in the format the output's suffix names, atomically:
+a viewer polling the file sees the old drawing or the new one, never half.
 """
 
 from __future__ import annotations
@@ -10,30 +12,91 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+import os
+import secrets
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-from .errors import FormatError
-from .fsutil import atomic_write_bytes
+from .errors import AlexnetPipeError, FormatError
+from .fsutil import fsync_dir
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
-Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+# Text stays text: searchable in SVG and PDF, and a tenth of the size of outlined glyphs.
+RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "alexnet-pipe"}
 
-# (key, legend label, RGB colour): the matplotlib "tab10" colours, easy to tell apart.
-LOSS_SERIES = (("train_loss", "train loss", (31, 119, 180)), ("val_loss", "val loss", (255, 127, 14)))
-ACC_SERIES = (("val_top1", "val top-1", (44, 160, 44)), ("val_top5", "val top-5", (214, 39, 40)))
-METRIC_KEYS = tuple(key for key, _, _ in LOSS_SERIES + ACC_SERIES)
+# (panel title, y label, ((row key, legend label), ...)); the panels share the epoch axis.
+PANELS = (
+    ("loss", "loss", (("train_loss", "train loss"), ("val_loss", "val loss"))),
+    ("accuracy", "accuracy %", (("val_top1", "val top-1"), ("val_top5", "val top-5"))),
+    ("learning rate", "lr (log scale)", (("lr", "lr"),)),
+    ("throughput", "img/s", (("img_per_s", "img/s"),)),
+)
+METRIC_KEYS = tuple(key for _, _, series in PANELS for key, _ in series)
+RESUME_EVENTS = ("resumed", "resume")  # a row {"event": "resumed", "after_epoch": N}
+RESUME_LABEL = "resumed"
 
-CURVES_SIZE = (1000, 450)
-GRID_COLOUR = (232, 232, 232)
-AXIS_COLOUR = (60, 60, 60)
-TEXT_COLOUR = (20, 20, 20)
-NOTE_COLOUR = (180, 30, 30)
+
+# ---------------------------------------------------------------- output files
+
+
+def check_output(out: Path) -> str:
+    """The matplotlib format for ``out`` ("png", "svg" or "pdf"); raise when it cannot be written there.
+
+    Called before any drawing, so a wrong path costs no time.
+    """
+    out = Path(out)
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise AlexnetPipeError(f"{out}: the output must end in .png, .svg or .pdf (the suffix picks the format)")
+    if out.is_dir():
+        raise AlexnetPipeError(f"{out} is a directory; name a file in it, e.g. {out / ('drawing' + out.suffix)}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AlexnetPipeError(f"cannot write {out}: {parent} is a file, not a directory")
+            break
+    return fmt
+
+
+def save_figure(fig: Figure, out: Path) -> Path:
+    """Render ``fig`` in the format ``out``'s suffix names and replace ``out`` with it atomically.
+
+    The drawing is rendered in memory first; the file is written aside in the same directory and
+    renamed over ``out``, and the aside file is removed if anything fails. Parent folders are created.
+    """
+    import matplotlib
+
+    out = Path(out)
+    fmt = check_output(out)
+    buf = io.BytesIO()
+    metadata = {"Title": fig.get_label()} if fmt == "png" else {"Title": fig.get_label(), "Date": None}
+    with matplotlib.rc_context(RC):
+        fig.savefig(buf, format=fmt, metadata=metadata)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(out.parent)
+    except OSError as exc:
+        raise AlexnetPipeError(f"cannot write {out}: {exc.strerror or exc}; pick another output path") from None
+    return out
 
 
 # ---------------------------------------------------------------- metrics log
@@ -51,38 +114,53 @@ def _check_number(value, where: str) -> float | None:
 def _check_epoch(value, where: str) -> int:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value != int(value) or value < 0:
-        raise ValueError(f"{where}: epoch is {value!r}, expected a whole number >= 0")
+        raise ValueError(f"{where} is {value!r}, expected a whole number >= 0")
     return int(value)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Read the trainer's JSON-lines metrics log and keep the per-epoch records.
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise FormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path} is not a text file (byte {exc.start} is not UTF-8 text); pass the JSON-lines "
+                          "metrics log that `train -o` writes") from None
 
-    Blank lines and records without an ``"epoch"`` key (e.g. ``{"event": "test"}``) are
-    skipped. An unterminated, unparsable last line is a write still in progress (the
-    trainer is running) and is skipped with a warning; any other bad line is an error.
+
+def read_metrics(path: Path) -> list[dict]:
+    """Read the trainer's JSON-lines metrics log: the per-epoch rows and the resume markers.
+
+    Kept, in file order: rows with an ``"epoch"`` and rows ``{"event": "resumed", "after_epoch": N}``.
+    Skipped: blank lines, test results (``{"event": "test"}``), per-step rows (with a ``"step"``
+    key), and an unterminated, unparsable last line after good ones (a write still in progress:
+    the trainer is running), with a warning. Any other bad line is an error that names it.
 
     Args:
-        path: the ``metrics.jsonl`` file written by training.
+        path: the ``metrics.jsonl`` file written by ``train -o``.
 
     Returns:
-        The epoch records in file order, as dicts.
+        The rows, as dicts.
 
     Raises:
-        FormatError: a line is not a JSON object, has a non-numeric metric, or the
-            file holds no epoch record at all.
+        FormatError: the file is not text, a line is not a JSON object, a value is not a number,
+            or the file holds no epoch row at all.
     """
-    text = Path(path).read_text(encoding="utf-8")
-    lines = text.split("\n")
-    records = []
-    others = 0
+    path = Path(path)
+    lines = _read_text(path).split("\n")
+    rows: list[dict] = []
+    epochs = others = 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            if lineno == len(lines):  # no newline after it: a partial write
+            if lineno == len(lines) and (epochs or others):  # no newline after it: a partial write
                 log.warning("%s:%d: skipping an unfinished last line", path, lineno)
                 continue
             raise FormatError(
@@ -90,307 +168,224 @@ def read_metrics(path: Path) -> list[dict]:
                 f'such as {{"epoch": 1, "train_loss": 2.3}}; fix or delete that line'
             ) from None
         if not isinstance(obj, dict):
-            raise FormatError(
-                f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; fix or delete that line"
-            )
-        if "epoch" not in obj:
-            others += 1
-            continue
+            raise FormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; "
+                              "fix or delete that line")
         try:
-            _check_epoch(obj["epoch"], "record")
-            for key in METRIC_KEYS:
-                _check_number(obj.get(key), key)
+            if obj.get("event") in RESUME_EVENTS:
+                _check_epoch(obj.get("after_epoch"), "after_epoch")
+                rows.append(obj)
+            elif "epoch" in obj and "step" not in obj and "event" not in obj:
+                _check_epoch(obj["epoch"], "epoch")
+                for key in METRIC_KEYS:
+                    _check_number(obj.get(key), key)
+                rows.append(obj)
+                epochs += 1
+            else:
+                others += 1
         except ValueError as e:
             raise FormatError(f"{path}:{lineno}: {e}; fix or delete that line") from None
-        records.append(obj)
-    if not records:
-        what = f"only {others} non-epoch record(s), e.g. test results" if others else "no records"
-        raise FormatError(
-            f"{path} has no per-epoch records ({what}); pass the metrics log of a training run "
-            "that finished at least one epoch"
-        )
-    return records
+    if not epochs:
+        what = f"only {others} other row(s), e.g. test results" if others else "no rows"
+        raise FormatError(f"{path} has no per-epoch rows ({what}); pass the metrics log of a training run "
+                          "that finished at least one epoch")
+    return rows
 
 
-# ---------------------------------------------------------------- axes helpers
+def epoch_rows(rows: Sequence[dict]) -> tuple[list[dict], list[int]]:
+    """The epoch rows sorted by epoch (a later row for the same epoch wins), and the resume points.
 
+    A resume point N means a run went on from a checkpoint taken after epoch N. It shows as a
+    ``"resumed"`` marker row, an epoch row with ``"resumed": true``, epochs that go back or skip
+    ahead (a log appended by a resumed run, or started anew by one), or a change of
+    ``world_size`` / ``global_batch`` (a run keeps both from start to end).
 
-def _font(size: int) -> Font:
-    """Pillow's bundled font at ``size``; the small bitmap font on Pillow < 10.1 or without FreeType."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def nice_ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> tuple[float, float, list[float]]:
-    """Axis limits and tick values on a 1/2/5 x 10^k grid that covers ``[lo, hi]``.
-
-    Example: ``nice_ticks(1.7, 6.9)`` -> ``(0.0, 8.0, [0, 2, 4, 6, 8])``.
-
-    Args:
-        lo, hi: the data range (finite; ``lo == hi`` is widened).
-        target: about how many intervals to aim for.
-        integer: ticks at whole numbers only (epochs).
-
-    Returns:
-        (axis_lo, axis_hi, ticks).
+    Example: epochs 1, 2, 3, 2, 3, 4 (appended after a resume from epoch 1) -> rows 1..4, [1].
     """
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"axis range must be finite, got {lo}..{hi}")
-    lo, hi = min(lo, hi), max(lo, hi)
-    if hi == lo:
-        pad = 1.0 if integer or lo == 0 else abs(lo) * 0.1
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / max(1, target)
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw * (1 - 1e-9))
-    if integer:
-        step = max(1.0, float(round(step)))
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    digits = max(0, -math.floor(math.log10(step))) + 1
-    ticks = [round(k * step, digits) for k in range(first, last + 1)]
-    return ticks[0], ticks[-1], ticks
+    by_epoch: dict[int, dict] = {}
+    resumes: set[int] = set()
+    prev: dict | None = None
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ValueError(f"row {i} is {type(r).__name__}, expected a dict (read_metrics returns them)")
+        if r.get("event") in RESUME_EVENTS:
+            resumes.add(_check_epoch(r.get("after_epoch"), f"row {i}: after_epoch"))
+            continue
+        if "epoch" not in r:
+            raise ValueError(f"row {i} has no 'epoch' key; pass the rows read_metrics returns")
+        e = _check_epoch(r["epoch"], f"row {i}: epoch")
+        if r.get("resumed"):
+            resumes.add(e - 1)
+        elif prev is None:
+            if e > 1:  # the log starts after a checkpoint: a resumed run that began a new file
+                resumes.add(e - 1)
+        elif e != prev["epoch"] + 1 or any(
+                key in r and key in prev and r[key] != prev[key] for key in ("world_size", "global_batch")):
+            resumes.add(e - 1)
+        by_epoch[e] = prev = {**r, "epoch": e}
+    if not by_epoch:
+        raise ValueError("no epoch rows to plot; train for at least one epoch first")
+    return [by_epoch[e] for e in sorted(by_epoch)], sorted(resumes)
 
 
-def _tick_label(value: float, step: float) -> str:
-    if abs(value) >= 1e5 or 0 < step < 1e-4:
-        return f"{value:g}"
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    return f"{value:.{decimals}f}"
+# ---------------------------------------------------------------- curves
 
 
-@dataclass(frozen=True)
-class _Axes:
-    """A plot rectangle in pixels and the data range it shows."""
-
-    left: int
-    top: int
-    right: int
-    bottom: int
-    x_lo: float
-    x_hi: float
-    y_lo: float
-    y_hi: float
-
-    def to_px(self, x: float, y: float) -> tuple[float, float]:
-        fx = (x - self.x_lo) / (self.x_hi - self.x_lo)
-        fy = (y - self.y_lo) / (self.y_hi - self.y_lo)
-        # Clamp so an out-of-range value (e.g. accuracy given as 0..1 or > 100) stays on the panel.
-        fx, fy = min(max(fx, 0.0), 1.0), min(max(fy, 0.0), 1.0)
-        return self.left + fx * (self.right - self.left), self.bottom - fy * (self.bottom - self.top)
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font: Font) -> tuple[int, int]:
-    l, t, r, b = draw.textbbox((0, 0), text, font=font)
-    return r - l, b - t
-
-
-def _draw_frame(
-    img: Image.Image, ax: _Axes, xticks: list[float], yticks: list[float], xlabel: str, ylabel: str, font: Font
-) -> None:
-    """Grid lines, axis lines, tick marks with labels, and the two axis titles."""
-    draw = ImageDraw.Draw(img)
-    xstep = xticks[1] - xticks[0] if len(xticks) > 1 else 1.0
-    ystep = yticks[1] - yticks[0] if len(yticks) > 1 else 1.0
-    for t in yticks:
-        _, py = ax.to_px(ax.x_lo, t)
-        draw.line([(ax.left, py), (ax.right, py)], fill=GRID_COLOUR)
-        draw.line([(ax.left - 5, py), (ax.left, py)], fill=AXIS_COLOUR)
-        draw.text((ax.left - 8, py), _tick_label(t, ystep), fill=TEXT_COLOUR, font=font, anchor="rm")
-    for t in xticks:
-        px, _ = ax.to_px(t, ax.y_lo)
-        draw.line([(px, ax.top), (px, ax.bottom)], fill=GRID_COLOUR)
-        draw.line([(px, ax.bottom), (px, ax.bottom + 5)], fill=AXIS_COLOUR)
-        draw.text((px, ax.bottom + 8), _tick_label(t, xstep), fill=TEXT_COLOUR, font=font, anchor="mt")
-    draw.line([(ax.left, ax.top), (ax.left, ax.bottom), (ax.right, ax.bottom)], fill=AXIS_COLOUR, width=1)
-    draw.text(((ax.left + ax.right) / 2, ax.bottom + 30), xlabel, fill=TEXT_COLOUR, font=font, anchor="mt")
-    # Pillow cannot draw rotated text directly: draw it flat on a patch and rotate the patch.
-    w, h = _text_size(draw, ylabel, font)
-    patch = Image.new("RGB", (w + 4, h + 6), "white")
-    ImageDraw.Draw(patch).text((2, 1), ylabel, fill=TEXT_COLOUR, font=font)
-    patch = patch.rotate(90, expand=True)
-    img.paste(patch, (ax.left - 62, (ax.top + ax.bottom - patch.height) // 2))
-
-
-def _series(records: list[dict], key: str) -> tuple[list[list[tuple[int, float]]], int]:
-    """Line segments of (epoch, value) for ``key``, and how many non-finite values were skipped.
-
-    A missing value (no evaluation that epoch) is bridged; a NaN/inf breaks the line,
-    so a gap shows where training blew up.
-    """
-    segments: list[list[tuple[int, float]]] = [[]]
-    skipped = 0
-    for r in records:
+def _series(rows: list[dict], key: str) -> tuple[list[int], list[float], int]:
+    """Epochs and values of ``key`` (rows without it left out, so the line bridges them), and
+    how many were NaN/inf: those become NaN, which breaks the line where training blew up."""
+    xs, ys, bad = [], [], 0
+    for r in rows:
         v = _check_number(r.get(key), f"epoch {r['epoch']}: {key}")
         if v is None:
             continue
-        if not math.isfinite(v):
-            skipped += 1
-            if segments[-1]:
-                segments.append([])
+        if not math.isfinite(v) or (key == "lr" and v <= 0):  # a log axis has no place for lr <= 0
+            bad += 1
+            v = math.nan
+        xs.append(r["epoch"])
+        ys.append(v)
+    return xs, ys, bad
+
+
+def _draw_panel(ax: Axes, rows: list[dict], panel: tuple, resumes: list[int], marker_size: float) -> int:
+    """One panel of :func:`curves_figure`; returns the number of values left out (NaN, inf, lr <= 0)."""
+    name, ylabel, series = panel
+    bad, drawn = 0, 0
+    for key, label in series:
+        xs, ys, n_bad = _series(rows, key)
+        bad += n_bad
+        if not any(math.isfinite(y) for y in ys):
             continue
-        segments[-1].append((r["epoch"], v))
-    return [s for s in segments if s], skipped
+        drawn += 1
+        # The lr applies during the epoch that ends at its point: a step from the previous epoch.
+        ax.plot(xs, ys, marker="o", markersize=marker_size, linewidth=1.5, label=label,
+                drawstyle="steps-pre" if key == "lr" else "default")
+    if drawn and series[0][0] == "lr":
+        ax.set_yscale("log")
+    if not drawn:
+        ax.text(0.5, 0.5, "not in this log", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    for i, x in enumerate(resumes):
+        ax.axvline(x, color="0.35", linestyle="--", linewidth=1, label=RESUME_LABEL if i == 0 else "_nolegend_")
+    ax.set_title(name)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, color="0.9")
+    if drawn or resumes:
+        ax.legend(fontsize="small")
+    return bad
 
 
-def _draw_panel(
-    img: Image.Image,
-    x0: int,
-    records: list[dict],
-    series: tuple[tuple[str, str, tuple[int, int, int]], ...],
-    name: str,
-    ylabel: str,
-    y_range: tuple[float, float] | None,
-    fonts: tuple[Font, Font],
-) -> int:
-    """Draw one panel whose left edge is at ``x0``; return the number of non-finite values skipped."""
-    font, small = fonts
-    draw = ImageDraw.Draw(img)
-    width, height = CURVES_SIZE[0] // 2, CURVES_SIZE[1]
-    drawn = [(label, colour, *_series(records, key)) for key, label, colour in series]
-    skipped = sum(d[3] for d in drawn)
-    values = [v for _, _, segs, _ in drawn for s in segs for _, v in s]
+def curves_figure(rows: Sequence[dict], title: str = "") -> Figure:
+    """Loss, top-1/top-5, learning rate (log scale) and img/s against epoch, resume points dashed.
 
-    epochs = [r["epoch"] for r in records]
-    x_lo, x_hi, xticks = nice_ticks(min(epochs), max(epochs), target=6, integer=True)
-    if y_range is not None:
-        y_lo, y_hi, yticks = nice_ticks(*y_range, target=5)
-    else:
-        y_lo, y_hi, yticks = nice_ticks(min(values, default=0.0), max(values, default=1.0), target=5)
-    ax = _Axes(x0 + 80, 72, x0 + width - 22, height - 64, x_lo, x_hi, y_lo, y_hi)
-    _draw_frame(img, ax, xticks, yticks, "epoch", ylabel, small)
-
-    # Panel title on the left of the header row, legend on the right.
-    draw.text((ax.left, 48), name, fill=TEXT_COLOUR, font=font, anchor="lm")
-    x = ax.right
-    for label, colour, _segs, _ in reversed(drawn):
-        x -= _text_size(draw, label, small)[0]
-        draw.text((x, 48), label, fill=TEXT_COLOUR, font=small, anchor="lm")
-        x -= 26
-        draw.line([(x, 48), (x + 20, 48)], fill=colour, width=2)
-        draw.ellipse([x + 7, 45, x + 13, 51], fill=colour)
-        x -= 14
-
-    if not values:
-        centre = ((ax.left + ax.right) / 2, (ax.top + ax.bottom) / 2)
-        draw.text(centre, "no data yet", fill=AXIS_COLOUR, font=font, anchor="mm")
-    for _, colour, segs, _ in drawn:
-        for seg in segs:
-            pts = [ax.to_px(e, v) for e, v in seg]
-            if len(pts) > 1:
-                draw.line(pts, fill=colour, width=2, joint="curve")
-            for px, py in pts:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-    return skipped
-
-
-def _save_png(img: Image.Image, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(out, buf.getvalue())
-    return out
-
-
-def plot_curves(records: list[dict], out: Path, title: str = "") -> Path:
-    """Draw loss and accuracy curves per epoch into a 1000x450 PNG.
-
-    Left panel: ``train_loss`` and ``val_loss``; right panel: ``val_top1`` and ``val_top5``
-    (percent, 0..100). Records are sorted by epoch; when an epoch appears twice (a resumed
-    run appends), the later record wins. Missing values are bridged, NaN/inf values are
-    skipped with a note on the chart.
+    Each value is drawn at the epoch that ends with it, with a marker; missing values are
+    bridged, NaN/inf values leave a gap and a note. The epoch axis has whole-number ticks and
+    half an epoch of margin, so a one-epoch log shows its points in the middle of the panels.
 
     Args:
-        records: epoch records, e.g. from :func:`read_metrics`.
-        out: the PNG to write (replaced atomically; parent folders are created).
-        title: drawn across the top, e.g. the run name.
+        rows: from :func:`read_metrics` (epoch rows and resume markers).
+        title: drawn across the top, e.g. the log's path.
 
     Returns:
-        ``out``.
+        The figure (2 x 2 axes sharing the epoch axis).
     """
-    by_epoch: dict[int, dict] = {}
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or "epoch" not in r:
-            raise ValueError(f"record {i} has no 'epoch' key; pass only epoch records (read_metrics filters them)")
-        by_epoch[_check_epoch(r["epoch"], f"record {i}")] = {**r, "epoch": int(r["epoch"])}
-    if not by_epoch:
-        raise ValueError("no epoch records to plot; train for at least one epoch first")
-    ordered = [by_epoch[e] for e in sorted(by_epoch)]
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    img = Image.new("RGB", CURVES_SIZE, "white")
-    fonts = (_font(15), _font(12))
-    skipped = _draw_panel(img, 0, ordered, LOSS_SERIES, "loss", "loss", None, fonts)
-    half = CURVES_SIZE[0] // 2
-    skipped += _draw_panel(img, half, ordered, ACC_SERIES, "accuracy %", "accuracy %", (0.0, 100.0), fonts)
-
-    draw = ImageDraw.Draw(img)
+    ordered, resumes = epoch_rows(rows)
+    epochs = [r["epoch"] for r in ordered]
+    fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained", label=title or "training curves")
+    axes = fig.subplots(2, 2, sharex=True)
+    marker_size = 5.0 if len(epochs) <= 40 else 2.5 if len(epochs) <= 150 else 0.0
+    bad = sum(_draw_panel(ax, ordered, panel, resumes, marker_size) for ax, panel in zip(axes.flat, PANELS))
+    lo, hi = min(epochs + resumes), max(epochs)
+    axes[0, 0].set_xlim(lo - 0.5, hi + 0.5)
+    axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    _note_rank_changes(axes[1, 1], ordered, resumes)
     if title:
-        draw.text((CURVES_SIZE[0] / 2, 16), title, fill=TEXT_COLOUR, font=_font(17), anchor="mm")
-    if skipped:
-        note = f"non-finite values skipped ({skipped})"
-        draw.text((CURVES_SIZE[0] - 12, 16), note, fill=NOTE_COLOUR, font=fonts[1], anchor="rm")
-    return _save_png(img, out)
+        fig.suptitle(title)
+    if bad:
+        fig.text(0.995, 0.995, f"values left out (NaN, inf, lr <= 0): {bad}", ha="right", va="top", color="#b41e1e",
+                 fontsize="small")
+    return fig
+
+
+def _note_rank_changes(ax: Axes, rows: list[dict], resumes: list[int]) -> None:
+    """Beside each resume line on the img/s panel: the ranks and global batch the run went on with."""
+    by_epoch = {r["epoch"]: r for r in rows}
+    for x in resumes:
+        after = by_epoch.get(x + 1)
+        if after and "world_size" in after:
+            text = f"{after['world_size']} rank{'s' if after['world_size'] != 1 else ''}"
+            if "global_batch" in after:
+                text += f", batch {after['global_batch']}"
+            ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
+                        textcoords="offset points", ha="left", va="top", fontsize="x-small", color="0.35")
+
+
+def plot_curves(rows: Sequence[dict], out: Path, title: str = "") -> Path:
+    """Draw :func:`curves_figure` into ``out`` (.png, .svg or .pdf by its suffix); return ``out``."""
+    check_output(out)
+    return save_figure(curves_figure(rows, title), out)
 
 
 # ---------------------------------------------------------------- image grids
 
-MIN_TILE = 64  # upscale smaller images (by a whole factor, nearest) so they are visible
-MIN_CELL_W = 112  # room for a caption under narrow tiles
-PAD = 4
-LINE_H = 16
+MIN_TILE = 96  # pixels: smaller images are drawn larger (nearest neighbour), so they can be seen
+MIN_CELL = 120  # pixels: room for a caption under narrow tiles
+DPI = 100
 
 
-@dataclass(frozen=True)
-class GridLayout:
-    """Pixel geometry of a :func:`draw_grid` image."""
-
-    n: int
-    cols: int
-    rows: int
-    scale: int
-    tile_h: int
-    tile_w: int
-    cell_h: int
-    cell_w: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the whole image."""
-        return self.cols * self.cell_w, self.rows * self.cell_h
-
-    def tile_origin(self, i: int) -> tuple[int, int]:
-        """(x, y) of the top-left pixel of image ``i``'s tile."""
-        row, col = divmod(i, self.cols)
-        return col * self.cell_w + (self.cell_w - self.tile_w) // 2, row * self.cell_h + PAD
+def _shorten(text: str, width_px: float, font_px: float = 11.0) -> str:
+    """``text`` cut with an ellipsis to about ``width_px`` (matplotlib does not wrap or clip titles)."""
+    limit = max(4, int(width_px / (0.6 * font_px)))
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def grid_layout(n: int, height: int, width: int, cols: int = 8, caption_lines: int = 1) -> GridLayout:
-    """Geometry for ``n`` images of ``height`` x ``width`` in ``cols`` columns.
+def image_figure(images: np.ndarray, captions: Sequence[str], cols: int = 8, title: str = "") -> Figure:
+    """A figure of ``images`` (N x H x W x 3 uint8) in a grid, each with its caption, ``title`` on top.
 
-    Example: 10 images of 224x224, ``cols=8`` -> 8 columns, 2 rows, tiles at native size.
-    Fewer images than ``cols`` use ``n`` columns.
+    Tiles are shown with nearest-neighbour sampling at native size or larger, so the pixels are
+    the batch's pixels, not a blur of them.
     """
-    if n < 1 or height < 1 or width < 1:
-        raise ValueError(f"need at least one non-empty image, got {n} of {height}x{width}")
-    if cols < 1:
-        raise ValueError(f"cols must be >= 1, got {cols}")
+    from matplotlib.figure import Figure
+
+    n, h, w = images.shape[:3]
     cols = min(cols, n)
-    scale = max(1, math.ceil(MIN_TILE / max(height, width)))
-    tile_h, tile_w = height * scale, width * scale
-    cell_w = max(tile_w, MIN_CELL_W) + 2 * PAD
-    cell_h = PAD + tile_h + 2 + caption_lines * LINE_H + PAD
-    return GridLayout(n, cols, math.ceil(n / cols), scale, tile_h, tile_w, cell_h, cell_w)
+    rows = math.ceil(n / cols)
+    scale = max(1, math.ceil(MIN_TILE / max(h, w)))
+    tile_w, tile_h = w * scale, h * scale
+    cell_w = max(tile_w, MIN_CELL) + 8
+    lines = max((c.count("\n") + 1 for c in captions if c), default=0)
+    gap = 8 + 15 * lines  # above each row: its captions
+    head = 36 + 16 * title.count("\n") if title else 0
+    width, height = max(cols * cell_w, 360), head + rows * (tile_h + gap) + 4
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, label=title or "images")
+    # Axes of exactly tile_w x tile_h pixels: each image pixel becomes scale x scale figure pixels.
+    side = (width - cols * cell_w + cell_w - tile_w) / 2
+    fig.subplots_adjust(left=side / width, right=1 - side / width, bottom=4 / height, top=1 - (head + gap) / height,
+                        wspace=(cell_w - tile_w) / tile_w, hspace=gap / tile_h)
+    for i, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.set_axis_off()
+        if i < n:
+            ax.imshow(images[i], interpolation="nearest")
+            if captions[i]:
+                text = "\n".join(_shorten(part, cell_w) for part in captions[i].split("\n"))
+                ax.set_title(text, fontsize=9, pad=3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Font, width: int) -> str:
-    """``text``, cut with "..." so that it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..." if text else ""
+def _check_images(images: np.ndarray) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"images must be a uint8 numpy array, got {got}; use denormalize() on a float batch")
+    if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape:
+        raise ValueError(
+            f"images must be N x H x W x 3 (RGB, channels last, not empty), got shape {images.shape}; "
+            "for an NCHW batch use denormalize(..., layout='NCHW')"
+        )
 
 
 def draw_grid(
@@ -400,60 +395,49 @@ def draw_grid(
     out: Path,
     cols: int = 8,
     captions: Sequence[str] | None = None,
+    title: str = "",
 ) -> Path:
-    """Draw a batch as a captioned grid PNG, pixels untouched (small images upscaled by a whole factor).
+    """Draw a batch as a grid, each tile captioned with its label (and an optional extra line).
 
     Args:
         images: uint8 array N x H x W x 3, RGB (see :func:`denormalize`).
         labels: N class indices.
         class_names: names indexed by label; empty to show indices only.
-        out: the PNG to write (replaced atomically; parent folders are created).
+        out: the file to write, .png, .svg or .pdf (replaced atomically; parent folders are created).
         cols: tiles per row (fewer when N < cols).
         captions: optional N extra caption lines, e.g. ``"flipped"``.
+        title: drawn across the top, e.g. the dataset, split and settings.
 
     Returns:
         ``out``.
     """
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"images must be a uint8 numpy array, got {got}; use denormalize() on a float batch")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"images must be N x H x W x 3 (RGB, channels last), got shape {images.shape}; "
-            "for an NCHW batch use denormalize(..., layout='NCHW')"
-        )
+    check_output(out)
+    _check_images(images)
     n = images.shape[0]
+    if cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}")
     if len(labels) != n:
         raise ValueError(f"got {len(labels)} labels for {n} images; pass one label per image")
     if captions is not None and len(captions) != n:
         raise ValueError(f"got {len(captions)} captions for {n} images; pass one caption per image (or none)")
+    texts = []
     for i, label in enumerate(labels):
-        if class_names and not 0 <= int(label) < len(class_names):
-            raise ValueError(
-                f"label {label} of image {i} is outside class_names ({len(class_names)} names); "
-                "pass the dataset's class list"
-            )
+        label = int(label)
+        if class_names and not 0 <= label < len(class_names):
+            raise ValueError(f"label {label} of image {i} is outside class_names ({len(class_names)} names); "
+                             "pass the dataset's class list")
+        text = f"{label} {class_names[label]}" if class_names else str(label)
+        texts.append(f"{text}\n{captions[i]}" if captions is not None else text)
+    return save_figure(image_figure(images, texts, cols, title), out)
 
-    layout = grid_layout(n, images.shape[1], images.shape[2], cols, 1 if captions is None else 2)
-    img = Image.new("RGB", layout.size, "white")
-    draw = ImageDraw.Draw(img)
-    font = _font(12)
-    text_w = layout.cell_w - 2 * PAD
-    for i in range(n):
-        tile = images[i]
-        if layout.scale > 1:
-            tile = tile.repeat(layout.scale, axis=0).repeat(layout.scale, axis=1)
-        x, y = layout.tile_origin(i)
-        img.paste(Image.fromarray(np.ascontiguousarray(tile), "RGB"), (x, y))
-        label = int(labels[i])
-        lines = [f"{label} {class_names[label]}" if class_names else str(label)]
-        if captions is not None:
-            lines.append(captions[i])
-        cx = x + layout.tile_w // 2
-        for k, line in enumerate(lines):
-            pos = (cx, y + layout.tile_h + 2 + k * LINE_H)
-            draw.text(pos, _fit(draw, line, font, text_w), fill=TEXT_COLOUR, font=font, anchor="mt")
-    return _save_png(img, out)
+
+def draw_image(image: np.ndarray, out: Path, title: str = "") -> Path:
+    """Draw one H x W x 3 uint8 RGB image under ``title`` into ``out`` (.png, .svg or .pdf); return ``out``."""
+    check_output(out)
+    if not isinstance(image, np.ndarray) or image.ndim != 3:
+        raise ValueError(f"image must be one H x W x 3 uint8 array, got {getattr(image, 'shape', type(image))}")
+    _check_images(image[None])
+    return save_figure(image_figure(image[None], [""], 1, title), out)
 
 
 def denormalize(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from alexnet_pipe.bench import BenchConfig, format_rows, run_benchmark
+from alexnet_pipe.errors import TrainingError
 
 
 def test_benchmark_rows_on_cpu():
@@ -24,3 +26,9 @@ def test_benchmark_rows_on_cpu():
 def test_benchmark_rejects_too_few_iterations():
     with pytest.raises(ValueError, match="must exceed warmup"):
         BenchConfig(iterations=2, warmup=2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_benchmark_on_gpu_without_one_says_use_cpu():
+    with pytest.raises(TrainingError, match="-b gpu was asked for but torch sees no CUDA device; use -b cpu"):
+        run_benchmark(BenchConfig(backend="gpu", iterations=3, warmup=1))

@@ -109,7 +109,9 @@ def test_sigterm_at_a_random_step_then_resume_gives_identical_weights(data, refe
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_weights(tmp_path / "w.pt", reference)
     epochs = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in epochs if "step" not in r] == [1, 2]  # each epoch once, after the resume too
+    assert [r["epoch"] for r in epochs if "epoch" in r and "step" not in r] == [1, 2]  # each epoch once
+    assert [r for r in epochs if r.get("event") == "resumed"] == [
+        {"event": "resumed", "after_epoch": body["epoch"], "after_step": body["partial"]["step"]}]
     steps = [(r["epoch"], r["step"]) for r in epochs if "step" in r]
     assert steps == sorted(set(steps)) and len(steps) == 12  # every step logged once
 
