@@ -36,7 +36,7 @@ demo: install
 	$(APP) info $(DEMO)/batches
 	$(APP) train -w $(DEMO)/batches -b cpu -e 18 --crop 67 -z 32 --lr 0.012 --lr-step 13 --init kaiming \
 		-s $(DEMO)/alexnet.pt -o $(DEMO)/metrics.jsonl --serialize 5 --data-threads 1
-	$(APP) test -w $(DEMO)/batches -b cpu --crop 67 --model_file $(DEMO)/alexnet.pt --no_progress_bar
+	$(APP) test -w $(DEMO)/batches -b cpu --model-file $(DEMO)/alexnet.pt --no-progress
 	$(APP) plot $(DEMO)/metrics.jsonl -o $(DEMO)/curves.png
 	$(APP) inspect $(DEMO)/batches -o $(DEMO)/grid.png --crop 67 -n 16
 	$(APP) inspect $(DEMO)/batches --mean -o $(DEMO)/mean.png
@@ -44,7 +44,7 @@ demo: install
 	@echo "demo outputs in $(DEMO)/:"
 	@echo "  raw/            the generated image set (ImageNet folder layout)"
 	@echo "  batches/        LMDB + RecordIO shards, manifest.json, mean.json, mean_image.npy, mean.binaryproto"
-	@echo "  alexnet.pt      trained weights; alexnet.ckpt the last checkpoint (resume with --model_file)"
+	@echo "  alexnet.pt      trained weights; alexnet.ckpt the last checkpoint (resume with --model-file)"
 	@echo "  metrics.jsonl   per-epoch metrics; curves.png their plot; grid.png one training batch; mean.png the mean image"
 
 # Converter throughput against MXNet's im2rec.py (from its own virtualenv: MXNET_PY, see

@@ -40,6 +40,40 @@ def main(verbose: bool) -> None:
     )
 
 
+class _Option(click.Option):
+    """An option whose old spellings (neon's ``--data_dir``, ``-eval``) still work but stay out of
+    --help: one hyphenated name per option, the seed's command lines unchanged."""
+
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kw):
+        super().__init__(*args, **kw)
+        self.hidden_aliases = set(hidden_aliases)
+
+    def get_help_record(self, ctx):
+        saved = self.opts
+        self.opts = [o for o in self.opts if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = saved
+
+
+def opt(*decls: str, **kw):
+    """click.option where spellings with "_" (and ``-eval``) are hidden aliases of the first name."""
+    aliases = tuple(d for d in decls if d.startswith("-") and ("_" in d or d == "-eval"))
+    return click.option(*decls, cls=_Option, hidden_aliases=aliases, **kw)
+
+
+def _verbose(ctx, param, value):
+    if value:
+        logging.getLogger().setLevel(logging.DEBUG)
+    return value
+
+
+# `-v` after the subcommand too (`alexnet-pipe train -v ...`), as well as before it.
+_verbose_option = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True,
+                               callback=_verbose, help="Debug log output.")
+
+
 def _parse_part(ctx, param, value):
     if value is None:
         return None
@@ -187,67 +221,90 @@ def update_mean(path, into, channel_order):
     click.echo(result.summary())
 
 
+# The `train` options: (parameter name, decorator). `test` takes its own subset (_TEST_OPTIONS).
+_TRAIN_OPTIONS = [
+    ("data_dir", opt("-w", "--data-dir", "--data_dir", "data_dir", type=_EXISTING_DIR, required=True,
+        help="Converted dataset (output of alexnet-pipe convert).")),
+    ("epochs", click.option("-e", "--epochs", type=click.IntRange(min=1), default=10, show_default=True)),
+    ("save_path", opt("-s", "--save-path", "--save_path", "save_path", type=_DIR, default=None, help="Write the final weights here.")),
+    ("serialize", click.option("--serialize", type=click.IntRange(min=0), default=0, show_default=True,
+        help="Checkpoint every N epochs (to --checkpoint, default <save_path>.ckpt).")),
+    ("checkpoint_path", click.option("--checkpoint", "checkpoint_path", type=_DIR, default=None, help="Checkpoint file for --serialize.")),
+    ("model_file", opt("--model-file", "--model_file", "model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Weights to start from or test, or a checkpoint to resume.")),
+    ("test_only", opt("--test-only", "--test_only", "test_only", is_flag=True, help="Only evaluate --model-file on the validation split.")),
+    ("eval_freq", opt("--eval-freq", "-eval", "--eval_freq", "eval_freq", type=click.IntRange(min=0), default=1, show_default=True,
+        help="Evaluate every N epochs and after the last (0: never).")),
+    ("backend", click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None,
+        help="Default: gpu when one is present.")),
+    ("device_id", opt("-i", "--device-id", "--device_id", "device_id", type=click.IntRange(min=0), default=0, show_default=True)),
+    ("rng_seed", opt("-r", "--rng-seed", "--rng_seed", "rng_seed", type=int, default=0, show_default=True)),
+    ("datatype", click.option("-d", "--datatype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
+        help="Default: bf16 autocast on the GPU, f32 on the CPU.")),
+    ("batch_size", opt("-z", "--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=128,
+        show_default=True, help="Images per step per rank.")),
+    ("subset_pct", opt("--subset-pct", "--subset_pct", "subset_pct", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True)),
+    ("output_file", opt("-o", "--output-file", "--output_file", "output_file", type=_DIR, default=None,
+        help="Metrics as JSON lines: a row per epoch and per --log-every steps.")),
+    ("no_progress", opt("--no-progress", "--no_progress_bar", "no_progress", is_flag=True, help="No progress bar or lines.")),
+    ("crop", click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True,
+        help="Crop size (227 = Caffe geometry; 112 for quick CPU runs).")),
+    ("lr", click.option("--lr", type=float, default=0.01, show_default=True,
+        help="Weights' lr for 128 images per step (biases get 2x); see --lr-scale.")),
+    ("lr_scale", click.option("--lr-scale", type=click.Choice(["linear", "none"]), default="linear", show_default=True,
+        help="linear: the lr used is --lr x (-z x ranks) / 128; none: --lr as given.")),
+    ("lr_step", click.option("--lr-step", type=click.IntRange(min=1), default=20, show_default=True,
+        help="lr x0.1 every N epochs.")),
+    ("momentum", click.option("--momentum", type=float, default=0.9, show_default=True)),
+    ("weight_decay", click.option("--weight-decay", type=float, default=5e-4, show_default=True)),
+    ("normalize_std", click.option("--normalize-std", is_flag=True, help="Also divide by the per-channel std.")),
+    ("init", click.option("--init", type=click.Choice(["neon", "kaiming"]), default="neon", show_default=True,
+        help="Weight init: neon's model zoo, or torchvision's (learns faster on small data).")),
+    ("reader", click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True)),
+    ("compile_model", click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU).")),
+    ("data_threads", click.option("--data-threads", type=click.IntRange(min=1), default=None, help="DALI CPU threads.")),
+    ("read_workers", click.option("--read-workers", type=click.IntRange(min=0), default=None,
+        help="Processes reading records for DALI; 0: the training process reads them "
+        "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4].")),
+    ("tensorboard_dir", click.option("--tensorboard", "tensorboard_dir", type=_DIR, default=None,
+        help="Also write TensorBoard scalars (loss, lr, val, img/s, data wait) to this directory "
+        "(needs pip install 'alexnet-pipe[tensorboard]').")),
+    ("log_every", click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
+        help="Steps between progress updates and the per-step rows of -o.")),
+    ("checkpoint_minutes", click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+        help="Also checkpoint every N minutes, mid-epoch too (SIGTERM/SIGINT always checkpoint).")),
+    ("keep_checkpoints", click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+        help="Checkpoint files kept: the newest at --checkpoint, older ones as .1, .2, ...")),
+    ("nproc", click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Launch this many ranks on this machine with torchrun (one per GPU).")),
+    ("allreduce_dtype", click.option("--allreduce-dtype", type=click.Choice(["f32", "bf16"]), default=None,
+        help="Gradients' all-reduce between ranks [default: bf16 with -d bf16, else f32].")),
+    ("dist_timeout_s", click.option("--dist-timeout", "dist_timeout_s", type=click.FloatRange(min=1), default=600.0,
+        show_default=True, help="Seconds a rank waits for the others before the job ends.")),
+]
+_TEST_OPTIONS = {"data_dir", "backend", "device_id", "datatype", "batch_size", "output_file", "no_progress", "reader",
+                 "data_threads", "read_workers", "nproc", "dist_timeout_s"}
+
+
 def _train_options(fn):
-    """The neon model-zoo script's flags (plus a few), shared by `train` and `test`."""
-    options = [
-        click.option("-w", "--data_dir", "data_dir", type=_EXISTING_DIR, required=True,
-                     help="Converted dataset (output of alexnet-pipe convert)."),
-        click.option("-e", "--epochs", type=click.IntRange(min=1), default=10, show_default=True),
-        click.option("-s", "--save_path", type=_DIR, default=None, help="Write the final weights here."),
-        click.option("--serialize", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Checkpoint every N epochs (to --checkpoint, default <save_path>.ckpt)."),
-        click.option("--checkpoint", "checkpoint_path", type=_DIR, default=None, help="Checkpoint file for --serialize."),
-        click.option("--model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-                     help="Weights to start from or test, or a checkpoint to resume."),
-        click.option("--test_only", is_flag=True, help="Only evaluate --model_file on the validation split."),
-        click.option("-eval", "--eval_freq", type=click.IntRange(min=0), default=1, show_default=True,
-                     help="Evaluate every N epochs and after the last (0: never)."),
-        click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None,
-                     help="Default: gpu when one is present."),
-        click.option("-i", "--device_id", type=click.IntRange(min=0), default=0, show_default=True),
-        click.option("-r", "--rng_seed", type=int, default=0, show_default=True),
-        click.option("-d", "--datatype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
-                     help="Default: bf16 autocast on the GPU, f32 on the CPU."),
-        click.option("-z", "--batch_size", type=click.IntRange(min=1), default=128, show_default=True),
-        click.option("--subset_pct", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True),
-        click.option("-o", "--output_file", type=_DIR, default=None, help="Per-epoch metrics as JSON lines."),
-        click.option("--no_progress_bar", is_flag=True),
-        click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True,
-                     help="Crop size (227 = Caffe geometry; 112 for quick CPU runs)."),
-        click.option("--lr", type=float, default=0.01, show_default=True,
-                     help="Weights' lr for 128 images per step (biases get 2x); see --lr-scale."),
-        click.option("--lr-scale", type=click.Choice(["linear", "none"]), default="linear", show_default=True,
-                     help="linear: the lr used is --lr x (-z x ranks) / 128; none: --lr as given."),
-        click.option("--lr-step", type=click.IntRange(min=1), default=20, show_default=True,
-                     help="lr x0.1 every N epochs."),
-        click.option("--momentum", type=float, default=0.9, show_default=True),
-        click.option("--weight-decay", type=float, default=5e-4, show_default=True),
-        click.option("--normalize-std", is_flag=True, help="Also divide by the per-channel std."),
-        click.option("--init", type=click.Choice(["neon", "kaiming"]), default="neon", show_default=True,
-                     help="Weight init: neon's model zoo, or torchvision's (learns faster on small data)."),
-        click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True),
-        click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU)."),
-        click.option("--data-threads", type=click.IntRange(min=1), default=None, help="DALI CPU threads."),
-        click.option("--read-workers", type=click.IntRange(min=0), default=None,
-                     help="Processes reading records for DALI; 0: the training process reads them "
-                          "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4]."),
-        click.option("--tensorboard", "tensorboard_dir", type=_DIR, default=None,
-                     help="Also write TensorBoard scalars (loss, lr, val, img/s, data wait) to this directory "
-                          "(needs pip install 'alexnet-pipe[tensorboard]')."),
-        click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
-                     help="Steps between progress updates and the per-step rows of -o."),
-        click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Also checkpoint every N minutes, mid-epoch too (SIGTERM/SIGINT always checkpoint)."),
-        click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="Checkpoint files kept: the newest at --checkpoint, older ones as .1, .2, ..."),
-        click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Launch this many ranks on this machine with torchrun (one per GPU)."),
-        click.option("--allreduce-dtype", type=click.Choice(["f32", "bf16"]), default=None,
-                     help="Gradients' all-reduce between ranks [default: bf16 with -d bf16, else f32]."),
-        click.option("--dist-timeout", "dist_timeout_s", type=click.FloatRange(min=1), default=600.0,
-                     show_default=True, help="Seconds a rank waits for the others before the job ends."),
+    """The neon model-zoo script's flags (plus a few), hyphenated, the neon spellings kept as aliases."""
+    for _, option in reversed([*_TRAIN_OPTIONS, ("verbose", _verbose_option)]):
+        fn = option(fn)
+    return fn
+
+
+def _test_options(fn):
+    """`test`: the dataset, the weights and how to run; crop and normalisation come from the weights."""
+    own = [
+        opt("--model-file", "--model_file", "model_file", required=True,
+            type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Weights or checkpoint to evaluate."),
+        # Accepted for the seed's command lines; they must match the weights file (refused otherwise).
+        click.option("--crop", type=click.IntRange(min=1), default=None, hidden=True),
+        click.option("--normalize-std", is_flag=True, default=None, hidden=True),
+        click.option("-r", "--rng-seed", "--rng_seed", "rng_seed", type=int, default=0, hidden=True),
     ]
-    for option in reversed(options):
+    chosen = [o for n, o in _TRAIN_OPTIONS if n in _TEST_OPTIONS]
+    for option in reversed([*chosen, *own, _verbose_option]):
         fn = option(fn)
     return fn
 
@@ -259,7 +316,7 @@ def _train_config(test_only: bool, kw: dict):
 
     kw.pop("nproc")
     backend = kw.pop("backend") or ("gpu" if torch.cuda.is_available() else "cpu")
-    if kw["save_path"] is None and not (test_only or kw["test_only"]):  # a trained model is never discarded
+    if kw.get("save_path") is None and not (test_only or kw.get("test_only")):  # a trained model is never discarded
         import time
 
         kw["save_path"] = Path("alexnet-runs") / time.strftime("%Y%m%d-%H%M%S") / "alexnet.pt"
@@ -268,8 +325,7 @@ def _train_config(test_only: bool, kw: dict):
     extra = {"data_threads": threads} if threads else {}
     return TrainConfig(
         backend=backend, datatype=datatype, test_only=kw.pop("test_only") or test_only,
-        progress=not kw.pop("no_progress_bar"), progress_bar=sys.stderr.isatty(), compile=kw.pop("compile_model"),
-        lr_step=kw.pop("lr_step"), weight_decay=kw.pop("weight_decay"), normalize_std=kw.pop("normalize_std"),
+        progress=not kw.pop("no_progress"), progress_bar=sys.stderr.isatty(), compile=kw.pop("compile_model", False),
         # Reading costs 10-25 us per record in Python: at GPU rates that belongs off the training thread.
         read_workers=_default(kw.pop("read_workers"), 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))),
         **_torchrun_rank(kw), **kw, **extra,
@@ -325,7 +381,7 @@ def _launch(nproc: int, backend: str | None) -> None:
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
             deaths.append(f"rank {rank} ended with {how}")
         raise click.ClickException(f"the {nproc}-rank job failed: {'; '.join(deaths)} (each rank's own message is "
-                                   "above); resume from the last checkpoint with --model_file") from None
+                                   "above); resume from the last checkpoint with --model-file") from None
 
 
 def _default(value, fallback):
@@ -369,7 +425,7 @@ def _run_training(cfg) -> None:
 
 
 def _resume_command(ckpt) -> str:
-    """This process's command line with --model_file pointing at ``ckpt``."""
+    """This process's command line with --model-file pointing at ``ckpt``."""
     import shlex
 
     args, skip = [], False
@@ -380,7 +436,7 @@ def _resume_command(ckpt) -> str:
             skip = True
         elif not arg.startswith(("--model_file=", "--model-file=")):
             args.append(arg)
-    return shlex.join(["alexnet-pipe", *args, "--model_file", str(ckpt)])
+    return shlex.join(["alexnet-pipe", *args, "--model-file", str(ckpt)])
 
 
 @main.command()
@@ -395,6 +451,12 @@ def train(**kw):
     epoch's global order. Batch and lr rule: -z is per rank, so a step sees -z x ranks
     images; --lr is neon's rate for 128 images and, with --lr-scale linear (the default),
     the rate used is --lr x (-z x ranks) / 128.
+
+    \b
+    Examples:
+      alexnet-pipe train -w batches/ -e 90 -s alexnet.pt -o metrics.jsonl --serialize 1
+      alexnet-pipe train -w batches/ -e 90 -s alexnet.pt --model-file alexnet.ckpt   # resume
+      alexnet-pipe train -w batches/ -e 90 -s alexnet.pt --nproc 8 --checkpoint-minutes 30
     """
     if kw["nproc"] > 1:
         _launch(kw["nproc"], kw["backend"])
@@ -403,12 +465,23 @@ def train(**kw):
 
 
 @main.command("test")
-@_train_options
+@_test_options
 def test_cmd(**kw):
-    """Evaluate --model_file on the validation split (same as train --test_only)."""
+    """Evaluate --model-file on the validation split, with the crop and normalisation it was
+    trained with (same as train --test-only).
+
+    \b
+    Examples:
+      alexnet-pipe test -w batches/ --model-file alexnet.pt
+      alexnet-pipe test -w batches/ --model-file alexnet.ckpt -o results.jsonl
+      alexnet-pipe test -w batches/ --model-file alexnet.pt --nproc 8     # 8 GPUs
+    """
     if kw["nproc"] > 1:
         _launch(kw["nproc"], kw["backend"])
         return
+    crop, std = kw.pop("crop"), kw.pop("normalize_std")
+    kw.update(test_only=True, crop=crop or 224, normalize_std=bool(std), settings_from_weights=(crop is None,
+                                                                                               std is None))
     _run_training(_train_config(True, kw))
 
 
@@ -432,9 +505,9 @@ def plot(metrics, output):
 @click.option("--split", default="train", show_default=True)
 @click.option("-n", "--count", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
-@click.option("-r", "--rng_seed", type=int, default=0, show_default=True)
+@opt("-r", "--rng-seed", "--rng_seed", "rng_seed", type=int, default=0, show_default=True)
 @click.option("--normalize-std", is_flag=True)
-@click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default="cpu", show_default=True)
+@click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None, help="Default: gpu when present.")
 @click.option("--epoch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Which epoch's order, crops and flips to draw (1 = the first).")
 @click.option("--mean", "mean_image", is_flag=True, help="Draw the dataset's mean image instead (mean_image.npy).")
@@ -445,14 +518,18 @@ def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, 
     if mean_image:
         click.echo(f"wrote {draw_mean_image(root, output)}")
         return
+    if backend is None:
+        import torch
+
+        backend = "gpu" if torch.cuda.is_available() else "cpu"
     path = inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch - 1)
     click.echo(f"wrote {path}")
 
 
 @main.command()
 @click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None, help="Default: gpu when present.")
-@click.option("-i", "--device_id", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("-z", "--batch_size", type=click.IntRange(min=1), default=128, show_default=True)
+@opt("-i", "--device-id", "--device_id", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
+@opt("-z", "--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True)
 @click.option("-d", "--datatype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
               help="Default: bf16 on the GPU, f32 on the CPU.")
@@ -460,7 +537,7 @@ def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, 
 @click.option("--throughput-steps", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--nchw", is_flag=True, help="Keep NCHW instead of channels_last.")
-@click.option("-w", "--data_dir", type=_EXISTING_DIR, default=None,
+@opt("-w", "--data-dir", "--data_dir", "data_dir", type=_EXISTING_DIR, default=None,
               help="Also time the DALI train pipeline feeding the model on this dataset.")
 @click.option("-o", "--output", type=_DIR, default=None, help="Append the rows as JSON lines here.")
 def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throughput_steps, compile_model, nchw,

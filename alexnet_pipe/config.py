@@ -143,6 +143,7 @@ class TrainConfig:
     serialize: int = 0  # checkpoint every N epochs (0: only at the end, if a path is known)
     model_file: Path | None = None  # weights to start from, or a checkpoint to resume
     test_only: bool = False
+    settings_from_weights: tuple[bool, bool] = (False, False)  # test: take (crop, normalize_std) from model_file
     eval_freq: int = 1
     backend: str = "cpu"  # "gpu" or "cpu"; the CLI picks gpu when one is present
     device_id: int = 0
@@ -181,11 +182,11 @@ class TrainConfig:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.serialize >= 0, f"--serialize must be >= 0, got {self.serialize}"),
-            (self.eval_freq >= 0, f"--eval_freq must be >= 0, got {self.eval_freq}"),
+            (self.eval_freq >= 0, f"--eval-freq must be >= 0, got {self.eval_freq}"),
             (self.backend in ("gpu", "cpu"), f"backend must be gpu or cpu, got {self.backend}"),
             (self.datatype in DATATYPES, f"datatype must be one of {DATATYPES}, got {self.datatype}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (0 < self.subset_pct <= 100, f"--subset_pct must be in (0, 100], got {self.subset_pct}"),
+            (0 < self.subset_pct <= 100, f"--subset-pct must be in (0, 100], got {self.subset_pct}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.lr_step >= 1, f"--lr-step must be >= 1, got {self.lr_step}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
@@ -200,7 +201,7 @@ class TrainConfig:
              f"--checkpoint-minutes must be > 0, got {self.checkpoint_minutes}"),
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.dist_timeout_s > 0, f"the distributed timeout must be > 0, got {self.dist_timeout_s}"),
-            (not (self.test_only and self.model_file is None), "--test_only needs --model_file (the weights to test)"),
+            (not (self.test_only and self.model_file is None), "--test-only needs --model-file (the weights to test)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -251,11 +251,17 @@ def epoch_loader(cfg: TrainConfig, epoch: int, split: str = "train", batch_size:
 
 
 def run_test(cfg: TrainConfig) -> EvalResult:
-    """Evaluate ``cfg.model_file`` on the validation split (`--test_only`), over all ranks."""
+    """Evaluate ``cfg.model_file`` on the validation split (`--test_only`), over all ranks, with
+    the crop and normalisation the weights were trained with where ``settings_from_weights`` says."""
+    body = checkpoint.load(cfg.model_file)
+    crop_from, std_from = cfg.settings_from_weights
+    if crop_from:
+        cfg = replace(cfg, crop=int(body["model_config"].get("crop", cfg.crop)))
+    if std_from:
+        cfg = replace(cfg, normalize_std=body["data"].get("std_rgb") is not None)
     rt = open_run(cfg, join=True)
     loader = None
     try:
-        body = checkpoint.load(cfg.model_file)
         train_state.check_compatible(body, cfg.model_file, rt.ds, cfg.crop)
         model = _build_model(rt, rt.ds.num_classes, cfg.crop, cfg.rng_seed)
         model.load_state_dict(body["model"])

@@ -103,7 +103,7 @@ def test_sigterm_at_a_random_step_then_resume_gives_identical_weights(data, refe
     assert not (tmp_path / "w.pt").exists()  # no final weights from a stopped run
     resume = next(line for line in res.stderr.splitlines() if line.startswith("resume with: "))
     args = shlex.split(resume.removeprefix("resume with: "))[1:]
-    assert args[args.index("--model_file") + 1] == str(tmp_path / "w.ckpt")
+    assert args[args.index("--model-file") + 1] == str(tmp_path / "w.ckpt")
     done = subprocess.run([sys.executable, "-m", "alexnet_pipe", *args], env=ENV, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

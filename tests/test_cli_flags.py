@@ -1,0 +1,66 @@
+"""One flag style: hyphenated names in --help, the neon spellings still accepted, `test` with its
+own option set and the settings of its weights file, -v after the command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from alexnet_pipe.cli import main
+from alexnet_pipe.config import ConvertConfig, ImageSettings
+from alexnet_pipe.convert import run_convert
+from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+
+NEON = ["--data_dir", "--save_path", "--model_file", "--test_only", "-eval", "--eval_freq", "--device_id",
+        "--rng_seed", "--batch_size", "--subset_pct", "--output_file", "--no_progress_bar"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("flags")
+    make_image_tree(SynthConfig(root / "raw", 4, 2, (96, 72), ("circle", "square"), seed=2))
+    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
+                              progress=False, image=ImageSettings(short_side=72)))
+    return root / "data"
+
+
+def test_help_shows_hyphenated_names_only():
+    for command in ("train", "test", "benchmark", "inspect"):
+        text = CliRunner().invoke(main, [command, "--help"]).output
+        assert not any(f"{flag} " in text or f"{flag}," in text for flag in NEON), command
+    train_help = CliRunner().invoke(main, ["train", "--help"]).output
+    for flag in ("--data-dir", "--save-path", "--model-file", "--eval-freq", "--batch-size", "--no-progress"):
+        assert flag in train_help
+    assert "Examples:" in train_help
+
+
+def test_test_has_its_own_options():
+    text = CliRunner().invoke(main, ["test", "--help"]).output
+    assert "--model-file" in text and "[required]" in text
+    for training_only in ("--epochs", "--lr", "--momentum", "--serialize", "--init", "--crop"):
+        assert f"{training_only} " not in text
+
+
+def test_the_seeds_spellings_run_and_test_takes_the_crop_from_the_weights(data, tmp_path):
+    runner = CliRunner()
+    neon = ["--data_dir", str(data), "-b", "cpu", "--crop", "67", "--batch_size", "4", "--no_progress_bar",
+            "--data-threads", "1", "-e", "1", "-eval", "0", "--save_path", str(tmp_path / "w.pt"),
+            "--output_file", str(tmp_path / "m.jsonl")]
+    res = runner.invoke(main, ["train", *neon, "-v"])  # -v after the command
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+    # No --crop: the weights say 67. Under the default 224 the network would not even take the input.
+    res = runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file", str(tmp_path / "w.pt"),
+                               "--no-progress", "--data-threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("LogLoss:")
+    res = runner.invoke(main, ["train", "--data_dir", str(data), "-b", "cpu", "--test_only", "--crop", "67",
+                               "--model_file", str(tmp_path / "w.pt"), "--no_progress_bar", "--data-threads", "1"])
+    assert res.exit_code == 0 and res.output.startswith("LogLoss:"), res.output  # neon's --test_only line
+    res = runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file", str(tmp_path / "w.pt"),
+                               "--crop", "99"])
+    assert res.exit_code == 1
+    assert "was trained with --crop 67" in res.output
