@@ -129,8 +129,11 @@ def load(path: Path) -> dict:
     _verify(path)
     try:
         body = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise CheckpointError(f"{path} is not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # torch raises many types for a bad file; its advice (weights_only=False) is
+        # wrong for a file we do not trust, so only the error's type is shown
+        raise CheckpointError(f"{path} is not an alexnet-pipe weights file (torch cannot read it: {type(exc).__name__}); "
+                              "pass a file written by alexnet-pipe train, or convert other weights with "
+                              "alexnet-pipe import-weights") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an alexnet-pipe weights/checkpoint file "

@@ -78,6 +78,16 @@ class Dataset:
             )
 
 
+def _convert_hint(root: Path) -> str:
+    """What to run when ``root`` is not a converted dataset: a raw tree is converted elsewhere."""
+    raw = any((root / d).is_dir() for d in ("train", "val")) or any(
+        p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tar") for p in root.iterdir())
+    if raw:
+        out = root.parent / f"{root.name}-batches"
+        return f"it looks like raw images: convert them first, e.g. alexnet-pipe convert {root} {out}, then pass -w {out}"
+    return "pass the output directory of alexnet-pipe convert (alexnet-pipe convert RAW OUT, then -w OUT)"
+
+
 def load_dataset(root: Path) -> Dataset:
     """Read and check ``root/manifest.json``.
 
@@ -91,7 +101,7 @@ def load_dataset(root: Path) -> Dataset:
         hint = (
             "the conversion has not finished: rerun the same alexnet-pipe convert command to complete it"
             if (root / ".convert.json").exists()
-            else "convert a raw image folder with: alexnet-pipe convert RAW " + str(root)
+            else _convert_hint(root)
         )
         raise DatasetError(f"{root} has no {MANIFEST_FILE}; {hint}")
     try:

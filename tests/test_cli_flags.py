@@ -64,3 +64,26 @@ def test_the_seeds_spellings_run_and_test_takes_the_crop_from_the_weights(data, 
                                "--crop", "99"])
     assert res.exit_code == 1
     assert "was trained with --crop 67" in res.output
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code in (1, 2), res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def test_mistakes_give_one_line_with_what_to_do(data, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 20)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    for bad in ("random.pt", "notes.txt"):
+        line = _one_line_error(runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file",
+                                                    str(tmp_path / bad)]))
+        assert "alexnet-pipe import-weights" in line
+        assert "weights_only=False" not in line and "KeyError: 101" not in line  # torch's advice stays out
+    raw = tmp_path / "raw"
+    (raw / "train" / "cat").mkdir(parents=True)
+    line = _one_line_error(runner.invoke(main, ["train", "-w", str(raw), "-b", "cpu", "-s", str(tmp_path / "w.pt")]))
+    assert f"alexnet-pipe convert {raw} {tmp_path / 'raw-batches'}" in line  # not "convert RAW raw"
