@@ -298,6 +298,9 @@ def _test_options(fn):
     own = [
         opt("--model-file", "--model_file", "model_file", required=True,
             type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Weights or checkpoint to evaluate."),
+        click.option("--per-class", "per_class_file", type=_DIR, default=None,
+                     help="Write per-class top-1/top-5 and the confusion matrix to this .json, and a drawing of "
+                          "the worst classes and most confused pairs beside it (.png)."),
         # Accepted for the seed's command lines; they must match the weights file (refused otherwise).
         click.option("--crop", type=click.IntRange(min=1), default=None, hidden=True),
         click.option("--normalize-std", is_flag=True, default=None, hidden=True),
@@ -473,7 +476,7 @@ def test_cmd(**kw):
     \b
     Examples:
       alexnet-pipe test -w batches/ --model-file alexnet.pt
-      alexnet-pipe test -w batches/ --model-file alexnet.ckpt -o results.jsonl
+      alexnet-pipe test -w batches/ --model-file alexnet.ckpt -o results.jsonl --per-class classes.json
       alexnet-pipe test -w batches/ --model-file alexnet.pt --nproc 8     # 8 GPUs
     """
     if kw["nproc"] > 1:

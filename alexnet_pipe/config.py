@@ -143,6 +143,7 @@ class TrainConfig:
     serialize: int = 0  # checkpoint every N epochs (0: only at the end, if a path is known)
     model_file: Path | None = None  # weights to start from, or a checkpoint to resume
     test_only: bool = False
+    per_class_file: Path | None = None  # test: per-class results (.json, and a .png beside it)
     settings_from_weights: tuple[bool, bool] = (False, False)  # test: take (crop, normalize_std) from model_file
     eval_freq: int = 1
     backend: str = "cpu"  # "gpu" or "cpu"; the CLI picks gpu when one is present

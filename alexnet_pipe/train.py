@@ -27,6 +27,7 @@ from .loggers import Loggers, MetricsLog, TensorBoardLog
 from .model import AlexNet, AlexNetConfig, param_groups
 from .pipeline import Batch, Loader
 from .preempt import Action, Preemption
+from .report import PerClass, write_per_class
 from .runtime import Runtime, open_run, small_image_warning  # noqa: F401  (small_image_warning: public here too)
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,13 @@ def lr_at(epoch: int, lr0: float, step: int = 20, gamma: float = 0.1) -> float:
 class EvalResult:
     loss: float
     top1: float  # percent
-    top5: float  # percent (top-min(5, classes))
+    top5: float | None  # percent; None with 5 classes or fewer, where every label is in the top 5
     samples: int
+    per_class: PerClass | None = None  # confusion matrix and per-class top-5 hits (test --per-class)
 
     def neon_line(self) -> str:
-        return f"LogLoss: {self.loss:.2f}, Accuracy: {self.top1:.1f} % (Top-1), {self.top5:.1f} % (Top-5)"
+        line = f"LogLoss: {self.loss:.2f}, Accuracy: {self.top1:.1f} % (Top-1)"
+        return line + (f", {self.top5:.1f} % (Top-5)" if self.top5 is not None else "")
 
 
 @dataclass(frozen=True)
@@ -66,13 +69,18 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     return [hits[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
 
 
-def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool = False) -> EvalResult:
+def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool = False,
+             per_class: bool = False) -> EvalResult:
     """Loss, top-1 and top-5 over every sample of the loader's split, summed over all ranks, one
-    host sync at the end. Padding (``Batch.valid``) counts nowhere, so each image counts once."""
+    host sync at the end. Padding (``Batch.valid``) counts nowhere, so each image counts once.
+    ``per_class`` also counts the confusion matrix and each class's top-5 hits."""
     model.eval()
+    classes = rt.ds.num_classes
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     hits = torch.zeros(2, dtype=torch.int64, device=rt.device)
     count = torch.zeros((), dtype=torch.int64, device=rt.device)
+    confusion = torch.zeros(classes * classes if per_class else 0, dtype=torch.int64, device=rt.device)
+    top5_hits = torch.zeros(classes if per_class else 0, dtype=torch.int64, device=rt.device)
     with torch.inference_mode():
         for batch in tqdm(loader, desc="eval", unit="batch", disable=not (progress and rt.dist.is_main), leave=False):
             with rt.autocast():
@@ -83,12 +91,19 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             hits += torch.stack(topk_correct(logits, labels, (1, 5)))
             count += labels.shape[0]
-    rt.dist.sum_(loss_sum, hits, count)
+            if per_class:
+                confusion += torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
+                in5 = logits.topk(min(5, classes), dim=1).indices.eq(labels.unsqueeze(1)).any(1)
+                top5_hits += torch.bincount(labels[in5], minlength=classes)
+    rt.dist.sum_(loss_sum, hits, count, confusion, top5_hits)
     n = int(count.item())
     if n == 0:
         raise DatasetError("the validation split yielded no samples")
     top1, top5 = (100.0 * h / n for h in hits.tolist())
-    return EvalResult(loss_sum.item() / n, top1, top5, n)
+    table = None
+    if per_class:
+        table = PerClass(confusion.cpu().numpy().reshape(classes, classes), top5_hits.cpu().numpy())
+    return EvalResult(loss_sum.item() / n, top1, top5 if classes > 5 else None, n, table)
 
 
 def step_loss(logits: torch.Tensor, batch: Batch, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,7 +281,11 @@ def run_test(cfg: TrainConfig) -> EvalResult:
         model = _build_model(rt, rt.ds.num_classes, cfg.crop, cfg.rng_seed)
         model.load_state_dict(body["model"])
         loader = rt.loader("val", False, 0)
-        result = evaluate(model, loader, rt, cfg.progress)
+        result = evaluate(model, loader, rt, cfg.progress, per_class=cfg.per_class_file is not None)
+        if rt.dist.is_main and cfg.per_class_file is not None:
+            for path in write_per_class(result.per_class, [c["id"] for c in rt.ds.classes],
+                                        [c.get("name", "") for c in rt.ds.classes], cfg.per_class_file):
+                log.info("wrote %s", path)
         if rt.dist.is_main:
             MetricsLog(cfg.output_file).write({
                 "event": "test", "model_file": str(cfg.model_file), "val_loss": result.loss, "val_top1": result.top1,

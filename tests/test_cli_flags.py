@@ -87,3 +87,45 @@ def test_mistakes_give_one_line_with_what_to_do(data, tmp_path):
     (raw / "train" / "cat").mkdir(parents=True)
     line = _one_line_error(runner.invoke(main, ["train", "-w", str(raw), "-b", "cpu", "-s", str(tmp_path / "w.pt")]))
     assert f"alexnet-pipe convert {raw} {tmp_path / 'raw-batches'}" in line  # not "convert RAW raw"
+
+
+def test_per_class_results_agree_with_the_overall_figures(data, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "--no-progress",
+                               "--data-threads", "1", "-e", "1", "--eval-freq", "0", "-s", str(tmp_path / "w.pt")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file", str(tmp_path / "w.pt"),
+                               "--no-progress", "--data-threads", "1", "-o", str(tmp_path / "t.jsonl"),
+                               "--per-class", str(tmp_path / "pc.json")])
+    assert res.exit_code == 0, res.output
+    assert "(Top-5)" not in res.output  # 2 classes: every label is in any top 5
+    [row] = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    body = json.loads((tmp_path / "pc.json").read_text())
+    confusion = body["confusion"]
+    assert [c["id"] for c in body["classes"]] == ["circle", "square"]
+    assert sum(map(sum, confusion)) == row["samples"] == 4
+    assert 100.0 * sum(confusion[k][k] for k in range(2)) / 4 == pytest.approx(row["val_top1"])
+    for k, c in enumerate(body["classes"]):
+        assert c["images"] == sum(confusion[k]) == 2
+        assert c["top1"] == pytest.approx(100.0 * confusion[k][k] / 2)
+        assert c["top5"] == 100.0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "pc.png").size[0] > 100
+
+
+def test_per_class_table_and_confused_pairs_by_hand(tmp_path):
+    import numpy as np
+
+    from alexnet_pipe.report import PerClass, write_per_class
+
+    confusion = np.array([[5, 3, 0], [1, 8, 1], [0, 0, 0]])
+    pc = PerClass(confusion, np.array([8, 9, 0]))
+    table = pc.table(["a", "b", "c"], ["ant", "", "cat"])
+    assert [(r["images"], r["top1"], r["top5"]) for r in table] == [(8, 62.5, 100.0), (10, 80.0, 90.0),
+                                                                      (0, None, None)]
+    assert pc.confused_pairs(5) == [(0, 1, 3), (1, 2, 1), (1, 0, 1)]
+    written = write_per_class(pc, ["a", "b", "c"], ["ant", "", "cat"], tmp_path / "r.json")
+    assert [p.name for p in written] == ["r.json", "r.png"]
+    body = json.loads(written[0].read_text())
+    assert body["confused_pairs"][0] == {"true": "a", "predicted": "b", "images": 3}

@@ -36,8 +36,9 @@ def test_tensorboard_gets_step_and_epoch_scalars(data, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "lr", "val/loss", "val/top1", "val/top5", "speed/img_per_s", "speed/data_wait_pct",
+    assert {"train/loss", "lr", "val/loss", "val/top1", "speed/img_per_s", "speed/data_wait_pct",
             "train/loss_epoch"} <= tags
+    assert "val/top5" not in tags  # 3 classes: top-5 says nothing, so it is not reported
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))  # 5 steps x 2 epochs, global axis
     assert [e.step for e in events.Scalars("val/top1")] == [5, 10]
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]

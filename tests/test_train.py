@@ -176,10 +176,12 @@ def test_test_only_equals_a_direct_computation(tiny, tmp_path):
     assert reported.samples == 8
     assert reported.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
     assert reported.top1 == pytest.approx(100.0 * (ranks < 1).float().mean().item())
-    assert reported.top5 == pytest.approx(100.0 * (ranks < 5).float().mean().item())
+    assert reported.top5 is None  # 4 classes: every label is in the top 5, so no top-5 is reported
+    assert (ranks < 5).all()
     line = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
     assert line["event"] == "test" and line["val_top1"] == reported.top1
     assert EvalResult(1.8712, 58.6, 81.1, 1).neon_line() == "LogLoss: 1.87, Accuracy: 58.6 % (Top-1), 81.1 % (Top-5)"
+    assert EvalResult(1.8712, 58.6, None, 1).neon_line() == "LogLoss: 1.87, Accuracy: 58.6 % (Top-1)"
 
 
 def _stored_images(data: Path) -> list[np.ndarray]:
@@ -255,7 +257,7 @@ def test_cli_train_test_plot_inspect(tiny, tmp_path):
     res = runner.invoke(main, ["train", *common, "-e", "2", "--lr", "0.001", "-s", str(tmp_path / "w.pt"),
                                "-o", str(tmp_path / "m.jsonl")])
     assert res.exit_code == 0, res.output
-    assert "LogLoss:" in res.output and "(Top-5)" in res.output
+    assert "LogLoss:" in res.output and "(Top-1)" in res.output and "(Top-5)" not in res.output  # 4 classes
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"lr", "train_loss", "val_loss", "val_top1", "val_top5", "img_per_s", "seconds"} <= records[0].keys()
