@@ -26,9 +26,9 @@ class MetricsLog:
     def __init__(self, path: Path | None, enabled: bool = True):
         self.path = path if enabled else None
 
-    def start(self, resumed_epoch: int | None, resumed_step: int = 0) -> None:
+    def start(self, resumed_epoch: int | None, resumed_step: int = 0, changes: dict | None = None) -> None:
         """Fresh run (None): begin an empty file. Resume after epoch N (and ``resumed_step`` steps
-        of epoch N+1): keep the rows up to there."""
+        of epoch N+1): keep the rows up to there, then a "resumed" row with the settings changed."""
         if self.path is None:
             return
         if resumed_epoch is None:
@@ -58,7 +58,8 @@ class MetricsLog:
                                           and int(row["step"]) <= resumed_step):
                 kept.append(line)
         if resumed_epoch or resumed_step:  # `plot` marks where the run went on
-            kept.append(json.dumps({"event": "resumed", "after_epoch": resumed_epoch, "after_step": resumed_step}))
+            marker = {"event": "resumed", "after_epoch": resumed_epoch, "after_step": resumed_step}
+            kept.append(json.dumps({**marker, "changed": changes} if changes else marker))
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
@@ -101,7 +102,7 @@ class TensorBoardLog:
         self._writer_class, self.log_dir, self.steps_per_epoch = SummaryWriter, log_dir, steps_per_epoch
         self._writer = None
 
-    def start(self, resumed_epoch: int | None, resumed_step: int = 0) -> None:
+    def start(self, resumed_epoch: int | None, resumed_step: int = 0, changes: dict | None = None) -> None:
         # A resumed run drops the events written after its checkpoint (TensorBoard's purge_step).
         purge = None if resumed_epoch is None else resumed_epoch * self.steps_per_epoch + resumed_step + 1
         self._writer = self._writer_class(str(self.log_dir), purge_step=purge)
@@ -135,9 +136,9 @@ class Loggers:
     def __init__(self, *loggers):
         self.loggers = [x for x in loggers if x is not None]
 
-    def start(self, resumed_epoch: int | None, resumed_step: int = 0) -> None:
+    def start(self, resumed_epoch: int | None, resumed_step: int = 0, changes: dict | None = None) -> None:
         for x in self.loggers:
-            x.start(resumed_epoch, resumed_step)
+            x.start(resumed_epoch, resumed_step, changes)
 
     def write(self, record: dict) -> None:
         for x in self.loggers:

@@ -346,11 +346,18 @@ def fit(cfg: TrainConfig) -> FitResult:
                               lr=rt.lr, momentum=cfg.momentum, fused=(rt.device.type == "cuda") or None)
         scaler = torch.amp.GradScaler(rt.device.type) if cfg.datatype == "f16" else None
         restored = train_state.Restored(0, [], train_state.Partial())
+        changes: dict = {}
         if cfg.model_file is not None:
             body, source = checkpoint.load_newest_good(cfg.model_file)
             train_state.check_compatible(body, source, ds, cfg.crop)
             restored = train_state.restore(body, model, opt, scaler)
             restored.partial = _resume_step(restored, body, rt, source)
+            if body["kind"] == "checkpoint":
+                changes = train_state.resume_changes(body, cfg, source)
+                train_state.apply_hyperparameters(opt, rt.lr, cfg)
+                if changes and main:
+                    log.info("resuming with changed settings: %s",
+                             ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
             if (restored.start_epoch or restored.partial.step) and main:
                 log.info("resuming %s after epoch %d%s", source, restored.start_epoch,
                          f", step {restored.partial.step}" if restored.partial.step else "")
@@ -362,7 +369,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         steps_per_epoch = len(train_loader) if train_loader is not None else 1
         metrics = Loggers(MetricsLog(cfg.output_file, enabled=main),
                           TensorBoardLog(cfg.tensorboard_dir, steps_per_epoch) if main and cfg.tensorboard_dir else None)
-        metrics.start(None if cfg.model_file is None else start_epoch, partial.step)
+        metrics.start(None if cfg.model_file is None else start_epoch, partial.step, changes)
         train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
             train_model = torch.compile(train_model)

@@ -69,6 +69,36 @@ def check_compatible(body: dict, path: Path, ds: Dataset, crop: int) -> None:
         raise CheckpointError(f"{path} was trained with --crop {mc.get('crop')}; pass --crop {mc.get('crop')}")
 
 
+# Resuming: what a resumed run must keep (it defines the run's data), and what it may change.
+# Changes are applied, logged, and recorded in the -o file's "resumed" row.
+_KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "init": "--init"}
+_CHANGEABLE = ("epochs", "lr", "lr_scale", "lr_step", "lr_gamma", "momentum", "weight_decay", "bias_lr_mult",
+               "batch_size", "subset_pct", "eval_freq", "serialize", "datatype", "backend")
+
+
+def resume_changes(body: dict, cfg, path: Path) -> dict[str, list]:
+    """{setting: [before, now]} for what this run changes against the checkpoint it resumes;
+    refuses a change of a setting the run must keep, naming both values."""
+    before = body.get("train_config") or {}
+    for key, flag in _KEPT_ON_RESUME.items():
+        if key in before and before[key] != getattr(cfg, key):
+            raise CheckpointError(
+                f"{path} was trained with {flag} {before[key]}, this run asks for {getattr(cfg, key)}; a resumed run "
+                f"keeps it (drop the flag), or start a new run from its weights with alexnet-pipe train --model-file")
+    return {k: [before[k], getattr(cfg, k)] for k in _CHANGEABLE if k in before and before[k] != getattr(cfg, k)}
+
+
+def apply_hyperparameters(opt, lr: float, cfg) -> None:
+    """Set lr, momentum and weight decay from this run's flags over the values a checkpoint's
+    optimizer state brought back (its momentum buffers are kept)."""
+    for group in opt.param_groups:
+        biases = group.get("name") == "biases"
+        group["lr0"] = lr * (cfg.bias_lr_mult if biases else 1.0)
+        group["lr"] = group["lr0"]
+        group["momentum"] = cfg.momentum
+        group["weight_decay"] = 0.0 if biases else cfg.weight_decay
+
+
 def restore(body: dict, model: torch.nn.Module, opt, scaler) -> Restored:
     """Load weights (any kind) and, from a checkpoint, the optimizer and the epoch count."""
     model.load_state_dict(body["model"])

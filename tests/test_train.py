@@ -387,3 +387,17 @@ def test_inspect_mean_draws_the_mean_image(tiny, tmp_path):
     (tmp_path / "old" / "d" / "mean_image.npy").unlink()
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "old" / "d"), "--mean", "-o", str(tmp_path / "m.png")])
     assert res.exit_code == 1 and "has no mean_image.npy" in res.output
+
+
+def test_resume_applies_a_changed_lr_records_it_and_refuses_a_changed_seed(tiny, tmp_path):
+    ckpt, metrics = tmp_path / "c.ckpt", tmp_path / "m.jsonl"
+    fit(tcfg(tiny, epochs=1, eval_freq=0, serialize=1, checkpoint_path=ckpt, output_file=metrics))
+    res = fit(tcfg(tiny, epochs=2, eval_freq=0, model_file=ckpt, lr=0.002, output_file=metrics))
+    assert [r["lr"] for r in res.history] == pytest.approx([0.001, 0.002])  # applied, not silently ignored
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    [marker] = [r for r in rows if r.get("event") == "resumed"]
+    assert marker["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.002], "serialize": [1, 0]}
+    with pytest.raises(CheckpointError, match=r"trained with -r/--rng-seed 0, this run asks for 7"):
+        fit(tcfg(tiny, epochs=2, eval_freq=0, model_file=ckpt, rng_seed=7))
+    with pytest.raises(CheckpointError, match=r"--normalize-std False, this run asks for True"):
+        fit(tcfg(tiny, epochs=2, eval_freq=0, model_file=ckpt, normalize_std=True))
