@@ -27,6 +27,7 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 # -z 7 on 2 ranks: the 15 train records end in a step where rank 1's batch is all padding.
 COMMON = ["-b", "cpu", "--crop", "67", "-z", "7", "--no_progress_bar", "--data-threads", "1", "--lr", "0.001"]
+TEST = ["-b", "cpu", "-z", "7", "--no-progress", "--data-threads", "1"]  # `test` takes no training flags
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +89,8 @@ def test_two_rank_validation_equals_one_process(data, tmp_path):
     weights = tmp_path / "w.pt"
     res = cli("train", "-w", str(data), *COMMON, "-e", "1", "--eval_freq", "0", "-s", str(weights))
     assert res.returncode == 0, res.stderr[-3000:]
-    one = cli("test", "-w", str(data), *COMMON, "--model_file", str(weights), "-o", str(tmp_path / "one.jsonl"))
-    two = cli("test", "-w", str(data), *COMMON, "--model_file", str(weights), "-o", str(tmp_path / "two.jsonl"),
+    one = cli("test", "-w", str(data), *TEST, "--model-file", str(weights), "-o", str(tmp_path / "one.jsonl"))
+    two = cli("test", "-w", str(data), *TEST, "--model-file", str(weights), "-o", str(tmp_path / "two.jsonl"),
               "--nproc", "2")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     [a], [b] = rows(tmp_path / "one.jsonl"), rows(tmp_path / "two.jsonl")
