@@ -126,31 +126,71 @@ def write_mean(path: Path, mean: ChannelMean) -> None:
     atomic_write_json(path, mean.to_json())
 
 
+MEAN_MAX = 255.0  # means are on the 0..255 scale
+STD_MAX = 128.0  # values in 0..255 have a std of at most 127.5 (half 0, half 255); rounding aside
+
+
+def _channels(value, name: str, top: float, where: str) -> tuple[float, float, float]:
+    """Three finite numbers in [0, top] (JSON booleans, strings, NaN and infinities refused)."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise DatasetError(f"{where}: {name} is {json.dumps(value)[:60]}, expected one value per channel (three numbers)")
+    for c, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= top:
+            raise DatasetError(f"{where}: {name}[{c}] is {v!r}, expected a finite number in 0..{top:g}")
+    return tuple(float(v) for v in value)
+
+
 def parse_mean(obj: dict, where: str) -> ChannelMean:
-    """Validate a mean.json object; a full-image or unknown mean raises OldMeanFormatError."""
+    """Validate a mean.json object; a full-image or unknown mean raises OldMeanFormatError,
+    a mean.json with values that are not numbers in range (NaN, inf, booleans, strings, the wrong
+    number of channels) raises DatasetError: a reader must not train on those."""
     if not isinstance(obj, dict) or obj.get("format") != MEAN_FORMAT:
         raise OldMeanFormatError(f"{where} is not an alexnet-pipe mean file")
-    if obj.get("version") != MEAN_VERSION:
-        raise OldMeanFormatError(f"{where} has mean format version {obj.get('version')}, expected {MEAN_VERSION}")
-    mean, std = obj.get("mean"), obj.get("std")
-    if not (isinstance(mean, list) and len(mean) == 3 and all(isinstance(v, (int, float)) for v in mean)):
-        raise OldMeanFormatError(f"{where} does not hold one mean value per channel")
-    return ChannelMean(
-        tuple(float(v) for v in mean),
-        None if std is None else tuple(float(v) for v in std),
-        obj.get("channel_order", "RGB"),
-        int(obj.get("images", 0)),
-        int(obj.get("pixels", 0)),
-        str(obj.get("source", "")),
-    )
+    if obj.get("version") != MEAN_VERSION or isinstance(obj.get("version"), bool):
+        raise OldMeanFormatError(f"{where} has mean format version {obj.get('version')!r}, expected {MEAN_VERSION}")
+    mean = _channels(obj.get("mean"), "mean", MEAN_MAX, where)
+    std = None if obj.get("std") is None else _channels(obj["std"], "std", STD_MAX, where)
+    order = obj.get("channel_order", "RGB")
+    if order not in ("RGB", "BGR"):
+        raise DatasetError(f"{where}: channel_order is {order!r}, expected 'RGB' or 'BGR'")
+    if "value_range" in obj and (obj["value_range"] != [0, 255] or any(isinstance(v, bool) for v in obj["value_range"])):
+        raise DatasetError(f"{where}: value_range is {obj['value_range']!r}, expected [0, 255]")
+    counts = []
+    for key in ("images", "pixels"):
+        n = obj.get(key, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DatasetError(f"{where}: {key} is {n!r}, expected a whole number >= 0")
+        counts.append(n)
+    source = obj.get("source", "")
+    if not isinstance(source, str):
+        raise DatasetError(f"{where}: source is {source!r}, expected a string")
+    return ChannelMean(mean, std, order, counts[0], counts[1], source)
 
 
 def read_mean_file(path: Path) -> ChannelMean:
+    """Read and validate a mean.json (see ``parse_mean``).
+
+    Raises:
+        DatasetError: unreadable, or values that are not a usable mean (the message names the fix).
+        OldMeanFormatError: not our mean format.
+    """
     try:
+        if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+            raise OSError("not a regular file")
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path} ({exc})") from exc
-    return parse_mean(obj, str(path))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DatasetError(f"cannot read {path} ({str(exc)[:200]}); {MEAN_FIX}") from exc
+    try:
+        return parse_mean(obj, str(path))
+    except OldMeanFormatError:
+        raise
+    except DatasetError as exc:
+        raise DatasetError(f"{exc}; {MEAN_FIX}") from exc
+
+
+# What repairs a damaged mean.json of a converted dataset: convert's last step writes it.
+MEAN_FIX = ("rerun the alexnet-pipe convert command that made the dataset (it rewrites mean.json from the shards' "
+            "pixel sums), or run alexnet-pipe update-mean on the old mean file it came from")
 
 
 def load_dataset_mean(root: Path) -> ChannelMean:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+
 from .checksum import RecordDigest
 from .errors import FormatError
 
@@ -139,16 +141,69 @@ def iter_records(path: Path) -> Iterator[tuple[int, bytes]]:
             yield offset, payload
 
 
-def read_index(path: Path) -> list[tuple[int, int]]:
-    """Parse a ``key\\toffset`` index into [(key, offset)] in file order."""
-    entries = []
-    with open(path, encoding="ascii") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if len(fields) != 2:
-                raise FormatError(f"{path}:{lineno}: expected 'key<TAB>offset', got {line!r}")
-            entries.append((int(fields[0]), int(fields[1])))
-    return entries
+INDEX_ALLOWED = b"0123456789\t \r\n"  # what a ``key<TAB>offset`` line may hold
+INDEX_MAX_DIGITS = 18  # any such number fits an int64
+
+
+def parse_index(data: bytes, where: str, data_size: int | None = None) -> np.ndarray:
+    """Parse the bytes of a ``key\\toffset`` index into an (n, 2) int64 array, in file order.
+
+    Strict, because a damaged index makes readers seek to the wrong bytes: every line holds two
+    unsigned decimal numbers, keys are unique, offsets strictly increase and (given
+    ``data_size``, the size of the data they point into) lie inside the data.
+
+    Raises:
+        FormatError: one line naming the file, the line and what is wrong with it.
+    """
+    junk = data.translate(None, INDEX_ALLOWED)
+    if junk:
+        pos = next(i for i, b in enumerate(data) if b not in INDEX_ALLOWED)
+        lineno = data.count(b"\n", 0, pos) + 1
+        shown = f" {chr(data[pos])!r}" if 32 < data[pos] < 127 else ""
+        raise FormatError(f"{where}:{lineno}: byte 0x{data[pos]:02x}{shown} at byte {pos}; an index line holds "
+                          "only 'key<TAB>offset' in decimal digits")
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    fields: list[bytes] = []
+    for lineno, line in enumerate(lines, 1):
+        cols = line.split()
+        if len(cols) != 2:
+            raise FormatError(f"{where}:{lineno}: expected 'key<TAB>offset', got {len(cols)} fields ({line[:60]!r})")
+        if len(cols[0]) > INDEX_MAX_DIGITS or len(cols[1]) > INDEX_MAX_DIGITS:
+            raise FormatError(f"{where}:{lineno}: number too large ({line[:60]!r})")
+        fields += cols
+    table = np.array(fields, dtype=np.int64).reshape(-1, 2) if fields else np.zeros((0, 2), np.int64)
+    keys, offsets = table[:, 0], table[:, 1]
+    if len(table) > 1:
+        bad = np.flatnonzero(np.diff(offsets) <= 0)
+        if len(bad):
+            n = int(bad[0]) + 2
+            raise FormatError(f"{where}:{n}: offset {offsets[n - 1]} does not follow the previous one "
+                              f"({offsets[n - 2]}); offsets must increase")
+        ordered = np.sort(keys)
+        same = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if len(same):
+            dup = int(ordered[same[0]])
+            lineno = [int(i) + 1 for i in np.flatnonzero(keys == dup)[:2]]
+            raise FormatError(f"{where}:{lineno[1]}: key {dup} appears twice (lines {lineno[0]} and {lineno[1]})")
+    if data_size is not None and len(table) and offsets[-1] >= data_size:
+        n = int(np.argmax(offsets >= data_size)) + 1
+        raise FormatError(f"{where}:{n}: offset {offsets[n - 1]} is past the end of the data ({data_size} bytes)")
+    return table
+
+
+def read_index_array(path: Path, data_size: int | None = None) -> np.ndarray:
+    """``parse_index`` of a file (raises OSError when it cannot be read)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        raise FormatError(f"{path} is not a regular file")
+    return parse_index(path.read_bytes(), str(path), data_size)
+
+
+def read_index(path: Path, data_size: int | None = None) -> list[tuple[int, int]]:
+    """Parse a ``key\\toffset`` index into [(key, offset)] in file order (see ``parse_index``)."""
+    return [(k, off) for k, off in read_index_array(path, data_size).tolist()]
 
 
 class RecordIOWriter:

@@ -23,9 +23,9 @@ import lmdb
 import numpy as np
 
 from .datum import datum_image_and_label
-from .errors import AlexnetPipeError, DatasetError
+from .errors import AlexnetPipeError, DatasetError, FormatError
 from .manifest import Dataset
-from .recordio import unframe_record, unpack_payload
+from .recordio import read_index_array, unframe_record, unpack_payload
 
 
 class _SharedEnvs:
@@ -104,12 +104,11 @@ def _lmdb_ids(path: Path, expected: int) -> np.ndarray:
 def _recordio_offsets(idx: Path, rec: Path, expected: int) -> tuple[np.ndarray, np.ndarray]:
     """(offset, framed length) of every record of one .rec shard, from its .idx."""
     try:
-        fields = np.array(idx.read_bytes().split(), dtype=np.int64).reshape(-1, 2)
         size = rec.stat().st_size
-    except (OSError, ValueError) as exc:
+        offsets = read_index_array(idx, size)[:, 1]  # strictly increasing, inside the .rec
+    except (OSError, FormatError) as exc:
         raise DatasetError(f"cannot read the index {idx} ({exc}); run alexnet-pipe verify") from exc
-    offsets = np.sort(fields[:, 1])
-    if len(offsets) != expected or (len(offsets) and (offsets[0] != 0 or offsets[-1] >= size)):
+    if len(offsets) != expected or (len(offsets) and offsets[0] != 0):
         raise DatasetError(f"{idx} does not index the {expected} records of {rec}; run alexnet-pipe verify")
     return offsets, np.diff(offsets, append=size)
 

@@ -1,26 +1,47 @@
-"""The `verify` job: read every record back through our own readers and check it."""
+"""The `verify` job: read every record back through our own readers and check it.
+
+Every shard is checked in a child process. A corrupt LMDB can kill the process that reads it
+(LMDB maps the file: a page past a truncated end is SIGBUS, a wild page number SIGSEGV), and no
+Python code can catch that; here it kills one checker, which the parent sees, reports against the
+shard it was reading, and replaces. A checker that stops making progress (a loop in corrupt data)
+is killed and reported the same way. Whatever a checker raises becomes a problem of its shard.
+The parent itself only parses JSON and index text, with parsers that report rather than crash.
+"""
 
 from __future__ import annotations
 
+import faulthandler
 import io
+import json
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import resource
+import signal
+import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import lmdb
+import numpy as np
 from PIL import Image
 
 from .checksum import RecordDigest
 from .config import VerifyConfig
 from .datum import decode_datum
 from .errors import AlexnetPipeError
-from .manifest import load_dataset
-from .mean import load_dataset_mean
+from .manifest import Dataset, load_dataset, unknown_fields
+from .mean import ChannelMean, PixelStats, load_dataset_mean
 from .recordio import iter_records, read_index, unpack_payload
 from .shards import reserves_too_much
 
 MAX_PROBLEMS_PER_SHARD = 50
+EXTRA_RECORDS = 1000  # read at most this many records past the manifest's count (a loop in corrupt data ends)
+STALL_SECONDS = 120.0  # a checker silent this long is stuck in corrupt data: killed and reported
+TICK_SECONDS = 0.5  # how often a checker reports progress
+PARTS_DIR = ".parts"  # convert's completion records (convert.PARTS_DIR), with each shard's exact pixel sums
+SHORT_SIDE_COUNTS_BELOW = 512  # convert.SHORT_SIDE_COUNTS_BELOW: the manifest counts stored short sides below this
 
 
 @dataclass(frozen=True)
@@ -30,7 +51,12 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.where}" + (f" key {self.key}" if self.key else "") + f": {self.message}"
+        """One line: control characters (from damaged keys or messages) are escaped."""
+        text = f"{self.where}" + (f" key {self.key}" if self.key else "") + f": {self.message}"
+        return text.translate(_ESCAPE)
+
+
+_ESCAPE = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
 @dataclass
@@ -45,105 +71,371 @@ class VerifyResult:
         return not self.problems
 
 
+@dataclass(frozen=True)
+class _Task:
+    """One shard in one format, as a checker gets it."""
+
+    root: Path
+    split: str
+    fmt: str  # "lmdb" or "recordio"
+    entry: dict  # the shard's manifest entry
+    num_classes: int
+    decode: bool
+    version: int
+
+    @property
+    def where(self) -> str:
+        return self.entry["lmdb"]["path"] if self.fmt == "lmdb" else self.entry["recordio"]["rec"]
+
+    def files(self) -> list[str]:
+        if self.fmt == "lmdb":
+            return [self.entry["lmdb"]["path"]]
+        return [self.entry["recordio"]["rec"], self.entry["recordio"]["idx"]]
+
+
+@dataclass
+class _Outcome:
+    records: int
+    problems: list[Problem]
+    labels: list[int] | None = None  # records per class, from the labels read (None: the checker died)
+    sides: dict[int, int] | None = None  # records per stored short side below SHORT_SIDE_COUNTS_BELOW
+    min_side: int | None = None  # the smallest stored short side
+
+
+def _add_side(out: _Outcome, width: int, height: int) -> None:
+    side = min(width, height)
+    if side < SHORT_SIDE_COUNTS_BELOW:
+        out.sides[side] = out.sides.get(side, 0) + 1
+    out.min_side = side if out.min_side is None else min(out.min_side, side)
+
+
+class _Ticker:
+    """Counts records; a checker's ``tick`` sends the count to the parent every TICK_SECONDS."""
+
+    def __init__(self, send=None):
+        self.send, self.last = send, time.monotonic()
+
+    def __call__(self, count: int) -> None:
+        if self.send is not None and time.monotonic() - self.last >= TICK_SECONDS:
+            self.last = time.monotonic()
+            self.send(("tick", count))
+
+
 def _check_image(jpeg: bytes, width: int | None, height: int | None) -> str | None:
+    """None when ``jpeg`` is an RGB JPEG (of ``width`` x ``height``, when given) that decodes.
+
+    The size in the header is checked before decoding, and any warning while decoding (e.g. a
+    header claiming a decompression bomb) is a problem of the record, not a line on stderr."""
     try:
-        im = Image.open(io.BytesIO(jpeg))
-        im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            im = Image.open(io.BytesIO(jpeg), formats=["JPEG"])
+            if width is not None and im.size != (width, height):
+                return f"image is {im.size[0]}x{im.size[1]} but the record says {width}x{height}"
+            im.load()
     except Exception as exc:  # any decoder failure is exactly what verify reports
-        return f"image does not decode ({exc})"
+        return f"image does not decode as a JPEG ({type(exc).__name__}: {exc})"
     if im.format != "JPEG" or im.mode != "RGB":
         return f"expected an RGB JPEG, found {im.format} {im.mode}"
-    if width is not None and im.size != (width, height):
-        return f"image is {im.size[0]}x{im.size[1]} but the record says {width}x{height}"
     return None
 
 
-def _verify_lmdb(root: Path, entry: dict, num_classes: int, decode: bool, version: int) -> tuple[int, list[Problem]]:
-    where = entry["lmdb"]["path"]
-    problems: list[Problem] = []
+def _verify_lmdb(task: _Task, tick: _Ticker) -> _Outcome:
+    root, entry, where = task.root, task.entry, task.where
+    out = _Outcome(0, [], [0] * task.num_classes, {})
     digest = RecordDigest()
-    count = 0
+    limit = entry["records"] + EXTRA_RECORDS
     try:
-        if version >= 2 and reserves_too_much(root / where):
-            problems.append(Problem(where, None, "stores a map size far beyond its data (DALI's Caffe reader reserves "
-                                                 f"that much address space per shard); run alexnet-pipe upgrade {root}"))
+        if task.version >= 2 and reserves_too_much(root / where):
+            out.problems.append(Problem(where, None, "stores a map size far beyond its data (DALI's Caffe reader "
+                                        f"reserves that much address space per shard); run alexnet-pipe upgrade {root}"))
         env = lmdb.open(str(root / where), readonly=True, lock=False, subdir=True)
     except (OSError, lmdb.Error) as exc:
-        return 0, [Problem(where, None, f"cannot open LMDB ({exc})")]
-    with env, env.begin(buffers=False) as txn:
-        for key, value in txn.cursor():
-            count += 1
-            digest.update(key, value)
-            name = key.decode(errors="replace")
-            try:
-                datum = decode_datum(value)
-            except AlexnetPipeError as exc:
-                problems.append(Problem(where, name, f"not a Datum ({exc})"))
-                continue
-            msg = None
-            if not datum.encoded:
-                msg = "Datum is not encoded (expected encoded=true JPEG bytes)"
-            elif not 0 <= datum.label < num_classes:
-                msg = f"label {datum.label} outside 0..{num_classes - 1}"
-            elif datum.channels != 3:
-                msg = f"Datum says {datum.channels} channels, expected 3"
-            elif decode:
-                msg = _check_image(datum.data, datum.width, datum.height)
-            if msg:
-                problems.append(Problem(where, name, msg))
-    problems.extend(_check_totals(where, entry, count, digest.hexdigest(), entry["lmdb"]["checksum"]))
-    return count, problems
+        out.problems.append(Problem(where, None, f"cannot open LMDB ({exc}); {_repair(task)}"))
+        return out
+    try:
+        with env, env.begin(buffers=False) as txn:
+            for key, value in txn.cursor():
+                out.records += 1
+                tick(out.records)
+                if out.records > limit:
+                    out.problems.append(Problem(where, None, f"holds more than {limit - 1} records (stopped reading); "
+                                                             f"the manifest says {entry['records']}"))
+                    break
+                digest.update(key, value)
+                msg = _check_datum(value, task, out)
+                if msg:
+                    out.problems.append(Problem(where, key.decode(errors="replace"), msg))
+    except lmdb.Error as exc:
+        out.problems.append(Problem(where, None, f"unreadable after {out.records} records ({exc}); {_repair(task)}"))
+    out.problems.extend(_check_totals(task, out.records, digest.hexdigest(), entry["lmdb"]["checksum"]))
+    return out
 
 
-def _verify_recordio(root: Path, entry: dict, num_classes: int, decode: bool, version: int) -> tuple[int, list[Problem]]:
+def _check_datum(value: bytes, task: _Task, out: _Outcome) -> str | None:
+    try:
+        datum = decode_datum(value)
+    except AlexnetPipeError as exc:
+        return f"not a Datum ({exc})"
+    if 0 <= datum.label < task.num_classes:
+        out.labels[datum.label] += 1
+    _add_side(out, datum.width, datum.height)
+    if not datum.encoded:
+        return "Datum is not encoded (expected encoded=true JPEG bytes)"
+    if not 0 <= datum.label < task.num_classes:
+        return f"label {datum.label} outside 0..{task.num_classes - 1}"
+    if datum.channels != 3:
+        return f"Datum says {datum.channels} channels, expected 3"
+    if task.decode:
+        return _check_image(datum.data, datum.width, datum.height)
+    return None
+
+
+def _jpeg_size(jpeg: bytes) -> tuple[int, int] | None:
+    """Width and height from a JPEG's header (nothing decoded), or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(io.BytesIO(jpeg), formats=["JPEG"]).size
+    except Exception:  # reported by the decode check, or by the checksum under --quick
+        return None
+
+
+def _verify_recordio(task: _Task, tick: _Ticker) -> _Outcome:
+    root, entry = task.root, task.entry
     rec = entry["recordio"]
     where = rec["rec"]
-    problems: list[Problem] = []
+    out = _Outcome(0, [], [0] * task.num_classes, {})
+    problems = out.problems
     digest = RecordDigest()
     try:
-        index = read_index(root / rec["idx"])
+        size = (root / where).stat().st_size
+    except OSError as exc:
+        problems.append(Problem(where, None, f"cannot read it ({exc}); {_repair(task)}"))
+        return out
+    if "bytes" in rec and size != rec["bytes"]:
+        problems.append(Problem(where, None, f"is {size} bytes, the manifest says {rec['bytes']} (cut short or "
+                                             f"appended to); {_repair(task)}"))
+    try:
+        index = read_index(root / rec["idx"], size)
     except (OSError, AlexnetPipeError) as exc:
-        return 0, [Problem(rec["idx"], None, f"cannot read index ({exc})")]
-    count = 0
+        problems.append(Problem(rec["idx"], None, f"cannot read index ({exc}); {_repair(task)}"))
+        index = None
+    limit = entry["records"] + EXTRA_RECORDS
     try:
         for n, (offset, payload) in enumerate(iter_records(root / where)):
-            count += 1
+            out.records += 1
+            tick(out.records)
+            if out.records > limit:
+                problems.append(Problem(where, None, f"holds more than {limit - 1} records (stopped reading); "
+                                                     f"the manifest says {entry['records']}"))
+                break
             header, jpeg = unpack_payload(payload)
             key = str(header.id)
             digest.update(key.encode(), payload)
+            if header.flag == 0 and float(header.label).is_integer() and 0 <= int(header.label) < task.num_classes:
+                out.labels[int(header.label)] += 1
+            if (dims := _jpeg_size(jpeg)) is not None:
+                _add_side(out, *dims)
             msg = None
-            if n >= len(index) or index[n] != (header.id, offset):
+            if index is not None and (n >= len(index) or index[n] != (header.id, offset)):
                 msg = f"index entry {index[n] if n < len(index) else None} does not match record at offset {offset}"
             elif header.flag != 0 or not float(header.label).is_integer():
                 msg = f"expected one integer label in the header, got flag {header.flag} label {header.label}"
-            elif not 0 <= int(header.label) < num_classes:
-                msg = f"label {int(header.label)} outside 0..{num_classes - 1}"
-            elif decode:
+            elif not 0 <= int(header.label) < task.num_classes:
+                msg = f"label {int(header.label)} outside 0..{task.num_classes - 1}"
+            elif task.decode:
                 msg = _check_image(jpeg, None, None)
             if msg:
                 problems.append(Problem(where, key, msg))
     except (OSError, AlexnetPipeError) as exc:
-        problems.append(Problem(where, None, f"unreadable after {count} records ({exc})"))
-    if len(index) != count:
-        problems.append(Problem(rec["idx"], None, f"index has {len(index)} entries for {count} records"))
-    problems.extend(_check_totals(where, entry, count, digest.hexdigest(), rec["checksum"]))
-    return count, problems
-
-
-def _check_totals(where: str, entry: dict, count: int, checksum: str, expected: str) -> list[Problem]:
-    out = []
-    if count != entry["records"]:
-        out.append(Problem(where, None, f"holds {count} records, the manifest says {entry['records']}"))
-    if "sha256:" + checksum != expected:
-        out.append(Problem(where, None, "checksum differs from the manifest (records changed or lost)"))
+        problems.append(Problem(where, None, f"unreadable after {out.records} records ({exc}); {_repair(task)}"))
+    if index is not None and len(index) != out.records:
+        problems.append(Problem(rec["idx"], None, f"index has {len(index)} entries for {out.records} records"))
+    problems.extend(_check_totals(task, out.records, digest.hexdigest(), rec["checksum"]))
     return out
 
 
-def _verify_task(args) -> tuple[int, list[Problem]]:
-    root, entry, fmt, num_classes, decode, version = args
-    fn = _verify_lmdb if fmt == "lmdb" else _verify_recordio
-    count, problems = fn(root, entry, num_classes, decode, version)
-    return count, problems[:MAX_PROBLEMS_PER_SHARD]
+def _check_totals(task: _Task, count: int, checksum: str, expected: str) -> list[Problem]:
+    out = []
+    if count != task.entry["records"]:
+        out.append(Problem(task.where, None, f"holds {count} records, the manifest says {task.entry['records']}"))
+    if "sha256:" + checksum != expected:
+        out.append(Problem(task.where, None, "checksum differs from the manifest (records changed or lost)"))
+    return out
+
+
+def _repair(task: _Task) -> str:
+    """How to rewrite one shard: convert redoes a finished shard whose files are gone."""
+    files = " and ".join(str(task.root / f) for f in task.files())
+    return f"to repair it, delete {files} and rerun the alexnet-pipe convert command that made {task.root}"
+
+
+def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:
+    fn = _verify_lmdb if task.fmt == "lmdb" else _verify_recordio
+    try:
+        out = fn(task, tick)
+    except Exception as exc:  # anything a damaged shard makes our readers raise is that shard's problem
+        out = _Outcome(0, [Problem(task.where, None, f"the checker failed ({type(exc).__name__}: {exc}); "
+                                                     f"{_repair(task)}")], None)
+    out.problems = out.problems[:MAX_PROBLEMS_PER_SHARD]
+    return out
+
+
+# ---------------------------------------------------------------- checker processes
+
+
+def _checker_main(conn) -> None:
+    """A checker process: take tasks from ``conn`` until None, answer ticks and one outcome each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends its checkers
+    faulthandler.disable()  # a death by signal is reported by the parent, not dumped here
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    except (ValueError, OSError):
+        pass
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        number, task = msg
+        conn.send(("done", number, _verify_task(task, _Ticker(conn.send))))
+
+
+def _context():
+    """Checkers forked from a server that imported this module once (cheap to replace after a
+    death), never from this process (which may hold threads, e.g. torch's in tests)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["alexnet_pipe.verify"])
+    return ctx
+
+
+class _Checker:
+    """One checker process and the tasks it was given, which it works through in order."""
+
+    def __init__(self, ctx):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_checker_main, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.tasks: deque[int] = deque()  # given, not yet answered; the first is the one being read
+        self.queued = 0  # records in those tasks
+        self.progress = 0  # records read of the first task
+        self.heard = time.monotonic()
+
+    def give(self, number: int, task: _Task) -> None:
+        if not self.tasks:
+            self.progress, self.heard = 0, time.monotonic()
+        self.conn.send((number, task))
+        self.tasks.append(number)
+        self.queued += task.entry["records"]
+
+    def end(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout=2)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def _death(proc) -> str:
+    code = proc.exitcode
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        extra = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"the checker died with {name}{extra} while reading it"
+    return f"the checker exited with status {code} while reading it"
+
+
+# Tasks handed to a checker ahead, so that it never waits for the parent between small shards:
+# at least 2, and up to 16 while they hold at most 256 records (big shards stay free for idle checkers).
+QUEUE_MIN, QUEUE_MAX, QUEUE_RECORDS = 2, 16, 256
+
+
+def _run_checkers(tasks: list[_Task], workers: int, stall_seconds: float, on_progress) -> list[_Outcome]:
+    """Every task's outcome, in task order; each task runs in a checker process (see the module
+    docstring). A checker answers its tasks in the order given, so when one dies, the first task
+    it had not answered killed it; the others go back in the queue. ``on_progress(records)`` is
+    called as records are read."""
+    outcomes: list[_Outcome | None] = [None] * len(tasks)
+    pending = deque(range(len(tasks)))
+    ctx = _context()
+    checkers: list[_Checker] = []
+    failed_starts = 0
+    try:
+        while pending or any(c.tasks for c in checkers):
+            while pending and len(checkers) < min(workers, len(tasks)):
+                checkers.append(_Checker(ctx))
+            for c in checkers:
+                while pending and c.proc.exitcode is None and (len(c.tasks) < QUEUE_MIN or (
+                        len(c.tasks) < QUEUE_MAX and c.queued + tasks[pending[0]].entry["records"] <= QUEUE_RECORDS)):
+                    try:
+                        c.give(pending[0], tasks[pending[0]])
+                    except OSError:  # it died: found below
+                        break
+                    pending.popleft()
+            ready = set(wait([c.conn for c in checkers] + [c.proc.sentinel for c in checkers], timeout=1.0))
+            now = time.monotonic()
+            for c in list(checkers):
+                died = False
+                if c.conn in ready:
+                    try:
+                        while c.conn.poll():
+                            msg = c.conn.recv()
+                            if msg[0] == "tick":
+                                on_progress(msg[1] - c.progress)
+                                c.progress, c.heard = msg[1], now
+                            else:
+                                _, number, outcome = msg
+                                assert number == c.tasks[0], "a checker answered out of order"
+                                c.tasks.popleft()
+                                c.queued -= tasks[number].entry["records"]
+                                outcomes[number] = outcome
+                                on_progress(tasks[number].entry["records"] - c.progress)
+                                c.progress, c.heard = 0, now
+                    except (EOFError, OSError):
+                        died = True
+                if not died and c.proc.sentinel in ready and not c.conn.poll():
+                    died = True
+                stalled = bool(c.tasks) and now - c.heard > stall_seconds
+                if not died and not stalled:
+                    continue
+                if not died:
+                    c.proc.kill()
+                c.proc.join()
+                if c.tasks:
+                    number = c.tasks.popleft()
+                    pending.extendleft(reversed(c.tasks))  # given but never started
+                    task = tasks[number]
+                    what = (f"the checker made no progress for {stall_seconds:.0f} s (a loop in corrupt data?) and "
+                            "was stopped" if not died else _death(c.proc))
+                    outcomes[number] = _Outcome(c.progress, [Problem(task.where, None, (
+                        f"{what}: the shard is corrupt; {_repair(task)}"))], None)
+                    on_progress(task.entry["records"] - c.progress)
+                else:
+                    failed_starts += 1
+                    if failed_starts >= 3:
+                        raise AlexnetPipeError(f"verify cannot start its checker processes ({_death(c.proc)})")
+                c.conn.close()
+                checkers.remove(c)
+    finally:
+        for c in checkers:
+            c.end()
+    return outcomes  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- dataset-level checks
 
 
 def _verify_combined_index(root: Path, split: dict) -> list[Problem]:
@@ -151,12 +443,13 @@ def _verify_combined_index(root: Path, split: dict) -> list[Problem]:
     try:
         for entry in split["shards"]:
             rec = entry["recordio"]
-            expected += [(k, base + off) for k, off in read_index(root / rec["idx"])]
-            base += (root / rec["rec"]).stat().st_size
+            size = (root / rec["rec"]).stat().st_size
+            expected += [(k, base + off) for k, off in read_index(root / rec["idx"], size)]
+            base += size
     except (OSError, AlexnetPipeError) as exc:
         return [Problem(split["recordio_index"], None, f"cannot rebuild the combined index ({exc})")]
     try:
-        actual = read_index(root / split["recordio_index"])
+        actual = read_index(root / split["recordio_index"], base)
     except (OSError, AlexnetPipeError) as exc:
         return [Problem(split["recordio_index"], None, f"cannot read combined index ({exc})")]
     if actual != expected:
@@ -164,46 +457,164 @@ def _verify_combined_index(root: Path, split: dict) -> list[Problem]:
     return []
 
 
-def run_verify(cfg: VerifyConfig) -> VerifyResult:
-    """Check every record of every shard against the manifest; collect problems, never stop early."""
+def _train_part_stats(ds: Dataset) -> PixelStats | None:
+    """The train split's exact pixel sums from convert's completion records, or None when they
+    are not there or do not describe exactly this dataset's train shards."""
+    parts = ds.root / PARTS_DIR
+    if "train" not in ds.splits() or not parts.is_dir():
+        return None
+    stats, names = PixelStats(), set()
+    try:
+        for path in sorted(parts.glob("train-*.json")):
+            if not path.is_file():
+                return None
+            part = json.loads(path.read_text(encoding="utf-8"))
+            if part["split"] != "train":
+                continue
+            stats.merge(PixelStats.from_json(part["stats"]))
+            if part["records"]:
+                names.add((part["name"], part["records"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    if names != {(s["name"], s["records"]) for s in ds.shards("train")}:
+        return None
+    return stats
+
+
+def _verify_mean(ds: Dataset) -> list[Problem]:
+    """mean.json is valid, and (when convert computed it) agrees with the data it was computed from."""
+    try:
+        mean: ChannelMean = load_dataset_mean(ds.root)
+    except AlexnetPipeError as exc:
+        return [Problem("mean.json", None, str(exc))]
+    if not mean.images:  # an upgraded old mean (update-mean): nothing here to check it against
+        return []
+    problems = []
+    train = ds.split("train")["records"] if "train" in ds.splits() else 0
+    if mean.images != train:
+        problems.append(Problem("mean.json", None, f"says it averages {mean.images} images, the train split holds "
+                                                   f"{train} records"))
+    stats = _train_part_stats(ds)
+    if stats is not None and stats.pixels:
+        expected = stats.to_mean(mean.source)
+        # The same integer sums give the same floats, and JSON keeps floats exactly: compare exactly.
+        if (mean.channel_order, mean.mean, mean.std, mean.pixels) != (expected.channel_order, expected.mean,
+                                                                       expected.std, expected.pixels):
+            problems.append(Problem("mean.json", None, (
+                f"mean {list(mean.mean)} (std {mean.std and list(mean.std)}, {mean.pixels} pixels) is not what the "
+                f"pixel sums convert recorded in {PARTS_DIR}/ give: {list(expected.mean)} (std {list(expected.std)}, "
+                f"{expected.pixels} pixels); the file was edited or damaged: rerun the alexnet-pipe convert command "
+                f"that made {ds.root} to rewrite it")))
+    return problems
+
+
+def _split_totals(tasks: list[_Task], outcomes: list[_Outcome], split: str, fmt: str) -> list[_Outcome] | None:
+    """The outcomes of one split's shards in one format, or None when a checker died on one."""
+    outs = [out for task, out in zip(tasks, outcomes) if task.split == split and task.fmt == fmt]
+    return None if any(out.labels is None for out in outs) else outs
+
+
+def _verify_counts(ds: Dataset, tasks: list[_Task], outcomes: list[_Outcome]) -> list[Problem]:
+    """The manifest's per-class counts and stored short sides against what the shards hold, per format."""
+    problems = []
+    for split in ds.splits():
+        entry = ds.split(split)
+        for fmt in ds.formats:
+            outs = _split_totals(tasks, outcomes, split, fmt)
+            if outs is None:
+                continue
+            found = [sum(col) for col in zip(*(out.labels for out in outs))] if outs else [0] * ds.num_classes
+            stated = entry["class_counts"]
+            if found != stated:
+                diff = [f"class {i}: {a} stated, {b} read" for i, (a, b) in enumerate(zip(stated, found)) if a != b]
+                problems.append(Problem(f"manifest {split}", None, (
+                    f"class_counts do not match the labels read from the {fmt} shards ("
+                    + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "") + ")")))
+            sides: dict[str, int] = {}
+            for out in outs:
+                for side, n in out.sides.items():
+                    sides[str(side)] = sides.get(str(side), 0) + n
+            if "short_side_counts" in entry and entry["short_side_counts"] != dict(sorted(sides.items(), key=lambda kv: int(kv[0]))):
+                problems.append(Problem(f"manifest {split}", None, (
+                    f"short_side_counts {entry['short_side_counts']} do not match the images in the {fmt} shards "
+                    f"({dict(sorted(sides.items(), key=lambda kv: int(kv[0])))})")[:500]))
+            smallest = min((out.min_side for out in outs if out.min_side is not None), default=None)
+            if "min_short_side" in entry and entry["min_short_side"] != smallest:
+                problems.append(Problem(f"manifest {split}", None, f"min_short_side is {entry['min_short_side']}, the "
+                                                                   f"smallest image in the {fmt} shards is {smallest}"))
+    return problems
+
+
+def _verify_mean_image(ds: Dataset) -> list[Problem]:
+    """The mean image files the manifest lists are there, the .npy with the shape it should have."""
+    entry = ds.manifest.get("mean_image")
+    if not entry:
+        return []
+    problems = []
+    size = entry.get("size")
+    for key in ("npy", "binaryproto"):
+        path = ds.root / entry[key]
+        if not path.is_file():
+            problems.append(Problem(entry[key], None, f"is missing (the manifest lists it as the mean image); rerun "
+                                                      f"the alexnet-pipe convert command that made {ds.root}"))
+    npy = ds.root / entry["npy"]
+    if size is not None and npy.is_file():
+        try:
+            with open(npy, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format version {version}")
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)  # the header only
+                data_at = f.tell()
+            want = (size, size, 3)
+            if shape != want or dtype != np.float32 or fortran or npy.stat().st_size != data_at + 4 * 3 * size * size:
+                problems.append(Problem(entry["npy"], None, f"holds {dtype} {shape} in {npy.stat().st_size} bytes; "
+                                                            f"expected float32 {want}"))
+        except (OSError, ValueError, SyntaxError, TypeError) as exc:
+            problems.append(Problem(entry["npy"], None, f"is not a readable .npy ({exc})"))
+    return problems
+
+
+def _verify_fields(ds: Dataset) -> list[Problem]:
+    unknown = unknown_fields(ds.manifest)
+    return [Problem("manifest.json", None, f"has fields this alexnet-pipe never writes ({', '.join(map(repr, unknown[:5]))}"
+                                           f"{', ...' if len(unknown) > 5 else ''}): the manifest was edited or damaged; "
+                                           f"rerun the alexnet-pipe convert command that made {ds.root} to rewrite it")
+            ] if unknown else []
+
+
+def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> VerifyResult:
+    """Check every record of every shard against the manifest; collect problems, never stop early.
+
+    Raises:
+        DatasetError: the manifest is missing or damaged (``load_dataset``): nothing to check against.
+    """
     from tqdm import tqdm
 
     ds = load_dataset(cfg.root)
     result = VerifyResult()
     if (hint := ds.upgrade_hint()) is not None:
         result.notes.append(hint)
+    result.problems += _verify_fields(ds)
     if ds.manifest.get("mean"):
-        try:
-            load_dataset_mean(cfg.root)
-        except AlexnetPipeError as exc:
-            result.problems.append(Problem("mean.json", None, str(exc)))
+        result.problems += _verify_mean(ds)
+    result.problems += _verify_mean_image(ds)
     tasks = []
     for split in ds.splits():
         for entry in ds.shards(split):
-            tasks += [(cfg.root, entry, fmt, ds.num_classes, cfg.decode, ds.version) for fmt in ds.formats]
+            tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version) for fmt in ds.formats]
         if "recordio" in ds.formats and ds.shards(split):
             result.problems += _verify_combined_index(cfg.root, ds.split(split))
-    total = sum(t[1]["records"] for t in tasks)
+    total = sum(t.entry["records"] for t in tasks)
     bar = tqdm(total=total, unit="rec", desc="verify", disable=not cfg.progress, dynamic_ncols=True)
-    if cfg.workers == 1:
-        outcomes = map(_verify_task, tasks)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
-        outcomes = pool.map(_verify_task, tasks)
     try:
-        for task, (count, problems) in zip(tasks, outcomes):
-            result.records += count
-            result.shards += 1
-            result.problems += problems
-            bar.update(task[1]["records"])
+        outcomes = _run_checkers(tasks, cfg.workers, stall_seconds, lambda n: bar.update(max(0, n)))
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    for split in ds.splits():
-        expected = ds.split(split)["records"]
-        found = sum(e["records"] for e in ds.shards(split))
-        if expected != found:
-            result.problems.append(Problem(f"manifest {split}", None, f"split says {expected} records, shards sum to {found}"))
+    for outcome in outcomes:
+        result.records += outcome.records
+        result.shards += 1
+        result.problems += outcome.problems
+    result.problems += _verify_counts(ds, tasks, outcomes)
     return result
