@@ -173,8 +173,17 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--quick", is_flag=True, help="Check structure, labels and checksums without decoding images.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_verbose_option
 def verify(root, workers, quick, no_progress):
-    """Read every record of ROOT back and check it against the manifest."""
+    """Read every record of ROOT back and check it against the manifest.
+
+    \b
+    Examples:
+      alexnet-pipe verify batches/
+      alexnet-pipe verify batches/ --quick --workers 8     # no decoding: structure and checksums
+    """
+    from .info import plural
+    from .manifest import load_dataset
     from .verify import run_verify
 
     result = run_verify(VerifyConfig(root, workers or default_workers(), not quick, not no_progress))
@@ -183,15 +192,24 @@ def verify(root, workers, quick, no_progress):
     for problem in result.problems:
         click.echo(f"PROBLEM {problem}", err=True)
     if not result.ok:
-        raise click.ClickException(f"{len(result.problems)} problems in {root}")
-    click.echo(f"ok: {result.records} records in {result.shards} shards match the manifest")
+        raise click.ClickException(f"{plural(len(result.problems), 'problem')} in {root}")
+    ds = load_dataset(root)
+    images = sum(ds.split(name)["records"] for name in ds.splits())
+    click.echo(f"ok: {plural(images, 'image')} in {plural(len(ds.formats), 'format')} "
+               f"({plural(result.records, 'record')} in {plural(result.shards, 'shard')}) match the manifest")
 
 
 @main.command()
 @click.argument("root", type=_EXISTING_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(root, as_json):
-    """Classes, counts, shards, size, mean/std and settings of a converted dataset."""
+    """Classes, counts, shards, size, mean/std and settings of a converted dataset.
+
+    \b
+    Examples:
+      alexnet-pipe info batches/
+      alexnet-pipe info batches/ --json > batches.json
+    """
     from .info import dataset_summary, format_summary
     from .manifest import load_dataset
 
@@ -202,7 +220,12 @@ def info(root, as_json):
 @main.command()
 @click.argument("root", type=_EXISTING_DIR)
 def upgrade(root):
-    """Bring a dataset converted by an older alexnet-pipe to the current format (no image is rewritten)."""
+    """Bring a dataset converted by an older alexnet-pipe to the current format (no image is rewritten).
+
+    \b
+    Example:
+      alexnet-pipe upgrade batches/ && alexnet-pipe verify batches/
+    """
     from .upgrade import run_upgrade
 
     click.echo(run_upgrade(root).summary())
@@ -214,7 +237,14 @@ def upgrade(root):
 @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default=None,
               help="Channel order of an .npy mean (default rgb).")
 def update_mean(path, into, channel_order):
-    """Upgrade an old full-image mean (neon cache, mean.binaryproto, .npy) to per-channel mean.json."""
+    """Upgrade an old full-image mean (neon cache, mean.binaryproto, .npy) to per-channel mean.json.
+
+    \b
+    Examples:
+      alexnet-pipe update-mean batches/                         # dataset dir: in place
+      alexnet-pipe update-mean mean.binaryproto --into batches/  # Caffe's mean
+      alexnet-pipe update-mean mean.npy --channel-order bgr
+    """
     from .legacy_mean import run_update_mean
 
     result = run_update_mean(UpdateMeanConfig(path, into, channel_order))
@@ -494,7 +524,13 @@ def test_cmd(**kw):
               help="The drawing: .png, .svg or .pdf, chosen by the suffix.")
 def plot(metrics, output):
     """Draw loss, top-1/top-5, the learning rate and img/s against epoch from a -o metrics file,
-    with the points where a run was resumed marked."""
+    with the points where a run was resumed marked.
+
+    \b
+    Examples:
+      alexnet-pipe plot metrics.jsonl -o curves.png
+      alexnet-pipe plot metrics.jsonl -o curves.pdf      # or .svg
+    """
     from .plot import check_output, plot_curves, read_metrics
 
     check_output(output)
@@ -515,7 +551,14 @@ def plot(metrics, output):
               help="Which epoch's order, crops and flips to draw (1 = the first).")
 @click.option("--mean", "mean_image", is_flag=True, help="Draw the dataset's mean image instead (mean_image.npy).")
 def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch, mean_image):
-    """Draw the first samples of an epoch exactly as training reads them (mean added back), with labels."""
+    """Draw the first samples of an epoch exactly as training reads them (mean added back), with labels.
+
+    \b
+    Examples:
+      alexnet-pipe inspect batches/ -o grid.png --crop 224 -n 32
+      alexnet-pipe inspect batches/ --epoch 2 -o epoch2.png   # the next epoch: new order, crops, flips
+      alexnet-pipe inspect batches/ --mean -o mean.png
+    """
     from .inspect_batch import draw_mean_image, inspect_batch
 
     if mean_image:
@@ -545,7 +588,20 @@ def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, 
 @click.option("-o", "--output", type=_DIR, default=None, help="Append the rows as JSON lines here.")
 def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throughput_steps, compile_model, nchw,
               data_dir, output):
-    """Time fprop/bprop/update (the seed's method) against a plain-PyTorch baseline, same run."""
+    """Time fprop/bprop/update (the seed's method) against a plain-PyTorch baseline, same run.
+
+    The seed's method (neon's README table): one batch of random images, 12 timed iterations of
+    forward (with the loss), backward and the SGD update, each phase timed on its own with CUDA events (on the CPU
+    with a clock), the first 2 iterations dropped and the other 10 averaged; then img/s over
+    --throughput-steps whole steps. The baseline is the same network written the plain way
+    (float32, NCHW, eager, plain SGD), timed in the same process.
+
+    \b
+    Examples:
+      alexnet-pipe benchmark                       # GPU when present: bf16, channels_last
+      alexnet-pipe benchmark --compile -o bench.jsonl
+      alexnet-pipe benchmark -w batches/           # also the DALI pipeline feeding the model
+    """
     import platform
 
     import torch
