@@ -591,10 +591,10 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
     """Time fprop/bprop/update (the seed's method) against a plain-PyTorch baseline, same run.
 
     The seed's method (neon's README table): one batch of random images, 12 timed iterations of
-    forward (with the loss), backward and the SGD update, each phase timed on its own with CUDA events (on the CPU
-    with a clock), the first 2 iterations dropped and the other 10 averaged; then img/s over
-    --throughput-steps whole steps. The baseline is the same network written the plain way
-    (float32, NCHW, eager, plain SGD), timed in the same process.
+    forward (with the loss), backward and the SGD update, each phase timed on its own with CUDA
+    events (on the CPU with a clock), the first 2 iterations dropped and the other 10 averaged;
+    then img/s over --throughput-steps whole steps. The baseline is the same network written the
+    plain way (float32, NCHW, eager, plain SGD), timed in the same process.
 
     \b
     Examples:
