@@ -588,7 +588,9 @@ def _three_floats(ctx, param, value):
 @click.option("--mean", callback=_three_floats, default=None, metavar="R,G,B",
               help="Override the recorded mean (in the weights' value range: 0..255, torchvision 0..1).")
 @click.option("--std", callback=_three_floats, default=None, metavar="R,G,B", help="Override the recorded std.")
-def import_weights_cmd(src, output, fmt, synsets, mean, std):
+@click.option("--mean-file", type=_LIST_FILE, default=None,
+              help="Record the per-channel mean of this Caffe mean.binaryproto (e.g. imagenet_mean.binaryproto).")
+def import_weights_cmd(src, output, fmt, synsets, mean, std, mean_file):
     """Import trained AlexNet weights: a neon model-zoo pickle (alexnet.p), a Caffe .caffemodel
     (CaffeNet) or a torchvision AlexNet state_dict (.pth), into an alexnet-pipe weights file that
     records the crop, channel order, value range, mean/std and classes the network expects.
@@ -601,5 +603,6 @@ def import_weights_cmd(src, output, fmt, synsets, mean, std):
     """
     from .weights import ImportConfig, import_weights
 
-    result = import_weights(src, ImportConfig(output=output, fmt=fmt, synsets=synsets, mean=mean, std=std))
+    result = import_weights(src, ImportConfig(output=output, fmt=fmt, synsets=synsets, mean=mean, std=std,
+                                                    mean_file=mean_file))
     click.echo(result.summary())

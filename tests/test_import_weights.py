@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from alexnet_pipe import checkpoint
+from alexnet_pipe.blobproto import encode_blobproto
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import FormatError, UnsafePickleError
 from alexnet_pipe.model import AlexNetConfig, build_model
@@ -308,12 +309,14 @@ def caffe_full():
 def test_caffe_import_matches_grouped_caffenet(caffe_full, tmp_path):
     src = tmp_path / "bvlc_reference_caffenet.caffemodel"
     src.write_bytes(caffemodel(caffenet_layers(caffe_full), "v1"))  # the released file's form (inferred)
-    result = import_weights(src, ImportConfig(output=tmp_path / "w.pt"))
+    mean_file = tmp_path / "imagenet_mean.binaryproto"  # a BGR mean image: B 100, G 110, R 120
+    mean_file.write_bytes(encode_blobproto(np.stack([np.full((4, 4), v, np.float32) for v in (100, 110, 120)])))
+    result = import_weights(src, ImportConfig(output=tmp_path / "w.pt", mean_file=mean_file))
     assert (result.arch, result.crop, result.num_classes) == ("neon", 227, CLASSES)
     assert "conv2 (2 groups), conv4 (2 groups), conv5 (2 groups)" in result.summary()
     body, model = load(tmp_path / "w.pt")
     assert body["data"]["channel_order"] == "BGR" and body["data"]["crop"] == 227
-    assert [round(v, 1) for v in body["data"]["mean_rgb"]] == [122.7, 116.7, 104.0]
+    assert body["data"]["mean_rgb"] == [120.0, 110.0, 100.0]
     # the ungrouped conv2 computes what Caffe's grouped one did
     y = torch.randn(2, 96, 27, 27, generator=torch.Generator().manual_seed(2))
     a, b = (torch.from_numpy(v) for v in caffe_full["conv2"])
@@ -325,6 +328,7 @@ def test_caffe_import_matches_grouped_caffenet(caffe_full, tmp_path):
 
 def test_caffe_new_layer_form_with_shape_dims_maps_the_same(caffe_full):
     imp = caffe.convert(*read_layers(caffemodel(caffenet_layers(caffe_full), "new")))
+    assert [round(v, 1) for v in imp.mean_rgb] == [122.7, 116.7, 104.0] and imp.channel_order == "BGR"
     sd = imp.state_dict
     for name in ("conv1", "conv3", "fc6", "fc7", "fc8"):
         torch.testing.assert_close(sd[f"{name}.weight"], torch.from_numpy(caffe_full[name][0]))
@@ -437,6 +441,16 @@ def test_cli_synsets_permute_fc8_and_mean_std_override(tv_file, tmp_path):
     for row, wnid in enumerate(sorted(ids)):  # row j of the file is the source's row for class j's wnid
         torch.testing.assert_close(body["model"]["fc8.weight"][row], sd["classifier.6.weight"][ids.index(wnid)])
         torch.testing.assert_close(body["model"]["fc8.bias"][row], sd["classifier.6.bias"][ids.index(wnid)])
+
+
+def test_output_and_mean_file_misuse_is_one_line(tv_file, tmp_path):
+    src, _ = tv_file
+    res = CliRunner().invoke(main, ["import-weights", str(src), "-o", str(tmp_path)])
+    assert res.exit_code == 1 and "is a directory" in res.output and "Traceback" not in res.output
+    mean_file = tmp_path / "mean.binaryproto"
+    mean_file.write_bytes(encode_blobproto(np.zeros((3, 2, 2), np.float32)))
+    with pytest.raises(ValueError, match="0..1 input"):
+        import_weights(src, ImportConfig(output=tmp_path / "w.pt", mean_file=mean_file))
 
 
 def test_pth_of_another_network_names_the_first_mismatch(tmp_path):

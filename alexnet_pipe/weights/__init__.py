@@ -16,6 +16,7 @@ import torch
 
 from .. import checkpoint
 from ..errors import FormatError
+from ..fsutil import check_output_file
 from ..safe_pickle import load_file, read_capped
 from . import caffe, neon, torchvision
 from .common import SHORT_SIDE, Imported
@@ -36,8 +37,11 @@ class ImportConfig:
     synsets: Path | None = None  # the source's class list, in the order of its fc8 rows
     mean: tuple[float, float, float] | None = None  # R, G, B, in the weights' value range
     std: tuple[float, float, float] | None = None
+    mean_file: Path | None = None  # a Caffe mean.binaryproto (BGR mean image): its per-channel mean
 
     def __post_init__(self) -> None:
+        if self.mean is not None and self.mean_file is not None:
+            raise ValueError("give --mean or --mean-file, not both")
         if self.fmt not in ("auto", *FORMATS):
             raise ValueError(f"format must be auto or one of {FORMATS}, got {self.fmt!r}")
         for name in ("mean", "std"):
@@ -137,6 +141,7 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
     """
     if not src.is_file():
         raise FormatError(f"{src} is not a file")
+    check_output_file(cfg.output, "-o")
     if cfg.output.resolve() == src.resolve():
         raise ValueError(f"-o {cfg.output} is the source file; write the weights elsewhere")
     fmt = cfg.fmt
@@ -154,6 +159,12 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
         msg = str(exc)
         raise FormatError(msg if msg.startswith(str(src)) else f"{src}: {msg}") from None
     mean = cfg.mean if cfg.mean is not None else imp.mean_rgb
+    if cfg.mean_file is not None:
+        if imp.value_range[1] != 255.0:
+            raise ValueError("--mean-file gives a 0..255 mean; these weights take 0..1 input: use --mean")
+        from ..legacy_mean import _read_binaryproto  # the Caffe mean reader of update-mean
+
+        mean = tuple(float(v) for v in _read_binaryproto(cfg.mean_file, None).rgb)
     std = cfg.std if cfg.std is not None else imp.std_rgb
     mc = imp.model_config
     data = {
@@ -166,7 +177,7 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
     scale = "0..1" if imp.value_range[1] == 1.0 else "0..255"
     notes.append(f"input: {imp.channel_order}, values {scale}, mean R,G,B {_fmt(mean)}"
                  + (f", std {_fmt(std)}" if std is not None else "")
-                 + (" (from --mean/--std)" if cfg.mean is not None or cfg.std is not None else ""))
+                 + (" (given)" if cfg.mean is not None or cfg.std is not None or cfg.mean_file else ""))
     checkpoint.save(cfg.output, {
         "kind": "weights", "model": imp.state_dict, "model_config": mc.to_dict(), "data": data,
         "imported_from": {"format": imp.source_format, "network": imp.network, "file": src.name,

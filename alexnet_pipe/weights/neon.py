@@ -79,7 +79,8 @@ def read_params(obj: object) -> NeonParams:
                           "or 'layer_params_states')")
     if "model" in obj:
         model = obj["model"]
-        layers = model.get("config", {}).get("layers") if isinstance(model, dict) else None
+        config = model.get("config") if isinstance(model, dict) else None
+        layers = config.get("layers") if isinstance(config, dict) else None
         if not isinstance(layers, list):
             raise FormatError("the pickle's 'model' has no config.layers list; not a neon v1.x weights file")
         arrays: list[np.ndarray] = []
