@@ -137,7 +137,7 @@ def load(path: Path) -> dict:
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an alexnet-pipe weights/checkpoint file "
-            "(importers for neon, Caffe and torchvision weights are not available yet)"
+            "(neon, Caffe and torchvision weights: convert them with alexnet-pipe import-weights first)"
         )
     if body.get("version") != VERSION:
         raise CheckpointError(f"{path} has format version {body.get('version')}; this alexnet-pipe reads {VERSION}")

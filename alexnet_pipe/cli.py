@@ -622,3 +622,46 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
         with open(output, "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({**row, "device": device, "batch_size": batch_size, "crop": crop}) + "\n")
+
+
+def _three_floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise click.BadParameter(f"expected three numbers R,G,B such as 123.7,116.3,103.5, got {value!r}")
+    return values
+
+
+@main.command("import-weights")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=_DIR, required=True, help="The alexnet-pipe weights file to write (.pt).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "neon", "caffe", "torchvision"]), default="auto",
+              show_default=True, help="The source's format; auto tells it by the file's content.")
+@click.option("--synsets", "--classes", "synsets", type=_LIST_FILE, default=None,
+              help="The source's class list, one 'wnid [name]' a line in the order of its fc8 rows (Caffe's "
+                   "synset_words.txt; for neon the devkit's meta.mat order). fc8 is permuted to sorted-wnid order.")
+@click.option("--mean", callback=_three_floats, default=None, metavar="R,G,B",
+              help="Override the recorded mean (in the weights' value range: 0..255, torchvision 0..1).")
+@click.option("--std", callback=_three_floats, default=None, metavar="R,G,B", help="Override the recorded std.")
+@click.option("--mean-file", type=_LIST_FILE, default=None,
+              help="Record the per-channel mean of this Caffe mean.binaryproto (e.g. imagenet_mean.binaryproto).")
+def import_weights_cmd(src, output, fmt, synsets, mean, std, mean_file):
+    """Import trained AlexNet weights: a neon model-zoo pickle (alexnet.p), a Caffe .caffemodel
+    (CaffeNet) or a torchvision AlexNet state_dict (.pth), into an alexnet-pipe weights file that
+    records the crop, channel order, value range, mean/std and classes the network expects.
+
+    \b
+    Examples:
+      alexnet-pipe import-weights alexnet.p -o neon-alexnet.pt --synsets devkit-order-synsets.txt
+      alexnet-pipe import-weights bvlc_reference_caffenet.caffemodel -o caffenet.pt --synsets synset_words.txt
+      alexnet-pipe import-weights alexnet-owt-7be5be79.pth -o torchvision-alexnet.pt
+    """
+    from .weights import ImportConfig, import_weights
+
+    result = import_weights(src, ImportConfig(output=output, fmt=fmt, synsets=synsets, mean=mean, std=std,
+                                                    mean_file=mean_file))
+    click.echo(result.summary())

@@ -20,7 +20,10 @@ __all__ = [
     "MIN_CROP",
     "AlexNet",
     "AlexNetConfig",
+    "ARCHS",
     "INIT_SCHEMES",
+    "TorchvisionAlexNet",
+    "build_model",
     "count_parameters",
     "fc6_in_features",
     "init_weights",
@@ -61,6 +64,17 @@ _FCS = (
     _Fc("fc8", None, 0.01, 0.0),
 )
 _CONV_STD = 0.01
+# torchvision's AlexNet ("one weird trick", 64-192-384-256-256, no LRN). Its biases here are
+# only used by the "neon" init scheme (torchvision's own init is "kaiming").
+_TV_CONVS = (
+    _Conv("conv1", 64, 11, 4, 2, 0.0, True),
+    _Conv("conv2", 192, 5, 1, 2, 1.0, True),
+    _Conv("conv3", 384, 3, 1, 1, 0.0, False),
+    _Conv("conv4", 256, 3, 1, 1, 1.0, False),
+    _Conv("conv5", 256, 3, 1, 1, 1.0, True),
+)
+_TV_POOL = 6  # torchvision's adaptive average pool to 6x6 before fc6 (256 * 36 = 9216 inputs)
+ARCHS = ("neon", "torchvision")
 _POOL_KERNEL, _POOL_STRIDE = 3, 2
 # Caffe's LRN: x / (k + alpha/size * sum_{window} x^2)^beta. torch divides alpha by size
 # and counts the zero padding at the borders exactly as Caffe does.
@@ -124,8 +138,11 @@ class AlexNetConfig:
     num_classes: int = 1000
     crop: int = 224  # input height = width; fixes fc6's fan-in
     dropout: float = 0.5  # drop probability after fc6 and fc7
+    arch: str = "neon"  # "neon" (AlexNet) or "torchvision" (TorchvisionAlexNet)
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("num_classes", "crop"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -143,8 +160,15 @@ class AlexNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
-        """Plain JSON-friendly dict, the inverse of ``from_dict``."""
-        return asdict(self)
+        """Plain JSON-friendly dict, the inverse of ``from_dict``.
+
+        ``arch`` is written only when it is not "neon": neon files stay exactly as before, so
+        older alexnet-pipe versions (whose ``from_dict`` refuses unknown keys) still read them.
+        """
+        d = asdict(self)
+        if d["arch"] == "neon":
+            del d["arch"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> AlexNetConfig:
@@ -176,10 +200,14 @@ class AlexNet(nn.Module):
             RNG untouched.
     """
 
+    convs = _CONVS
+
     def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "neon") -> None:
         super().__init__()
         if not isinstance(cfg, AlexNetConfig):
             raise TypeError(f"cfg must be an AlexNetConfig, got {type(cfg).__name__}")
+        if cfg.arch != "neon":
+            raise ValueError(f"AlexNet is the neon network; arch {cfg.arch!r} needs build_model(cfg)")
         self.cfg = cfg
         # skip_init: init_weights overwrites every parameter anyway, so torch's default
         # init would only cost time and draw from the global RNG.
@@ -226,11 +254,76 @@ class AlexNet(nn.Module):
         return self.fc8(x)
 
 
+class TorchvisionAlexNet(nn.Module):
+    """torchvision's AlexNet (``torchvision.models.alexnet``), returning logits.
+
+    conv1 (64, 11x11/4, pad 2) -> relu -> pool1 -> conv2 (192, 5x5) -> relu -> pool2 -> conv3
+    (384) -> relu -> conv4 (256) -> relu -> conv5 (256) -> relu -> pool5 -> adaptive average
+    pool to 6x6 -> flatten -> drop5 -> fc6 -> relu -> drop6 -> fc7 -> relu -> fc8. No LRN, and
+    dropout sits before fc6 and fc7 (torchvision's ``classifier``), not after them. Layer names
+    follow AlexNet's (conv1..fc8) so that code addressing layers by name serves both; the
+    importer maps torchvision's ``features.N`` / ``classifier.N`` keys onto them.
+    """
+
+    convs = _TV_CONVS
+
+    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "kaiming") -> None:
+        super().__init__()
+        if not isinstance(cfg, AlexNetConfig) or cfg.arch != "torchvision":
+            raise ValueError("TorchvisionAlexNet needs AlexNetConfig(arch='torchvision')")
+        self.cfg = cfg
+        in_ch = 3
+        for c in _TV_CONVS:
+            setattr(self, c.name, nn.utils.skip_init(nn.Conv2d, in_ch, c.out_channels, c.kernel, stride=c.stride,
+                                                     padding=c.pad))
+            in_ch = c.out_channels
+        self.pool1 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.avgpool = nn.AdaptiveAvgPool2d((_TV_POOL, _TV_POOL))
+        in_f = in_ch * _TV_POOL * _TV_POOL
+        for f in _FCS:
+            out_f = cfg.num_classes if f.out_features is None else f.out_features
+            setattr(self, f.name, nn.utils.skip_init(nn.Linear, in_f, out_f))
+            in_f = out_f
+        self.drop5 = nn.Dropout(cfg.dropout)
+        self.drop6 = nn.Dropout(cfg.dropout)
+        init_weights(self, generator, init)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 6x6 average-pooled features, N x 256 x 6 x 6, before flattening."""
+        x = self.pool1(F.relu(self.conv1(x)))
+        x = self.pool2(F.relu(self.conv2(x)))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        return self.avgpool(self.pool5(F.relu(self.conv5(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, N x num_classes, for N x 3 x crop x crop float input."""
+        crop = self.cfg.crop
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, crop, crop):
+            raise ValueError(f"expected input N x 3 x {crop} x {crop}, got {tuple(x.shape)}")
+        x = torch.flatten(self.features(x), 1)
+        x = F.relu(self.fc6(self.drop5(x)))
+        x = F.relu(self.fc7(self.drop6(x)))
+        return self.fc8(x)
+
+
+def build_model(cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str | None = None) -> nn.Module:
+    """The network ``cfg.arch`` names: AlexNet ("neon") or TorchvisionAlexNet ("torchvision").
+
+    ``init`` defaults to each architecture's own: neon's Gaussians, torchvision's kaiming.
+    """
+    if cfg.arch == "torchvision":
+        return TorchvisionAlexNet(cfg, generator=generator, init=init or "kaiming")
+    return AlexNet(cfg, generator=generator, init=init or "neon")
+
+
 INIT_SCHEMES = ("neon", "kaiming")
 
 
 @torch.no_grad()
-def init_weights(model: AlexNet, generator: torch.Generator | None = None, scheme: str = "neon") -> None:
+def init_weights(model: nn.Module, generator: torch.Generator | None = None, scheme: str = "neon") -> None:
     """Initialise in place.
 
     ``neon`` (the model zoo's, the default): Gaussian weights (conv 0.01, fc6/fc7 0.005, fc8
@@ -249,10 +342,11 @@ def init_weights(model: AlexNet, generator: torch.Generator | None = None, schem
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    convs = getattr(model, "convs", _CONVS)
     if scheme == "neon":
-        layers = [(c.name, _CONV_STD, c.bias) for c in _CONVS] + [(f.name, f.std, f.bias) for f in _FCS]
+        layers = [(c.name, _CONV_STD, c.bias) for c in convs] + [(f.name, f.std, f.bias) for f in _FCS]
     else:
-        layers = [(c.name, (2.0 / (c.out_channels * c.kernel * c.kernel)) ** 0.5, 0.0) for c in _CONVS]
+        layers = [(c.name, (2.0 / (c.out_channels * c.kernel * c.kernel)) ** 0.5, 0.0) for c in convs]
         layers += [(f.name, 0.01, 0.0) for f in _FCS]
     for name, std, bias in layers:
         layer = getattr(model, name)
