@@ -54,6 +54,15 @@ def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
 def check_compatible(body: dict, path: Path, ds: Dataset, crop: int) -> None:
     """Refuse weights trained for other classes or another crop than this run's."""
     mc = body["model_config"]
+    data = body["data"]
+    if mc.get("arch", "neon") != "neon" or data.get("channel_order", "RGB") != "RGB" \
+            or list(data.get("value_range", [0, 255])) != [0, 255]:
+        # Imported weights (import-weights) may expect BGR or 0..1 input: feeding them this
+        # pipeline's RGB 0..255 would give wrong figures without an error.
+        raise CheckpointError(
+            f"{path} holds a {mc.get('arch', 'neon')} network expecting {data.get('channel_order')} input in "
+            f"{data.get('value_range')}; train and test read only weights trained here so far (running imported "
+            "weights is the next step of the weight-import work)")
     num_classes = ds.num_classes
     if mc.get("num_classes") != num_classes:
         raise CheckpointError(f"{path} was trained for {mc.get('num_classes')} classes; this dataset has {num_classes}")

@@ -129,3 +129,18 @@ def test_per_class_table_and_confused_pairs_by_hand(tmp_path):
     assert [p.name for p in written] == ["r.json", "r.png"]
     body = json.loads(written[0].read_text())
     assert body["confused_pairs"][0] == {"true": "a", "predicted": "b", "images": 3}
+
+
+def test_imported_bgr_weights_are_refused_not_misread(data, tmp_path):
+    from alexnet_pipe import checkpoint
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "--no-progress",
+                               "--data-threads", "1", "-e", "1", "--eval-freq", "0", "-s", str(tmp_path / "w.pt")])
+    assert res.exit_code == 0, res.output
+    body = checkpoint.load(tmp_path / "w.pt")
+    body["data"]["channel_order"] = "BGR"  # as import-weights records neon and Caffe weights
+    checkpoint.save(tmp_path / "bgr.pt", {k: v for k, v in body.items() if k not in ("format", "version", "created_by")})
+    line = _one_line_error(runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file",
+                                                str(tmp_path / "bgr.pt")]))
+    assert "expecting BGR input" in line
