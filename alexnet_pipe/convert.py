@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import ConvertConfig, ImageSettings
-from .errors import SettingsMismatchError
+from .errors import BusyError, SettingsMismatchError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove
 from .imaging import BatchResult, Encoded, batch_to_pipe, process_batch
 from .info import plural
@@ -44,6 +44,7 @@ from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards,
 log = logging.getLogger(__name__)
 
 STATE_FILE = ".convert.json"
+RUN_LOCK = ".convert.lock"  # held for the whole run: exclusive, or shared by --part runs
 SCAN_CACHE = ".scan-cache"  # member lists of the archives (scan.py); valid across settings, kept by --force
 LOCK_FILE = ".finalize.lock"
 PARTS_DIR = ".parts"
@@ -99,7 +100,7 @@ def check_output(dst: Path, force: bool) -> None:
         raise SettingsMismatchError(f"{dst} exists and is not a directory")
     # Ours even before the state file exists: the scan cache, and the state file being written by
     # a concurrent --part run into the same new directory.
-    ours = (SCAN_CACHE, f".{STATE_FILE}.tmp-")
+    ours = (SCAN_CACHE, f".{STATE_FILE}.tmp-", RUN_LOCK)
     foreign = dst.is_dir() and not (dst / STATE_FILE).exists() and any(
         not e.name.startswith(ours) for e in dst.iterdir()
     )
@@ -499,6 +500,28 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     """
     started = time.perf_counter()
     check_output(cfg.dst, cfg.force)
+    cfg.dst.mkdir(parents=True, exist_ok=True)
+    with _run_lock(cfg.dst, shared=cfg.part is not None):
+        return _run_convert(cfg, started)
+
+
+@contextmanager
+def _run_lock(dst: Path, shared: bool) -> Iterator[None]:
+    """Refuse a second convert into OUT while one runs (--part runs share OUT by design).
+    A POSIX record lock: released by the kernel when the process dies, honoured over NFS."""
+    with open(dst / RUN_LOCK, "a+b") as f:
+        try:
+            fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            raise BusyError(f"another alexnet-pipe convert is writing {dst}; wait for it to finish, or stop it "
+                               "(a rerun resumes where it stopped)") from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def _run_convert(cfg: ConvertConfig, started: float) -> ConvertResult:
     # The archives' member lists are cached in OUT: resumes and --part runs skip the 1.28M headers.
     found = find_inputs(cfg, cache_dir=cfg.dst / SCAN_CACHE)
     plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}

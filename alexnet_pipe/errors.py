@@ -35,3 +35,7 @@ class CheckpointError(AlexnetPipeError):
 
 class TrainingError(AlexnetPipeError):
     """Training cannot go on (diverged, wrong device) and the message says what to change."""
+
+
+class BusyError(AlexnetPipeError):
+    """Another process is writing the same output."""

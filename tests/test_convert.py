@@ -321,3 +321,23 @@ def test_two_concurrent_parts_into_one_directory(raw_tree, tmp_path):
     assert sum("wrote" in o for o, _ in outputs) >= 1
     convert(raw_tree, tmp_path / "single")
     assert tree_bytes(out) == tree_bytes(tmp_path / "single")
+
+
+def test_a_second_convert_into_the_same_output_is_refused_while_one_runs(raw_tree, tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".convert.lock", "a+b") as held:  # as a running convert holds it
+        fcntl.lockf(held, fcntl.LOCK_EX)
+        res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "convert", str(raw_tree), str(out),
+                              "--no-progress", "--workers", "1"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1
+        assert "another alexnet-pipe convert is writing" in res.stderr and "Traceback" not in res.stderr
+        assert not (out / "manifest.json").exists() and not (out / ".convert.json").exists()
+    res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "convert", str(raw_tree), str(out),
+                          "--no-progress", "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr  # the lock went with its holder
+    assert (out / "manifest.json").exists()
