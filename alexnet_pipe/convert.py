@@ -500,9 +500,13 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     """
     started = time.perf_counter()
     check_output(cfg.dst, cfg.force)
-    cfg.dst.mkdir(parents=True, exist_ok=True)
+    # The archives' member lists are cached in OUT: resumes and --part runs skip the 1.28M headers.
+    found = find_inputs(cfg, cache_dir=cfg.dst / SCAN_CACHE)
+    plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}
+    identity = output_identity(cfg, found)
+    cfg.dst.mkdir(parents=True, exist_ok=True)  # after the scan: a bad input leaves no OUT behind
     with _run_lock(cfg.dst, shared=cfg.part is not None):
-        return _run_convert(cfg, started)
+        return _write(cfg, found, plans, identity, started)
 
 
 @contextmanager
@@ -521,11 +525,9 @@ def _run_lock(dst: Path, shared: bool) -> Iterator[None]:
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def _run_convert(cfg: ConvertConfig, started: float) -> ConvertResult:
-    # The archives' member lists are cached in OUT: resumes and --part runs skip the 1.28M headers.
-    found = find_inputs(cfg, cache_dir=cfg.dst / SCAN_CACHE)
-    plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}
-    identity = output_identity(cfg, found)
+def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]], identity: dict,
+           started: float) -> ConvertResult:
+    """The conversion proper, under the run lock: prepare OUT, write the missing shards, finalize."""
     _prepare_output(cfg.dst, identity, cfg.force)
 
     done: set[str] = set()  # names of complete shards (their records stay on disk until the end)
