@@ -129,7 +129,8 @@ def time_steps(cfg: BenchConfig, device: torch.device, name: str) -> dict:
         step(False)
     clock.sync()
     seconds = time.perf_counter() - start
-    return {"name": name, "fprop_ms": fprop, "bprop_ms": bprop, "update_ms": update, "iteration_ms": iteration,
+    return {"name": name, "kind": "model", "baseline": name.startswith("baseline"),
+            "fprop_ms": fprop, "bprop_ms": bprop, "update_ms": update, "iteration_ms": iteration,
             "img_per_s": cfg.throughput_steps * cfg.batch_size / seconds}
 
 
@@ -162,7 +163,8 @@ def time_end_to_end(cfg: BenchConfig, device: torch.device) -> dict:
     clock.sync()
     if start is None:
         raise ValueError(f"{cfg.data_dir} has too few batches for a warm-up of {cfg.warmup}; lower -z")
-    return {"name": "end to end: DALI train pipeline + this config", "img_per_s": seen / (time.perf_counter() - start)}
+    return {"name": "end to end: DALI train pipeline + this config", "kind": "e2e", "baseline": False,
+            "img_per_s": seen / (time.perf_counter() - start)}
 
 
 def check_device(cfg: BenchConfig) -> None:
@@ -181,6 +183,9 @@ def run_benchmark(cfg: BenchConfig) -> list[dict]:
     check_device(cfg)
     device = torch.device("cuda", cfg.device_id) if cfg.backend == "gpu" else torch.device("cpu")
     if device.type == "cuda":
+        # CUDA events and streams belong to the current device: without this, with -i N the
+        # timers would record on GPU 0 while the model runs on GPU N.
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     baseline = replace(cfg, datatype="f32", channels_last=False, fused=False, compile=False)
     rows = [time_steps(baseline, device, "baseline: plain PyTorch, fp32, NCHW, eager, SGD")]
