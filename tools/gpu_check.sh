@@ -11,7 +11,8 @@
 #   gpu-tests      tests/test_gpu.py -> OUT/pytest.xml
 #   bench          alexnet-pipe benchmark -b gpu (seed's method vs the same-run plain baseline)
 #   sweep          tools/dali_sweep.py: hw_decoder_load, DALI CPU threads, prefetch depth -> OUT/sweep.json
-#   e2e            the benchmark with the DALI train pipeline feeding the model
+#   e2e            the benchmark with the DALI train pipeline feeding the model, and the pipeline
+#                  alone against a PIL DataLoader (--loader)
 #   train          3 epochs of bf16 GPU training (LMDB), then 2 from RecordIO
 #   bench-compile  the benchmark with torch.compile (last: its compilation is the slowest step)
 # A failed step does not stop the later ones unless they need its output (they are then
@@ -93,7 +94,8 @@ step data 90 "" bash -c '"$PY" tools/make_shapes.py "$WORK/raw" --train 64 --val
 step gpu-tests 150 "" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest.xml"
 step bench 90 "" "$PY" -m alexnet_pipe benchmark -b gpu -o "$OUT/bench.jsonl"
 step sweep 120 data "$PY" tools/dali_sweep.py "$WORK/data" -o "$OUT/sweep.json" --budget-s 90
-step e2e 90 data "$PY" -m alexnet_pipe benchmark -b gpu -w "$WORK/data" --throughput-steps 20 -o "$OUT/bench.jsonl"
+step e2e 120 data "$PY" -m alexnet_pipe benchmark -b gpu -w "$WORK/data" --loader "$WORK/data" --throughput-steps 20 \
+  -o "$OUT/bench.jsonl"
 step train 90 data "$PY" -m alexnet_pipe train -w "$WORK/data" -b gpu -e 3 -z 128 --lr 0.003 --init kaiming \
   --no_progress_bar -s "$WORK/w.pt" -o "$OUT/train.jsonl"
 step train-recordio 60 data "$PY" -m alexnet_pipe train -w "$WORK/data" -b gpu -e 2 --reader recordio \
