@@ -5,6 +5,7 @@ Skipped without a GPU (see conftest); run them whenever one is at hand.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,10 @@ def test_gpu_default_decoding_stays_close_to_libjpeg(data):
 
 
 def test_gpu_bf16_training_learns(data, tmp_path):
-    # kaiming init: neon's gaussian init is slow to start (see model.py); 8 epochs of 4 steps
-    res = fit(TrainConfig(data_dir=data, epochs=8, backend="gpu", datatype="bf16", batch_size=32, lr=0.003,
+    # kaiming init: neon's gaussian init is slow to start (see model.py). lr 1e-3: at 3e-3 (CPU,
+    # f32, this data) the first epoch's loss reached 15.5 and the run then sat at chance.
+    res = fit(TrainConfig(data_dir=data, epochs=8, backend="gpu", datatype="bf16", batch_size=32, lr=0.001,
                           lr_scale="none", init="kaiming", progress=False, save_path=tmp_path / "w.pt"))
     losses = [r["train_loss"] for r in res.history]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < min(losses[0], math.log(4) - 0.02)  # below chance: it learns
     assert res.final is not None and res.final.samples == 32
