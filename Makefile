@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# With an NVIDIA GPU take PyPI's CUDA build of torch; without one, the local CPU build.
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-TORCH   ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+# torch and the DALI wheel follow the NVIDIA driver nvidia-smi reports (tools/pick_wheels.py):
+# R580+ CUDA 13 (nvidia-dali-cuda130), R525-R579 CUDA 12 (nvidia-dali-cuda120), no GPU the CPU
+# build of torch. Choose by hand with CUDA=cpu, CUDA=12 or CUDA=13; TORCH="..." overrides torch's
+# pip arguments alone.
+CUDA    ?= auto
+PICK    := $(PYTHON) tools/pick_wheels.py --cuda $(CUDA)
+PIPQ    := --quiet --disable-pip-version-check
 DEMO    ?= demo-out
 WORKERS ?=
 
@@ -12,9 +16,11 @@ WORKERS ?=
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	$(PICK) explain
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install $(PIPQ) $(or $(TORCH),$$($(PICK) torch))
+	deps="$$($(PICK) deps)" && if [ -z "$$deps" ]; then $(PY) -m pip install $(PIPQ) -e ".[test]"; \
+	else $(PY) -m pip install $(PIPQ) $$deps && $(PY) -m pip install $(PIPQ) --no-deps -e .; fi
 	touch $@
 
 test: install

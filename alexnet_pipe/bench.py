@@ -38,6 +38,7 @@ class BenchConfig:
     warmup: int = 2
     throughput_steps: int = 50
     data_dir: Path | None = None  # add an end-to-end row: DALI reading this dataset
+    loader_dir: Path | None = None  # add loader rows: our train pipeline alone against a PIL DataLoader
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -129,7 +130,8 @@ def time_steps(cfg: BenchConfig, device: torch.device, name: str) -> dict:
         step(False)
     clock.sync()
     seconds = time.perf_counter() - start
-    return {"name": name, "fprop_ms": fprop, "bprop_ms": bprop, "update_ms": update, "iteration_ms": iteration,
+    return {"name": name, "kind": "model", "baseline": name.startswith("baseline"),
+            "fprop_ms": fprop, "bprop_ms": bprop, "update_ms": update, "iteration_ms": iteration,
             "img_per_s": cfg.throughput_steps * cfg.batch_size / seconds}
 
 
@@ -162,7 +164,91 @@ def time_end_to_end(cfg: BenchConfig, device: torch.device) -> dict:
     clock.sync()
     if start is None:
         raise ValueError(f"{cfg.data_dir} has too few batches for a warm-up of {cfg.warmup}; lower -z")
-    return {"name": "end to end: DALI train pipeline + this config", "img_per_s": seen / (time.perf_counter() - start)}
+    return {"name": "end to end: DALI train pipeline + this config", "kind": "e2e", "baseline": False,
+            "img_per_s": seen / (time.perf_counter() - start)}
+
+
+def _loader_rate(batches, cfg: BenchConfig, device: torch.device) -> float:
+    """img/s over up to ``throughput_steps`` batches after ``warmup``, passing over epochs as needed."""
+    clock = _Clock(device)
+    seen, start, i = 0, None, 0
+    while start is None or i < cfg.warmup + cfg.throughput_steps:
+        before = i
+        for images, _ in batches():
+            images.to(device, non_blocking=True)
+            if i == cfg.warmup:
+                clock.sync()
+                start, seen = time.perf_counter(), 0
+            seen += images.shape[0]
+            i += 1
+            if i >= cfg.warmup + cfg.throughput_steps:
+                break
+        if i == before:
+            raise ValueError(f"{cfg.loader_dir} has no training batches")
+    clock.sync()
+    return seen / (time.perf_counter() - start)
+
+
+class _PILRecords(torch.utils.data.Dataset):
+    """The loader users write first: a record per item, PIL decode, random crop, flip, mean subtracted."""
+
+    def __init__(self, root: Path, crop: int):
+        from .manifest import load_dataset
+        from .mean import load_dataset_mean
+        from .records import record_table
+
+        ds = load_dataset(root)
+        self.table = record_table(ds, "train", "lmdb" if "lmdb" in ds.formats else "recordio")
+        self.mean = torch.tensor(load_dataset_mean(root).rgb()[0], dtype=torch.float32).view(3, 1, 1)
+        self.crop, self.reader = crop, None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int):
+        import io
+        import random
+
+        import numpy as np
+        from PIL import Image
+
+        from .records import RecordReader
+
+        if self.reader is None:  # opened in each worker process, after the fork
+            self.reader = RecordReader(self.table)
+        jpeg, label = self.reader.read(i)
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        c = self.crop
+        x, y = random.randint(0, max(0, img.width - c)), random.randint(0, max(0, img.height - c))
+        img = img.crop((x, y, x + c, y + c))
+        if random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) - self.mean, label
+
+
+def time_loaders(cfg: BenchConfig, device: torch.device) -> list[dict]:
+    """The train pipeline alone against a torch DataLoader (PIL, one worker per core), same shards, same run."""
+    import os
+
+    from .config import TrainConfig
+    from .train import epoch_loader
+
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    data = torch.utils.data.DataLoader(_PILRecords(cfg.loader_dir, cfg.crop), batch_size=cfg.batch_size,
+                                       shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=True)
+    base = _loader_rate(lambda: iter(data), cfg, device)
+    loader = epoch_loader(TrainConfig(data_dir=cfg.loader_dir, backend=cfg.backend, device_id=cfg.device_id,
+                                      datatype=cfg.datatype, batch_size=cfg.batch_size, crop=cfg.crop,
+                                      channels_last=cfg.channels_last, rng_seed=cfg.seed, progress=False), 0)
+    try:
+        ours = _loader_rate(lambda: ((b.images, b.labels) for b in loader), cfg, device)
+    finally:
+        loader.close()
+    return [{"name": f"loader baseline: torch DataLoader, PIL decode, random crop + flip, {workers} workers",
+             "kind": "loader", "baseline": True, "img_per_s": base, "x_baseline": 1.0},
+            {"name": "loader: DALI train pipeline", "kind": "loader", "baseline": False, "img_per_s": ours,
+             "x_baseline": ours / base}]
 
 
 def check_device(cfg: BenchConfig) -> None:
@@ -181,6 +267,9 @@ def run_benchmark(cfg: BenchConfig) -> list[dict]:
     check_device(cfg)
     device = torch.device("cuda", cfg.device_id) if cfg.backend == "gpu" else torch.device("cpu")
     if device.type == "cuda":
+        # CUDA events and streams belong to the current device: without this, with -i N the
+        # timers would record on GPU 0 while the model runs on GPU N.
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     baseline = replace(cfg, datatype="f32", channels_last=False, fused=False, compile=False)
     rows = [time_steps(baseline, device, "baseline: plain PyTorch, fp32, NCHW, eager, SGD")]
@@ -193,6 +282,8 @@ def run_benchmark(cfg: BenchConfig) -> list[dict]:
     base = rows[0]["img_per_s"]
     for row in rows:
         row["x_baseline"] = row["img_per_s"] / base
+    if cfg.loader_dir is not None:
+        rows += time_loaders(cfg, device)  # ratios against their own baseline
     return rows
 
 

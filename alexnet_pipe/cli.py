@@ -585,9 +585,11 @@ def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, 
 @click.option("--nchw", is_flag=True, help="Keep NCHW instead of channels_last.")
 @opt("-w", "--data-dir", "--data_dir", "data_dir", type=_EXISTING_DIR, default=None,
               help="Also time the DALI train pipeline feeding the model on this dataset.")
+@click.option("--loader", "loader_dir", type=_EXISTING_DIR, default=None,
+              help="Also time the train pipeline alone on this dataset against a PIL DataLoader.")
 @click.option("-o", "--output", type=_DIR, default=None, help="Append the rows as JSON lines here.")
 def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throughput_steps, compile_model, nchw,
-              data_dir, output):
+              data_dir, loader_dir, output):
     """Time fprop/bprop/update (the seed's method) against a plain-PyTorch baseline, same run.
 
     The seed's method (neon's README table): one batch of random images, 12 timed iterations of
@@ -601,6 +603,7 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
       alexnet-pipe benchmark                       # GPU when present: bf16, channels_last
       alexnet-pipe benchmark --compile -o bench.jsonl
       alexnet-pipe benchmark -w batches/           # also the DALI pipeline feeding the model
+      alexnet-pipe benchmark --loader batches/     # the train pipeline alone vs a PIL DataLoader
     """
     import platform
 
@@ -612,7 +615,7 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
     cfg = BenchConfig(backend=backend, device_id=device_id, batch_size=batch_size, crop=crop,
                       datatype=datatype or ("bf16" if backend == "gpu" else "f32"), channels_last=not nchw,
                       compile=compile_model, iterations=iterations, throughput_steps=throughput_steps,
-                      data_dir=data_dir)
+                      data_dir=data_dir, loader_dir=loader_dir)
     check_device(cfg)
     device = (torch.cuda.get_device_name(device_id) if backend == "gpu" else platform.processor() or "CPU")
     device += f", torch {torch.__version__}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError
+from .errors import DatasetError, TrainingError
 from .manifest import Dataset
 from .order import OrderConfig
 from .records import record_table
@@ -46,6 +46,11 @@ class LoaderConfig:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # RGB, 0..255
     std: tuple[float, float, float] | None = None  # RGB; None: mean subtraction only (neon)
     reader: str = "auto"  # "lmdb", "recordio", or "auto" (LMDB when present)
+    # GPU decoding knobs (ignored on the CPU). None: DALI's own default share for the hardware
+    # JPEG decoder (A100/H100); fancy upsampling makes nvJPEG upsample chroma as libjpeg-turbo does.
+    hw_decoder_load: float | None = None
+    jpeg_fancy_upsampling: bool = False
+    prefetch: int = 2  # DALI's prefetch queue depth (batches in flight)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -56,6 +61,10 @@ class LoaderConfig:
             raise ValueError(f"reader must be auto, lmdb or recordio, got {self.reader}")
         if self.read_workers < 0:
             raise ValueError(f"read workers must be >= 0, got {self.read_workers}")
+        if self.hw_decoder_load is not None and not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {self.prefetch}")
 
 
 def _reader_kind(ds: Dataset, cfg: LoaderConfig) -> str:
@@ -71,7 +80,12 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
     gpu = cfg.device_id is not None
     std = cfg.std or (1.0, 1.0, 1.0)
 
-    parallel = {"parallel": True, "prefetch_queue_depth": 2} if cfg.read_workers else {}
+    parallel = {"parallel": True, "prefetch_queue_depth": cfg.prefetch} if cfg.read_workers else {}
+    decoder = {}
+    if gpu and cfg.hw_decoder_load is not None:
+        decoder["hw_decoder_load"] = cfg.hw_decoder_load
+    if gpu and cfg.jpeg_fancy_upsampling:
+        decoder["jpeg_fancy_upsampling"] = True
 
     @pipeline_def(enable_conditionals=False)
     def graph():
@@ -79,7 +93,8 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
             source=source, num_outputs=5, batch=True, batch_info=True,
             dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32], **parallel,
         )
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                    **decoder)
         images = fn.crop_mirror_normalize(
             images,
             crop=(cfg.crop, cfg.crop),
@@ -99,7 +114,7 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
 
     extra = {"py_num_workers": cfg.read_workers, "py_start_method": "spawn"} if cfg.read_workers else {}
     return graph(batch_size=cfg.batch_size, num_threads=max(1, cfg.num_threads), device_id=cfg.device_id,
-                 seed=_pipeline_seed(cfg), prefetch_queue_depth=2, **extra)
+                 seed=_pipeline_seed(cfg), prefetch_queue_depth=cfg.prefetch, **extra)
 
 
 def _pipeline_seed(cfg: LoaderConfig) -> int:
@@ -139,16 +154,18 @@ class Loader:
         self.start_step = start_step  # the step the next pass starts at (a run resumed mid-epoch)
         if start_step * cfg.batch_size >= max(self.samples, 1):
             raise ValueError(f"step {start_step} is past the end of an epoch of {len(self)} steps")
-        self._pipe = build_pipeline(self.source, cfg)
         try:
+            self._pipe = build_pipeline(self.source, cfg)
             self._pipe.build()
         except RuntimeError as exc:
+            _raise_gpu_start_error(exc, cfg)
             raise DatasetError(f"cannot start the DALI pipeline over the {cfg.split} shards of {ds.root}: "
                                f"{dali_cause(exc)}") from exc
         try:  # the iterator runs the first batch already
             self._it = DALIGenericIterator([self._pipe], ["images", "labels"], size=-1,
                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
         except RuntimeError as exc:
+            _raise_gpu_start_error(exc, cfg)
             _raise_record_error(exc, ds.root, cfg.split)
 
     def __len__(self) -> int:
@@ -196,6 +213,18 @@ def dali_cause(exc: Exception) -> str:
         cause.append(line)
     text = " ".join(cause) or type(exc).__name__
     return "; ".join(x for x in (where, text[:1000]) if x)
+
+
+def _raise_gpu_start_error(exc: Exception, cfg: LoaderConfig) -> None:
+    """DALI's GPU operators failing to start (driver too old for the wheel, no device) -> one
+    line naming the wheel to install, instead of DALI's trace. Other errors return."""
+    if cfg.device_id is None:
+        return
+    from .wheels import detect_driver, gpu_init_hint
+
+    hint = gpu_init_hint(str(exc), detect_driver())
+    if hint:
+        raise TrainingError(f"cannot start DALI on GPU {cfg.device_id}: {hint}") from exc
 
 
 def _raise_record_error(exc: RuntimeError, root: Path, split: str) -> None:

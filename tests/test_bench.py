@@ -14,6 +14,7 @@ def test_benchmark_rows_on_cpu():
     rows = run_benchmark(cfg)
     assert [r["name"].split(":")[0] for r in rows] == ["baseline", "alexnet-pipe"]
     assert rows[0]["x_baseline"] == 1.0
+    assert [(r["kind"], r["baseline"]) for r in rows] == [("model", True), ("model", False)]
     for row in rows:
         assert 0 < row["fprop_ms"] < row["iteration_ms"] and row["bprop_ms"] > 0 and row["update_ms"] > 0
         # the iteration is the three phases back to back

@@ -5,6 +5,7 @@ Skipped without a GPU (see conftest); run them whenever one is at hand.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -47,19 +48,37 @@ def test_gpu_pipeline_output_is_fp16_channels_last_on_the_device(data, reader):
     assert abs(b.images.float().mean().item()) < 40
 
 
-def test_gpu_and_cpu_validation_batches_agree(data):
+def _val_batches(data: Path, **gpu_knobs) -> tuple:
     ds = load_dataset(data)
     mean = load_dataset_mean(data).rgb()[0]
-    gpu = next(iter(Loader(ds, LoaderConfig("val", False, 8, crop=224, device_id=0, mean=mean))))
+    gpu = next(iter(Loader(ds, LoaderConfig("val", False, 8, crop=224, device_id=0, mean=mean, **gpu_knobs))))
     cpu = next(iter(Loader(ds, LoaderConfig("val", False, 8, crop=224, mean=mean))))
     assert torch.equal(gpu.labels.cpu(), cpu.labels)
-    # nvJPEG and libjpeg-turbo differ by rounding only
-    assert (gpu.images.cpu() - cpu.images).abs().mean().item() < 2.0
+    return (gpu.images.cpu().float() - cpu.images.float()).abs(), gpu, cpu
+
+
+def test_gpu_decoding_with_fancy_upsampling_matches_libjpeg(data):
+    # libjpeg-turbo (the CPU decoder) upsamples chroma with its "fancy" filter; asked to do the
+    # same, nvJPEG (CUDA decoder; the hardware decoder off, it has no such filter) differs by
+    # IDCT rounding only.
+    diff, _, _ = _val_batches(data, jpeg_fancy_upsampling=True, hw_decoder_load=0.0)
+    assert diff.mean().item() < 1.0
+    assert torch.quantile(diff.flatten()[::7], 0.99).item() <= 4.0
+
+
+def test_gpu_default_decoding_stays_close_to_libjpeg(data):
+    # The training default (hardware decoder, plain chroma upsampling) differs from libjpeg at
+    # colour edges by more than rounding, but stays close on average: the same augmentation.
+    diff, _, _ = _val_batches(data)
+    assert diff.mean().item() < 3.0
+    assert torch.quantile(diff.flatten()[::7], 0.9).item() <= 12.0
 
 
 def test_gpu_bf16_training_learns(data, tmp_path):
-    res = fit(TrainConfig(data_dir=data, epochs=4, backend="gpu", datatype="bf16", batch_size=32, lr=0.001, lr_scale="none",
-                          progress=False, save_path=tmp_path / "w.pt"))
+    # kaiming init: neon's gaussian init is slow to start (see model.py). lr 1e-3: at 3e-3 (CPU,
+    # f32, this data) the first epoch's loss reached 15.5 and the run then sat at chance.
+    res = fit(TrainConfig(data_dir=data, epochs=8, backend="gpu", datatype="bf16", batch_size=32, lr=0.001,
+                          lr_scale="none", init="kaiming", progress=False, save_path=tmp_path / "w.pt"))
     losses = [r["train_loss"] for r in res.history]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < min(losses[0], math.log(4) - 0.02)  # below chance: it learns
     assert res.final is not None and res.final.samples == 32
