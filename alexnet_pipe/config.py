@@ -90,9 +90,12 @@ class ConvertConfig:
 
     def settings(self) -> dict:
         """The settings that define the output bytes (recorded in the manifest)."""
+        image = asdict(self.image)
+        if image["max_file_mb"] == ImageSettings.max_file_mb:
+            del image["max_file_mb"]  # the default: conversions from before the option still resume
         return {
             "formats": list(self.formats),
-            **asdict(self.image),
+            **image,
             "shard_size": self.shard_size,
             "seed": self.seed,
             # Only when set: the settings of earlier conversions (and their resumes) stay the same.
