@@ -74,6 +74,21 @@ _verbose_option = click.option("-v", "--verbose", is_flag=True, expose_value=Fal
                                callback=_verbose, help="Debug log output.")
 
 
+def _dataset(fn):
+    """The converted dataset: a positional ROOT, or -w/--data-dir as in train, test and benchmark."""
+    def resolve(ctx, param, value):
+        root = ctx.params.pop("root_arg", None)
+        if root is not None and value is not None and root != value:
+            raise click.UsageError(f"two datasets given: {root} and -w {value}; pass one")
+        if (root or value) is None:
+            raise click.UsageError("pass the converted dataset: ROOT, or -w DIR")
+        return root or value
+
+    fn = opt("-w", "--data-dir", "--data_dir", "root", type=_EXISTING_DIR, default=None, callback=resolve,
+             help="The converted dataset (the same as ROOT).")(fn)
+    return click.argument("root_arg", metavar="ROOT", type=_EXISTING_DIR, required=False, is_eager=True)(fn)
+
+
 def _parse_part(ctx, param, value):
     if value is None:
         return None
@@ -169,7 +184,7 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
 
 
 @main.command()
-@click.argument("root", type=_EXISTING_DIR)
+@_dataset
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--quick", is_flag=True, help="Check structure, labels and checksums without decoding images.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -200,7 +215,7 @@ def verify(root, workers, quick, no_progress):
 
 
 @main.command()
-@click.argument("root", type=_EXISTING_DIR)
+@_dataset
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(root, as_json):
     """Classes, counts, shards, size, mean/std and settings of a converted dataset.
@@ -218,7 +233,7 @@ def info(root, as_json):
 
 
 @main.command()
-@click.argument("root", type=_EXISTING_DIR)
+@_dataset
 def upgrade(root):
     """Bring a dataset converted by an older alexnet-pipe to the current format (no image is rewritten).
 
@@ -538,7 +553,7 @@ def plot(metrics, output):
 
 
 @main.command()
-@click.argument("root", type=_EXISTING_DIR)
+@_dataset
 @click.option("-o", "--output", type=_DIR, default=Path("grid.png"), show_default=True,
               help="The drawing: .png, .svg or .pdf, chosen by the suffix.")
 @click.option("--split", default="train", show_default=True)

@@ -391,5 +391,5 @@ def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
 
 def test_the_pristine_dataset_passes(data):
     res = verify_cli(data, "--workers", "2", process=True)
-    assert res.returncode == 0 and res.stderr == "" and "ok: 48 records in 12 shards" in res.stdout
+    assert res.returncode == 0 and res.stderr == "" and "ok: 24 images in 2 formats (48 records in 12 shards)" in res.stdout
     assert not math.isnan(load_dataset_mean(data).mean[0])

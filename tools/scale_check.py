@@ -520,7 +520,7 @@ def run_all(plan: Plan, work: Path, py: str) -> tuple[list[Step], dict]:
     return steps, {**facts, "subset_pct": subset_pct, "full": full, "half": half}
 
 
-_VERIFIED = re.compile(r"ok: (\d+) records in \d+ shards")
+_VERIFIED = re.compile(r"\((\d+) records? in \d+ shards?\) match the manifest")
 _TRAIN_RATE = re.compile(r"epoch 1: train loss ([0-9.]+), ([0-9.]+) img/s")
 
 
