@@ -409,14 +409,7 @@ def _launch(nproc: int, backend: str | None) -> None:
     if (backend or ("gpu" if gpus else "cpu")) == "gpu" and gpus < nproc:
         fix = f"pass --nproc {gpus} or -b cpu" if gpus else "pass -b cpu"
         raise click.UsageError(f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}; {fix}")
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
+    args = _argv_without("--nproc")
     # torchrun's default of one thread per rank starves CPU ranks; share the cores out instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, default_workers() // nproc)))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
@@ -476,15 +469,20 @@ def _resume_command(ckpt) -> str:
     """This process's command line with --model-file pointing at ``ckpt``."""
     import shlex
 
+    return shlex.join(["alexnet-pipe", *_argv_without("--model_file", "--model-file"), "--model-file", str(ckpt)])
+
+
+def _argv_without(*names: str) -> list[str]:
+    """This process's arguments with the options ``names`` (and their values) taken out."""
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip:
             skip = False
-        elif arg in ("--model_file", "--model-file"):
+        elif arg in names:
             skip = True
-        elif not arg.startswith(("--model_file=", "--model-file=")):
+        elif not arg.startswith(tuple(f"{n}=" for n in names)):
             args.append(arg)
-    return shlex.join(["alexnet-pipe", *args, "--model-file", str(ckpt)])
+    return args
 
 
 @main.command()

@@ -186,6 +186,14 @@ class AlexNetConfig:
         return cls(**dict(d))
 
 
+def _add_fcs(net: nn.Module, in_features: int, num_classes: int) -> None:
+    """fc6..fc8 from ``_FCS`` (uninitialised: ``init_weights`` fills them)."""
+    for f in _FCS:
+        out_f = num_classes if f.out_features is None else f.out_features
+        setattr(net, f.name, nn.utils.skip_init(nn.Linear, in_features, out_f))
+        in_features = out_f
+
+
 class AlexNet(nn.Module):
     """neon/CaffeNet AlexNet returning logits (softmax lives in the loss).
 
@@ -221,11 +229,7 @@ class AlexNet(nn.Module):
         self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
         self.norm2 = nn.LocalResponseNorm(**_LRN)
         self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
-        in_f = fc6_in_features(cfg.crop)
-        for f in _FCS:
-            out_f = cfg.num_classes if f.out_features is None else f.out_features
-            setattr(self, f.name, nn.utils.skip_init(nn.Linear, in_f, out_f))
-            in_f = out_f
+        _add_fcs(self, fc6_in_features(cfg.crop), cfg.num_classes)
         self.drop6 = nn.Dropout(cfg.dropout)
         self.drop7 = nn.Dropout(cfg.dropout)
         init_weights(self, generator, init)
@@ -281,11 +285,7 @@ class TorchvisionAlexNet(nn.Module):
         self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
         self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
         self.avgpool = nn.AdaptiveAvgPool2d((_TV_POOL, _TV_POOL))
-        in_f = in_ch * _TV_POOL * _TV_POOL
-        for f in _FCS:
-            out_f = cfg.num_classes if f.out_features is None else f.out_features
-            setattr(self, f.name, nn.utils.skip_init(nn.Linear, in_f, out_f))
-            in_f = out_f
+        _add_fcs(self, in_ch * _TV_POOL * _TV_POOL, cfg.num_classes)
         self.drop5 = nn.Dropout(cfg.dropout)
         self.drop6 = nn.Dropout(cfg.dropout)
         init_weights(self, generator, init)

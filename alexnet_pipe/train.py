@@ -106,7 +106,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
     return EvalResult(loss_sum.item() / n, top1, top5 if classes > 5 else None, n, table)
 
 
-def step_loss(logits: torch.Tensor, batch: Batch, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def step_loss(logits: torch.Tensor, batch: Batch, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """(loss to back-propagate, this rank's summed loss, its real samples) for one step.
 
     The loss is this rank's sum over its real samples, divided by the step's real samples over all
@@ -119,7 +119,7 @@ def step_loss(logits: torch.Tensor, batch: Batch, world_size: int) -> tuple[torc
         per_sample = per_sample * batch.valid
         count = batch.valid.sum()
     else:
-        count = torch.tensor(batch.labels.shape[0], device=per_sample.device)
+        count = batch.labels.shape[0]  # a Python int: no host-to-device copy on the hot path
     total = per_sample.sum()
     return total * (world_size / max(batch.real_total, 1)), total.detach(), count
 
