@@ -292,8 +292,8 @@ _TRAIN_OPTIONS = [
     ("output_file", opt("-o", "--output-file", "--output_file", "output_file", type=_DIR, default=None,
         help="Metrics as JSON lines: a row per epoch and per --log-every steps.")),
     ("no_progress", opt("--no-progress", "--no_progress_bar", "no_progress", is_flag=True, help="No progress bar or lines.")),
-    ("crop", click.option("--crop", type=click.IntRange(min=1), default=224, show_default=True,
-        help="Crop size (227 = Caffe geometry; 112 for quick CPU runs).")),
+    ("crop", click.option("--crop", type=click.IntRange(min=1), default=None,
+        help="Crop size (227 = Caffe geometry; 112 for quick CPU runs) [default: the --model-file's, else 224].")),
     ("lr", click.option("--lr", type=float, default=0.01, show_default=True,
         help="Weights' lr for 128 images per step (biases get 2x); see --lr-scale.")),
     ("lr_scale", click.option("--lr-scale", type=click.Choice(["linear", "none"]), default="linear", show_default=True,
@@ -302,7 +302,15 @@ _TRAIN_OPTIONS = [
         help="lr x0.1 every N epochs.")),
     ("momentum", click.option("--momentum", type=float, default=0.9, show_default=True)),
     ("weight_decay", click.option("--weight-decay", type=float, default=5e-4, show_default=True)),
-    ("normalize_std", click.option("--normalize-std", is_flag=True, help="Also divide by the per-channel std.")),
+    ("normalize_std", click.option("--normalize-std", is_flag=True, default=None,
+        help="Also divide by the per-channel std [default: as the --model-file was trained, else no].")),
+    ("finetune", click.option("--finetune", is_flag=True,
+        help="Start a new run from --model-file's weights (trained here or imported); a new fc8 when this "
+        "dataset's classes differ.")),
+    ("freeze", click.option("--freeze", type=click.Choice(["none", "conv", "features"]), default="none", show_default=True,
+        help="With --finetune: keep conv1-conv5 (conv) or all but fc8 (features) as they are.")),
+    ("head_lr_mult", click.option("--head-lr-mult", type=click.FloatRange(min=0), default=10.0, show_default=True,
+        help="With --finetune: a new fc8 learns at --lr x this.")),
     ("init", click.option("--init", type=click.Choice(["neon", "kaiming"]), default="neon", show_default=True,
         help="Weight init: neon's model zoo, or torchvision's (learns faster on small data).")),
     ("reader", click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True)),
@@ -503,10 +511,18 @@ def train(**kw):
       alexnet-pipe train -w batches/ -e 90 -s alexnet.pt -o metrics.jsonl --serialize 1
       alexnet-pipe train -w batches/ -e 90 -s alexnet.pt --model-file alexnet.ckpt   # resume
       alexnet-pipe train -w batches/ -e 90 -s alexnet.pt --nproc 8 --checkpoint-minutes 30
+      alexnet-pipe train -w flowers/ -e 10 -s flowers.pt --model-file caffenet.pt --finetune --lr 0.001
+
+    \b
+    --model-file: a checkpoint of this dataset's classes resumes; weights (trained here or
+    imported with import-weights) start a new run from them, with the crop, channel order,
+    value range and mean/std they record. Weights of other classes need --finetune.
     """
     if kw["nproc"] > 1:
         _launch(kw["nproc"], kw["backend"])
         return
+    crop, std = kw.pop("crop"), kw.pop("normalize_std")
+    kw.update(crop=crop or 224, normalize_std=bool(std), settings_from_weights=(crop is None, std is None))
     _run_training(_train_config(False, kw))
 
 

@@ -133,6 +133,7 @@ class UpdateMeanConfig:
 
 
 DATATYPES = ("f32", "bf16", "f16")
+FREEZE_CHOICES = ("none", "conv", "features")
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class TrainConfig:
     model_file: Path | None = None  # weights to start from, or a checkpoint to resume
     test_only: bool = False
     per_class_file: Path | None = None  # test: per-class results (.json, and a .png beside it)
-    settings_from_weights: tuple[bool, bool] = (False, False)  # test: take (crop, normalize_std) from model_file
+    settings_from_weights: tuple[bool, bool] = (False, False)  # take (crop, normalize_std) from model_file (not given)
     eval_freq: int = 1
     backend: str = "cpu"  # "gpu" or "cpu"; the CLI picks gpu when one is present
     device_id: int = 0
@@ -181,6 +182,9 @@ class TrainConfig:
     checkpoint_minutes: float | None = None  # also checkpoint every N minutes, mid-epoch too
     keep_checkpoints: int = 3  # checkpoint files kept: the newest as <path>, older as <path>.1, .2
     allreduce_dtype: str | None = None  # gradients' all-reduce: f32 or bf16 (None: bf16 with -d bf16)
+    finetune: bool = False  # start a new run from model_file's weights, a new fc8 when the classes differ
+    freeze: str = "none"  # fine-tuning: none, conv (conv1..conv5) or features (everything but fc8)
+    head_lr_mult: float = 10.0  # fine-tuning: a new fc8 learns at lr x this (Caffe's fine-tuning practice)
 
     def __post_init__(self) -> None:
         checks = [
@@ -206,6 +210,11 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.dist_timeout_s > 0, f"the distributed timeout must be > 0, got {self.dist_timeout_s}"),
             (not (self.test_only and self.model_file is None), "--test-only needs --model-file (the weights to test)"),
+            (not (self.finetune and self.model_file is None), "--finetune needs --model-file (the weights to start from)"),
+            (not (self.finetune and self.test_only), "--finetune trains; drop it to test"),
+            (self.freeze in FREEZE_CHOICES, f"--freeze must be one of {FREEZE_CHOICES}, got {self.freeze}"),
+            (self.freeze == "none" or self.finetune, f"--freeze {self.freeze} is for fine-tuning: add --finetune"),
+            (self.head_lr_mult >= 0, f"--head-lr-mult must be >= 0, got {self.head_lr_mult}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -43,8 +43,11 @@ class LoaderConfig:
     read_workers: int = 0  # processes reading records for DALI; 0: in this process
     fp16: bool = False  # emit float16 (GPU); float32 otherwise
     channels_last: bool = False  # NHWC output (channels_last model input); NCHW otherwise
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # RGB, 0..255
-    std: tuple[float, float, float] | None = None  # RGB; None: mean subtraction only (neon)
+    # The network's input is (pixel - mean) / std, per channel in ``channel_order``, pixels 0..255
+    # (``InputSpec.pixel_normalization``: imported weights may want BGR or 0..1).
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] | None = None  # None: mean subtraction only (neon)
+    channel_order: str = "RGB"  # "BGR": decode to BGR (neon and Caffe weights)
     reader: str = "auto"  # "lmdb", "recordio", or "auto" (LMDB when present)
     # GPU decoding knobs (ignored on the CPU). None: DALI's own default share for the hardware
     # JPEG decoder (A100/H100); fancy upsampling makes nvJPEG upsample chroma as libjpeg-turbo does.
@@ -65,6 +68,8 @@ class LoaderConfig:
             raise ValueError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
         if self.prefetch < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {self.prefetch}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel order must be RGB or BGR, got {self.channel_order}")
 
 
 def _reader_kind(ds: Dataset, cfg: LoaderConfig) -> str:
@@ -93,7 +98,8 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
             source=source, num_outputs=5, batch=True, batch_info=True,
             dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32], **parallel,
         )
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
+                                    output_type=types.BGR if cfg.channel_order == "BGR" else types.RGB,
                                     **decoder)
         images = fn.crop_mirror_normalize(
             images,

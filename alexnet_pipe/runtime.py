@@ -15,6 +15,7 @@ import torch
 from .config import TrainConfig
 from .distributed import Dist, DistConfig
 from .errors import DatasetError, TrainingError
+from .inputspec import InputSpec
 from .manifest import Dataset, load_dataset
 from .mean import ChannelMean, load_dataset_mean
 from .pipeline import Loader, LoaderConfig
@@ -39,11 +40,27 @@ class Runtime:
         else:
             self.device = torch.device("cpu")
         self.amp_dtype = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.datatype]
-        self.mean_rgb, self.std_rgb = mean.rgb()
-        if cfg.normalize_std and self.std_rgb is None:
-            raise DatasetError(f"{ds.root}/mean.json has no std (an upgraded old mean); drop --normalize-std")
+        self.mean = mean
+        self._input: InputSpec | None = None
         dist_cfg = DistConfig(cfg.shard_id, cfg.num_shards, cfg.dist_timeout_s)
         self.dist = Dist(dist_cfg if join else DistConfig(), self.device)
+
+    @property
+    def input(self) -> InputSpec:
+        """The network's input: the dataset's mean (and std with --normalize-std) on RGB 0..255,
+        unless ``use_input`` set the one a weights file records."""
+        if self._input is None:
+            mean_rgb, std_rgb = self.mean.rgb()
+            if self.cfg.normalize_std and std_rgb is None:
+                raise DatasetError(f"{self.ds.root}/mean.json has no std (an upgraded old mean); drop --normalize-std")
+            self._input = InputSpec(self.cfg.crop, tuple(mean_rgb), tuple(std_rgb) if self.cfg.normalize_std else None,
+                                    short_side=int(self.ds.manifest["settings"].get("short_side") or 256))
+        return self._input
+
+    def use_input(self, spec: InputSpec | None) -> None:
+        """Feed the network what ``spec`` says (weights from elsewhere: BGR, 0..1, their own mean)."""
+        if spec is not None:
+            self._input = spec
 
     @property
     def global_batch(self) -> int:
@@ -65,12 +82,13 @@ class Runtime:
         """The loader settings that follow from the run's config (one place: fit, test, inspect)."""
         cfg = self.cfg
         gpu = self.device.type == "cuda"
+        mean, std = self.input.pixel_normalization()
         return LoaderConfig(
-            split=split, train=train, batch_size=batch_size or cfg.batch_size, crop=cfg.crop,
+            split=split, train=train, batch_size=batch_size or cfg.batch_size, crop=self.input.crop,
             device_id=cfg.device_id if gpu else None, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
             seed=cfg.rng_seed, subset_pct=cfg.subset_pct if train else 100.0, num_threads=cfg.data_threads,
             read_workers=cfg.read_workers, fp16=gpu and self.amp_dtype is not None,
-            channels_last=cfg.channels_last, mean=self.mean_rgb, std=self.std_rgb if cfg.normalize_std else None,
+            channels_last=cfg.channels_last, mean=mean, std=std, channel_order=self.input.channel_order,
             reader=cfg.reader,
         )
 
@@ -78,17 +96,13 @@ class Runtime:
         return Loader(self.ds, self.loader_config(split, train, batch_size), epoch, start_step)
 
     def data_meta(self) -> dict:
-        """Data settings that travel with the weights (predict/import will need them)."""
-        return {
-            "classes": [c["id"] for c in self.ds.classes],
-            "class_names": [c.get("name", "") for c in self.ds.classes],
-            "mean_rgb": list(self.mean_rgb),
-            "std_rgb": list(self.std_rgb) if self.cfg.normalize_std else None,
-            "crop": self.cfg.crop,
-            "short_side": self.ds.manifest["settings"]["short_side"],
-            "channel_order": "RGB",
-            "value_range": [0, 255],
-        }
+        """Data settings that travel with the weights: the classes and the input (``InputSpec``)."""
+        return {"classes": [c["id"] for c in self.ds.classes],
+                "class_names": [c.get("name", "") for c in self.ds.classes], **self.input.to_data()}
+
+    def warn_small_images(self) -> None:
+        if self.dist.is_main and (warning := small_image_warning(self.ds, self.input.crop)) is not None:
+            log.warning("%s", warning)
 
     def close(self) -> None:
         self.dist.close()
@@ -119,6 +133,6 @@ def open_run(cfg: TrainConfig, join: bool = False) -> Runtime:
     ds = load_dataset(cfg.data_dir)
     mean = load_dataset_mean(cfg.data_dir)
     rt = Runtime(cfg, ds, mean, join)
-    if rt.dist.is_main and (warning := small_image_warning(ds, cfg.crop)) is not None:
-        log.warning("%s", warning)
+    if not join:  # training and testing warn once the crop is known (it may come from the weights)
+        rt.warn_small_images()
     return rt

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import checkpoint, train_state
+from . import checkpoint, train_state, warmstart
 from .config import TrainConfig
 from .errors import CheckpointError, DatasetError, TrainingError
 from .loggers import Loggers, MetricsLog, TensorBoardLog
-from .model import AlexNet, AlexNetConfig, param_groups
+from .model import param_groups
 from .pipeline import Batch, Loader
 from .preempt import Action, Preemption
 from .report import PerClass, write_per_class
@@ -248,15 +248,6 @@ def _check_finite(mean_loss: float, epoch: int, lr: float) -> None:
         )
 
 
-def _build_model(rt: Runtime, num_classes: int, crop: int, seed: int) -> AlexNet:
-    gen = torch.Generator().manual_seed(seed)  # the same initial weights on every rank
-    model = AlexNet(AlexNetConfig(num_classes=num_classes, crop=crop), generator=gen, init=rt.cfg.init)
-    model = model.to(rt.device)
-    if rt.cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def epoch_loader(cfg: TrainConfig, epoch: int, split: str = "train", batch_size: int | None = None) -> Loader:
     """The loader ``fit`` reads ``split`` from, positioned at ``epoch``: the same records, order,
     crops and flips (train), or centre crops in stored order (any other split).
@@ -267,19 +258,17 @@ def epoch_loader(cfg: TrainConfig, epoch: int, split: str = "train", batch_size:
 
 def run_test(cfg: TrainConfig) -> EvalResult:
     """Evaluate ``cfg.model_file`` on the validation split (`--test_only`), over all ranks, with
-    the crop and normalisation the weights were trained with where ``settings_from_weights`` says."""
-    body = checkpoint.load(cfg.model_file)
-    crop_from, std_from = cfg.settings_from_weights
-    if crop_from:
-        cfg = replace(cfg, crop=int(body["model_config"].get("crop", cfg.crop)))
-    if std_from:
-        cfg = replace(cfg, normalize_std=body["data"].get("std_rgb") is not None)
+    the network and input the weights file records (crop, channel order, value range, mean/std)."""
     rt = open_run(cfg, join=True)
     loader = None
     try:
-        train_state.check_compatible(body, cfg.model_file, rt.ds, cfg.crop)
-        model = _build_model(rt, rt.ds.num_classes, cfg.crop, cfg.rng_seed)
-        model.load_state_dict(body["model"])
+        start = warmstart.plan_start(cfg, rt.ds, testing=True)
+        rt.cfg = start.cfg
+        rt.use_input(start.spec)
+        rt.warn_small_images()
+        model = warmstart.build(start, rt.device, cfg.rng_seed, cfg.init)
+        if rt.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         loader = rt.loader("val", False, 0)
         result = evaluate(model, loader, rt, cfg.progress, per_class=cfg.per_class_file is not None)
         if rt.dist.is_main and cfg.per_class_file is not None:
@@ -337,27 +326,37 @@ def fit(cfg: TrainConfig) -> FitResult:
     main = rt.dist.is_main
     train_loader = val_loader = metrics = None
     try:
-        rt.dist.check_same(_global_settings(rt))
         ds = rt.ds
+        start = warmstart.plan_start(cfg, ds)  # crop and normalisation may come from --model-file
+        rt.cfg = cfg = start.cfg
+        rt.use_input(start.spec)
+        rt.warn_small_images()
+        rt.dist.check_same(_global_settings(rt))
         if "val" not in ds.splits() and cfg.eval_freq and main:
             log.warning("%s has no val split: training without evaluation", cfg.data_dir)
-        model = _build_model(rt, ds.num_classes, cfg.crop, cfg.rng_seed)
-        opt = torch.optim.SGD(param_groups(model, rt.lr, cfg.weight_decay, cfg.bias_lr_mult),
+        model = warmstart.build(start, rt.device, cfg.rng_seed, cfg.init)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        head = warmstart.HEAD if start.new_head else None  # a new fc8 learns at --head-lr-mult x the lr
+        opt = torch.optim.SGD(param_groups(model, rt.lr, cfg.weight_decay, cfg.bias_lr_mult, head, cfg.head_lr_mult),
                               lr=rt.lr, momentum=cfg.momentum, fused=(rt.device.type == "cuda") or None)
         scaler = torch.amp.GradScaler(rt.device.type) if cfg.datatype == "f16" else None
         restored = train_state.Restored(0, [], train_state.Partial())
         changes: dict = {}
-        if cfg.model_file is not None:
-            body, source = checkpoint.load_newest_good(cfg.model_file)
-            train_state.check_compatible(body, source, ds, cfg.crop)
-            restored = train_state.restore(body, model, opt, scaler)
+        if main:
+            for note in start.notes:
+                log.info("%s", note)
+            if start.spec is not None and not start.resume:
+                log.info("starting from %s; input %s", start.source, rt.input.describe())
+        if start.resume:
+            body, source = start.body, start.source
+            restored = train_state.restore(body, opt, scaler)
             restored.partial = _resume_step(restored, body, rt, source)
-            if body["kind"] == "checkpoint":
-                changes = train_state.resume_changes(body, cfg, source)
-                train_state.apply_hyperparameters(opt, rt.lr, cfg)
-                if changes and main:
-                    log.info("resuming with changed settings: %s",
-                             ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+            changes = train_state.resume_changes(body, cfg, source)
+            train_state.apply_hyperparameters(opt, rt.lr, cfg)
+            if changes and main:
+                log.info("resuming with changed settings: %s",
+                         ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
             if (restored.start_epoch or restored.partial.step) and main:
                 log.info("resuming %s after epoch %d%s", source, restored.start_epoch,
                          f", step {restored.partial.step}" if restored.partial.step else "")
@@ -369,7 +368,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         steps_per_epoch = len(train_loader) if train_loader is not None else 1
         metrics = Loggers(MetricsLog(cfg.output_file, enabled=main),
                           TensorBoardLog(cfg.tensorboard_dir, steps_per_epoch) if main and cfg.tensorboard_dir else None)
-        metrics.start(None if cfg.model_file is None else start_epoch, partial.step, changes)
+        metrics.start(start_epoch if start.resume else None, partial.step, changes)
         train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
             train_model = torch.compile(train_model)
@@ -380,7 +379,8 @@ def fit(cfg: TrainConfig) -> FitResult:
         def save_checkpoint(epochs_done: int, progress: train_state.Partial | None = None) -> None:
             if main and ckpt_path is not None:
                 checkpoint.save(ckpt_path, train_state.checkpoint_payload(rt, model, opt, scaler, epochs_done, history,
-                                                                          progress), keep=cfg.keep_checkpoints)
+                                                                          progress, start.record()),
+                                keep=cfg.keep_checkpoints)
 
         with Preemption(rt.dist, cfg.checkpoint_minutes, cfg.log_every) as preemption:
             for epoch in range(start_epoch, cfg.epochs):
@@ -423,7 +423,8 @@ def fit(cfg: TrainConfig) -> FitResult:
             return FitResult(len(history), history, final, None, stopped_by, ckpt_path)
         if main and cfg.save_path is not None:
             checkpoint.save(cfg.save_path,
-                            train_state.weights_payload(rt, model, max(start_epoch, cfg.epochs), history))
+                            train_state.weights_payload(rt, model, max(start_epoch, cfg.epochs), history,
+                                                        start.record()))
         rt.dist.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
         return FitResult(len(history), history, final, cfg.save_path)
     finally:  # release the shard files now, not whenever the loaders are collected

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .manifest import Dataset
+from .model import group_lr_mult
 from .runtime import Runtime
 
 _DROPOUT_STREAM = 0xD50
@@ -51,38 +51,12 @@ def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
     torch.manual_seed(int(state[0] >> np.uint64(1)))
 
 
-def check_compatible(body: dict, path: Path, ds: Dataset, crop: int) -> None:
-    """Refuse weights trained for other classes or another crop than this run's."""
-    mc = body["model_config"]
-    data = body["data"]
-    if mc.get("arch", "neon") != "neon" or data.get("channel_order", "RGB") != "RGB" \
-            or list(data.get("value_range", [0, 255])) != [0, 255]:
-        # Imported weights (import-weights) may expect BGR or 0..1 input: feeding them this
-        # pipeline's RGB 0..255 would give wrong figures without an error.
-        raise CheckpointError(
-            f"{path} holds a {mc.get('arch', 'neon')} network expecting {data.get('channel_order')} input in "
-            f"{data.get('value_range')}; train and test read only weights trained here so far (running imported "
-            "weights is the next step of the weight-import work)")
-    num_classes = ds.num_classes
-    if mc.get("num_classes") != num_classes:
-        raise CheckpointError(f"{path} was trained for {mc.get('num_classes')} classes; this dataset has {num_classes}")
-    trained = body["data"].get("classes")
-    here = [c["id"] for c in ds.classes]
-    if trained is not None and trained != here:
-        first = next(i for i, (a, b) in enumerate(zip(trained, here)) if a != b)
-        raise CheckpointError(
-            f"{path} was trained on other classes (class {first} is {trained[first]!r} there, "
-            f"{here[first]!r} in {ds.root}); its scores would be read against the wrong labels"
-        )
-    if mc.get("crop") != crop:
-        raise CheckpointError(f"{path} was trained with --crop {mc.get('crop')}; pass --crop {mc.get('crop')}")
-
-
 # Resuming: what a resumed run must keep (it defines the run's data), and what it may change.
 # Changes are applied, logged, and recorded in the -o file's "resumed" row.
-_KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "init": "--init"}
+_KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "init": "--init",
+                   "freeze": "--freeze"}
 _CHANGEABLE = ("epochs", "lr", "lr_scale", "lr_step", "lr_gamma", "momentum", "weight_decay", "bias_lr_mult",
-               "batch_size", "subset_pct", "eval_freq", "serialize", "datatype", "backend")
+               "head_lr_mult", "batch_size", "subset_pct", "eval_freq", "serialize", "datatype", "backend")
 
 
 def resume_changes(body: dict, cfg, path: Path) -> dict[str, list]:
@@ -93,7 +67,7 @@ def resume_changes(body: dict, cfg, path: Path) -> dict[str, list]:
         if key in before and before[key] != getattr(cfg, key):
             raise CheckpointError(
                 f"{path} was trained with {flag} {before[key]}, this run asks for {getattr(cfg, key)}; a resumed run "
-                f"keeps it (drop the flag), or start a new run from its weights with alexnet-pipe train --model-file")
+                f"keeps it (pass {flag} {before[key]}), or start a new run from its weights with --finetune")
     return {k: [before[k], getattr(cfg, k)] for k in _CHANGEABLE if k in before and before[k] != getattr(cfg, k)}
 
 
@@ -101,18 +75,15 @@ def apply_hyperparameters(opt, lr: float, cfg) -> None:
     """Set lr, momentum and weight decay from this run's flags over the values a checkpoint's
     optimizer state brought back (its momentum buffers are kept)."""
     for group in opt.param_groups:
-        biases = group.get("name") == "biases"
-        group["lr0"] = lr * (cfg.bias_lr_mult if biases else 1.0)
+        name = group.get("name", "weights")
+        group["lr0"] = lr * group_lr_mult(name, cfg.bias_lr_mult, cfg.head_lr_mult)
         group["lr"] = group["lr0"]
         group["momentum"] = cfg.momentum
-        group["weight_decay"] = 0.0 if biases else cfg.weight_decay
+        group["weight_decay"] = 0.0 if name.endswith("biases") else cfg.weight_decay
 
 
-def restore(body: dict, model: torch.nn.Module, opt, scaler) -> Restored:
-    """Load weights (any kind) and, from a checkpoint, the optimizer and the epoch count."""
-    model.load_state_dict(body["model"])
-    if body["kind"] != "checkpoint":
-        return Restored(0, [], Partial())
+def restore(body: dict, opt, scaler) -> Restored:
+    """From a checkpoint (the weights are loaded already): the optimizer, the epoch count, the progress."""
     opt.load_state_dict(body["optimizer"])
     if scaler is not None and body.get("scaler"):
         scaler.load_state_dict(body["scaler"])
@@ -121,20 +92,21 @@ def restore(body: dict, model: torch.nn.Module, opt, scaler) -> Restored:
 
 
 def checkpoint_payload(rt: Runtime, model, opt, scaler, epoch: int, history: list[dict],
-                       partial: Partial | None = None) -> dict:
+                       partial: Partial | None = None, start: dict | None = None) -> dict:
     """A resumable checkpoint after ``epoch`` completed epochs and ``partial.step`` steps of the next."""
     return {
         "kind": "checkpoint", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
         "data": rt.data_meta(), "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch, "partial": (partial or Partial()).to_dict(), "global_batch": rt.global_batch,
-        "world_size": rt.dist.world_size, "train_config": rt.cfg.to_dict(), "history": history,
+        "world_size": rt.dist.world_size, "train_config": rt.cfg.to_dict(), "history": history, "start": start,
     }
 
 
-def weights_payload(rt: Runtime, model, epoch: int, history: list[dict]) -> dict:
+def weights_payload(rt: Runtime, model, epoch: int, history: list[dict], start: dict | None = None) -> dict:
     """The final weights: model, its config and the data settings, no optimizer."""
     return {
         "kind": "weights", "model": model.state_dict(), "model_config": model.cfg.to_dict(),
         "data": rt.data_meta(), "epoch": epoch, "train_config": rt.cfg.to_dict(), "history": history,
+        "start": start,
     }

@@ -131,16 +131,38 @@ def test_per_class_table_and_confused_pairs_by_hand(tmp_path):
     assert body["confused_pairs"][0] == {"true": "a", "predicted": "b", "images": 3}
 
 
-def test_imported_bgr_weights_are_refused_not_misread(data, tmp_path):
+def test_bgr_and_unit_range_weights_are_fed_what_they_expect(data, tmp_path):
+    """The same network re-expressed for BGR input, and for 0..1 input (as import-weights records
+    neon, Caffe and torchvision weights), scores exactly as the original: the pipeline follows the
+    channel order and value range the weights file records."""
     from alexnet_pipe import checkpoint
 
     runner = CliRunner()
     res = runner.invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "--no-progress",
                                "--data-threads", "1", "-e", "1", "--eval-freq", "0", "-s", str(tmp_path / "w.pt")])
     assert res.exit_code == 0, res.output
-    body = checkpoint.load(tmp_path / "w.pt")
-    body["data"]["channel_order"] = "BGR"  # as import-weights records neon and Caffe weights
-    checkpoint.save(tmp_path / "bgr.pt", {k: v for k, v in body.items() if k not in ("format", "version", "created_by")})
-    line = _one_line_error(runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file",
-                                                str(tmp_path / "bgr.pt")]))
-    assert "expecting BGR input" in line
+    body = {k: v for k, v in checkpoint.load(tmp_path / "w.pt").items() if k not in ("format", "version", "created_by")}
+    bgr = {**body, "model": dict(body["model"]), "data": {**body["data"], "channel_order": "BGR"}}
+    bgr["model"]["conv1.weight"] = body["model"]["conv1.weight"].flip(1)  # input channels B, G, R
+    unit = {**body, "model": dict(body["model"]),
+            "data": {**body["data"], "value_range": [0, 1], "mean_rgb": [m / 255 for m in body["data"]["mean_rgb"]]}}
+    unit["model"]["conv1.weight"] = body["model"]["conv1.weight"] * 255  # input /255
+    lines = []
+    for name, payload in (("w.pt", None), ("bgr.pt", bgr), ("unit.pt", unit)):
+        if payload is not None:
+            checkpoint.save(tmp_path / name, payload)
+        res = runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file", str(tmp_path / name),
+                                   "--no-progress", "-o", str(tmp_path / f"{name}.jsonl")])
+        assert res.exit_code == 0, res.output
+        lines.append(json.loads((tmp_path / f"{name}.jsonl").read_text()))
+    assert lines[1]["val_loss"] == pytest.approx(lines[0]["val_loss"], rel=1e-5)
+    assert lines[2]["val_loss"] == pytest.approx(lines[0]["val_loss"], rel=1e-5)
+    assert lines[0]["val_top1"] == lines[1]["val_top1"] == lines[2]["val_top1"]
+    # Read as RGB, the BGR network would score differently: the check above can fail.
+    rgb_misread = {**bgr, "data": body["data"]}
+    checkpoint.save(tmp_path / "misread.pt", rgb_misread)
+    res = runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file", str(tmp_path / "misread.pt"),
+                               "--no-progress", "-o", str(tmp_path / "misread.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "misread.jsonl").read_text())["val_loss"] != pytest.approx(lines[0]["val_loss"],
+                                                                                             rel=1e-5)

@@ -399,5 +399,5 @@ def test_resume_applies_a_changed_lr_records_it_and_refuses_a_changed_seed(tiny,
     assert marker["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.002], "serialize": [1, 0]}
     with pytest.raises(CheckpointError, match=r"trained with -r/--rng-seed 0, this run asks for 7"):
         fit(tcfg(tiny, epochs=2, eval_freq=0, model_file=ckpt, rng_seed=7))
-    with pytest.raises(CheckpointError, match=r"--normalize-std False, this run asks for True"):
+    with pytest.raises(CheckpointError, match=r"takes input not divided by the std, this run asks for --normalize-std"):
         fit(tcfg(tiny, epochs=2, eval_freq=0, model_file=ckpt, normalize_std=True))
