@@ -697,3 +697,47 @@ def import_weights_cmd(src, output, fmt, synsets, mean, std, mean_file):
     result = import_weights(src, ImportConfig(output=output, fmt=fmt, synsets=synsets, mean=mean, std=std,
                                                     mean_file=mean_file))
     click.echo(result.summary())
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@opt("--model-file", "--model_file", "model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+     required=True, help="Weights or a checkpoint: from alexnet-pipe train or import-weights.")
+@opt("-z", "--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=64, show_default=True,
+     help="Images per forward pass.")
+@click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None, help="Default: gpu when present.")
+@opt("-i", "--device-id", "--device_id", "device_id", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON list, an object per image in input order: path and top5 (index, id, name, prob), "
+                   "or path and error.")
+def predict(images, model_file, batch_size, backend, device_id, as_json):
+    """Top-5 classes of IMAGES (files, or folders of them, searched recursively) with --model-file,
+    through the validation preprocessing: the converter's resize of the short side, the centre
+    crop, the weights' channel order, mean and std. Exit code 1 when any input could not be read
+    (the others are still predicted).
+
+    \b
+    Examples:
+      alexnet-pipe predict --model-file alexnet.pt cat.jpg dog.png
+      alexnet-pipe predict --model-file caffenet.pt photos/ --json > predictions.json
+      alexnet-pipe predict --model-file alexnet.ckpt -b cpu -z 16 photos/
+    """
+    from .predict import PredictConfig, format_table, run_predict
+
+    if backend is None:
+        import torch
+
+        backend = "gpu" if torch.cuda.is_available() else "cpu"
+    result = run_predict(PredictConfig(model_file=model_file, inputs=tuple(images), batch_size=batch_size,
+                                       backend=backend, device_id=device_id))
+    if result.passed_over:
+        shown = ", ".join(result.passed_over[:3]) + (", ..." if len(result.passed_over) > 3 else "")
+        click.echo(f"passed over {len(result.passed_over)} file(s) in the folders that are not images by their "
+                   f"suffix ({shown}); name a file to read it anyway", err=True)
+    if as_json:
+        click.echo(json.dumps([p.to_json() for p in result.predictions], indent=1))
+    else:
+        click.echo(format_table(result))
+    if result.failed:
+        click.echo(f"{result.failed} of {len(result.predictions)} inputs could not be read", err=True)
+        sys.exit(1)

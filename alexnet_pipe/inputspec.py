@@ -51,7 +51,8 @@ class InputSpec:
             std_rgb=None if std is None else tuple(float(v) for v in std),
             channel_order=str(data.get("channel_order", "RGB")),
             value_range=tuple(float(v) for v in data.get("value_range", (0, 255))),
-            short_side=int(data.get("short_side") or 256),
+            # 0: the dataset kept every image at its own size (convert --short-side 0)
+            short_side=256 if data.get("short_side") is None else int(data["short_side"]),
         )
 
     def to_data(self) -> dict:

@@ -54,7 +54,7 @@ class Runtime:
             if self.cfg.normalize_std and std_rgb is None:
                 raise DatasetError(f"{self.ds.root}/mean.json has no std (an upgraded old mean); drop --normalize-std")
             self._input = InputSpec(self.cfg.crop, tuple(mean_rgb), tuple(std_rgb) if self.cfg.normalize_std else None,
-                                    short_side=int(self.ds.manifest["settings"].get("short_side") or 256))
+                                    short_side=int(self.ds.manifest["settings"].get("short_side", 256)))
         return self._input
 
     def use_input(self, spec: InputSpec | None) -> None:
