@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = ["env", "data", "gpu-tests", "bench", "sweep", "e2e", "train", "train-recordio", "bench-compile"]
+STEPS = ["env", "data", "gpu-tests", "bench", "sweep", "e2e", "train", "train-recordio", "test-predict", "bench-compile"]
 
 
 def _fake_bin(tmp: Path, cases: str) -> Path:
@@ -78,12 +78,12 @@ def test_dependents_of_a_failed_step_are_skipped_and_a_stalled_step_is_killed(tm
     assert rc != 0
     status = _status(steps)
     assert status["data"] == "failed"
-    assert [status[s] for s in ("sweep", "e2e", "train", "train-recordio")] == ["skipped"] * 4
+    assert [status[s] for s in ("sweep", "e2e", "train", "train-recordio", "test-predict")] == ["skipped"] * 5
     assert status["bench"] == "timeout"
     assert status["env"] == status["gpu-tests"] == status["bench-compile"] == "ok"
     bench = next(s for s in steps["steps"] if s["name"] == "bench")
     assert bench["rc"] == 124 and float(bench["seconds"]) < 15
-    assert set(summary["failed_steps"]) == {"data", "sweep", "e2e", "train", "train-recordio", "bench"}
+    assert set(summary["failed_steps"]) == {"data", "sweep", "e2e", "train", "train-recordio", "test-predict", "bench"}
 
 
 def test_the_summary_exists_even_when_python_fails_everywhere(tmp_path):

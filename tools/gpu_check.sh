@@ -14,6 +14,8 @@
 #   e2e            the benchmark with the DALI train pipeline feeding the model, and the pipeline
 #                  alone against a PIL DataLoader (--loader)
 #   train          3 epochs of bf16 GPU training (LMDB), then 2 from RecordIO
+#   test-predict   test and predict (torch on the GPU) with the trained weights; one epoch of
+#                  --finetune --freeze conv from them
 #   bench-compile  the benchmark with torch.compile (last: its compilation is the slowest step)
 # A failed step does not stop the later ones unless they need its output (they are then
 # "skipped"). Every step's output is kept in OUT/<step>.log; OUT/steps.json lists each step's
@@ -100,6 +102,10 @@ step train 90 data "$PY" -m alexnet_pipe train -w "$WORK/data" -b gpu -e 3 -z 12
   --no_progress_bar -s "$WORK/w.pt" -o "$OUT/train.jsonl"
 step train-recordio 60 data "$PY" -m alexnet_pipe train -w "$WORK/data" -b gpu -e 2 --reader recordio \
   --no_progress_bar -o "$OUT/train-recordio.jsonl"
+step test-predict 60 train bash -c '"$PY" -m alexnet_pipe test -w "$WORK/data" -b gpu --model-file "$WORK/w.pt" \
+  --no-progress -o "$OUT/test.jsonl" && "$PY" -m alexnet_pipe predict --model-file "$WORK/w.pt" -b gpu --json \
+  "$WORK/raw/val" > "$OUT/predict.json" && "$PY" -m alexnet_pipe train -w "$WORK/data" -b gpu -e 1 \
+  --model-file "$WORK/w.pt" --finetune --freeze conv --no-progress -s "$WORK/ft.pt" -o "$OUT/finetune.jsonl"'
 step bench-compile 180 "" "$PY" -m alexnet_pipe benchmark -b gpu --compile -o "$OUT/bench.jsonl"
 
 failed=0
