@@ -23,11 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alexnet_pipe.config import VerifyConfig
 from alexnet_pipe.datum import decode_datum
 from alexnet_pipe.imaging import BadImage, read_source
 from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.recordio import iter_records, unpack_payload
 from alexnet_pipe.sources import Source
+from alexnet_pipe.verify import run_verify
 
 from .conftest import smooth_image
 from .test_bad_inputs import BAD_INPUTS, bomb_png, encode
@@ -288,9 +290,8 @@ def test_counts_add_up(run):
 
 def test_the_dataset_verifies(run):
     assert run.result.returncode == 0, run.result.stderr[-3000:]
-    res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "verify", str(run.out), "--workers", "1",
-                          "--no-progress"], env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    result = run_verify(VerifyConfig(run.out, workers=1, progress=False))
+    assert result.ok, [str(p) for p in result.problems]
 
 
 def test_a_fifo_named_in_a_list_file_is_refused_without_blocking(tmp_path):
