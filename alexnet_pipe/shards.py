@@ -31,9 +31,10 @@ LMDB_DIR = "lmdb"
 RECORDIO_DIR = "recordio"
 LMDB_COMMIT_EVERY = 1000  # records per write transaction, as Caffe's convert_imageset
 COMMIT_BYTES = 64 << 20  # ... or fewer: a transaction's records are kept until it commits (see ShardWriter)
-# The scratch LMDB's first map (address space, not disk; the shard stores its data's size). It is
-# doubled whenever it is full, so any shard fits; starting small keeps `ulimit -v` machines working.
-SCRATCH_MAP_SIZE = 1 << 30
+# The scratch LMDB's first map (address space, not disk; the shard stores its data's size): room
+# for a default shard of 5,000 ImageNet images. It is doubled whenever it is full, so any shard
+# fits; not reserving 1 TiB up front keeps machines with `ulimit -v` working.
+SCRATCH_MAP_SIZE = 4 << 30
 LMDB_MAX_KEY = 511
 
 
@@ -98,8 +99,8 @@ def compact_lmdb(src: Path, dst: Path) -> None:
     ``src``'s data (at least the copy's, which a compacting copy can only shrink).
 
     LMDB keeps the map size it was written with in the file, and a reader that sets none (DALI's
-    Caffe reader, Caffe itself) reserves that much address space per database: with the 1 TiB
-    a writer needs, one process could open only ~120 shards. Opening ``src`` with a map size of 1
+    Caffe reader, Caffe itself) reserves that much address space per database: with a writer's
+    reservation (version 1 stored 1 TiB), one process could open only ~120 shards. Opening ``src`` with a map size of 1
     makes LMDB round it up to the data's size, and a compacting copy stores that size.
     """
     dst.mkdir(parents=True)
