@@ -158,7 +158,8 @@ class ShardWriter:
     def _open(self, map_size: int) -> None:
         """A new, empty scratch database of ``map_size`` and its first write transaction."""
         self._map_size = map_size
-        self._scratch = self.staging / (f".{self.plan.name}.scratch" + (f"-{self._generation}" if self._generation else ""))
+        suffix = f"-{self._generation}" if self._generation else ""
+        self._scratch = self.staging / f".{self.plan.name}.scratch{suffix}"
         self._scratch.mkdir(parents=True)
         # lock=False: one writer on a private directory. sync=False: a crash redoes the shard
         # anyway. meminit=True zeroes the space of newly allocated pages.

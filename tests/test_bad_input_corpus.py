@@ -266,7 +266,8 @@ def test_every_entry_is_stored_correctly_or_listed_with_its_reason(run):
             assert word in skipped[key], f"{key!r}: {skipped[key]!r} lacks {word!r}"
         assert "\n" not in skipped[key]
     want_stored = {k: v for k, v in run.corpus.expected.items() if isinstance(v, int)}
-    stored = {f"{split}/{name}": data for split in ("train", "val") for name, data in stored_records(run.out, split).items()}
+    stored = {f"{split}/{name}": data
+              for split in ("train", "val") for name, data in stored_records(run.out, split).items()}
     assert set(stored) == set(want_stored)
     for key, seed in want_stored.items():
         with Image.open(io.BytesIO(stored[key])) as im:

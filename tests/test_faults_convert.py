@@ -162,7 +162,9 @@ def _exists(out: Path, rel: str) -> Callable[[float], bool]:
 
 
 def _temp_of(out: Path, name: str) -> Callable[[float], bool]:
-    return lambda _: any(TEMP.fullmatch(n) and n.startswith(f".{name}.") for n in os.listdir(out)) if out.is_dir() else False
+    def ready(_: float) -> bool:
+        return out.is_dir() and any(TEMP.fullmatch(n) and n.startswith(f".{name}.") for n in os.listdir(out))
+    return ready
 
 
 # Finalization writes, in order: the combined RecordIO indexes, mean.json, the mean image (.npy,
