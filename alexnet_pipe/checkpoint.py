@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError
-from .fsutil import fsync_dir
+from .fsutil import fsync_dir, output_error, remove_temps, temp_path
 
 FORMAT = "alexnet-pipe-model"
 VERSION = 1
@@ -34,27 +34,41 @@ log = logging.getLogger(__name__)
 
 
 class _Hashing:
-    """A write-only file wrapper that hashes what passes through (torch.save streams into it)."""
+    """A write-only file wrapper that hashes what passes through (torch.save streams into it).
+    A write error is kept: torch replaces it with a RuntimeError of its own."""
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.sha.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def save(path: Path, payload: dict, keep: int = 1) -> None:
+def save(path: Path, payload: dict, keep: int = 1, then: str | None = None) -> None:
     """Write atomically: a reader sees the previous file or the complete new one. With ``keep``
-    > 1 the previous files move to ``path.1``, ``path.2``, ... (the oldest is dropped)."""
+    > 1 the previous files move to ``path.1``, ``path.2``, ... (the oldest is dropped).
+
+    The data goes to a hidden ``.NAME.tmp-PID`` first. A write that fails (a full disk, a file
+    size limit) removes it and raises ``OutputError``, one line ending in ``then`` (what to do;
+    by default: free space and run again); one killed midway leaves it, never under a
+    checkpoint's name, and the next save removes it.
+    """
     if payload.get("kind") not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     body = {"format": FORMAT, "version": VERSION, "created_by": f"alexnet-pipe {__version__}", **payload}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_temps(path.parent, path.name, only_dead=True)
+    tmp = temp_path(path)
+    hashing = None
     try:
         with open(tmp, "wb") as f:
             hashing = _Hashing(f)
@@ -67,9 +81,15 @@ def save(path: Path, payload: dict, keep: int = 1) -> None:
             if older.exists():
                 os.replace(older, rotated(path, k))
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        cause = hashing.error if hashing is not None and hashing.error is not None else exc
+        error = output_error(cause, path, then or "free some space (or choose another path) and run again; an "
+                                                  "earlier file of that name is unchanged")
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 

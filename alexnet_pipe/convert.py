@@ -24,13 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import numpy as np
 from tqdm import tqdm
 
 from . import __version__
 from .config import ConvertConfig, ImageSettings
 from .errors import BusyError, SettingsMismatchError
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove
+from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, output_error, remove, remove_temps
 from .imaging import BatchResult, Encoded, batch_to_pipe, process_batch
 from .info import plural
 from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
@@ -506,7 +507,16 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     identity = output_identity(cfg, found)
     cfg.dst.mkdir(parents=True, exist_ok=True)  # after the scan: a bad input leaves no OUT behind
     with _run_lock(cfg.dst, shared=cfg.part is not None):
-        return _write(cfg, found, plans, identity, started)
+        try:
+            return _write(cfg, found, plans, identity, started)
+        except (OSError, lmdb.Error) as exc:  # a full disk, a file size limit: one line, shards kept
+            error = output_error(exc, cfg.dst, "free some space (or raise the limit), then rerun the same command: "
+                                               "the finished shards are kept and the conversion goes on from them")
+            if error is None:
+                raise
+            if cfg.part is None:  # free the unfinished shard's space (--part neighbours may be writing theirs)
+                remove(cfg.dst / STAGING_DIR)
+            raise error from exc
 
 
 @contextmanager
@@ -529,6 +539,9 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
            started: float) -> ConvertResult:
     """The conversion proper, under the run lock: prepare OUT, write the missing shards, finalize."""
     _prepare_output(cfg.dst, identity, cfg.force)
+    if cfg.part is None:  # alone in OUT: what a run killed amid an atomic write left is garbage
+        for folder in (cfg.dst, cfg.dst / PARTS_DIR, cfg.dst / RECORDIO_DIR, cfg.dst / SCAN_CACHE):
+            remove_temps(folder)
 
     done: set[str] = set()  # names of complete shards (their records stay on disk until the end)
     pending: list[ShardPlan] = []

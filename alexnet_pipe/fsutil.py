@@ -1,11 +1,34 @@
-"""Crash-safe file writes: write aside, fsync, rename, fsync the directory."""
+"""Crash-safe file writes: write aside, fsync, rename, fsync the directory; and one line for a
+write that fails (a full disk, a file size limit, a read-only file system)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 from pathlib import Path
+
+from .errors import AlexnetPipeError
+
+_TEMP = re.compile(r"\..+\.tmp-(\d+)")  # what temp_path makes: .NAME.tmp-PID
+FULL = "no space left on the device"
+_WHY = {
+    errno.ENOSPC: FULL,
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file size limit (ulimit -f) or the file system",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+}
+LOW_SPACE = 64 << 20  # below this much free space, a database write that failed is taken for a full disk
+
+
+class OutputError(AlexnetPipeError):
+    """An output could not be written; the message names it, says why and what to do."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -16,15 +39,121 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path) -> Path:
+    """Where an atomic write of ``path`` puts its data first (hidden, named by the writer's pid)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` with ``data`` so readers see the old file or the new one, never a part.
+    A failed write (a full disk) removes its temporary file; a killed one leaves it (see
+    ``remove_temps``)."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write() names no file
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+        raise
     fsync_dir(path.parent)
+
+
+def remove_temps(folder: Path, name: str | None = None, only_dead: bool = False) -> int:
+    """Delete the temporary files that atomic writes killed midway left in ``folder`` (of the
+    target ``name`` only, when given). ``only_dead``: only those of processes that no longer
+    exist, where others may be writing; else the caller must know that no one is. Returns how many."""
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        m = _TEMP.fullmatch(entry.name)
+        if m is None or (name is not None and entry.name != f".{name}.tmp-{m.group(1)}"):
+            continue
+        if only_dead and _alive(int(m.group(1))):
+            continue
+        if entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        try:
+            st = os.statvfs(folder)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def os_error(exc: Exception, path: Path) -> OSError:
+    """The OSError that a library's write error without an errno stands for (LMDB's
+    ``lmdb.Error("mdb_txn_commit: No space left on device")``), naming ``path``; the errno is
+    read from the message, EIO when it names none (LMDB reports a short write so)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    code = next((code for code in _WHY if code != errno.EIO and os.strerror(code) in text), errno.EIO)
+    return OSError(code, text, os.fspath(path))
+
+
+def output_error(exc: BaseException, where: Path, then: str) -> OutputError | None:
+    """One line for a write under ``where`` that failed: an ``OSError`` (or a library error,
+    see ``os_error``) of a full disk, a quota, a file size limit, a read-only or unwritable file
+    system, an I/O error. An I/O error with a nearly full file system is named a full disk.
+    ``then``: what to do once it is fixed. None for any other error."""
+    if not isinstance(exc, OSError):
+        if type(exc).__module__ != "lmdb":
+            return None
+        exc = os_error(exc, where)
+    why = _WHY.get(exc.errno)
+    if why is None:
+        return None
+    path = Path(os.fsdecode(exc.filename)) if isinstance(exc.filename, (str, bytes)) else where
+    free = _free_bytes(path)
+    if exc.errno == errno.EIO:  # a short write (so LMDB reports a full disk), or a failing disk
+        detail = exc.strerror or why
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if free is not None and free < LOW_SPACE:
+            why = f"{FULL} ({detail})"
+        elif soft != resource.RLIM_INFINITY:
+            why = f"{detail}; the file size limit (ulimit -f) is {_size(soft)}"
+        else:
+            why = detail
+    elif exc.errno == errno.EFBIG:
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            why = f"file too large for the file size limit (ulimit -f: {_size(soft)})"
+    space = "" if free is None else f" ({_size(free)} free there)"
+    return OutputError(f"could not write {path}: {why}{space}; {then}")
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -52,8 +181,6 @@ def backup_path(path: Path) -> Path:
 def check_output_file(path: Path, option: str) -> None:
     """Refuse, before any work, an output file path that cannot be written: a directory, a parent
     that is a file, a directory without write permission. Creates nothing."""
-    from .errors import AlexnetPipeError
-
     if path.is_dir():
         raise AlexnetPipeError(f"{option} {path} is a directory; give a file name, e.g. {path / 'alexnet.pt'}")
     if path.exists() and not os.access(path, os.W_OK):

@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -117,7 +118,13 @@ def read_source(src: Source, max_mb: int | None = None) -> bytes:
     ends, is cut there and refused).
     """
     limit = None if max_mb is None else max_mb << 20
-    with open(src.path, "rb") as f:
+    # O_NONBLOCK: opening a FIFO (listed in a --list file, or swapped in after the scan) must
+    # not wait for a writer; it is then refused. Regular files ignore the flag.
+    fd = os.open(src.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        kind = os.fstat(fd).st_mode
+        if stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind):
+            raise BadImage("FIFO (named pipe) or socket, not a regular file: not read")
         if src.size < 0:
             if limit is None:
                 return f.read()
@@ -578,6 +585,7 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
             and not head.multi_picture  # its extra pictures would be stored too
             and orientation == 1
             and target == (head.width, head.height)
+            and data.endswith(b"\xff\xd9")  # bytes after the end-of-image marker are not stored
         )
         bgr = _decode_jpeg(data, head, None if passthrough else target)
         if passthrough:

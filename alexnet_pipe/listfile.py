@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LayoutError
-from .scan import ScanResult, Skip, some_names
+from .scan import ScanResult, Skip, not_a_file, some_names
 from .sources import SourceTableBuilder
 from .val_labels import is_archive, read_synsets
 
@@ -185,9 +185,11 @@ def _resolve(raw: str, list_path: Path, split: str, entries: Iterator[_Entry],
             why = f"listed again{other}; the first, line {line}, is kept"
         elif name in taken:
             why = f"also in {taken_by} (line {taken[name] & 0xFFFFFFFF}); an image is in one split only"
-        elif not os.path.isfile(os.path.join(raw, name)):
-            folder = os.path.isdir(os.path.join(raw, name))
+        elif not os.path.isfile(path := os.path.join(raw, name)):
+            folder = os.path.isdir(path)
             why = ("is a folder, not a file" if folder else "no such file") + " under RAW"
+            if not folder and os.path.lexists(path):  # a FIFO, device, socket, broken link, link loop
+                why = not_a_file(path) or why
         else:
             names[name] = e.label << 32 | e.line
             continue

@@ -25,11 +25,13 @@ Hidden files (names starting with ".") are ignored, in folders and archives alik
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
+import stat
 import tarfile
 import zipfile
 from array import array
@@ -123,13 +125,45 @@ def some_names(names: list[str], k: int = 5) -> str:
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def _list_dir(path: Path) -> tuple[list[os.DirEntry], list[os.DirEntry]]:
-    """(subdirectories, files) of a directory, hidden entries dropped, sorted by name."""
+def not_a_file(path: str) -> str | None:
+    """None for a regular file (or a link to one); else why the entry is listed and not read.
+    A FIFO would block the reader forever, a device may never end, a socket cannot be opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop, not read"
+        if os.path.islink(path):
+            return "broken symbolic link (its target does not exist), not read"
+        return f"cannot read it ({exc.strerror or type(exc).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "FIFO (named pipe), not a regular file: not read"
+    if stat.S_ISSOCK(mode):
+        return "socket, not a regular file: not read"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device file, not a regular file: not read"
+    if stat.S_ISDIR(mode):
+        return "symbolic link to a folder, not followed"
+    return "not a regular file: not read"
+
+
+def _list_dir(path: Path) -> tuple[list[os.DirEntry], list[os.DirEntry], list[tuple[os.DirEntry, str]]]:
+    """(subdirectories, files, other entries with why they are not read) of a directory, hidden
+    entries dropped, sorted by name."""
     with os.scandir(path) as it:
         entries = _visible(it)
     dirs = [e for e in entries if e.is_dir()]
-    files = [e for e in entries if e.is_file()]
-    return dirs, files
+    files, other = [], []
+    for e in entries:
+        if not e.is_dir():
+            why = not_a_file(e.path)
+            if why is None:
+                files.append(e)
+            else:
+                other.append((e, why))
+    return dirs, files, other
 
 
 def _find(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -137,13 +171,16 @@ def _find(root: Path, names: tuple[str, ...]) -> Path | None:
     return next((root / name for name in names if (root / name).is_file()), None)
 
 
-def _files_below(folder: Path, system: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+def _files_below(folder: Path, unread: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
     """(name relative to ``folder``, path) of every visible file below it, sorted; like
     torchvision's ImageFolder, images in subfolders of a class folder belong to that class.
-    Hidden and system subfolders are not entered; they are appended to ``system`` as
-    (relative name, what it is). (os.path, not pathlib: pathlib interns every name part, a
-    table that would grow by the million on ImageNet and never shrink.)"""
+    Hidden and system subfolders, links to folders (never followed: no loops) and empty
+    subfolders are not entered, and entries that are not regular files (FIFOs, sockets, devices,
+    broken links, link loops) are not read: each is appended to ``unread`` as (relative name,
+    why). (os.path, not pathlib: pathlib interns every name part, a table that would grow by the
+    million on ImageNet and never shrink.)"""
     out = []
+    unread = [] if unread is None else unread
     top = os.fspath(folder)
     for root, dirs, files in os.walk(top):
         rel = os.path.relpath(root, top)
@@ -151,17 +188,27 @@ def _files_below(folder: Path, system: list[tuple[str, str]] | None = None) -> l
         kept = []
         for d in dirs:
             what = system_folder(d)
-            if what is None:
+            if what is not None:
+                unread.append((prefix + d + "/", f"{what}, not read"))
+            elif os.path.islink(os.path.join(root, d)):  # os.walk lists it and does not enter it
+                unread.append((prefix + d + "/", "symbolic link to a folder, not followed"))
+            else:
                 kept.append(d)
-            elif system is not None:
-                system.append((prefix + d, what))
         dirs[:] = kept
+        visible = 0
         for name in files:
+            if name.startswith("."):
+                continue
+            visible += 1
             path = os.path.join(root, name)
-            if not name.startswith(".") and os.path.isfile(path):
+            why = not_a_file(path)
+            if why is None:
                 out.append((prefix + name, path))
-    if system is not None:
-        system.sort()
+            else:
+                unread.append((prefix + name, why))
+        if prefix and not visible and not kept:
+            unread.append((prefix, "empty folder (no files), not read"))
+    unread.sort()
     return sorted(out)
 
 
@@ -173,15 +220,16 @@ def _with_images(skipped: list[Skip], lead: str = " with images (") -> str:
 
 
 def _has_files(folder: str) -> bool:
-    """Whether ``folder`` holds a visible file (what _files_below lists); stops at the first."""
+    """Whether ``folder`` holds a visible entry other than a folder (a file, or what _files_below
+    lists as not read), also in its subfolders; stops at the first. Links are not followed."""
     subdirs = []
     with os.scandir(folder) as it:
         for entry in it:
             if entry.name.startswith("."):
                 continue
-            if entry.is_file():
+            if not entry.is_dir(follow_symlinks=False):
                 return True
-            if entry.is_dir() and system_folder(entry.name) is None:
+            if system_folder(entry.name) is None:
                 subdirs.append(entry.path)
     return any(_has_files(d) for d in subdirs)
 
@@ -212,7 +260,7 @@ def _by_name(groups) -> list[str]:
 
 def _folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, int],
                   split: str) -> tuple[SourceTable, list[Skip]]:
-    """The inputs of a split's class folders, and the hidden or system subfolders not entered."""
+    """The inputs of a split's class folders, and what in them is not read (see _files_below)."""
     for cls in folders:
         if cls not in index:
             raise LayoutError(
@@ -223,10 +271,10 @@ def _folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, in
     skipped = []
     location = str(split_dir)
     for cls in _by_name(folders):
-        system: list[tuple[str, str]] = []
-        for name, _ in _files_below(folders[cls], system):
+        unread: list[tuple[str, str]] = []
+        for name, _ in _files_below(folders[cls], unread):
             table.add(f"{cls}/{name}", index[cls], location)
-        skipped.extend(Skip(split, f"{cls}/{rel}/", f"{what}, not read") for rel, what in system)
+        skipped.extend(Skip(split, f"{cls}/{rel}", why) for rel, why in unread)
     return table.build(), skipped
 
 
@@ -509,10 +557,11 @@ def _flat_val_files(raw: Path, cache_dir: Path | None) -> _FlatVal | None:
     val tar), sorted by name; None if there is none."""
     val_dir = raw / "val"
     if val_dir.is_dir():
-        files = _list_dir(val_dir)[1]
+        _, files, other = _list_dir(val_dir)
         folders, not_classes = _class_dirs(val_dir, "val")
         if files and not folders:
-            return _FlatVal([_FlatFile(f.name, f.path) for f in files], "flat val/ folder", not_classes)
+            unread = [Skip("val", e.name, why) for e, why in other]
+            return _FlatVal([_FlatFile(f.name, f.path) for f in files], "flat val/ folder", not_classes + unread)
         return None
     tar = _find(raw, VAL_TARS)
     if tar is not None:
@@ -661,9 +710,10 @@ def scan(
         result.splits[split], skipped = _folder_table(split_dir, folders, index, split)
         result.skipped.extend(skipped)
         # Loose files beside the class folders have no class: list them, never drop them silently.
+        _, loose, other = _list_dir(split_dir)
         result.skipped.extend(
             Skip(split, f.name, "not inside a class folder (no label)")
-            for f in _list_dir(split_dir)[1]
+            for f in sorted(loose + [e for e, _ in other], key=lambda e: e.name)
             if f.name not in METADATA
         )
     if tar_tree is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .checksum import RecordDigest
 from .datum import Datum, datum_image_and_label, encode_datum
+from .fsutil import os_error
 from .imaging import Encoded
 from .recordio import IRHeader, RecordIOWriter, pack_payload
 from .sources import Source, SourceTable, SourceView
@@ -29,7 +30,11 @@ from .sources import Source, SourceTable, SourceView
 LMDB_DIR = "lmdb"
 RECORDIO_DIR = "recordio"
 LMDB_COMMIT_EVERY = 1000  # records per write transaction, as Caffe's convert_imageset
-SCRATCH_MAP_SIZE = 1 << 40  # address space of the scratch LMDB only; the shard stores its data's size
+COMMIT_BYTES = 64 << 20  # ... or fewer: a transaction's records are kept until it commits (see ShardWriter)
+# The scratch LMDB's first map (address space, not disk; the shard stores its data's size): room
+# for a default shard of 5,000 ImageNet images. It is doubled whenever it is full, so any shard
+# fits; not reserving 1 TiB up front keeps machines with `ulimit -v` working.
+SCRATCH_MAP_SIZE = 4 << 30
 LMDB_MAX_KEY = 511
 
 
@@ -94,8 +99,8 @@ def compact_lmdb(src: Path, dst: Path) -> None:
     ``src``'s data (at least the copy's, which a compacting copy can only shrink).
 
     LMDB keeps the map size it was written with in the file, and a reader that sets none (DALI's
-    Caffe reader, Caffe itself) reserves that much address space per database: with the 1 TiB
-    a writer needs, one process could open only ~120 shards. Opening ``src`` with a map size of 1
+    Caffe reader, Caffe itself) reserves that much address space per database: with a writer's
+    reservation (version 1 stored 1 TiB), one process could open only ~120 shards. Opening ``src`` with a map size of 1
     makes LMDB round it up to the data's size, and a compacting copy stores that size.
     """
     dst.mkdir(parents=True)
@@ -130,32 +135,123 @@ class ShardWriter:
     compacting copy (see ``compact_lmdb``) and is read back in key order to write RecordIO.
     Nothing here is visible in the dataset: the converter renames the finished files into place
     only after ``close()``.
+
+    The scratch map grows by itself. When a record does not fit (``lmdb.MapFullError``, at a put
+    or at a commit), a new scratch database with twice the map is written with the very same puts
+    and commits, in the same order (the committed records read from the old one, the open
+    transaction's from memory), and the old one is deleted. The same operations on a fresh
+    database give the same bytes whatever its map size (LMDB's page reuse, and so the content of
+    unused page space, follows the operations alone), so the shard is identical however often
+    the map grew. A transaction holds at most LMDB_COMMIT_EVERY records and COMMIT_BYTES bytes.
     """
 
     def __init__(self, staging: Path, plan: ShardPlan, formats: tuple[str, ...], id_width: int):
         self.staging, self.plan, self.formats, self.id_width = staging, plan, formats, id_width
         self.paths = {k: staging / v for k, v in shard_paths(plan.name).items()}
-        self._scratch = staging / f".{plan.name}.scratch"
-        self._scratch.mkdir(parents=True)
-        # lock=False: one writer on a private directory. sync=False: a crash redoes the shard
-        # anyway. meminit=True zeroes unused page space, which makes the bytes reproducible.
-        self._env = lmdb.open(str(self._scratch), map_size=SCRATCH_MAP_SIZE, subdir=True, lock=False,
-                              sync=False, meminit=True)
-        self._txn = self._env.begin(write=True)
+        self._order: list[bytes] = []  # every key put, in order: what a larger map must repeat
+        self._pending: list[tuple[bytes, bytes]] = []  # the open transaction's records
+        self._pending_bytes = 0
+        self._generation = 0
+        self._open(SCRATCH_MAP_SIZE)
         self.count = 0
 
+    def _open(self, map_size: int) -> None:
+        """A new, empty scratch database of ``map_size`` and its first write transaction."""
+        self._map_size = map_size
+        suffix = f"-{self._generation}" if self._generation else ""
+        self._scratch = self.staging / f".{self.plan.name}.scratch{suffix}"
+        self._scratch.mkdir(parents=True)
+        # lock=False: one writer on a private directory. sync=False: a crash redoes the shard
+        # anyway. meminit=True zeroes the space of newly allocated pages.
+        self._env = lmdb.open(str(self._scratch), map_size=map_size, subdir=True, lock=False, sync=False,
+                              meminit=True)
+        self._txn = self._env.begin(write=True)
+
     def add(self, record_id: int, source: Source, image: Encoded) -> None:
+        try:
+            self._add(record_id, source, image)
+        except lmdb.Error as exc:  # a full disk: LMDB's errors carry no errno, nor the database's path
+            raise os_error(exc, self._scratch) from exc
+
+    def _add(self, record_id: int, source: Source, image: Encoded) -> None:
         datum = Datum(image.jpeg, source.label, image.height, image.width, 3, encoded=True)
-        if not self._txn.put(lmdb_key(record_id, source.name, self.id_width), encode_datum(datum), overwrite=False):
+        key, value = lmdb_key(record_id, source.name, self.id_width), encode_datum(datum)
+        try:
+            stored = self._txn.put(key, value, overwrite=False)
+        except lmdb.MapFullError:
+            stored = None
+        if stored is False:
             raise RuntimeError(f"record {record_id} of {self.plan.name} was written twice")
+        self._order.append(key)
+        self._pending.append((key, value))
+        self._pending_bytes += len(key) + len(value)
+        if stored is None:
+            self._grow()  # puts this record too
         self.count += 1
-        if self.count % LMDB_COMMIT_EVERY == 0:
-            self._txn.commit()
+        if self._due():
+            self._commit()
+
+    def _due(self) -> bool:
+        return len(self._pending) >= LMDB_COMMIT_EVERY or self._pending_bytes >= COMMIT_BYTES
+
+    def _commit(self, begin_next: bool = True) -> None:
+        """Commit the open transaction (and begin the next one)."""
+        while True:
+            try:
+                self._txn.commit()
+                break
+            except lmdb.MapFullError:  # the commit's own pages (the free list) did not fit
+                self._grow()
+        self._pending.clear()
+        self._pending_bytes = 0
+        if begin_next:
             self._txn = self._env.begin(write=True)
+
+    def _grow(self) -> None:
+        """Move to a scratch database with twice the map (or more), holding the same records
+        written by the same operations, the open transaction's records put but not committed."""
+        self._txn.abort()
+        old_env, old_dir = self._env, self._scratch
+        map_size = self._map_size
+        while True:
+            map_size *= 2
+            self._generation += 1
+            self._open(map_size)
+            try:
+                with old_env.begin() as old:
+                    self._replay(old)
+                break
+            except lmdb.MapFullError:
+                self._txn.abort()
+                self._env.close()
+                shutil.rmtree(self._scratch)
+        old_env.close()
+        shutil.rmtree(old_dir)
+
+    def _replay(self, old) -> None:
+        """Repeat, in the new database, every put and commit made so far (the same rule as add)."""
+        committed = len(self._order) - len(self._pending)
+        n = size = 0
+        for key in self._order[:committed]:
+            value = old.get(key)
+            self._txn.put(key, value, overwrite=False)
+            n, size = n + 1, size + len(key) + len(value)
+            if n >= LMDB_COMMIT_EVERY or size >= COMMIT_BYTES:
+                self._txn.commit()
+                self._txn = self._env.begin(write=True)
+                n = size = 0
+        for key, value in self._pending:
+            self._txn.put(key, value, overwrite=False)
 
     def close(self) -> dict:
         """Finish every format; return the per-format manifest entries (paths relative to root)."""
-        self._txn.commit()
+        try:
+            return self._close()
+        except lmdb.Error as exc:
+            raise os_error(exc, self._scratch) from exc
+
+    def _close(self) -> dict:
+        self._commit(begin_next=False)
         self._env.close()
         rel = shard_paths(self.plan.name)
         out = {}

@@ -422,9 +422,12 @@ def fit(cfg: TrainConfig) -> FitResult:
             rt.dist.barrier()
             return FitResult(len(history), history, final, None, stopped_by, ckpt_path)
         if main and cfg.save_path is not None:
+            kept = ckpt_path is not None and ckpt_path.is_file()  # a failed save points at it
             checkpoint.save(cfg.save_path,
                             train_state.weights_payload(rt, model, max(start_epoch, cfg.epochs), history,
-                                                        start.record()))
+                                                        start.record()),
+                            then=f"free some space, then rerun with --model-file {ckpt_path} to continue from the "
+                                 "last checkpoint (intact)" if kept else None)
         rt.dist.barrier()  # no rank leaves (and tears the group down) while rank 0 still writes
         return FitResult(len(history), history, final, cfg.save_path)
     finally:  # release the shard files now, not whenever the loaders are collected
