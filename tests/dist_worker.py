@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from alexnet_pipe import warmstart
 from alexnet_pipe.config import TrainConfig
+from alexnet_pipe.model import param_groups
 from alexnet_pipe.records import RecordReader, record_table
 from alexnet_pipe.runtime import open_run
-from alexnet_pipe.model import param_groups
-from alexnet_pipe.train import _build_model, fit, train_one_epoch
+from alexnet_pipe.train import fit, train_one_epoch
 
 
 def config(data: Path, **kw) -> TrainConfig:
@@ -51,7 +52,9 @@ def samples(data: Path, out: Path) -> None:
 
 def step(data: Path, out: Path, batch_size: int, grads: str) -> None:
     rt = open_run(config(data, batch_size=batch_size), join=True)
-    model = _build_model(rt, rt.ds.num_classes, 67, 0)
+    model = warmstart.build(warmstart.plan_start(rt.cfg, rt.ds), rt.device, 0, rt.cfg.init)
+    if rt.cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     for m in model.modules():  # dropout masks cannot match between 1 and 2 processes: take it out
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
