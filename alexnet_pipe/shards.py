@@ -143,6 +143,7 @@ class ShardWriter:
                               sync=False, meminit=True)
         self._txn = self._env.begin(write=True)
         self.count = 0
+        self.record_sums: dict[str, object] = {}  # per format, after close(): each record's CRC-32 (checksum.py)
 
     def add(self, record_id: int, source: Source, image: Encoded) -> None:
         datum = Datum(image.jpeg, source.label, image.height, image.width, 3, encoded=True)
@@ -179,6 +180,7 @@ class ShardWriter:
                 "checksum": "sha256:" + digest.hexdigest(),
                 "bytes": dir_size(self.paths["lmdb"]),
             }
+            self.record_sums["lmdb"] = digest.crcs
         if rec is not None:
             rec.close()
             out["recordio"] = {
@@ -187,5 +189,6 @@ class ShardWriter:
                 "checksum": "sha256:" + rec.digest.hexdigest(),
                 "bytes": os.path.getsize(self.paths["rec"]),
             }
+            self.record_sums["recordio"] = rec.digest.crcs
         shutil.rmtree(self._scratch)
         return out
