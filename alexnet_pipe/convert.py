@@ -656,7 +656,12 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
         remaining = len(all_plans) - len(done)
         if remaining:  # only with --part: the other parts finish the job
             return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
+        before = _finalized_files(cfg.dst, plans) if cfg.repair else {}
         manifest = _finalize(cfg, found, plans)
+        for rel, old in before.items():  # --repair: name what finalizing rewrote (damaged or missing)
+            if old != _read_or_none(cfg.dst / rel):
+                repaired.append((rel, "rewritten from the shards' completion records"
+                                 + (" (it was missing)" if old is None else "")))
     return ConvertResult(
         cfg.dst,
         {s: e["records"] for s, e in manifest["splits"].items()},
@@ -666,6 +671,20 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
         repaired=tuple(repaired),
         sums_added=sums_added,
     )
+
+
+def _finalized_files(dst: Path, plans: dict[str, list[ShardPlan]]) -> dict[str, bytes | None]:
+    """The files ``_finalize`` writes, as they are now (None: missing)."""
+    rels = [MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY, MEAN_IMAGE_BINARYPROTO]
+    rels += [f"{RECORDIO_DIR}/{split}.idx" for split in plans]
+    return {rel: _read_or_none(dst / rel) for rel in rels}
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
 
 
 def _plan_repair(cfg: ConvertConfig, found: ScanResult, all_plans: list[ShardPlan], done: set[str],

@@ -6,6 +6,10 @@ Python code can catch that; here it kills one checker, which the parent sees, re
 shard it was reading, and replaces. A checker that stops making progress (a loop in corrupt data)
 is killed and reported the same way. Whatever a checker raises becomes a problem of its shard.
 The parent itself only parses JSON and index text, with parsers that report rather than crash.
+
+Where convert recorded a CRC-32 per record (checksum.py), a shard whose checksum differs gets one
+problem per record whose bytes differ, naming its key; without them (datasets converted before),
+only the shard is named. ``repair.py`` runs the same checkers to find the shards to rewrite.
 """
 
 from __future__ import annotations

@@ -198,6 +198,9 @@ def test_verify_repair_rewrites_each_damaged_shard_byte_identical(data, pristine
     flip_jpeg_byte(data / "recordio/val-00000.rec", 1)
     crc = data / ".parts/train-00003.recordio.crc"  # a damaged checksum file of an intact shard
     crc.write_bytes(crc.read_bytes()[:-4])
+    combined = data / "recordio/train.idx"  # the files convert writes last, from the completion records
+    combined.write_bytes(combined.read_bytes()[:-3])
+    (data / "mean.json").write_text((data / "mean.json").read_text().replace('"mean": [', '"mean": [1'))
     assert cli("verify", str(data), "--no-progress", "--quick")[0] == 1
 
     code, out, err = cli("verify", str(data), "--no-progress", "--repair")
@@ -205,7 +208,7 @@ def test_verify_repair_rewrites_each_damaged_shard_byte_identical(data, pristine
     repaired = [line for line in out.splitlines() if line.startswith("REPAIRED ")]
     assert [line.split(":")[0] for line in repaired] == [
         "REPAIRED train-00000", "REPAIRED train-00001", "REPAIRED train-00002", "REPAIRED val-00000",
-        "REPAIRED val-00001"]
+        "REPAIRED val-00001", "REPAIRED mean.json", "REPAIRED recordio/train.idx"]
     assert "key " in repaired[0] and "is " in repaired[1] and "MDB_CORRUPTED" in repaired[2]
     assert "recordio/val-00001.idx missing" in repaired[4]
     assert "per-record checksums for 1 intact shard" in out and "ok: 24 images" in out
