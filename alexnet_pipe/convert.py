@@ -347,8 +347,8 @@ def _check_same(dst: Path, plan: ShardPlan, new: dict, old: dict) -> None:
         remove(dst / STAGING_DIR / plan.name)
         raise SettingsMismatchError(
             f"{plan.name} was not rewritten: its raw inputs changed since {dst} was converted (the shard would "
-            f"differ in {', '.join(differ)}), so it was left as it is; restore the inputs, or reconvert into a new "
-            "directory")
+            f"differ in {', '.join(differ)} from its completion record {PARTS_DIR}/{plan.name}.json, unless that "
+            "record was edited), so it was left as it is; restore the inputs, or reconvert into a new directory")
 
 
 def inputs_record(cfg: ConvertConfig) -> dict:

@@ -11,9 +11,11 @@ import io
 import json
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import lmdb
@@ -287,3 +289,93 @@ def test_a_dataset_without_per_record_sums_still_verifies_and_repair_adds_them(d
     assert "REPAIRED train-00001: rewritten from the raw inputs (lmdb/train-00001: checksum differs" in out
     assert "per-record checksums for 5 intact shards" in out
     assert files(data) == files(pristine)
+
+
+# ---------------------------------------------------------------- seeded fuzz: every damage repaired
+
+
+REPAIR_FULL = {"data.mdb": 60, ".rec": 40, ".idx": 30, ".crc": 30, "combined .idx": 10, "manifest.json": 15,
+               "mean.json": 15}
+REPAIR_QUICK = {"data.mdb": 1, ".rec": 1}
+
+
+@pytest.fixture(scope="module")
+def fuzz_pristine(tmp_path_factory) -> Path:
+    """verify's fuzz dataset (values inside LMDB leaf pages and on overflow pages), with its raw inputs."""
+    base = tmp_path_factory.mktemp("repair-fuzz")
+    make_tree(base / "raw", {"train": 4, "val": 2}, sizes=((40, 30), (160, 120), (30, 40)))
+    run_convert(ConvertConfig(src=base / "raw", dst=base / "data", formats=("lmdb", "recordio"),
+                              image=ImageSettings(short_side=0), shard_size=4, workers=1, progress=False))
+    return base / "data"
+
+
+def run_repair_mutant(pristine: Path, work: Path, seed: int, kind: str, clean: dict[str, bytes],
+                      expected: str) -> tuple[str, str]:
+    """(verdict, detail) of ``verify --repair`` over one seeded mutant, in a process of its own.
+
+    Verdicts: "repaired" (every file equals a clean run's), "benign" (verify passed the mutant as
+    it was: only bytes no reader uses changed, and readers get the original data), "unchanged"
+    (the mutation changed nothing); failures: "crash", "unrepaired", "lost"."""
+    from .test_verify_fuzz import _targets, mutate, snapshot_in_child
+
+    rng = random.Random(seed)
+    targets = {**_targets(pristine), ".crc": sorted(p.relative_to(pristine) for p in pristine.glob(".parts/*.crc"))}
+    target = rng.choice(targets[kind])
+    root = work / f"r{seed}"
+    shutil.copytree(pristine, root)
+    try:
+        original = (root / target).read_bytes()
+        data, what = mutate(original, kind, rng)
+        if data == original:
+            return "unchanged", what
+        (root / target).write_bytes(data)
+        res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "verify", str(root), "--repair", "--no-progress",
+                              "--workers", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+        where = f"{target}, {what}: rc {res.returncode}: {(res.stdout + res.stderr)[-1500:]}"
+        if res.returncode not in (0, 1) or "Traceback" in res.stdout + res.stderr:
+            return "crash", where
+        if res.returncode == 1:
+            return "unrepaired", where
+        now = files(root)
+        if now == clean:
+            return "repaired", what
+        differ = {k for k in now.keys() | clean.keys() if now.get(k) != clean.get(k)}
+        if differ == {str(target)} and snapshot_in_child(root) == expected and "REPAIRED" not in res.stdout:
+            return "benign", f"{target}: {what}"
+        return "lost", f"{where}; files differ: {sorted(differ)}"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_repair_fuzz(pristine: Path, work: Path, plan: dict[str, int], first_seed: int) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_verify_fuzz import snapshot_in_child
+
+    clean, expected = files(pristine), snapshot_in_child(pristine)
+    jobs = [(first_seed + k, kind) for k, kind in enumerate(k for k, n in plan.items() for _ in range(n))]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda job: (job[1], *run_repair_mutant(pristine, work, job[0], job[1], clean,
+                                                                        expected)), jobs))
+    report = {"mutants": sum(v != "unchanged" for _, v, _ in results),
+              "by_kind": {kind: dict(Counter(v for k, v, _ in results if k == kind)) for kind in plan},
+              "benign": [d for _, v, d in results if v == "benign"],
+              "failures": [(k, v, d) for k, v, d in results if v in ("crash", "unrepaired", "lost")]}
+    print("\nrepair fuzz:", json.dumps(report, indent=1))
+    return report
+
+
+def test_repair_fuzz_quick(fuzz_pristine, tmp_path):
+    """A few seeded mutants (the fast subset of the fault suite below)."""
+    report = run_repair_fuzz(fuzz_pristine, tmp_path, REPAIR_QUICK, first_seed=700_000)
+    assert report["failures"] == [] and report["mutants"] >= 2
+
+
+@pytest.mark.faults
+def test_repair_fuzz_full(fuzz_pristine, tmp_path):
+    """200 seeded mutants of the shard, index, checksum, manifest and mean files: `verify --repair`
+    never crashes, and leaves every file byte-identical to a clean run, or (bytes no reader uses)
+    readers get exactly the original data."""
+    report = run_repair_fuzz(fuzz_pristine, tmp_path, REPAIR_FULL, first_seed=1)
+    assert report["failures"] == [], json.dumps(report["failures"], indent=1)[:6000]
+    assert report["mutants"] >= 180
