@@ -153,7 +153,9 @@ def read_part(dst: Path, plan: ShardPlan) -> dict | None:
         part = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
-    return part if isinstance(part, dict) and part.get("name") == plan.name else None
+    ok = (isinstance(part, dict) and part.get("name") == plan.name and type(part.get("records")) is int
+          and all(isinstance(part.get(fmt, {}), dict) for fmt in ("lmdb", "recordio")))
+    return part if ok else None
 
 
 def part_files(part: dict) -> list[str]:

@@ -216,9 +216,9 @@ class RecordReader:
         except _Damaged as exc:
             shard = os.path.relpath(t.paths[k], t.root)
             raise DatasetError(
-                f"{t.split} shard {shard} key {exc.key.translate(_ESCAPE)}: the record's bytes differ from the checksum convert recorded "
-                f"(damaged on disk); training stopped before using it: run alexnet-pipe verify {t.root} --repair"
-            ) from None
+                f"{t.split} shard {shard} key {exc.key.translate(_ESCAPE)}: the record's bytes differ from the "
+                f"checksum convert recorded (damaged on disk), so it is not used; run alexnet-pipe verify {t.root} "
+                "--repair") from None
         except (OSError, lmdb.Error, AlexnetPipeError) as exc:
             raise DatasetError(
                 f"record {i} of {t.paths[k]} cannot be read ({exc}); run alexnet-pipe verify {t.root}"

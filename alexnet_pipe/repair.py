@@ -39,6 +39,8 @@ def _mean_sums_problem(dst: Path, part: dict) -> str | None:
     rel = part.get("mean_sums")
     if not rel:
         return None
+    if not isinstance(rel, str):
+        return f"its completion record names {rel!r} as its mean-image sums"
     try:
         MeanImageSum.from_bytes((dst / rel).read_bytes(), rel)
     except (OSError, AlexnetPipeError) as exc:

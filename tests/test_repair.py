@@ -154,8 +154,8 @@ def test_train_refuses_a_damaged_record_with_one_line(data, pristine, tmp_path):
     [rec_key] = changed_rec_keys(pristine / "recordio/train-00002.rec", data / "recordio/train-00002.rec")
     common = ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "-e", "1", "--data-threads", "1",
               "--no_progress_bar"]
-    tail = f"the record's bytes differ from the checksum convert recorded (damaged on disk); training stopped " \
-           f"before using it: run alexnet-pipe verify {data} --repair"
+    tail = f"the record's bytes differ from the checksum convert recorded (damaged on disk), so it is not used; " \
+           f"run alexnet-pipe verify {data} --repair"
     # LMDB, read in the training process (the command line through click, in this process).
     code, _, err = cli(*common, "--reader", "lmdb", "-s", str(tmp_path / "a.pt"))
     assert code == 1 and "Traceback" not in err, err
@@ -229,6 +229,12 @@ def test_convert_repair_rewrites_what_a_plain_rerun_leaves(data, pristine):
     assert files(data) == files(pristine)
     code, out, _ = cli("convert", str(raw), str(data), *CONVERT, "--repair")
     assert code == 0 and "nothing to repair" in out and files(data) == files(pristine)
+    new = data.parent / "new"
+    code, _, err = cli("convert", str(raw), str(new), *CONVERT, "--repair")
+    assert code == 1 and "holds no conversion to repair" in err and not new.exists()
+    code, _, err = cli("convert", str(raw), str(data), *CONVERT, "--repair", "--shard-size", "4")
+    assert code == 1 and "shard_size: 5 -> 4" in err and "nothing was changed" in err
+    assert files(data) == files(pristine)
 
 
 def test_repair_changes_nothing_when_the_raw_inputs_are_gone_or_changed(pristine, tmp_path):
