@@ -194,7 +194,7 @@ def _echo_repaired(result) -> None:
     from .info import plural
 
     for name, why in result.repaired:
-        click.echo(f"REPAIRED {name}: rewritten from the raw inputs ({why})")
+        click.echo(f"REPAIRED {name}: {why}")
     if result.sums_added:
         click.echo(f"wrote per-record checksums for {plural(result.sums_added, 'intact shard')}")
     if not result.repaired:

@@ -65,7 +65,7 @@ class ConvertResult:
     converted_now: int  # images processed by this run (0 when everything was already done)
     seconds: float
     remaining_shards: int = 0  # > 0 only after a --part run while other parts are unfinished
-    repaired: tuple[tuple[str, str], ...] = ()  # --repair: (shard, what was wrong) per shard rewritten
+    repaired: tuple[tuple[str, str], ...] = ()  # --repair: (shard or file, what was done and why) per rewrite
     sums_added: int = 0  # --repair: intact shards that got their per-record checksums
 
     @property
@@ -700,18 +700,18 @@ def _plan_repair(cfg: ConvertConfig, found: ScanResult, all_plans: list[ShardPla
     for plan in pending:  # not finished: a file of it is gone, or it was never written
         old = read_part(cfg.dst, plan)
         if old is None:
-            repaired.append((plan.name, "not written yet (the conversion had not finished it)"))
+            repaired.append((plan.name, "written from the raw inputs (the conversion had not finished it)"))
             continue
         expect[plan.name] = old
         gone = [f for f in part_files(old) if not (cfg.dst / f).exists()]
-        repaired.append((plan.name, f"{', '.join(gone) or 'a file'} missing"))
+        repaired.append((plan.name, f"rewritten from the raw inputs ({', '.join(gone) or 'a file'} missing)"))
     finished = [plan for plan in all_plans if plan.name in done]
     damaged, sums_added = check_finished(cfg, finished, len(found.classes))
     for plan in finished:
         if plan.name in damaged:
             done.discard(plan.name)
             expect[plan.name] = read_part(cfg.dst, plan)
-            repaired.append((plan.name, damaged[plan.name]))
+            repaired.append((plan.name, f"rewritten from the raw inputs ({damaged[plan.name]})"))
             pending.append(plan)
     order = {plan.name: k for k, plan in enumerate(all_plans)}
     repaired.sort(key=lambda item: order[item[0]])

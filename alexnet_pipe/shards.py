@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ class ShardWriter:
                               sync=False, meminit=True)
         self._txn = self._env.begin(write=True)
         self.count = 0
-        self.record_sums: dict[str, object] = {}  # per format, after close(): each record's CRC-32 (checksum.py)
+        self.record_sums: dict[str, array] = {}  # per format, after close(): each record's CRC-32 (checksum.py)
 
     def add(self, record_id: int, source: Source, image: Encoded) -> None:
         datum = Datum(image.jpeg, source.label, image.height, image.width, 3, encoded=True)
