@@ -141,9 +141,13 @@ def _parse_part(ctx, param, value):
 @click.option("--force", is_flag=True, help="Discard an earlier conversion in OUT made with other settings.")
 @click.option("--part", callback=_parse_part, default=None, metavar="I/N",
               help="Write only every N-th shard, starting at I (split the work across machines).")
+@click.option("--repair", is_flag=True,
+              help="Re-check every finished shard in OUT against its recorded checksum and rewrite the damaged "
+                   "ones from RAW (byte-identical to a clean run; refused if the inputs changed).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers, seed, max_pixels, max_file_mb,
-            no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part, no_progress):
+            no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part, repair,
+            no_progress):
     """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
 
     Rerunning the same command after an interruption finishes the job.
@@ -161,7 +165,7 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
                             passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb),
         shard_size=shard_size, workers=workers or default_workers(), seed=seed, force=force,
         progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
-        train_list=train_list, val_list=val_list, val_ratio=val_ratio,
+        train_list=train_list, val_list=val_list, val_ratio=val_ratio, repair=repair,
     )
     if dry_run:
         from .dryrun import format_plan, plan_convert
@@ -172,6 +176,8 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
     from .info import plural
 
     result = run_convert(cfg)
+    if repair:
+        _echo_repaired(result)
     if result.remaining_shards:
         click.echo(f"part {part[0]}/{part[1]} done ({result.converted_now} images in {result.seconds:.1f} s); "
                    f"{plural(result.remaining_shards, 'shard')} of other parts "
@@ -183,25 +189,46 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
                f"({result.converted_now} images in {result.seconds:.1f} s, {result.images_per_second:.0f} img/s)")
 
 
+def _echo_repaired(result) -> None:
+    """One line per shard that --repair rewrote."""
+    from .info import plural
+
+    for name, why in result.repaired:
+        click.echo(f"REPAIRED {name}: {why}")
+    if result.sums_added:
+        click.echo(f"wrote per-record checksums for {plural(result.sums_added, 'intact shard')}")
+    if not result.repaired:
+        click.echo("nothing to repair: every shard matches its recorded checksum")
+
+
 @main.command()
 @_dataset
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
 @click.option("--quick", is_flag=True, help="Check structure, labels and checksums without decoding images.")
+@click.option("--repair", is_flag=True,
+              help="First re-check every shard against its recorded checksum and rewrite the damaged ones from "
+                   "the raw inputs ROOT was converted from (byte-identical to a clean run).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_verbose_option
-def verify(root, workers, quick, no_progress):
+def verify(root, workers, quick, repair, no_progress):
     """Read every record of ROOT back and check it against the manifest.
 
     \b
     Examples:
       alexnet-pipe verify batches/
       alexnet-pipe verify batches/ --quick --workers 8     # no decoding: structure and checksums
+      alexnet-pipe verify batches/ --repair                # rewrite damaged shards from the raw images
     """
     from .info import plural
     from .manifest import load_dataset
     from .verify import run_verify
 
-    result = run_verify(VerifyConfig(root, workers or default_workers(), not quick, not no_progress))
+    cfg = VerifyConfig(root, workers or default_workers(), not quick, not no_progress, repair=repair)
+    if cfg.repair:
+        from .repair import run_repair
+
+        _echo_repaired(run_repair(cfg))
+    result = run_verify(cfg)
     for note in result.notes:
         click.echo(f"NOTE {note}", err=True)
     for problem in result.problems:

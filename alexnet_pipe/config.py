@@ -68,8 +68,13 @@ class ConvertConfig:
     train_list: Path | None = None  # a Caffe list or im2rec .lst naming the train images (paths under src)
     val_list: Path | None = None  # the same for the val images
     val_ratio: float | None = None  # carve this fraction of each class out of train as val (holdout.py)
+    repair: bool = False  # re-check finished shards, rewrite the damaged ones (identical inputs only)
 
     def __post_init__(self) -> None:
+        if self.repair and self.force:
+            raise ValueError("--repair keeps the conversion in OUT and --force discards it: use one of them")
+        if self.repair and self.part is not None:
+            raise ValueError("--repair checks and rewrites every shard of OUT: run it without --part")
         if self.val_list is not None and self.train_list is None:
             raise ValueError("--list-val needs --list, the list of the training images")
         if self.train_list is not None and self.val_labels is not None:
@@ -113,6 +118,7 @@ class VerifyConfig:
     progress: bool = True
     progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
     tensorboard_dir: Path | None = None  # also write TensorBoard scalars here
+    repair: bool = False  # first rewrite damaged shards from the raw inputs recorded at conversion
 
     def __post_init__(self) -> None:
         if self.workers < 1:

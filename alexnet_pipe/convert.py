@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
+from .checksum import encode_record_sums, record_sums_path
 from .config import ConvertConfig, ImageSettings
 from .errors import BusyError, SettingsMismatchError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, output_error, remove, remove_temps
@@ -45,12 +46,13 @@ from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards,
 log = logging.getLogger(__name__)
 
 STATE_FILE = ".convert.json"
+INPUTS_FILE = ".convert-inputs.json"  # where the raw inputs were: `verify --repair` rewrites shards from them
 RUN_LOCK = ".convert.lock"  # held for the whole run: exclusive, or shared by --part runs
 SCAN_CACHE = ".scan-cache"  # member lists of the archives (scan.py); valid across settings, kept by --force
 LOCK_FILE = ".finalize.lock"
 PARTS_DIR = ".parts"
 STAGING_DIR = ".staging"
-MANAGED = (STATE_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY,
+MANAGED = (STATE_FILE, INPUTS_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY,
            MEAN_IMAGE_BINARYPROTO, LOCK_FILE)
 SHORT_SIDE_COUNTS_BELOW = 512  # per-size counts of stored short sides below this go into the manifest
 CHUNK = 32  # images per worker task: amortises IPC, small enough to keep memory flat
@@ -64,6 +66,8 @@ class ConvertResult:
     converted_now: int  # images processed by this run (0 when everything was already done)
     seconds: float
     remaining_shards: int = 0  # > 0 only after a --part run while other parts are unfinished
+    repaired: tuple[tuple[str, str], ...] = ()  # --repair: (shard or file, what was done and why) per rewrite
+    sums_added: int = 0  # --repair: intact shards that got their per-record checksums
 
     @property
     def images_per_second(self) -> float:
@@ -112,11 +116,16 @@ def check_output(dst: Path, force: bool) -> None:
         )
 
 
-def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
+def _prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False) -> None:
     """Create OUT or check it belongs to this exact conversion (refuse otherwise)."""
     state = dst / STATE_FILE
     if state.exists():
         old = json.loads(state.read_text(encoding="utf-8"))
+        if repair and old != identity:
+            raise SettingsMismatchError(
+                f"the inputs or settings are not those {dst} was converted from ({describe_mismatch(old, identity)}); "
+                "--repair rewrites shards only from the very same inputs, so nothing was changed: restore the "
+                "inputs, or reconvert into a new directory")
         if old == identity:
             for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):  # a user may have deleted one
                 (dst / name).mkdir(exist_ok=True)
@@ -136,15 +145,33 @@ def _prepare_output(dst: Path, identity: dict, force: bool) -> None:
         (dst / name).mkdir(exist_ok=True)
 
 
-def load_part(dst: Path, plan: ShardPlan) -> dict | None:
-    """The completion record of a shard, if the shard was fully written."""
+def read_part(dst: Path, plan: ShardPlan) -> dict | None:
+    """A shard's completion record as written, or None (not there, or damaged: the shard is redone)."""
     path = dst / PARTS_DIR / f"{plan.name}.json"
     if not path.is_file():
         return None
-    part = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        part = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = (isinstance(part, dict) and part.get("name") == plan.name and type(part.get("records")) is int
+          and all(isinstance(part.get(fmt, {}), dict) for fmt in ("lmdb", "recordio")))
+    return part if ok else None
+
+
+def part_files(part: dict) -> list[str]:
+    """The files a completion record lists (relative to OUT)."""
     files = [part.get("lmdb", {}).get("path"), part.get("recordio", {}).get("rec"), part.get("recordio", {}).get("idx"),
              part.get("mean_sums")]
-    if all((dst / f).exists() for f in files if f):
+    return [f for f in files if isinstance(f, str)]
+
+
+def load_part(dst: Path, plan: ShardPlan) -> dict | None:
+    """The completion record of a shard, if the shard was fully written."""
+    part = read_part(dst, plan)
+    if part is None:
+        return None
+    if all((dst / f).exists() for f in part_files(part)):
         return part
     return None  # a file vanished since: redo the shard
 
@@ -277,18 +304,29 @@ def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, mean: MeanImageSum) -> None:
+def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, mean: MeanImageSum,
+                  expect: dict | None = None) -> None:
     """Close, rename into place, then record completion (the order is what makes it safe).
 
     A train shard's exact mean-image sums go to ``.parts/<shard>.mean.npz`` before the completion
-    record, so a resumed or ``--part`` run merges the very sums an uninterrupted run would.
+    record, so a resumed or ``--part`` run merges the very sums an uninterrupted run would; so do
+    the records' CRC-32s (``.parts/<shard>.<format>.crc``, see checksum.py).
     A shard whose every input was skipped gets no files, only its completion record.
+    ``expect``: the completion record the shard had (--repair); a shard that would come out
+    otherwise is not put in place (its raw inputs changed).
     """
     entries = writer.close()
+    if expect is not None:
+        _check_same(dst, plan, {**part, **(entries if part["records"] else {})}, expect)
     if part["records"] and plan.split == "train":  # the mean image is the train split's
         rel = f"{PARTS_DIR}/{plan.name}.mean.npz"
         atomic_write_bytes(dst / rel, mean.to_bytes())
         part["mean_sums"] = rel
+    sums = {}
+    if part["records"]:
+        for fmt, crcs in writer.record_sums.items():
+            sums[fmt] = record_sums_path(plan.name, fmt)
+            atomic_write_bytes(dst / sums[fmt], encode_record_sums(crcs))
     if part["records"]:
         for rel in shard_paths(plan.name).values():
             staged = dst / STAGING_DIR / plan.name / rel
@@ -298,8 +336,42 @@ def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, m
         for sub in (LMDB_DIR, RECORDIO_DIR):
             fsync_dir(dst / sub)
         part.update(entries)
+        part["record_sums"] = sums
     remove(dst / STAGING_DIR / plan.name)
     atomic_write_json(dst / PARTS_DIR / f"{plan.name}.json", part)
+
+
+def _check_same(dst: Path, plan: ShardPlan, new: dict, old: dict) -> None:
+    """Refuse to put a rewritten shard in place unless its records are those it had (--repair)."""
+    skip = ("mean_sums", "record_sums")  # files beside the shard, written from the same data
+    new = json.loads(json.dumps(new))  # as it would be stored
+    differ = sorted(k for k in set(new) | set(old) if k not in skip and new.get(k) != old.get(k))
+    if differ:
+        remove(dst / STAGING_DIR / plan.name)
+        raise SettingsMismatchError(
+            f"{plan.name} was not rewritten: its raw inputs changed since {dst} was converted (the shard would "
+            f"differ in {', '.join(differ)} from its completion record {PARTS_DIR}/{plan.name}.json, unless that "
+            "record was edited), so it was left as it is; restore the inputs, or reconvert into a new directory")
+
+
+def inputs_record(cfg: ConvertConfig) -> dict:
+    """Where this conversion reads its inputs (absolute paths): what `verify --repair` rewrites from."""
+    def where(path: Path | None) -> str | None:
+        return None if path is None else os.path.abspath(path)
+
+    return {"src": where(cfg.src), "train_list": where(cfg.train_list), "val_list": where(cfg.val_list),
+            "val_labels": where(cfg.val_labels), "synsets": where(cfg.synsets)}
+
+
+def _record_inputs(cfg: ConvertConfig) -> None:
+    """Keep OUT's record of its inputs current (a run from a moved RAW updates it)."""
+    record, path = inputs_record(cfg), cfg.dst / INPUTS_FILE
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == record:
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_json(path, record)
 
 
 class _ShardState:
@@ -501,6 +573,9 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
     """
     started = time.perf_counter()
     check_output(cfg.dst, cfg.force)
+    if cfg.repair and not (cfg.dst / STATE_FILE).is_file():
+        raise SettingsMismatchError(f"{cfg.dst} holds no conversion to repair (no {STATE_FILE}); run the convert "
+                                    "command without --repair")
     # The archives' member lists are cached in OUT: resumes and --part runs skip the 1.28M headers.
     found = find_inputs(cfg, cache_dir=cfg.dst / SCAN_CACHE)
     plans = {split: plan_shards(split, sources, cfg.shard_size, cfg.seed) for split, sources in found.splits.items()}
@@ -538,10 +613,11 @@ def _run_lock(dst: Path, shared: bool) -> Iterator[None]:
 def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]], identity: dict,
            started: float) -> ConvertResult:
     """The conversion proper, under the run lock: prepare OUT, write the missing shards, finalize."""
-    _prepare_output(cfg.dst, identity, cfg.force)
+    _prepare_output(cfg.dst, identity, cfg.force, cfg.repair)
     if cfg.part is None:  # alone in OUT: what a run killed amid an atomic write left is garbage
         for folder in (cfg.dst, cfg.dst / PARTS_DIR, cfg.dst / RECORDIO_DIR, cfg.dst / SCAN_CACHE):
             remove_temps(folder)
+    _record_inputs(cfg)
 
     done: set[str] = set()  # names of complete shards (their records stay on disk until the end)
     pending: list[ShardPlan] = []
@@ -554,12 +630,19 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
         if load_part(cfg.dst, plan) is not None:
             done.add(plan.name)
         elif plan.name in mine_names:
-            _clear_shard(cfg.dst, plan)
+            if not cfg.repair:  # --repair replaces files only with identical ones (_check_same)
+                _clear_shard(cfg.dst, plan)
             pending.append(plan)
+    expect: dict[str, dict] = {}  # --repair: the completion record each rewritten shard must match
+    repaired: list[tuple[str, str]] = []
+    sums_added = 0
+    if cfg.repair:
+        pending, sums_added = _plan_repair(cfg, found, all_plans, done, pending, expect, repaired)
     total = sum(len(p.sources) for p in mine)
     todo = sum(len(p.sources) for p in pending)
-    if done:
-        log.info("resuming: %s already complete, %d to write", plural(len(done), "shard"), len(pending))
+    if done and not cfg.repair:  # --repair reports each shard it rewrites
+        log.info("resuming: %s already complete, %d to write (--repair re-checks the complete ones)",
+                 plural(len(done), "shard"), len(pending))
 
     id_width = _id_width(found)
     bar = tqdm(total=total, initial=total - todo, unit="img", desc="convert", disable=not cfg.progress,
@@ -575,7 +658,7 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
             bar.update(len(sources))
             bar.set_postfix(skipped=n_skipped, refresh=False)
             if current.done == len(plan.sources):
-                _commit_shard(cfg.dst, plan, current.writer, current.part(), current.mean)
+                _commit_shard(cfg.dst, plan, current.writer, current.part(), current.mean, expect.get(plan.name))
                 done.add(plan.name)
                 current = None
     finally:
@@ -588,11 +671,61 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
         remaining = len(all_plans) - len(done)
         if remaining:  # only with --part: the other parts finish the job
             return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
+        before = _finalized_files(cfg.dst, plans) if cfg.repair else {}
         manifest = _finalize(cfg, found, plans)
+        for rel, old in before.items():  # --repair: name what finalizing rewrote (damaged or missing)
+            if old != _read_or_none(cfg.dst / rel):
+                repaired.append((rel, "rewritten from the shards' completion records"
+                                 + (" (it was missing)" if old is None else "")))
     return ConvertResult(
         cfg.dst,
         {s: e["records"] for s, e in manifest["splits"].items()},
         len(manifest["skipped"]),
         todo,
         time.perf_counter() - started,
+        repaired=tuple(repaired),
+        sums_added=sums_added,
     )
+
+
+def _finalized_files(dst: Path, plans: dict[str, list[ShardPlan]]) -> dict[str, bytes | None]:
+    """The files ``_finalize`` writes, as they are now (None: missing)."""
+    rels = [MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY, MEAN_IMAGE_BINARYPROTO]
+    rels += [f"{RECORDIO_DIR}/{split}.idx" for split in plans]
+    return {rel: _read_or_none(dst / rel) for rel in rels}
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None
+
+
+def _plan_repair(cfg: ConvertConfig, found: ScanResult, all_plans: list[ShardPlan], done: set[str],
+                 pending: list[ShardPlan], expect: dict[str, dict], repaired: list[tuple[str, str]]
+                 ) -> tuple[list[ShardPlan], int]:
+    """--repair: check every finished shard against its recorded checksum; the damaged ones join
+    ``pending`` (and leave ``done``), each expected to come out as its completion record says.
+    Returns the new pending list and how many intact shards got per-record checksums."""
+    from .repair import check_finished
+
+    for plan in pending:  # not finished: a file of it is gone, or it was never written
+        old = read_part(cfg.dst, plan)
+        if old is None:
+            repaired.append((plan.name, "written from the raw inputs (the conversion had not finished it)"))
+            continue
+        expect[plan.name] = old
+        gone = [f for f in part_files(old) if not (cfg.dst / f).exists()]
+        repaired.append((plan.name, f"rewritten from the raw inputs ({', '.join(gone) or 'a file'} missing)"))
+    finished = [plan for plan in all_plans if plan.name in done]
+    damaged, sums_added = check_finished(cfg, finished, len(found.classes))
+    for plan in finished:
+        if plan.name in damaged:
+            done.discard(plan.name)
+            expect[plan.name] = read_part(cfg.dst, plan)
+            repaired.append((plan.name, f"rewritten from the raw inputs ({damaged[plan.name]})"))
+            pending.append(plan)
+    order = {plan.name: k for k, plan in enumerate(all_plans)}
+    repaired.sort(key=lambda item: order[item[0]])
+    return sorted(pending, key=lambda plan: order[plan.name]), sums_added

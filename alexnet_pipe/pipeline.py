@@ -23,7 +23,7 @@ from .errors import DatasetError, TrainingError
 from .manifest import Dataset
 from .order import OrderConfig
 from .records import record_table
-from .source import EpochSource
+from .source import EpochSource, raise_reader_error
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,9 @@ class Loader:
         except RuntimeError as exc:
             _raise_gpu_start_error(exc, cfg)
             _raise_record_error(exc, ds.root, cfg.split)
+        except Exception as exc:  # DALI's reader processes pass errors on as plain Exceptions
+            raise_reader_error(exc)
+            raise
 
     def __len__(self) -> int:
         """Steps in a whole epoch."""
@@ -203,6 +206,9 @@ class Loader:
                             self.source.order.step_total(k, b), k)
         except RuntimeError as exc:
             _raise_record_error(exc, self._root, self.cfg.split)
+        except Exception as exc:  # DALI's reader processes pass errors on as plain Exceptions
+            raise_reader_error(exc)
+            raise
         self.epoch += 1
         self.start_step = 0
 

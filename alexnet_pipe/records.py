@@ -9,6 +9,9 @@ files itself, lazily, on first use.
   the keys alone; a read is one B-tree seek (``set_range``) in the shard, in C.
 - RecordIO: the table holds each record's byte offset and framed length from the shard's ``.idx``;
   a read is one ``pread``.
+Where convert recorded a CRC-32 per record (``.parts/<shard>.<format>.crc``, checksum.py), each
+record is checked as it is read (~30 us for a 110 KB record), and a damaged one stops training with
+one line naming it. The sums are read per shard on its first use, in each process.
 Nothing here imports torch or DALI: reader processes start fast.
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from .checksum import decode_record_sums, record_crc, record_sums_path
 from .datum import datum_image_and_label
 from .errors import AlexnetPipeError, DatasetError, FormatError
 from .manifest import Dataset
@@ -78,6 +82,9 @@ class RecordTable:
     ref: np.ndarray  # int64 per record: LMDB record id, or RecordIO byte offset
     length: np.ndarray | None  # int64 per record: RecordIO framed length (None for LMDB)
     id_width: int  # digits of the LMDB key's record id
+    split: str = ""  # for messages
+    names: tuple[str, ...] = ()  # per shard: its name (``train-00003``), which names its per-record sums
+    starts: tuple[int, ...] = ()  # per shard: the number of its first record
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -123,6 +130,7 @@ def record_table(ds: Dataset, split: str, kind: str) -> RecordTable:
     if not shards:
         raise DatasetError(f"the {split} split of {ds.root} has no records")
     paths, shard_of, refs, lengths = [], [], [], []
+    starts = tuple(int(n) for n in np.cumsum([0] + [s["records"] for s in shards[:-1]]))
     if kind == "lmdb":
         dirs = ds.lmdb_paths(split)
         _check_exists(dirs)
@@ -143,6 +151,7 @@ def record_table(ds: Dataset, split: str, kind: str) -> RecordTable:
     return RecordTable(
         kind, str(ds.root), tuple(paths), np.concatenate(shard_of), np.concatenate(refs),
         np.concatenate(lengths) if lengths else None, int(ds.manifest.get("record_id_width", 8)),
+        split, tuple(s["name"] for s in shards), starts,
     )
 
 
@@ -153,6 +162,17 @@ def _check_exists(paths: list[Path]) -> None:
             f"{len(missing)} shard file(s) listed in the manifest are missing, e.g. {missing[0]}; "
             "rerun alexnet-pipe convert with the same arguments to rewrite them"
         )
+
+
+_ESCAPE = {c: f"\\x{c:02x}" for c in [*range(32), 127]}  # a key from a file name stays on one line
+
+
+class _Damaged(Exception):
+    """A record whose CRC differs (raised and caught inside ``RecordReader.read``)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
 
 
 def raise_open_file_limit(wanted: int) -> None:
@@ -169,22 +189,64 @@ class RecordReader:
     def __init__(self, table: RecordTable):
         self.table = table
         self._open: dict[int, object] = {}
+        self._sums: dict[int, np.ndarray | None] = {}  # per shard, loaded on first use
         raise_open_file_limit(len(table.paths) + 256)
 
     def read(self, i: int) -> tuple[bytes, int]:
-        """(JPEG bytes, label) of record ``i``."""
+        """(JPEG bytes, label) of record ``i``.
+
+        Raises:
+            DatasetError: the record cannot be read, or its bytes differ from its recorded CRC.
+        """
         t = self.table
         k = int(t.shard[i])
+        sums = self._shard_sums(k)
         try:
             if t.kind == "lmdb":
-                return self._read_lmdb(k, int(t.ref[i]))
-            return self._read_recordio(k, int(t.ref[i]), int(t.length[i]))
+                key, value = self._read_lmdb(k, int(t.ref[i]))
+                if sums is not None and record_crc(value) != sums[i - t.starts[k]]:
+                    raise _Damaged(bytes(key).decode(errors="replace"))
+                return datum_image_and_label(value)
+            payload = self._read_recordio(k, int(t.ref[i]), int(t.length[i]))
+            if sums is not None and record_crc(payload) != sums[i - t.starts[k]]:
+                raise _Damaged(self._recordio_key(k, i))
+            header, jpeg = unpack_payload(payload)
+            label = header.label[0] if isinstance(header.label, tuple) else header.label
+            return jpeg, int(label)
+        except _Damaged as exc:
+            shard = os.path.relpath(t.paths[k], t.root)
+            raise DatasetError(
+                f"{t.split} shard {shard} key {exc.key.translate(_ESCAPE)}: the record's bytes differ from the "
+                f"checksum convert recorded (damaged on disk), so it is not used; run alexnet-pipe verify {t.root} "
+                "--repair") from None
         except (OSError, lmdb.Error, AlexnetPipeError) as exc:
             raise DatasetError(
                 f"record {i} of {t.paths[k]} cannot be read ({exc}); run alexnet-pipe verify {t.root}"
             ) from exc
 
-    def _read_lmdb(self, k: int, record_id: int) -> tuple[bytes, int]:
+    def _shard_sums(self, k: int) -> np.ndarray | None:
+        """Shard ``k``'s per-record CRCs (None: none recorded, as in datasets converted before them).
+
+        Raises:
+            DatasetError: the sums file is there but damaged.
+        """
+        if k in self._sums:
+            return self._sums[k]
+        t = self.table
+        sums = None
+        rel = record_sums_path(t.names[k], t.kind) if k < len(t.names) else None
+        if rel is not None and os.path.isfile(path := os.path.join(t.root, rel)):
+            records = (t.starts[k + 1] if k + 1 < len(t.starts) else len(t)) - t.starts[k]
+            try:
+                with open(path, "rb") as f:
+                    sums = decode_record_sums(f.read(4 * records + 17), records, path)
+            except (OSError, FormatError) as exc:
+                raise DatasetError(f"{exc}; run alexnet-pipe verify {t.root} --repair to rewrite it") from None
+        self._sums[k] = sums
+        return sums
+
+    def _read_lmdb(self, k: int, record_id: int) -> tuple[memoryview, memoryview]:
+        """(key, value) of a record, as buffers valid until the next read of shard ``k``."""
         handle = self._open.get(k)
         if handle is None:
             env = _ENVS.acquire(self.table.paths[k])
@@ -194,16 +256,21 @@ class RecordReader:
         prefix = b"%0*d_" % (self.table.id_width, record_id)
         if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
             raise DatasetError(f"no record with id {record_id}")
-        return datum_image_and_label(cursor.value())
+        return cursor.key(), cursor.value()
 
-    def _read_recordio(self, k: int, offset: int, length: int) -> tuple[bytes, int]:
+    def _read_recordio(self, k: int, offset: int, length: int) -> bytes:
         fd = self._open.get(k)
         if fd is None:
             fd = self._open[k] = os.open(self.table.paths[k], os.O_RDONLY)
-        framed = os.pread(fd, length, offset)
-        header, jpeg = unpack_payload(unframe_record(framed))
-        label = header.label[0] if isinstance(header.label, tuple) else header.label
-        return jpeg, int(label)
+        return unframe_record(os.pread(fd, length, offset))
+
+    def _recordio_key(self, k: int, i: int) -> str:
+        """Record ``i``'s id, from its shard's index (read again: only for a message)."""
+        path = os.path.splitext(self.table.paths[k])[0] + ".idx"
+        try:
+            return str(int(read_index_array(Path(path))[i - self.table.starts[k], 0]))
+        except (OSError, FormatError, IndexError):
+            return f"at byte {int(self.table.ref[i])}"
 
     def close(self) -> None:
         for handle in self._open.values():

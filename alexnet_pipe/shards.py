@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,7 @@ class ShardWriter:
         self._generation = 0
         self._open(SCRATCH_MAP_SIZE)
         self.count = 0
+        self.record_sums: dict[str, array] = {}  # per format, after close(): each record's CRC-32 (checksum.py)
 
     def _open(self, map_size: int) -> None:
         """A new, empty scratch database of ``map_size`` and its first write transaction."""
@@ -275,6 +277,7 @@ class ShardWriter:
                 "checksum": "sha256:" + digest.hexdigest(),
                 "bytes": dir_size(self.paths["lmdb"]),
             }
+            self.record_sums["lmdb"] = digest.crcs
         if rec is not None:
             rec.close()
             out["recordio"] = {
@@ -283,5 +286,6 @@ class ShardWriter:
                 "checksum": "sha256:" + rec.digest.hexdigest(),
                 "bytes": os.path.getsize(self.paths["rec"]),
             }
+            self.record_sums["recordio"] = rec.digest.crcs
         shutil.rmtree(self._scratch)
         return out

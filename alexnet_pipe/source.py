@@ -3,13 +3,15 @@
 DALI calls it with a BatchInfo (iteration within the epoch, epoch index since the pipeline
 started); it answers with that batch's JPEG bytes, labels and augmentation parameters, or raises
 StopIteration at the end of the epoch. It is stateless apart from caches, so DALI may run it in
-several reader processes (``parallel=True``), each holding its own open shard files.
+several reader processes (``parallel=True``), each holding its own open shard files (and the
+per-record checksums of the shards it has read, ``records.RecordReader``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .errors import DatasetError
 from .order import EpochPlan, OrderConfig, plan_epoch
 from .records import RecordReader, RecordTable
 
@@ -54,3 +56,17 @@ class EpochSource:
     def __getstate__(self) -> dict:
         # Reader processes get the table and the config; open files and caches stay behind.
         return {**self.__dict__, "_reader": None, "_plan": None}
+
+
+# How DALI's reader processes pass on an exception: the pipeline's process raises a plain
+# Exception whose text is the worker's traceback, which ends with this and the message.
+_FROM_READER = "alexnet_pipe.errors.DatasetError: "
+
+
+def raise_reader_error(exc: BaseException) -> None:
+    """Raise the one-line DatasetError that a reader process raised, if ``exc`` carries one
+    (``parallel=True``: a damaged record read there); return otherwise."""
+    text = str(exc)
+    if _FROM_READER in text:
+        message = text.rsplit(_FROM_READER, 1)[1].strip().splitlines()
+        raise DatasetError(message[0] if message else text) from exc

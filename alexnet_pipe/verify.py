@@ -6,6 +6,10 @@ Python code can catch that; here it kills one checker, which the parent sees, re
 shard it was reading, and replaces. A checker that stops making progress (a loop in corrupt data)
 is killed and reported the same way. Whatever a checker raises becomes a problem of its shard.
 The parent itself only parses JSON and index text, with parsers that report rather than crash.
+
+Where convert recorded a CRC-32 per record (checksum.py), a shard whose checksum differs gets one
+problem per record whose bytes differ, naming its key; without them (datasets converted before),
+only the shard is named. ``repair.py`` runs the same checkers to find the shards to rewrite.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import resource
 import signal
 import time
 import warnings
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
@@ -27,7 +32,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from .checksum import RecordDigest
+from .checksum import PARTS_DIR, RecordDigest, decode_record_sums, record_sums_path
 from .config import VerifyConfig
 from .datum import decode_datum
 from .errors import AlexnetPipeError
@@ -40,7 +45,7 @@ MAX_PROBLEMS_PER_SHARD = 50
 EXTRA_RECORDS = 1000  # read at most this many records past the manifest's count (a loop in corrupt data ends)
 STALL_SECONDS = 120.0  # a checker silent this long is stuck in corrupt data: killed and reported
 TICK_SECONDS = 0.5  # how often a checker reports progress
-PARTS_DIR = ".parts"  # convert's completion records (convert.PARTS_DIR), with each shard's exact pixel sums
+INPUTS_FILE = ".convert-inputs.json"  # convert.INPUTS_FILE: where the raw inputs were (verify --repair)
 SHORT_SIDE_COUNTS_BELOW = 512  # convert.SHORT_SIDE_COUNTS_BELOW: the manifest counts stored short sides below this
 
 
@@ -82,6 +87,8 @@ class _Task:
     num_classes: int
     decode: bool
     version: int
+    sums: str | None = None  # the shard's per-record CRC file (relative to root), when there is one
+    want_crcs: bool = False  # return the CRCs of the records read (repair writes them)
 
     @property
     def where(self) -> str:
@@ -100,6 +107,8 @@ class _Outcome:
     labels: list[int] | None = None  # records per class, from the labels read (None: the checker died)
     sides: dict[int, int] | None = None  # records per stored short side below SHORT_SIDE_COUNTS_BELOW
     min_side: int | None = None  # the smallest stored short side
+    crcs: array | None = None  # the records' CRC-32s, as read (``_Task.want_crcs``)
+    unnamed: bool = False  # the shard's checksum differs and it has no per-record sums to name the records
 
 
 def _add_side(out: _Outcome, width: int, height: int) -> None:
@@ -144,6 +153,8 @@ def _verify_lmdb(task: _Task, tick: _Ticker) -> _Outcome:
     root, entry, where = task.root, task.entry, task.where
     out = _Outcome(0, [], [0] * task.num_classes, {})
     digest = RecordDigest()
+    sums = _load_sums(task, out)
+    named: list[Problem] = []
     limit = entry["records"] + EXTRA_RECORDS
     try:
         if task.version >= 2 and reserves_too_much(root / where):
@@ -163,12 +174,13 @@ def _verify_lmdb(task: _Task, tick: _Ticker) -> _Outcome:
                                                              f"the manifest says {entry['records']}"))
                     break
                 digest.update(key, value)
+                _check_crc(task, sums, digest, out.records - 1, key.decode(errors="replace"), named)
                 msg = _check_datum(value, task, out)
                 if msg:
                     out.problems.append(Problem(where, key.decode(errors="replace"), msg))
     except lmdb.Error as exc:
         out.problems.append(Problem(where, None, f"unreadable after {out.records} records ({exc}); {_repair(task)}"))
-    out.problems.extend(_check_totals(task, out.records, digest.hexdigest(), entry["lmdb"]["checksum"]))
+    _finish(task, out, digest, entry["lmdb"]["checksum"], sums, named)
     return out
 
 
@@ -208,6 +220,8 @@ def _verify_recordio(task: _Task, tick: _Ticker) -> _Outcome:
     out = _Outcome(0, [], [0] * task.num_classes, {})
     problems = out.problems
     digest = RecordDigest()
+    sums = _load_sums(task, out)
+    named: list[Problem] = []
     try:
         size = (root / where).stat().st_size
     except OSError as exc:
@@ -233,6 +247,7 @@ def _verify_recordio(task: _Task, tick: _Ticker) -> _Outcome:
             header, jpeg = unpack_payload(payload)
             key = str(header.id)
             digest.update(key.encode(), payload)
+            _check_crc(task, sums, digest, n, key, named)
             if header.flag == 0 and float(header.label).is_integer() and 0 <= int(header.label) < task.num_classes:
                 out.labels[int(header.label)] += 1
             if (dims := _jpeg_size(jpeg)) is not None:
@@ -252,23 +267,60 @@ def _verify_recordio(task: _Task, tick: _Ticker) -> _Outcome:
         problems.append(Problem(where, None, f"unreadable after {out.records} records ({exc}); {_repair(task)}"))
     if index is not None and len(index) != out.records:
         problems.append(Problem(rec["idx"], None, f"index has {len(index)} entries for {out.records} records"))
-    problems.extend(_check_totals(task, out.records, digest.hexdigest(), rec["checksum"]))
+    _finish(task, out, digest, rec["checksum"], sums, named)
     return out
 
 
-def _check_totals(task: _Task, count: int, checksum: str, expected: str) -> list[Problem]:
-    out = []
-    if count != task.entry["records"]:
-        out.append(Problem(task.where, None, f"holds {count} records, the manifest says {task.entry['records']}"))
-    if "sha256:" + checksum != expected:
-        out.append(Problem(task.where, None, "checksum differs from the manifest (records changed or lost)"))
-    return out
+def _load_sums(task: _Task, out: _Outcome):
+    """The shard's per-record CRCs, or None (none recorded, or a damaged file: a problem of its own)."""
+    if task.sums is None:
+        return None
+    try:
+        with open(task.root / task.sums, "rb") as f:  # a regular file (``_sums_file``)
+            data = f.read(4 * task.entry["records"] + 17)  # one byte more than it should hold
+        return decode_record_sums(data, task.entry["records"], task.sums)
+    except (OSError, AlexnetPipeError) as exc:
+        out.problems.append(Problem(task.sums, None, f"cannot be used ({exc}); run alexnet-pipe verify {task.root} "
+                                                     "--repair to rewrite it"))
+        return None
+
+
+def _check_crc(task: _Task, sums, digest: RecordDigest, n: int, key: str, named: list[Problem]) -> None:
+    """Name record ``n`` (just read into ``digest``) when its CRC differs from the recorded one."""
+    if sums is not None and n < len(sums) and digest.crcs[-1] != sums[n]:
+        named.append(Problem(task.where, key, "the record's bytes differ from the checksum convert recorded for it "
+                                              f"(damaged on disk); run alexnet-pipe verify {task.root} --repair"))
+
+
+def _finish(task: _Task, out: _Outcome, digest: RecordDigest, expected: str, sums, named: list[Problem]) -> None:
+    """The shard-level checks: record count and checksum, with the damaged records named.
+
+    The shard's sha256 is the authority: records whose CRC differs while it matches mean the CRC
+    file is wrong, not the records. Without per-record sums, a checksum that differs names no record.
+    """
+    count, entry = out.records, task.entry
+    if count != entry["records"]:
+        out.problems.append(Problem(task.where, None, f"holds {count} records, the manifest says {entry['records']}"))
+    intact = "sha256:" + digest.hexdigest() == expected
+    if intact and named:
+        out.problems.append(Problem(task.sums, None, f"does not match the records of {task.where} (whose checksum "
+                                                     f"does): the CRC file is damaged; run alexnet-pipe verify "
+                                                     f"{task.root} --repair to rewrite it"))
+    elif not intact:
+        out.problems.extend(named)
+        if not named:
+            out.problems.append(Problem(task.where, None, "checksum differs from the manifest (records changed or lost)"))
+            out.unnamed = sums is None
+    if task.want_crcs:
+        out.crcs = digest.crcs
 
 
 def _repair(task: _Task) -> str:
-    """How to rewrite one shard: convert redoes a finished shard whose files are gone."""
+    """How to rewrite one shard: convert redoes a finished shard whose files are gone, and
+    ``--repair`` any damaged one."""
     files = " and ".join(str(task.root / f) for f in task.files())
-    return f"to repair it, delete {files} and rerun the alexnet-pipe convert command that made {task.root}"
+    return (f"to repair it, delete {files} and rerun the alexnet-pipe convert command that made {task.root}, "
+            f"or run alexnet-pipe verify {task.root} --repair")
 
 
 def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:
@@ -603,7 +655,8 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     tasks = []
     for split in ds.splits():
         for entry in ds.shards(split):
-            tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version) for fmt in ds.formats]
+            tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version, _sums_file(cfg.root, entry, fmt))
+                      for fmt in ds.formats]
         if "recordio" in ds.formats and ds.shards(split):
             result.problems += _verify_combined_index(cfg.root, ds.split(split))
     total = sum(t.entry["records"] for t in tasks)
@@ -617,4 +670,15 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
         result.shards += 1
         result.problems += outcome.problems
     result.problems += _verify_counts(ds, tasks, outcomes)
+    if any(outcome.unnamed for outcome in outcomes):
+        how = (f"alexnet-pipe verify {cfg.root} --repair" if (cfg.root / INPUTS_FILE).is_file() else
+               f"the alexnet-pipe convert command that made {cfg.root}, rerun with --repair,")
+        result.notes.append(f"{cfg.root} has no per-record checksums (converted by an older alexnet-pipe), so a damaged "
+                            f"shard's records are not named; {how} adds them (and rewrites the damaged shards)")
     return result
+
+
+def _sums_file(root: Path, entry: dict, fmt: str) -> str | None:
+    """The shard's per-record CRC file, if convert wrote one (datasets converted before it did have none)."""
+    rel = record_sums_path(entry["name"], fmt)
+    return rel if rel is not None and (root / rel).is_file() else None
