@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .convert import PARTS_DIR
 from .errors import DatasetError
 from .fsutil import atomic_write_json, fsync_dir, remove
 from .manifest import DATASET_VERSION, MANIFEST_FILE, Dataset, load_dataset
@@ -46,6 +47,19 @@ def _compact_in_place(path: Path) -> None:
     remove(tmp)
 
 
+def _update_part(root: Path, name: str, size: int) -> None:
+    """The shard's completion record gets its new size too: a convert rerun (or --repair) rebuilds
+    the manifest from the completion records."""
+    part = root / PARTS_DIR / f"{name}.json"
+    try:
+        record = json.loads(part.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # none, or damaged: convert redoes a shard without a readable completion record
+    if isinstance(record.get("lmdb"), dict) and record["lmdb"].get("bytes") != size:
+        record["lmdb"]["bytes"] = size
+        atomic_write_json(part, record)
+
+
 def run_upgrade(root: Path) -> UpgradeResult:
     """Upgrade the dataset in ``root`` in place (see the module docstring).
 
@@ -68,6 +82,7 @@ def run_upgrade(root: Path) -> UpgradeResult:
                     _compact_in_place(path)
                     rewritten += 1
                 shard["lmdb"]["bytes"] = dir_size(path)
+                _update_part(root, path.name, shard["lmdb"]["bytes"])
     # Version 1 never upscaled: record that, so training knows small images were kept small.
     manifest["settings"].setdefault("upscale", False)
     manifest["version"] = DATASET_VERSION

@@ -14,7 +14,7 @@ from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings, VerifyConfig
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.manifest import DATASET_VERSION, load_dataset
-from alexnet_pipe.shards import lmdb_map_size, reserves_too_much
+from alexnet_pipe.shards import dir_size, lmdb_map_size, reserves_too_much
 from alexnet_pipe.upgrade import run_upgrade
 from alexnet_pipe.verify import run_verify
 
@@ -37,6 +37,16 @@ def make_version_1(raw: Path, dst: Path) -> Path:
             with lmdb.open(str(path), map_size=1 << 40, lock=False) as env, env.begin(write=True) as txn:
                 for key, value in records:
                     txn.put(key, value, append=True)
+            with lmdb.open(str(path), map_size=1 << 40, lock=False) as env:  # free pages, as rewrites leave
+                with env.begin(write=True) as txn:
+                    txn.put(b"~scratch", bytes(200_000))
+                with env.begin(write=True) as txn:
+                    txn.delete(b"~scratch")
+            shard["lmdb"]["bytes"] = dir_size(path)
+            part_file = dst / ".parts" / f"{path.name}.json"  # version 1's completion records said so too
+            part = json.loads(part_file.read_text())
+            part["lmdb"]["bytes"] = shard["lmdb"]["bytes"]
+            part_file.write_text(json.dumps(part))
     manifest["version"] = 1
     manifest["settings"].pop("upscale", None)  # version 1 had no such setting
     (dst / "manifest.json").write_text(json.dumps(manifest))
@@ -64,6 +74,9 @@ def test_upgrade_stores_small_map_sizes_and_keeps_every_record(raw_tree, tmp_pat
         assert sorted(f.name for f in p.iterdir()) == ["data.mdb"]
     verified = run_verify(VerifyConfig(data, workers=1, progress=False))
     assert verified.ok and not verified.notes
+    for shard in ds.shards("train") + ds.shards("val"):  # a convert rerun rebuilds the manifest from these
+        part = json.loads((data / ".parts" / f"{Path(shard['lmdb']['path']).name}.json").read_text())
+        assert part["lmdb"]["bytes"] == shard["lmdb"]["bytes"] == dir_size(data / shard["lmdb"]["path"])
     assert "already at format version" in run_upgrade(data).summary()
     # DALI's own Caffe reader reads the upgraded shards: every record, its label intact.
     from nvidia.dali import fn, pipeline_def
