@@ -319,8 +319,8 @@ def _repair(task: _Task) -> str:
     """How to rewrite one shard: convert redoes a finished shard whose files are gone, and
     ``--repair`` any damaged one."""
     files = " and ".join(str(task.root / f) for f in task.files())
-    return (f"to repair it, delete {files} and rerun the alexnet-pipe convert command that made {task.root}, "
-            f"or run alexnet-pipe verify {task.root} --repair")
+    return (f"to repair it, run alexnet-pipe verify {task.root} --repair (or delete {files} and rerun the "
+            f"alexnet-pipe convert command that made {task.root})")
 
 
 def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:

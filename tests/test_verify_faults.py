@@ -386,7 +386,8 @@ def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
     out = verify._verify_task(verify._Task(data, "train", "lmdb", entry, 3, False, 2), verify._Ticker())
     assert out.labels is None and len(out.problems) == 1
     assert str(out.problems[0]).startswith("lmdb/train-00000: the checker failed (MemoryError: a hostile length); "
-                                           f"to repair it, delete {data / 'lmdb/train-00000'} and rerun")
+                                           f"to repair it, run alexnet-pipe verify {data} --repair (or delete "
+                                           f"{data / 'lmdb/train-00000'} and rerun")
 
 
 def test_the_pristine_dataset_passes(data):
