@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import TrainingError
 from .model import AlexNet, AlexNetConfig, param_groups
 
 
@@ -253,13 +252,9 @@ def time_loaders(cfg: BenchConfig, device: torch.device) -> list[dict]:
 
 def check_device(cfg: BenchConfig) -> None:
     """Raise, with the fix, when ``-b gpu`` is asked for and torch has no such CUDA device."""
-    if cfg.backend != "gpu":
-        return
-    if not torch.cuda.is_available():
-        raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
-    if cfg.device_id >= torch.cuda.device_count():
-        raise TrainingError(f"-i {cfg.device_id}: torch sees {torch.cuda.device_count()} CUDA device(s), "
-                            f"numbered from 0; pick one of them")
+    from .runtime import torch_device
+
+    torch_device(cfg.backend, cfg.device_id)
 
 
 def run_benchmark(cfg: BenchConfig) -> list[dict]:

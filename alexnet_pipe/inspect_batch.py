@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import DatasetError, TrainingError
+from .errors import DatasetError
 from .manifest import load_dataset
 from .mean import load_dataset_mean
 from .plot import check_output, denormalize, draw_grid, draw_image
@@ -16,12 +16,9 @@ MEAN_IMAGE_FILE = "mean_image.npy"
 
 def require_gpu(backend: str) -> None:
     """Raise, with the fix, when ``backend`` is "gpu" and torch sees no CUDA device."""
-    if backend != "gpu":
-        return
-    import torch
+    from .runtime import torch_device
 
-    if not torch.cuda.is_available():
-        raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
+    torch_device(backend)
 
 
 def grid_title(root: Path, split: str, crop: int, normalize_std: bool, epoch: int, seed: int) -> str:

@@ -26,10 +26,11 @@ import torch
 
 from . import checkpoint
 from .config import ImageSettings, default_workers
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError
 from .imaging import BadImage, process, read_source
 from .inputspec import InputSpec
 from .model import AlexNetConfig, build_model
+from .runtime import torch_device
 from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -221,14 +222,6 @@ def load_network(path: Path, device: torch.device) -> Network:
     return Network(model.to(device).eval(), spec, classes, names, device)
 
 
-def resolve_device(backend: str, device_id: int) -> torch.device:
-    if backend == "gpu":
-        if not torch.cuda.is_available():
-            raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
-        return torch.device("cuda", device_id)
-    return torch.device("cpu")
-
-
 def top_classes(net: Network, inputs: np.ndarray) -> list[tuple[Guess, ...]]:
     """N x 3 x crop x crop inputs -> each one's top-5 (fewer with fewer classes), most likely first."""
     with torch.inference_mode():
@@ -245,7 +238,7 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def run_predict(cfg: PredictConfig) -> PredictResult:
     """Predict every image of ``cfg.inputs``; unreadable inputs get their error, the others a top-5."""
-    net = load_network(cfg.model_file, resolve_device(cfg.backend, cfg.device_id))
+    net = load_network(cfg.model_file, torch_device(cfg.backend, cfg.device_id))
     device = str(net.device) if net.device.type == "cpu" else torch.cuda.get_device_name(net.device)
     log.info("%s: %s network, %d classes, crop %d of short side %d, input %s; on %s", cfg.model_file,
              net.model.cfg.arch, len(net.classes), net.spec.crop, net.spec.short_side, net.spec.describe(), device)

@@ -23,7 +23,7 @@ from .errors import AlexnetPipeError, DatasetError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .mean import MeanImageSum
 from .shards import ShardPlan
-from .verify import STALL_SECONDS, Problem, _run_checkers, _Task
+from .verify import Problem, _Task, check_shards
 
 
 def _reason(problem: Problem) -> str:
@@ -57,8 +57,6 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
     Returns:
         ({shard name: what is wrong} for the damaged shards, how many shards got checksums).
     """
-    from tqdm import tqdm
-
     dst, damaged, tasks, parts = cfg.dst, {}, [], {}
     for plan in plans:
         part = parts[plan.name] = read_part(dst, plan)
@@ -73,12 +71,7 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
             # version 1: a map size is no damage (that is `upgrade`'s business)
             tasks.append(_Task(dst, plan.split, fmt, entry, num_classes, False, 1,
                                rel if (dst / rel).is_file() else None, want_crcs=True))
-    total = sum(t.entry["records"] for t in tasks)
-    bar = tqdm(total=total, unit="rec", desc="check", disable=not cfg.progress, dynamic_ncols=True)
-    try:
-        outcomes = _run_checkers(tasks, cfg.workers, STALL_SECONDS, lambda n: bar.update(max(0, n)))
-    finally:
-        bar.close()
+    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "check")
     new_sums: dict[str, dict[str, array]] = {}
     for task, out in zip(tasks, outcomes):
         name = task.entry["name"]

@@ -25,20 +25,28 @@ log = logging.getLogger(__name__)
 BASE_BATCH = 128  # the neon recipe's lr holds for this many images per step
 
 
+def torch_device(backend: str, device_id: int = 0) -> torch.device:
+    """The torch device ``-b``/``-i`` name; one line with the fix when torch has no such device."""
+    if backend != "gpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
+    if device_id >= torch.cuda.device_count():
+        raise TrainingError(f"-i {device_id}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0; pick one of them")
+    return torch.device("cuda", device_id)
+
+
 class Runtime:
     """Device, precision, rank and loaders for one run. ``dist`` joins the process group only
     when ``join`` is set (training and testing; a loader for ``inspect`` needs none)."""
 
     def __init__(self, cfg: TrainConfig, ds: Dataset, mean: ChannelMean, join: bool = False):
         self.cfg, self.ds = cfg, ds
-        if cfg.backend == "gpu":
-            if not torch.cuda.is_available():
-                raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
-            self.device = torch.device("cuda", cfg.device_id)
+        self.device = torch_device(cfg.backend, cfg.device_id)
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
-        else:
-            self.device = torch.device("cpu")
         self.amp_dtype = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.datatype]
         self.mean = mean
         self._input: InputSpec | None = None

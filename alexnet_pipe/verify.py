@@ -415,6 +415,19 @@ def _death(proc) -> str:
 QUEUE_MIN, QUEUE_MAX, QUEUE_RECORDS = 2, 16, 256
 
 
+def check_shards(tasks: list[_Task], workers: int, progress: bool, desc: str,
+                 stall_seconds: float = STALL_SECONDS) -> list[_Outcome]:
+    """Each task's outcome from the checker processes, with a progress bar over the records."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(t.entry["records"] for t in tasks), unit="rec", desc=desc, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        return _run_checkers(tasks, workers, stall_seconds, lambda n: bar.update(max(0, n)))
+    finally:
+        bar.close()
+
+
 def _run_checkers(tasks: list[_Task], workers: int, stall_seconds: float, on_progress) -> list[_Outcome]:
     """Every task's outcome, in task order; each task runs in a checker process (see the module
     docstring). A checker answers its tasks in the order given, so when one dies, the first task
@@ -642,8 +655,6 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     Raises:
         DatasetError: the manifest is missing or damaged (``load_dataset``): nothing to check against.
     """
-    from tqdm import tqdm
-
     ds = load_dataset(cfg.root)
     result = VerifyResult()
     if (hint := ds.upgrade_hint()) is not None:
@@ -659,12 +670,7 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
                       for fmt in ds.formats]
         if "recordio" in ds.formats and ds.shards(split):
             result.problems += _verify_combined_index(cfg.root, ds.split(split))
-    total = sum(t.entry["records"] for t in tasks)
-    bar = tqdm(total=total, unit="rec", desc="verify", disable=not cfg.progress, dynamic_ncols=True)
-    try:
-        outcomes = _run_checkers(tasks, cfg.workers, stall_seconds, lambda n: bar.update(max(0, n)))
-    finally:
-        bar.close()
+    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "verify", stall_seconds)
     for outcome in outcomes:
         result.records += outcome.records
         result.shards += 1

@@ -61,3 +61,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:  # not `in keywords`: a folder named gpu matches that
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def torch_threads():
+    """torch on two threads for a module (the CI machine's cores), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -22,15 +22,9 @@ from alexnet_pipe.weights.caffe import read_layers
 from alexnet_pipe.weights.neon import read_params
 from tests.pickle_samples import attack_pickles, neon_cache, neon_weights_pre12, neon_weights_v14, py2_pickle
 
+pytestmark = pytest.mark.usefixtures("torch_threads")  # two threads, restored after
+
 CLASSES = 10  # fc8's outputs: any count works, and 10 keeps the files smaller
-
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def randn(rng, shape, fan_in: int, dtype=np.float32) -> np.ndarray:

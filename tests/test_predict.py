@@ -25,6 +25,8 @@ from alexnet_pipe.train import epoch_loader
 
 from .conftest import smooth_image
 
+pytestmark = pytest.mark.usefixtures("torch_threads")  # two threads, restored after
+
 CROP = 67  # the smallest crop the network takes: fast CPU passes
 ORIENTATION = 0x0112
 # One validation image per class, each taking another road through the converter. Name: (width,
@@ -39,14 +41,6 @@ KINDS = {
     "f_kept": (107, 80, "baseline"),  # at short side 80 the converter keeps the file's own bytes
     "g_tall": (80, 301, "jpeg"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def photo(seed: int, width: int, height: int) -> np.ndarray:
