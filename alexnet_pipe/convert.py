@@ -247,6 +247,7 @@ def _retry_alone(sources: tuple[Source, ...], settings: ImageSettings) -> BatchR
     results: list[Encoded | str] = []
     size = settings.mean_size
     mean_sum, mean_count = np.zeros((size, size, 3), np.uint64), np.zeros((size, size), np.uint64)
+    stats = PixelStats()
     for src in sources:
         one = _run_alone([src], settings)
         if isinstance(one, BatchResult):
@@ -254,13 +255,14 @@ def _retry_alone(sources: tuple[Source, ...], settings: ImageSettings) -> BatchR
             if one.mean_sum is not None:
                 mean_sum += one.mean_sum
                 mean_count += one.mean_count
+                stats.merge(one.stats)
             continue
         reason = f"the image decoder crashed its process ({_death(one)})"
         log.warning("%s: %s; skipped", src.name, reason)
         results.append(reason)
     if not any(isinstance(r, Encoded) for r in results):
         return BatchResult(results, None, None)
-    return BatchResult(results, mean_sum, mean_count)
+    return BatchResult(results, mean_sum, mean_count, stats)
 
 
 def _ordered_results(tasks: Iterable, settings, workers: int) -> Iterator[tuple[tuple, BatchResult]]:
@@ -393,12 +395,12 @@ class _ShardState:
         self.done = 0
 
     def add(self, positions: tuple[int, ...], sources: tuple[Source, ...], batch: BatchResult) -> None:
-        if batch.mean_sum is not None:
+        if batch.stats is not None:
             self.mean.add(batch.mean_sum, batch.mean_count)
+            self.stats.merge(batch.stats)
         for position, src, res in zip(positions, sources, batch.results):
             if isinstance(res, Encoded):
                 self.writer.add(self.plan.first_id + position, src, res)
-                self.stats.add_image(res.pixels, res.sums, res.sq_sums)
                 short = min(res.width, res.height)
                 if short < SHORT_SIDE_COUNTS_BELOW:
                     self.short_sides[short] += 1

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
 from .config import ImageSettings
-from .mean import centre_box
+from .mean import PixelStats, centre_box
 from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -77,24 +77,65 @@ class BadImage(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
-    """A ready-to-store image and the pixel statistics of its centre box.
+    """A ready-to-store image.
 
-    The statistics cover the centre ``min(S, h) x min(S, w)`` of the stored image (S = the
-    mean-image size, see ``mean.centre_box``) and are those of the pixels that were
-    JPEG-encoded. For a pass-through that is exactly the stored bytes decoded. For a re-encoded
-    image, decoding the stored JPEG gives them only to within JPEG error: channel means agree to
-    ~0.01 grey level on photographs (up to ~1 level, and RMS up to a few, on tiny images of
-    saturated colour blocks, where 4:2:0 chroma subsampling blurs every edge). That is ample for
-    a dataset mean, and saves decoding every output again.
+    The statistics of the pixels that were JPEG-encoded (their centre box, see
+    ``mean.centre_box``) are summed per worker chunk, not per image (``CentreSums``). For a
+    pass-through they are exactly those of the stored bytes decoded. For a re-encoded image,
+    decoding the stored JPEG gives them only to within JPEG error: channel means agree to ~0.01
+    grey level on photographs (up to ~1 level, and RMS up to a few, on tiny images of saturated
+    colour blocks, where 4:2:0 chroma subsampling blurs every edge). That is ample for a dataset
+    mean, and saves decoding every output again.
     """
 
     jpeg: bytes
     width: int
     height: int
     passthrough: bool  # the input's own bytes were kept
-    sums: tuple[int, int, int]  # per-channel sums over the centre box, RGB (exact: merges are order-free)
-    sq_sums: tuple[int, int, int]  # per-channel sums of squares over the centre box
-    pixels: int  # pixels in the centre box
+
+
+class CentreSums:
+    """The centre boxes of a chunk's images summed on an S x S canvas: per-pixel sums (the mean
+    image), sums of squares (the channel std) and how many images covered each pixel.
+
+    OpenCV's accumulate/accumulateSquare add a box in one vectorised pass each (about 3x faster
+    than three histograms per image plus a numpy add). The canvases are float32 while every sum
+    stays an exact integer there (below 2^24: up to 258 images of 255^2), else float64, so the
+    totals are exact integers and merging chunks in any order gives the same bytes.
+    """
+
+    def __init__(self, size: int, images: int):
+        self.size = size
+        dtype = np.float32 if images * 255 * 255 < 1 << 24 else np.float64
+        self._sum = np.zeros((size, size, 3), dtype)  # BGR, as the pixels inside this module
+        self._sq = np.zeros((size, size, 3), dtype)
+        self._count = np.zeros((size, size), np.uint16 if images <= np.iinfo(np.uint16).max else np.uint32)
+        self._narrow = np.uint16 if images * 255 <= np.iinfo(np.uint16).max else np.uint32
+        self.images = 0
+
+    def add(self, bgr: np.ndarray) -> None:
+        box = centre_box(bgr.shape[1], bgr.shape[0], self.size)
+        src = bgr[box.y : box.y + box.height, box.x : box.x + box.width]
+        dst = (slice(box.canvas_y, box.canvas_y + box.height), slice(box.canvas_x, box.canvas_x + box.width))
+        cv2.accumulate(src, self._sum[dst])  # views: OpenCV writes through a numpy slice's strides
+        cv2.accumulateSquare(src, self._sq[dst])
+        self._count[dst] += 1
+        self.images += 1
+
+    def stats(self) -> PixelStats:
+        """The channel sums (RGB) over every box added: exact integers."""
+        sums = self._sum.sum(axis=(0, 1), dtype=np.float64)[::-1]
+        sq_sums = self._sq.sum(axis=(0, 1), dtype=np.float64)[::-1]
+        return PixelStats(self.images, int(self._count.sum(dtype=np.int64)), [int(v) for v in sums],
+                          [int(v) for v in sq_sums])
+
+    def mean_sum(self) -> np.ndarray:
+        """(S, S, 3) RGB per-pixel sums, uint16 where no sum can pass 65535 (a quarter of the
+        bytes to pass back from a worker), else uint32."""
+        return np.ascontiguousarray(self._sum[..., ::-1].astype(self._narrow))
+
+    def count(self) -> np.ndarray:
+        return self._count
 
 
 @dataclass
@@ -104,6 +145,7 @@ class BatchResult:
     results: list[Encoded | str]  # one per source, in order; str = the reason it was skipped
     mean_sum: np.ndarray | None  # (S, S, 3) RGB sum of the centre boxes placed in the canvas; None: no image
     mean_count: np.ndarray | None  # (S, S): how many images covered each canvas pixel
+    stats: PixelStats | None = None  # the centre boxes' channel sums (the encoded pixels); None: no image
 
 
 def _too_large(size: int, max_mb: int) -> BadImage:
@@ -485,24 +527,6 @@ def _encode(bgr: np.ndarray, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def _centre_stats(bgr: np.ndarray, size: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """Exact RGB sums, sums of squares and pixel count of the centre box, from 3 x 256 histograms."""
-    box = centre_box(bgr.shape[1], bgr.shape[0], size)
-    pixels = bgr[box.y : box.y + box.height, box.x : box.x + box.width]
-    if box.pixels < 1 << 24:  # calcHist counts in float32: exact below 2^24 per bin
-        hist = np.stack([cv2.calcHist([pixels], [c], None, [256], [0, 256]).ravel() for c in range(3)])
-    else:
-        hist = np.stack([np.bincount(pixels[..., c].ravel(), minlength=256) for c in range(3)])
-    hist = hist.astype(np.int64)[::-1]  # BGR -> RGB
-    values = np.arange(256, dtype=np.int64)
-    return tuple(int(x) for x in hist @ values), tuple(int(x) for x in hist @ (values * values)), box.pixels
-
-
-def _finish(jpeg: bytes, bgr: np.ndarray, passthrough: bool, settings: ImageSettings) -> Encoded:
-    sums, sq_sums, pixels = _centre_stats(bgr, settings.mean_size)
-    return Encoded(jpeg, bgr.shape[1], bgr.shape[0], passthrough, sums, sq_sums, pixels)
-
-
 # ----------------------------------------------------------------------------- one image
 
 
@@ -589,7 +613,7 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
         )
         bgr = _decode_jpeg(data, head, None if passthrough else target)
         if passthrough:
-            return _finish(data, bgr, True, settings), bgr
+            return Encoded(data, bgr.shape[1], bgr.shape[0], True), bgr
         if orientation != 1:
             bgr = _UPRIGHT[orientation](bgr)
     else:
@@ -602,7 +626,7 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
     # The target of the full-size input (not of the DCT-scaled one: rounding differs), turned
     # with the image when the orientation swaps its sides.
     bgr = _resize(bgr, target[::-1] if orientation in (5, 6, 7, 8) else target)
-    return _finish(_encode(bgr, settings.quality), bgr, False, settings), bgr
+    return Encoded(_encode(bgr, settings.quality), bgr.shape[1], bgr.shape[0], False), bgr
 
 
 def process(data: bytes, settings: ImageSettings) -> Encoded:
@@ -612,7 +636,7 @@ def process(data: bytes, settings: ImageSettings) -> Encoded:
         data: the input file's bytes.
         settings: target size, upscaling, JPEG quality, pixel limit, pass-through.
     Returns:
-        The stored JPEG with its size and the pixel statistics of its centre box.
+        The stored JPEG with its size (the statistics are summed per chunk: ``process_batch``).
     Raises:
         BadImage: with the reason the input is skipped.
     """
@@ -652,25 +676,10 @@ def _process_source(src: Source, settings: ImageSettings) -> tuple[Encoded | str
     return result
 
 
-def _add_to_canvas(canvas_sum: np.ndarray, canvas_count: np.ndarray, image: np.ndarray) -> None:
-    """Add an image's centre box into the mean-image canvas (same channel order as the canvas)."""
-    box = centre_box(image.shape[1], image.shape[0], canvas_sum.shape[0])
-    cy, cx = box.canvas_y, box.canvas_x
-    canvas_sum[cy : cy + box.height, cx : cx + box.width] += image[box.y : box.y + box.height, box.x : box.x + box.width]
-    canvas_count[cy : cy + box.height, cx : cx + box.width] += 1
-
-
 def process_batch(sources: list[Source], settings: ImageSettings) -> BatchResult:
     """Worker entry point: process a chunk of inputs (amortises inter-process overhead) and sum
-    their centre boxes into the S x S mean-image canvas.
-
-    The canvas is uint16 when even ``len(sources)`` images of 255 cannot overflow it (<= 257
-    images, as in every chunk convert sends: a quarter of the bytes to pass back), else uint32.
-    """
-    size = settings.mean_size
-    dtype = np.uint16 if len(sources) * 255 <= np.iinfo(np.uint16).max else np.uint32
-    canvas_sum = np.zeros((size, size, 3), dtype)  # BGR until returned
-    canvas_count = np.zeros((size, size), dtype)
+    their centre boxes (``CentreSums``): the mean-image canvas and the channel statistics."""
+    sums = CentreSums(settings.mean_size, len(sources))
     results: list[Encoded | str] = []
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # one core per worker: parallelism comes from the pool
@@ -679,12 +688,12 @@ def process_batch(sources: list[Source], settings: ImageSettings) -> BatchResult
             res, bgr = _process_source(src, settings)
             results.append(res)
             if bgr is not None:
-                _add_to_canvas(canvas_sum, canvas_count, bgr)
+                sums.add(bgr)
     finally:
         cv2.setNumThreads(threads)
-    if not any(isinstance(r, Encoded) for r in results):
+    if not sums.images:
         return BatchResult(results, None, None)
-    return BatchResult(results, np.ascontiguousarray(canvas_sum[..., ::-1]), canvas_count)
+    return BatchResult(results, sums.mean_sum(), sums.count(), sums.stats())
 
 
 def batch_to_pipe(conn, sources: list[Source], settings: ImageSettings) -> None:

@@ -90,14 +90,6 @@ class PixelStats:
     sums: list[int] = field(default_factory=lambda: [0, 0, 0])
     sq_sums: list[int] = field(default_factory=lambda: [0, 0, 0])
 
-    def add_image(self, pixels: int, sums, sq_sums) -> None:
-        """One image's sums over ``pixels`` pixels (its centre box, see ``centre_box``)."""
-        self.images += 1
-        self.pixels += pixels
-        for c in range(3):
-            self.sums[c] += sums[c]
-            self.sq_sums[c] += sq_sums[c]
-
     def merge(self, other: "PixelStats") -> None:
         self.images += other.images
         self.pixels += other.pixels

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.imaging import BadImage, Encoded, process, process_source, read_source, target_size
+from alexnet_pipe.imaging import BadImage, Encoded, process, process_batch, process_source, read_source, target_size
 from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.mean import centre_box
 from alexnet_pipe.recordio import iter_records, unpack_payload
@@ -116,12 +116,8 @@ def sof_marker(jpeg: bytes) -> int:
     raise AssertionError("no SOF marker")
 
 
-def decoded(enc: Encoded, mean_size: int = 256) -> np.ndarray:
-    """Check the invariants of every stored image; return its decoded pixels (H, W, 3).
-
-    ``mean_size``: the settings' mean-image size S (the short side, or 256 when sizes are kept);
-    the statistics cover the centre min(S, h) x min(S, w) of the image.
-    """
+def decoded(enc: Encoded) -> np.ndarray:
+    """Check the invariants of every stored image; return its decoded pixels (H, W, 3)."""
     im = Image.open(io.BytesIO(enc.jpeg))
     im.load()
     assert im.format == "JPEG"
@@ -129,24 +125,7 @@ def decoded(enc: Encoded, mean_size: int = 256) -> np.ndarray:
     assert sof_marker(enc.jpeg) == 0xFFC0, "stored JPEG is not baseline"
     assert "progressive" not in im.info and "progression" not in im.info
     assert im.size == (enc.width, enc.height)
-    arr = np.asarray(im)
-    # Statistics: exactly those of the stored bytes for a pass-through; for a re-encode, those
-    # of the pixels before JPEG (see Encoded and test_stats_are_exact_for_the_encoded_pixels),
-    # so within JPEG error of the decoded output. The worst case is these tiny saturated block
-    # images, where 4:2:0 chroma blurs edges: means within 1.5 grey levels, RMS within 6.
-    box = centre_box(arr.shape[1], arr.shape[0], mean_size)
-    centre = arr[box.y : box.y + box.height, box.x : box.x + box.width]
-    n = box.pixels
-    assert enc.pixels == n == min(mean_size, enc.width) * min(mean_size, enc.height)
-    flat = centre.reshape(-1, 3).astype(np.int64)
-    sums, sq_sums = flat.sum(0), (flat * flat).sum(0)
-    if enc.passthrough:
-        assert enc.sums == tuple(int(v) for v in sums)
-        assert enc.sq_sums == tuple(int(v) for v in sq_sums)
-    else:
-        assert np.abs(np.array(enc.sums) / n - sums / n).max() <= 1.5, (enc.sums, sums)
-        assert np.abs(np.sqrt(np.array(enc.sq_sums) / n) - np.sqrt(sq_sums / n)).max() <= 6, (enc.sq_sums, sq_sums)
-    return arr
+    return np.asarray(im)
 
 
 def block_colour(arr: np.ndarray, row: int, col: int, size: int = 16) -> np.ndarray:
@@ -292,7 +271,7 @@ def test_exif_rotated_large_jpeg_is_rotated_then_downscaled():
     shown = np.kron(display_image(), np.ones((4, 4, 1), np.uint8))  # 192x128 displayed
     stored = np.ascontiguousarray(np.rot90(shown, STORED_ROTATION[6]))  # 128x192 stored
     enc = process(with_exif_orientation(stored, 6), ImageSettings(short_side=32))
-    arr = decoded(enc, 32)
+    arr = decoded(enc)
     assert (enc.width, enc.height) == (48, 32)
     assert_colour(arr, 0, 0, RED)
     assert_colour(arr, 0, 2, GREEN)
@@ -347,7 +326,7 @@ def test_mpo_is_stored_as_its_first_picture():
     assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
     enc = process(buf.getvalue(), ImageSettings(short_side=16))
     assert not enc.passthrough  # 32x16, short side 16: a plain JPEG would pass through
-    arr = decoded(enc, 16)
+    arr = decoded(enc)
     assert_colour(arr, 0, 0, RED)
     assert_colour(arr, 0, 1, BLUE)
 
@@ -390,7 +369,7 @@ def test_large_image_short_side_scaled_down(fmt, size, short_side):
     arr_in = smooth_rgb(h, w)
     arr_in[: h // 2, : w // 2] = RED
     enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=short_side))
-    arr = decoded(enc, short_side)
+    arr = decoded(enc)
     assert not enc.passthrough
     assert min(enc.width, enc.height) == short_side
     long_side = round(max(w, h) * short_side / min(w, h))
@@ -407,7 +386,7 @@ def test_small_image_is_scaled_up_to_the_short_side(fmt, size):
     arr_in = smooth_rgb(h, w)
     arr_in[: h // 2] = BLUE
     enc = process(encode(Image.fromarray(arr_in), fmt), ImageSettings(short_side=64))
-    arr = decoded(enc, 64)
+    arr = decoded(enc)
     assert not enc.passthrough
     assert (enc.width, enc.height) == ((85, 64) if w > h else (64, 85))  # 40 * 64 / 30 = 85.3
     assert np.all(np.abs(arr[: enc.height // 2 - 6].reshape(-1, 3).mean(0) - BLUE) <= TOL)
@@ -417,7 +396,7 @@ def test_small_image_is_scaled_up_to_the_short_side(fmt, size):
 def test_small_image_is_kept_without_upscale(fmt):
     data = encode(Image.fromarray(smooth_rgb(30, 40)), fmt)
     enc = process(data, ImageSettings(short_side=64, passthrough=False, upscale=False))
-    decoded(enc, 64)
+    decoded(enc)
     assert (enc.width, enc.height) == (40, 30)
 
 
@@ -438,7 +417,7 @@ def test_clean_small_jpeg_passes_through_byte_identical():
     enc = process(data, ImageSettings(short_side=48))
     assert enc.passthrough and enc.jpeg == data
     assert (enc.width, enc.height) == (64, 48)
-    decoded(enc, 48)  # statistics exactly those of the stored bytes
+    decoded(enc)
 
 
 def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
@@ -446,7 +425,7 @@ def test_clean_jpeg_is_reencoded_when_passthrough_disabled():
     enc = process(data, ImageSettings(short_side=48, passthrough=False))
     assert not enc.passthrough and enc.jpeg != data
     ref = np.asarray(Image.open(io.BytesIO(data))).astype(int)
-    assert np.abs(decoded(enc, 48).astype(int) - ref).mean() < 3
+    assert np.abs(decoded(enc).astype(int) - ref).mean() < 3
 
 
 def test_jpeg_resized_to_its_draft_size_is_not_passed_through():
@@ -467,15 +446,54 @@ def test_jpeg_resized_to_its_draft_size_is_not_passed_through():
         ("RGBA", blocks([[(9, 99, 199, 255), (1, 2, 3, 0)]]), blocks([[(9, 99, 199), WHITE]])),
     ],
 )
-def test_stats_are_exact_for_the_encoded_pixels(settings, mode, pixels, expected):
-    """sums/sq_sums are integer-exact over the converted pixels (before JPEG encoding)."""
+def test_stats_are_exact_for_the_encoded_pixels(settings, mode, pixels, expected, tmp_path):
+    """The chunk's sums/sq_sums are integer-exact over the converted pixels (before JPEG encoding)."""
     im = Image.fromarray(pixels)
     assert im.mode == mode
-    enc = process(encode(im, "PNG"), settings)
+    path = tmp_path / "in.png"
+    path.write_bytes(encode(im, "PNG"))
+    batch = process_batch([Source("c/in.png", 0, str(path))], settings)
     flat = expected.reshape(-1, 3).astype(np.int64)
-    assert enc.sums == tuple(int(v) for v in flat.sum(0))
-    assert enc.sq_sums == tuple(int(v) for v in (flat * flat).sum(0))
-    assert (enc.width, enc.height) == (expected.shape[1], expected.shape[0])
+    assert (batch.stats.images, batch.stats.pixels) == (1, len(flat))
+    assert batch.stats.sums == [int(v) for v in flat.sum(0)]
+    assert batch.stats.sq_sums == [int(v) for v in (flat * flat).sum(0)]
+    assert (batch.results[0].width, batch.results[0].height) == (expected.shape[1], expected.shape[0])
+
+
+def test_stats_match_the_stored_images(tmp_path):
+    """Over a chunk of pass-throughs the statistics are exactly those of the stored bytes; with
+    re-encoded images they are those of the pixels before JPEG, so within JPEG error of the
+    decoded output. The worst case is tiny saturated block images, where 4:2:0 chroma blurs
+    edges: means within 1.5 grey levels, RMS within 6."""
+    mean_size = 32
+    inputs = {  # name: (bytes, passed through)
+        "a.jpg": (encode(Image.fromarray(smooth_rgb(32, 48)), "JPEG", quality=90), True),
+        "b.jpg": (encode(Image.fromarray(smooth_rgb(40, 32)), "JPEG", quality=80), True),
+        "c.png": (encode(Image.fromarray(blocks([[RED, WHITE, GREEN], [BLUE, WHITE, RED]])), "PNG"), False),
+        "d.jpg": (encode(Image.fromarray(smooth_rgb(64, 90)), "JPEG", quality=85, progressive=True), False),
+    }
+    sources = []
+    for name, (data, _) in inputs.items():
+        (tmp_path / name).write_bytes(data)
+        sources.append(Source(f"c/{name}", 0, str(tmp_path / name)))
+    for names in (["a.jpg", "b.jpg"], list(inputs)):
+        batch = process_batch([s for s in sources if s.name[2:] in names], ImageSettings(short_side=mean_size))
+        assert [r.passthrough for r in batch.results] == [inputs[n][1] for n in names]
+        boxes = []
+        for enc in batch.results:
+            arr = decoded(enc)
+            box = centre_box(arr.shape[1], arr.shape[0], mean_size)
+            boxes.append(arr[box.y : box.y + box.height, box.x : box.x + box.width].reshape(-1, 3).astype(np.int64))
+        flat = np.concatenate(boxes)
+        n, sums, sq_sums = len(flat), flat.sum(0), (flat * flat).sum(0)
+        stats = batch.stats
+        assert (stats.images, stats.pixels) == (len(names), n)
+        if all(inputs[name][1] for name in names):
+            assert stats.sums == [int(v) for v in sums] and stats.sq_sums == [int(v) for v in sq_sums]
+        else:
+            assert stats.sums != [int(v) for v in sums]  # re-encoded: the pixels before JPEG
+            assert np.abs(np.array(stats.sums) / n - sums / n).max() <= 1.5, (stats.sums, sums)
+            assert np.abs(np.sqrt(np.array(stats.sq_sums) / n) - np.sqrt(sq_sums / n)).max() <= 6
 
 
 # ----------------------------------------------------------------------------- skipped inputs

@@ -18,7 +18,7 @@ from alexnet_pipe.config import ConvertConfig, ImageSettings, UpdateMeanConfig
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.datum import decode_datum
 from alexnet_pipe.errors import OldMeanFormatError
-from alexnet_pipe.imaging import process_batch
+from alexnet_pipe.imaging import CentreSums, process_batch
 from alexnet_pipe.info import dataset_summary, format_summary
 from alexnet_pipe.legacy_mean import run_update_mean
 from alexnet_pipe.manifest import load_dataset
@@ -106,10 +106,33 @@ def test_worker_batch_sums_the_centre_boxes(tmp_path):
     total, count = reference_mean_image(arrays, size)
     np.testing.assert_array_equal(batch.mean_sum, total)
     np.testing.assert_array_equal(batch.mean_count, count)
-    for res, arr in zip(batch.results, arrays):  # per-image sums: the same boxes
-        ref, _ = reference_mean_image([arr], size)
-        assert res.sums == tuple(int(v) for v in ref.reshape(-1, 3).sum(0)) and res.pixels == size * size
+    flat = np.concatenate([reference_mean_image([a], size)[0].reshape(-1, 3) for a in arrays])  # the same boxes
+    assert (batch.stats.images, batch.stats.pixels) == (3, 3 * size * size)
+    assert batch.stats.sums == [int(v) for v in flat.sum(0)]
+    assert batch.stats.sq_sums == [int(v) for v in (flat * flat).sum(0)]
     assert process_batch(sources[3:], ImageSettings(short_side=size)).mean_sum is None  # nothing encoded
+
+
+@pytest.mark.parametrize("images", [258, 259])  # the last chunk size summed in float32, the first in float64
+def test_centre_sums_are_exact_at_the_float32_limit(images):
+    """258 boxes of 255 make sums of squares of 16,776,450, just under float32's 2^24 integers;
+    boxes smaller than the canvas, or cut from larger images, land where centre_box puts them."""
+    size = 8
+    rng = np.random.default_rng(images)
+    arrays = [np.full((9, 12, 3), 255, np.uint8) for _ in range(images - 3)]
+    arrays += [rng.integers(200, 256, shape, dtype=np.uint8) for shape in [(5, 7, 3), (8, 3, 3), (30, 11, 3)]]
+    sums = CentreSums(size, images)
+    for arr in arrays:
+        sums.add(arr[..., ::-1])  # BGR in, RGB out
+    total, count = reference_mean_image(arrays, size)
+    np.testing.assert_array_equal(sums.mean_sum(), total)
+    np.testing.assert_array_equal(sums.count(), count)
+    flat = np.concatenate([np.ascontiguousarray(a[(a.shape[0] - min(size, a.shape[0])) // 2:][:size,
+                          (a.shape[1] - min(size, a.shape[1])) // 2:][:, :size]).reshape(-1, 3) for a in arrays]).astype(np.int64)
+    stats = sums.stats()
+    assert (stats.images, stats.pixels) == (images, int(count.sum())) == (images, len(flat))
+    assert stats.sums == [int(v) for v in flat.sum(0)]
+    assert stats.sq_sums == [int(v) for v in (flat * flat).sum(0)]
 
 
 # ----------------------------------------------------------------------------- end to end
