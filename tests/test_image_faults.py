@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import EpsImagePlugin, Image, ImageCms, ImageOps
 
 from alexnet_pipe import imaging
@@ -162,17 +163,22 @@ def test_broken_allowed_header_says_which_format():
         process(bytes(png), ImageSettings())
 
 
-def test_opencv_only_ever_gets_jpeg_signatures(monkeypatch, settings):
+def test_the_jpeg_decoders_only_ever_get_jpeg_signatures(monkeypatch, settings):
     """cv2.imdecode sniffs the format itself (BMP, PNG, TIFF, JPEG 2000, OpenEXR, HDR, PFM, ...):
-    only data that starts with a JPEG signature may reach it."""
+    only data that starts with a JPEG signature may reach it, nor TurboJPEG's decoder."""
     seen: list[bytes] = []
-    real = cv2.imdecode
+    real_cv, real_turbo = cv2.imdecode, simplejpeg.decode_jpeg
 
-    def spy(buf, flags):
+    def spy_cv(buf, flags):
         seen.append(bytes(buf[:3]))
-        return real(buf, flags)
+        return real_cv(buf, flags)
 
-    monkeypatch.setattr(cv2, "imdecode", spy)
+    def spy_turbo(data, *args, **kwargs):
+        seen.append(bytes(data[:3]))
+        return real_turbo(data, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "imdecode", spy_cv)
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy_turbo)
     arr = smooth_rgb(24, 32)
     inputs = [make() for name, (make, _) in NOT_ALLOWED.items() if name != "avif"] + [
         encode(Image.fromarray(arr), fmt) for fmt in ("JPEG", "PNG", "BMP", "TIFF", "GIF", "WEBP")
