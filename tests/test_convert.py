@@ -152,6 +152,26 @@ def test_foreign_nonempty_output_is_refused(raw_tree, tmp_path):
     assert (out / "thesis.tex").read_text() == "precious"
 
 
+def test_recordio_alone_is_the_recordio_of_both_formats(tmp_path, monkeypatch):
+    """RecordIO alone is written through a scratch file in arrival order, without LMDB: its
+    shards are byte for byte those written next to LMDB. Chunks of 2 make the records of a shard
+    arrive out of their stored order (inputs are read in path order)."""
+    import alexnet_pipe.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "CHUNK", 2)
+    raw = tmp_path / "raw"
+    make_tree(raw, {"train": 9, "val": 3})
+    convert(raw, tmp_path / "both", shard_size=7)
+    convert(raw, tmp_path / "rec", shard_size=7, formats=("recordio",))
+    both, alone = tree_bytes(tmp_path / "both"), tree_bytes(tmp_path / "rec")
+    rec_files = {k for k in both if k.startswith("recordio/")}
+    assert len(rec_files) >= 6 and rec_files == {k for k in alone if k.startswith("recordio/")}
+    assert all(both[k] == alone[k] for k in rec_files)
+    assert not any(".scratch" in k for k in alone)  # the scratch file is gone
+    ids = [int(line.split()[0]) for line in alone["recordio/train-00001.idx"].decode().splitlines()]
+    assert ids == sorted(ids) and len(ids) == 7
+
+
 def test_lost_shard_is_rewritten_on_rerun(raw_tree, tmp_path):
     out = tmp_path / "out"
     convert(raw_tree, out)
