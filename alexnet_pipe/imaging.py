@@ -5,16 +5,17 @@ input is caught here, never by the training pipeline (DALI has no skip-bad-sampl
 
 Codecs: 8-bit baseline and progressive RGB/greyscale JPEGs, nearly every input, have their
 header segments read here (size, frame type, EXIF orientation, ICC profile, the pixel limit) and
-are decoded by OpenCV (about 35% faster than Pillow on 500 x 375 photos; DCT-domain 1/2, 1/4,
-1/8 scaling for large ones), then resized and encoded by OpenCV. Everything else (PNG, CMYK,
+are decoded by libjpeg-turbo through its TurboJPEG API (simplejpeg; OpenCV's imdecode, the same
+library, for what TurboJPEG declines), with DCT-domain 1/2, 1/4, 1/8 scaling for large ones;
+then resized and encoded by OpenCV. Everything else (PNG, CMYK,
 16-bit, alpha, odd JPEGs, colour-managed JPEGs, non-images) is read and decoded by Pillow and
 joins the same path. Imports stay light (no torch: ~2.5 s per worker process). Measurements:
 benchmarks/convert.md. Pixels are BGR inside this module (OpenCV's order) and statistics are
 returned RGB.
 
 Hostile inputs: only the decoders of ``ALLOWED_FORMATS`` ever see an input's bytes (Pillow is
-opened with that allowlist; OpenCV only gets data that starts with a JPEG signature, which its
-format sniffing hands to libjpeg); anything else is skipped with its reason, before any parser of
+opened with that allowlist; TurboJPEG and OpenCV only get data that starts with a JPEG
+signature, which OpenCV's format sniffing hands to libjpeg); anything else is skipped with its reason, before any parser of
 that format runs. Files over ``ImageSettings.max_file_mb`` are skipped before they are read. Any
 exception while processing one input becomes that input's skip reason (``process_source``): one
 odd file never stops a conversion. Colour: an input with a non-sRGB ICC profile is converted to
