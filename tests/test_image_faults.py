@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -305,6 +306,27 @@ def test_endless_device_is_cut_at_the_cap(tmp_path):
     link.symlink_to("/dev/zero")
     with pytest.raises(BadImage, match=r"^file too large \(0 bytes"):
         read_source(Source("c/zero.JPEG", 0, str(link)), max_mb=1)
+
+
+@pytest.mark.parametrize("size,refused", [(3000, False), (1 << 20, False), ((1 << 20) + 1, True)])
+def test_a_file_that_grew_after_its_size_was_read_is_read_whole_or_refused(tmp_path, monkeypatch, size, refused):
+    """A regular file is read for its size and one byte more; getting that byte means it grew:
+    reading goes on, and the cap still holds."""
+    path = tmp_path / "growing.JPEG"
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    real = os.fstat
+
+    def stale(fd):  # the size as it was before the file grew
+        info = real(fd)
+        return os.stat_result((*info[:6], 100, *info[7:])) if stat.S_ISREG(info.st_mode) else info
+
+    monkeypatch.setattr(imaging.os, "fstat", stale)
+    src = Source("c/growing.JPEG", 0, str(path))
+    if refused:
+        with pytest.raises(BadImage, match=r"^file too large \("):
+            read_source(src, max_mb=1)
+    else:
+        assert read_source(src, max_mb=1) == path.read_bytes()
 
 
 def test_archive_member_over_the_cap(tmp_path):
