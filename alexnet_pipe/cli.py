@@ -172,6 +172,10 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
 
         click.echo(format_plan(plan_convert(cfg)))
         return
+    if cfg.workers > 1:
+        from .workerpool import start_early
+
+        start_early("alexnet_pipe.imaging")  # its imports overlap this process's
     from .convert import run_convert
     from .info import plural
 

@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -42,6 +41,7 @@ from .recordio import read_index
 from .scan import ScanResult, scan
 from .sources import Source
 from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards, shard_paths
+from .workerpool import worker_context
 
 log = logging.getLogger(__name__)
 
@@ -196,18 +196,7 @@ def _chunks(plans: list[ShardPlan]) -> Iterator[tuple[ShardPlan, tuple[int, ...]
 
 
 def _worker_context():
-    """Workers forked from a server that imported the image code (Pillow, OpenCV, numpy) once.
-
-    The image code never imports torch (~2.5 s per process); a forkserver pays the remaining
-    imports once and its children share the pages. Neither inherits the parent's threads or
-    locks (the parent may have imported torch), unlike a plain fork. Spawn where forkserver
-    does not exist (Windows).
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["alexnet_pipe.imaging"])
-    return ctx
+    return worker_context("alexnet_pipe.imaging")
 
 
 def _run_alone(sources: list[Source], settings: ImageSettings) -> BatchResult | int:

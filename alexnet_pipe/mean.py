@@ -252,7 +252,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             np.lib.format.write_array(member, np.ascontiguousarray(arr), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, member.getvalue())
+            # Level 1: 4x faster than the default 6 on a shard's sums, and a few percent larger.
+            zf.writestr(info, member.getvalue(), compresslevel=1)
     return buf.getvalue()
 
 

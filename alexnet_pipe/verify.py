@@ -17,7 +17,6 @@ from __future__ import annotations
 import faulthandler
 import io
 import json
-import multiprocessing
 import resource
 import signal
 import time
@@ -40,6 +39,7 @@ from .manifest import Dataset, load_dataset, unknown_fields
 from .mean import ChannelMean, PixelStats, load_dataset_mean
 from .recordio import iter_records, read_index, unpack_payload
 from .shards import reserves_too_much
+from .workerpool import worker_context
 
 MAX_PROBLEMS_PER_SHARD = 50
 EXTRA_RECORDS = 1000  # read at most this many records past the manifest's count (a loop in corrupt data ends)
@@ -359,11 +359,7 @@ def _checker_main(conn) -> None:
 def _context():
     """Checkers forked from a server that imported this module once (cheap to replace after a
     death), never from this process (which may hold threads, e.g. torch's in tests)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["alexnet_pipe.verify"])
-    return ctx
+    return worker_context("alexnet_pipe.verify")
 
 
 class _Checker:
