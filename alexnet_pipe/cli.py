@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import ConvertConfig, ImageSettings, UpdateMeanConfig, VerifyConfig, default_workers
+from .config import RESIZE_FILTERS, ConvertConfig, ImageSettings, UpdateMeanConfig, VerifyConfig, default_workers
 from .errors import AlexnetPipeError
 
 _DIR = click.Path(path_type=Path)
@@ -110,6 +111,10 @@ def _parse_part(ctx, param, value):
               help="Scale every image, up or down, so its shorter side is exactly this (as im2rec --resize); "
                    "0 keeps the size.")
 @click.option("--no-upscale", is_flag=True, help="Never scale up: images with a shorter short side keep their size.")
+@click.option("--resize-filter", type=click.Choice(RESIZE_FILTERS), default=ImageSettings.resize_filter,
+              show_default=True,
+              help="How images are scaled: antialias (Gaussian pre-blur + bicubic, the closest to a Lanczos "
+                   "resize), or OpenCV's plain cubic, linear (im2rec's and Caffe's default; the fastest) or area.")
 @click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True, help="JPEG quality.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=5000, show_default=True, help="Records per shard.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes [default: all cores].")
@@ -145,7 +150,7 @@ def _parse_part(ctx, param, value):
               help="Re-check every finished shard in OUT against its recorded checksum and rewrite the damaged "
                    "ones from RAW (byte-identical to a clean run; refused if the inputs changed).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers, seed, max_pixels, max_file_mb,
+def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard_size, workers, seed, max_pixels, max_file_mb,
             no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part, repair,
             no_progress):
     """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
@@ -162,7 +167,8 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
         src=raw, dst=out,
         formats=("lmdb", "recordio") if fmt == "both" else (fmt,),
         image=ImageSettings(short_side=short_side, quality=quality, max_pixels=max_pixels,
-                            passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb),
+                            passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb,
+                            resize_filter=resize_filter),
         shard_size=shard_size, workers=workers or default_workers(), seed=seed, force=force,
         progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
         train_list=train_list, val_list=val_list, val_ratio=val_ratio, repair=repair,
@@ -172,6 +178,10 @@ def convert(raw, out, fmt, short_side, no_upscale, quality, shard_size, workers,
 
         click.echo(format_plan(plan_convert(cfg)))
         return
+    # numpy's OpenBLAS starts a thread per core at import, which spins ~0.1 s of CPU in every
+    # process (this one, the forkserver): taken from the workers on a small machine. The
+    # converter does no linear algebra. Set before numpy is imported here and in the forkserver.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if cfg.workers > 1:
         from .workerpool import start_early
 
@@ -421,8 +431,6 @@ def _train_config(test_only: bool, kw: dict):
 
 def _torchrun_rank(kw: dict) -> dict:
     """This process's rank, world size and GPU under torchrun (its environment variables), or {}."""
-    import os
-
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return {}
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -434,7 +442,6 @@ def _torchrun_rank(kw: dict) -> dict:
 
 def _launch(nproc: int, backend: str | None) -> None:
     """`train --nproc N`: run this same command line as N torchrun ranks on this machine."""
-    import os
     import uuid
 
     import torch

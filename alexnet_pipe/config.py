@@ -20,6 +20,12 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+# How the converter scales: "antialias" (a Gaussian pre-blur for the scale, then bicubic; closest
+# to an antialiased Lanczos resize), or OpenCV's plain "cubic", "linear" (im2rec's and Caffe's
+# default) and "area" (FFCV's) interpolation. Measured in benchmarks/convert.md.
+RESIZE_FILTERS = ("antialias", "cubic", "linear", "area")
+
+
 @dataclass(frozen=True)
 class ImageSettings:
     """How every image is normalised before it is stored. Part of the output's identity."""
@@ -30,8 +36,11 @@ class ImageSettings:
     passthrough: bool = True  # keep a clean baseline RGB JPEG that needs no resize byte for byte
     upscale: bool = True  # False: never scale up (a short side below short_side is kept as it is)
     max_file_mb: int = 64  # larger input files (MiB) are skipped before they are read into memory
+    resize_filter: str = "antialias"  # one of RESIZE_FILTERS: how images are scaled
 
     def __post_init__(self) -> None:
+        if self.resize_filter not in RESIZE_FILTERS:
+            raise ValueError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {self.resize_filter!r}")
         if self.short_side < 0:
             raise ValueError(f"short side must be >= 0 (0 keeps the size), got {self.short_side}")
         if not 1 <= self.quality <= 100:
@@ -96,8 +105,9 @@ class ConvertConfig:
     def settings(self) -> dict:
         """The settings that define the output bytes (recorded in the manifest)."""
         image = asdict(self.image)
-        if image["max_file_mb"] == ImageSettings.max_file_mb:
-            del image["max_file_mb"]  # the default: conversions from before the option still resume
+        for key in ("max_file_mb", "resize_filter"):
+            if image[key] == getattr(ImageSettings, key):
+                del image[key]  # the default: conversions from before the option still resume
         return {
             "formats": list(self.formats),
             **image,

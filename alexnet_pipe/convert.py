@@ -89,10 +89,14 @@ def output_identity(cfg: ConvertConfig, found: ScanResult) -> dict:
 
 
 def describe_mismatch(old: dict, new: dict) -> str:
+    def shown(settings: dict, key: str) -> str:  # a setting left out of the record is its default
+        return repr(settings[key]) if key in settings else "the default"
+
+    old_settings = old.get("settings", {})
     diffs = [
-        f"{k}: {old['settings'].get(k)!r} -> {new['settings'].get(k)!r}"
-        for k in sorted(set(old.get("settings", {})) | set(new["settings"]))
-        if old.get("settings", {}).get(k) != new["settings"].get(k)
+        f"{k}: {shown(old_settings, k)} -> {shown(new['settings'], k)}"
+        for k in sorted(set(old_settings) | set(new["settings"]))
+        if old_settings.get(k) != new["settings"].get(k)
     ]
     if old.get("plan") != new["plan"]:
         diffs.append("the input files or their labels changed")
@@ -440,6 +444,8 @@ def _resize_policy(image: ImageSettings) -> dict:
         rule = f"scaled up or down so the short side is exactly {n}, aspect ratio kept, as im2rec --resize {n}"
     else:
         rule = f"scaled down so the short side is {n}; images whose short side is below {n} keep their size"
+    if image.resize_filter != ImageSettings.resize_filter:  # only then: a default manifest stays as it was
+        return {"short_side": n, "upscale": image.upscale, "rule": rule, "filter": image.resize_filter}
     return {"short_side": n, "upscale": image.upscale, "rule": rule}
 
 
@@ -448,7 +454,8 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
 
     Manifest fields about sizes, for readers that check crops:
 
-    - ``resize``: ``{"short_side": N, "upscale": bool, "rule": "<the rule in words>"}``.
+    - ``resize``: ``{"short_side": N, "upscale": bool, "rule": "<the rule in words>"}``, and
+      ``"filter"`` when not the default antialias (config.RESIZE_FILTERS).
     - ``splits[split]["short_side_counts"]``: ``{"<side>": images}`` for every stored short
       side below 512 pixels (a compact histogram: with upscaling on, only ``{"N": all}`` when
       N < 512); ``splits[split]["min_short_side"]``: the smallest stored short side (None when

@@ -527,11 +527,17 @@ def _decode_with_pillow(im: Image.Image, target: tuple[int, int], notes: list[st
 # ----------------------------------------------------------------------------- resize, encode, stats
 
 
-def _resize(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Downscale: Gaussian pre-blur + bicubic (INTER_AREA from 2x down); upscale: bicubic."""
+_INTERPOLATION = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
+
+
+def _resize(bgr: np.ndarray, size: tuple[int, int], resize_filter: str = "antialias") -> np.ndarray:
+    """Scale to ``size`` with ``resize_filter`` (config.RESIZE_FILTERS). "antialias": downscale by
+    a Gaussian pre-blur + bicubic (INTER_AREA from 2x down), upscale bicubic."""
     h, w = bgr.shape[:2]
     if (w, h) == size:
         return bgr
+    if resize_filter != "antialias":
+        return cv2.resize(bgr, size, interpolation=_INTERPOLATION[resize_filter])
     rx, ry = w / size[0], h / size[1]
     if rx >= 2 and ry >= 2:  # only past 8x DCT scaling, or non-JPEG inputs; area is sharp enough here
         return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
@@ -648,7 +654,7 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
             bgr, orientation = _decode_with_pillow(im, target, notes)
     # The target of the full-size input (not of the DCT-scaled one: rounding differs), turned
     # with the image when the orientation swaps its sides.
-    bgr = _resize(bgr, target[::-1] if orientation in (5, 6, 7, 8) else target)
+    bgr = _resize(bgr, target[::-1] if orientation in (5, 6, 7, 8) else target, settings.resize_filter)
     return Encoded(_encode(bgr, settings.quality), bgr.shape[1], bgr.shape[0], False), bgr
 
 

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import cv2
 import lmdb
 import numpy as np
 import pytest
@@ -308,3 +309,32 @@ def test_short_side_counts_only_below_512(tmp_path):
     assert m["splits"]["train"]["min_short_side"] == 200
     assert m["mean_image"]["size"] == 256
     assert json.loads((tmp_path / "out" / "mean.json").read_text())["pixels"] == 2 * 256 * 256 + 256 * 200
+
+
+def test_resize_filter_is_the_named_interpolation_and_part_of_the_settings(tmp_path):
+    """--resize-filter linear stores what OpenCV's INTER_LINEAR makes of the decoded input (im2rec's
+    resize); the default manifest does not name the filter (conversions from before the option
+    still resume), a non-default one does, and changing it is a different conversion."""
+    raw = tmp_path / "raw"
+    src = write_jpeg(raw / "train" / "ant" / "large.jpg", smooth_image(2, 400, 300))
+    write_jpeg(raw / "val" / "ant" / "v.jpg", smooth_image(3, 90, 120))
+    runner = CliRunner()
+    stored = {}
+    for name in ("antialias", "linear", "area"):
+        out = tmp_path / name
+        flags = [] if name == "antialias" else ["--resize-filter", name]
+        res = runner.invoke(main, ["convert", str(raw), str(out), "--short-side", "128", "--workers", "1",
+                                   "--no-progress", "--no-passthrough", "--quality", "100", *flags])
+        assert res.exit_code == 0, res.output
+        m = load_dataset(out).manifest
+        assert m["settings"].get("resize_filter") == (None if name == "antialias" else name)
+        assert m["resize"].get("filter") == (None if name == "antialias" else name)
+        (stored[name],) = stored_train_images(out)
+    decoded = cv2.imdecode(np.fromfile(src, np.uint8), cv2.IMREAD_COLOR)
+    for name, flag in (("linear", cv2.INTER_LINEAR), ("area", cv2.INTER_AREA)):
+        want = cv2.resize(decoded, (171, 128), interpolation=flag)[..., ::-1]
+        assert np.abs(stored[name].astype(int) - want).mean() < 1.5  # quality 100: JPEG error only
+    assert np.abs(stored["linear"].astype(int) - stored["antialias"]).mean() > 0.3  # not the same filter
+    res = runner.invoke(main, ["convert", str(raw), str(tmp_path / "linear"), "--short-side", "128",
+                               "--no-passthrough", "--quality", "100", "--no-progress"])
+    assert res.exit_code == 1 and "resize_filter: 'linear' -> the default" in res.output

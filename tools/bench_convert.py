@@ -24,6 +24,8 @@ round runs every contender once, in an order rotated from round to round; median
               image, writes checksums, the manifest, mean.json and the mean image, with fsync.
               Its modules are byte-compiled once beforehand (not timed), as pip does when it
               installs a package (the checkout may run with PYTHONDONTWRITEBYTECODE set).
+              Also with `--resize-filter linear`: im2rec's resize, everything else the same
+              (like for like; the default filter is the antialiased one).
 
 "Per core" divides img/s by N (the naive loop is one core). Levers (one core, in this process,
 on the same files): each stage of the converter's per-image work, with the alternatives that
@@ -50,6 +52,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import PIL
+import simplejpeg
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +96,7 @@ class Contender:
     workers: int  # cores it is meant to use
     kind: str  # naive / im2rec / convert
     fmt: str = ""  # convert: recordio or lmdb
+    resize_filter: str = ""  # convert: --resize-filter (empty: the default)
     wall: list[float] = field(default_factory=list)
 
     def command(self, ctx: "Context", out: Path) -> list[str]:
@@ -103,7 +107,7 @@ class Contender:
                     str(SHORT_SIDE), "--quality", str(QUALITY), "--num-thread", str(self.workers)]
         return [sys.executable, "-m", "alexnet_pipe", "convert", str(ctx.root), str(out / "ds"), "--format", self.fmt,
                 "--workers", str(self.workers), "--short-side", str(SHORT_SIDE), "--quality", str(QUALITY),
-                "--no-progress"]
+                "--no-progress", *(["--resize-filter", self.resize_filter] if self.resize_filter else [])]
 
     def run(self, ctx: "Context", out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
@@ -208,14 +212,25 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         im.load()
         return np.asarray(im)
 
-    def cv_decode(d):
+    def turbo_decode(d):
         head = imaging._jpeg_header(d)
         return imaging._decode_jpeg(d, head, target(head.width, head.height))
+
+    def cv_decode(d):  # session 4's decoder: OpenCV with its DCT-scaled modes
+        head = imaging._jpeg_header(d)
+        k, flag = imaging._reduction(head.width, head.height, target(head.width, head.height))
+        return cv2.imdecode(np.frombuffer(d, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+
+    def turbo_m8(d):  # libjpeg-turbo's M/8 scaled IDCT (6/8, 7/8, ...) straight to just above the target
+        head = imaging._jpeg_header(d)
+        size = target(head.width, head.height)
+        a = simplejpeg.decode_jpeg(d, "BGR", min_height=size[1], min_width=size[0], strict=False)
+        return cv2.resize(a, size, interpolation=cv2.INTER_CUBIC)
 
     def cv_decode_full(d):
         return cv2.imdecode(np.frombuffer(d, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
 
-    decoded = [cv_decode(d) for d in datas]
+    decoded = [turbo_decode(d) for d in datas]
     full = [(Image.open(io.BytesIO(d)).size, a) for d, a in zip(datas, decoded)]
     jobs = [(a, target(*size)) for size, a in full]
     rgb_jobs = [(np.ascontiguousarray(a[..., ::-1]), s) for a, s in jobs]
@@ -226,9 +241,11 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         return F.interpolate(x, size=(s[1], s[0]), mode="bicubic", antialias=True)[0].permute(1, 2, 0).contiguous().numpy()
 
     resizers = {
-        "OpenCV INTER_AREA": lambda job: cv2.resize(job[0], job[1], interpolation=cv2.INTER_AREA),
-        "OpenCV INTER_LINEAR (im2rec)": lambda job: cv2.resize(job[0], job[1], interpolation=cv2.INTER_LINEAR),
-        "Gaussian pre-blur + INTER_CUBIC (convert now)": lambda job: imaging._resize(job[0], job[1]),
+        "OpenCV INTER_AREA (--resize-filter area)": lambda job: imaging._resize(*job, "area"),
+        "OpenCV INTER_LINEAR (im2rec; --resize-filter linear)": lambda job: imaging._resize(*job, "linear"),
+        "OpenCV INTER_CUBIC (--resize-filter cubic)": lambda job: imaging._resize(*job, "cubic"),
+        "Gaussian pre-blur + INTER_CUBIC (convert now: the default, --resize-filter antialias)":
+            lambda job: imaging._resize(*job),
         "torch antialiased bicubic (convert before)": torch_resize,
         "Pillow BICUBIC (naive loop)": lambda job: np.asarray(Image.fromarray(job[0]).resize(job[1], Image.Resampling.BICUBIC)),
     }
@@ -281,16 +298,21 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         import_ms[name] = 1000 * min(runs)
 
     rows = [
-        ("decode", "Pillow open + draft (DCT scaling) (convert before)", _best_ms(pil_decode, datas), ""),
+        ("decode", "Pillow open + draft (DCT scaling) (convert, session 2)", _best_ms(pil_decode, datas), ""),
         ("decode", "OpenCV full size (im2rec)", _best_ms(cv_decode_full, datas), ""),
-        ("decode", "header walk + OpenCV, IMREAD_REDUCED_2/4/8 + EOI check (convert now)", _best_ms(cv_decode, datas), ""),
+        ("decode", "header walk + OpenCV, IMREAD_REDUCED_2/4/8 (convert, session 4)", _best_ms(cv_decode, datas), ""),
+        ("decode", "header walk + TurboJPEG (simplejpeg), DCT 1/2/4/8 + EOI check (convert now)",
+         _best_ms(turbo_decode, datas), ""),
     ]
+    m8_fidelity = statistics.fmean(_psnr(turbo_m8(d)[..., ::-1], r) for d, r in zip(datas, refs))
     for name, fn in resizers.items():
         inputs = rgb_jobs if "Pillow" in name or "torch" in name else jobs
         outs = [fn(job) for job in inputs]
         fidelity = statistics.fmean(
             _psnr(o if inputs is rgb_jobs else o[..., ::-1], r) for o, r in zip(outs, refs))
         rows.append(("resize", name, _best_ms(fn, inputs), f"{fidelity:.1f} dB"))
+    rows.append(("resize", "TurboJPEG M/8 scaled decode (6/8, 7/8) + INTER_CUBIC: decode and resize together, "
+                 "not used", _best_ms(turbo_m8, datas), f"{m8_fidelity:.1f} dB"))
     rows += [
         ("encode", "Pillow save (convert before)", _best_ms(pil_encode, [r[..., ::-1] for r in resized]), ""),
         ("encode", "OpenCV imencode (im2rec, convert now)",
@@ -317,9 +339,9 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
     named = {name: ms for _, name, ms, _ in rows}
     cost = {
         "convert": sum(ms for _, name, ms, _ in rows if "(convert now)" in name),
-        "im2rec": named["OpenCV full size (im2rec)"] + named["OpenCV INTER_LINEAR (im2rec)"]
+        "im2rec": named["OpenCV full size (im2rec)"] + named["OpenCV INTER_LINEAR (im2rec; --resize-filter linear)"]
         + named["OpenCV imencode (im2rec, convert now)"],
-        "codecs": named["header walk + OpenCV, IMREAD_REDUCED_2/4/8 + EOI check (convert now)"]
+        "codecs": named["header walk + TurboJPEG (simplejpeg), DCT 1/2/4/8 + EOI check (convert now)"]
         + named["OpenCV imencode (im2rec, convert now)"],
         "mean": rows[-1][2],
     }
@@ -361,7 +383,7 @@ def table(rows: list[Contender], n: int) -> tuple[list[str], dict]:
     ips = {c.name: n / c.median for c in rows if c.wall}
     naive = next((ips[c.name] for c in rows if c.kind == "naive"), None)
     im2rec = {c.workers: ips[c.name] for c in rows if c.kind == "im2rec" and c.wall}
-    one = {(c.kind, c.fmt): ips[c.name] for c in rows if c.workers == 1 and c.wall}
+    one = {(c.kind, c.fmt, c.resize_filter): ips[c.name] for c in rows if c.workers == 1 and c.wall}
     lines = [
         "| contender | workers | median s (all rounds) | img/s | per core | x im2rec per core (same workers) "
         "| x naive per core | scaling vs 1 worker |",
@@ -375,7 +397,7 @@ def table(rows: list[Contender], n: int) -> tuple[list[str], dict]:
         per_core = rate / c.workers
         vs_im2rec = f"{per_core / (im2rec[c.workers] / c.workers):.2f}" if c.workers in im2rec else ""
         vs_naive = f"{per_core / naive:.2f}" if naive else ""
-        base = one.get((c.kind, c.fmt))
+        base = one.get((c.kind, c.fmt, c.resize_filter))
         scaling = f"{100 * rate / (c.workers * base):.0f}%" if base and c.workers > 1 else ""
         walls = ", ".join(f"{w:.2f}" for w in c.wall)
         lines.append(f"| {c.name} | {c.workers} | {c.median:.2f} ({walls}) | {rate:.0f} | {per_core:.0f} | {vs_im2rec} "
@@ -386,23 +408,26 @@ def table(rows: list[Contender], n: int) -> tuple[list[str], dict]:
 def goals(rows: list[Contender], ips: dict) -> list[str]:
     naive = next((ips[c.name] for c in rows if c.kind == "naive"), None)
     im2rec = {c.workers: ips[c.name] for c in rows if c.kind == "im2rec" and c.name in ips}
-    conv = {c.workers: ips[c.name] for c in rows if c.kind == "convert" and c.fmt == "recordio" and c.name in ips}
     out = []
-    for w, rate in sorted(conv.items()):
-        per_core = rate / w
-        if w in im2rec:
-            r = per_core / (im2rec[w] / w)
-            out.append(f"convert (RecordIO) {w} worker(s) vs im2rec {w}: {r:.2f}x per core "
-                       f"(goal >= 1.5x: {'met' if r >= 1.5 else 'NOT met'})")
-        if naive:
-            r = per_core / naive
-            out.append(f"convert (RecordIO) {w} worker(s) vs the naive loop: {r:.2f}x per core "
-                       f"(goal >= 2x: {'met' if r >= 2 else 'NOT met'})")
-    for w, rate in sorted(conv.items()):
-        if w > 1 and 1 in conv:
-            s = rate / (w * conv[1])
-            out.append(f"convert scaling 1 -> {w} workers: {100 * s:.0f}% of linear "
-                       f"(goal >= 90%: {'met' if s >= 0.9 else 'NOT met'})")
+    for flt in dict.fromkeys(c.resize_filter for c in rows if c.kind == "convert"):
+        conv = {c.workers: ips[c.name] for c in rows
+                if c.kind == "convert" and c.fmt == "recordio" and c.resize_filter == flt and c.name in ips}
+        label = f"convert (RecordIO{', --resize-filter ' + flt if flt else ''})"
+        for w, rate in sorted(conv.items()):
+            per_core = rate / w
+            if w in im2rec:
+                r = per_core / (im2rec[w] / w)
+                out.append(f"{label} {w} worker(s) vs im2rec {w}: {r:.2f}x per core "
+                           f"(goal >= 1.5x: {'met' if r >= 1.5 else 'NOT met'})")
+            if naive:
+                r = per_core / naive
+                out.append(f"{label} {w} worker(s) vs the naive loop: {r:.2f}x per core "
+                           f"(goal >= 2x: {'met' if r >= 2 else 'NOT met'})")
+        for w, rate in sorted(conv.items()):
+            if w > 1 and 1 in conv:
+                sc = rate / (w * conv[1])
+                out.append(f"{label} scaling 1 -> {w} workers: {100 * sc:.0f}% of linear "
+                           f"(goal >= 90%: {'met' if sc >= 0.9 else 'NOT met'})")
     return out
 
 
@@ -440,6 +465,9 @@ def main() -> int:
         rows += [Contender(f"im2rec.py --num-thread {w}", w, "im2rec") for w in (1, 2)]
         rows += [Contender(f"convert --format recordio --workers {w}", w, "convert", "recordio") for w in (1, 2)]
         rows += [Contender("convert --format lmdb --workers 2", 2, "convert", "lmdb")]
+        # Like for like: im2rec's resize filter (INTER_LINEAR), everything else as the default.
+        rows += [Contender(f"convert --format recordio --workers {w} --resize-filter linear", w, "convert", "recordio",
+                           "linear") for w in (1, 2)]
         timed = [c for c in rows if c.kind != "im2rec" or im2rec]
         for p in files:  # page cache: every contender reads from memory
             p.read_bytes()
@@ -458,7 +486,7 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         if tmp:
             tmp.cleanup()
-    conv1 = next(c for c in rows if c.kind == "convert" and c.workers == 1)
+    conv1 = next(c for c in rows if c.kind == "convert" and c.workers == 1 and not c.resize_filter)
     total_ms = 1000 * conv1.median / len(files)
     mean_ms = cost["mean"]
     goal_lines = goals(rows, ips)
