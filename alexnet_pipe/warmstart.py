@@ -81,7 +81,7 @@ def plan_start(cfg: TrainConfig, ds: Dataset, testing: bool = False) -> Start:
     if testing or not cfg.finetune:
         hint = "" if testing else f"; to train a new fc8 for this dataset's {ds.num_classes} classes, add --finetune"
         if _numbered(body) and mc.num_classes == ds.num_classes:
-            hint += (f"; if they are the same classes, re-import the weights with --synsets (the source's class "
+            hint += ("; if they are the same classes, re-import the weights with --synsets (the source's class "
                      "list) so that they carry class ids")
         raise CheckpointError(f"{source} {same}{hint}")
     start.model_config = replace(mc, num_classes=ds.num_classes)
