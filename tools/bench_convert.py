@@ -244,7 +244,7 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         "OpenCV INTER_AREA (--resize-filter area)": lambda job: imaging._resize(*job, "area"),
         "OpenCV INTER_LINEAR (im2rec; --resize-filter linear)": lambda job: imaging._resize(*job, "linear"),
         "OpenCV INTER_CUBIC (--resize-filter cubic)": lambda job: imaging._resize(*job, "cubic"),
-        "Gaussian pre-blur + INTER_CUBIC (convert now: the default, --resize-filter antialias)":
+        "Gaussian pre-blur + INTER_CUBIC, --resize-filter antialias, the default (convert now)":
             lambda job: imaging._resize(*job),
         "torch antialiased bicubic (convert before)": torch_resize,
         "Pillow BICUBIC (naive loop)": lambda job: np.asarray(Image.fromarray(job[0]).resize(job[1], Image.Resampling.BICUBIC)),
