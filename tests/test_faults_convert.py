@@ -187,7 +187,8 @@ def test_killed_during_finalization(clean, tmp_path, target):
 @pytest.mark.faults
 def test_a_second_convert_into_the_same_output_is_refused_while_the_first_runs(clean, tmp_path):
     """Two real `convert` processes into one OUT: the second stops with one line, writes nothing,
-    and the first finishes as if alone."""
+    and the first finishes as if alone. The first is stopped (SIGSTOP) while it holds the run
+    lock, so the second always meets it, however fast the conversion is."""
     out = tmp_path / "out"
     cmd = command(clean.raw, out)
     first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -196,8 +197,12 @@ def test_a_second_convert_into_the_same_output_is_refused_while_the_first_runs(c
         while not (out / ".convert.json").exists():  # written under the run lock
             assert first.poll() is None and time.monotonic() < deadline, "the first run ended early"
             time.sleep(0.005)
-        second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
-        assert first.poll() is None, "the first run ended before the second was refused; use more images"
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+            assert first.poll() is None, "the first run ended before the second was refused"
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
     finally:
         stdout, stderr = first.communicate(timeout=TIMEOUT)
     assert second.returncode == 1 and "Traceback" not in second.stderr
