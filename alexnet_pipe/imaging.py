@@ -100,7 +100,7 @@ class CentreSums:
     """The centre boxes of a chunk's images summed on an S x S canvas: per-pixel sums (the mean
     image), sums of squares (the channel std) and how many images covered each pixel.
 
-    OpenCV's accumulate/accumulateSquare add a box in one vectorised pass each (about 3x faster
+    OpenCV's accumulate/accumulateSquare add a box in one vectorised pass each (2-3x faster
     than three histograms per image plus a numpy add). The canvases are float32 while every sum
     stays an exact integer there (below 2^24: up to 258 images of 255^2), else float64, so the
     totals are exact integers and merging chunks in any order gives the same bytes.
