@@ -444,9 +444,10 @@ def _resize_policy(image: ImageSettings) -> dict:
         rule = f"scaled up or down so the short side is exactly {n}, aspect ratio kept, as im2rec --resize {n}"
     else:
         rule = f"scaled down so the short side is {n}; images whose short side is below {n} keep their size"
+    policy = {"short_side": n, "upscale": image.upscale, "rule": rule}
     if image.resize_filter != ImageSettings.resize_filter:  # only then: a default manifest stays as it was
-        return {"short_side": n, "upscale": image.upscale, "rule": rule, "filter": image.resize_filter}
-    return {"short_side": n, "upscale": image.upscale, "rule": rule}
+        policy["filter"] = image.resize_filter
+    return policy
 
 
 def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]]) -> dict:

@@ -15,12 +15,12 @@ returned RGB.
 
 Hostile inputs: only the decoders of ``ALLOWED_FORMATS`` ever see an input's bytes (Pillow is
 opened with that allowlist; TurboJPEG and OpenCV only get data that starts with a JPEG
-signature, which OpenCV's format sniffing hands to libjpeg); anything else is skipped with its reason, before any parser of
-that format runs. Files over ``ImageSettings.max_file_mb`` are skipped before they are read. Any
-exception while processing one input becomes that input's skip reason (``process_source``): one
-odd file never stops a conversion. Colour: an input with a non-sRGB ICC profile is converted to
-sRGB (LittleCMS through ``PIL.ImageCms``) and never passed through; an unusable profile keeps the
-image, read as sRGB, with a warning in the log.
+signature, which OpenCV's format sniffing hands to libjpeg); anything else is skipped with its
+reason, before any parser of that format runs. Files over ``ImageSettings.max_file_mb`` are
+skipped before they are read. Any exception while processing one input becomes that input's
+skip reason (``process_source``): one odd file never stops a conversion. Colour: an input with
+a non-sRGB ICC profile is converted to sRGB (LittleCMS through ``PIL.ImageCms``) and never passed
+through; an unusable profile keeps the image, read as sRGB, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def _decode_jpeg(data: bytes, head: _JpegHeader, target: tuple[int, int] | None)
     """Decode to BGR, scaled in the DCT domain towards ``target`` (None: full size).
 
     libjpeg-turbo's TurboJPEG API (simplejpeg) first: the same library OpenCV bundles, giving
-    the same pixels (checked on every image of the benchmark set, scaled or not), ~12% faster
+    the same pixels (checked on every image of the benchmark set, scaled or not), 4-12% faster
     on 500 x 375 photographs. OpenCV decodes whatever TurboJPEG declines (a layout it cannot
     name, such as an unusual subsampling) and words the reason for a corrupt file.
     """

@@ -322,19 +322,13 @@ def run_repair_mutant(pristine: Path, work: Path, seed: int, kind: str, clean: d
     Verdicts: "repaired" (every file equals a clean run's), "benign" (verify passed the mutant as
     it was: only bytes no reader uses changed, and readers get the original data), "unchanged"
     (the mutation changed nothing); failures: "crash", "unrepaired", "lost"."""
-    from .test_verify_fuzz import _targets, mutate, snapshot_in_child
+    from .test_verify_fuzz import _targets, mutant, snapshot_in_child
 
-    rng = random.Random(seed)
     targets = {**_targets(pristine), ".crc": sorted(p.relative_to(pristine) for p in pristine.glob(".parts/*.crc"))}
-    target = rng.choice(targets[kind])
     root = work / f"r{seed}"
-    shutil.copytree(pristine, root)
-    try:
-        original = (root / target).read_bytes()
-        data, what = mutate(original, kind, rng)
-        if data == original:
+    with mutant(pristine, root, targets, kind, random.Random(seed)) as (target, what, changed):
+        if not changed:
             return "unchanged", what
-        (root / target).write_bytes(data)
         res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "verify", str(root), "--repair", "--no-progress",
                               "--workers", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
         where = f"{target}, {what}: rc {res.returncode}: {(res.stdout + res.stderr)[-1500:]}"
@@ -349,8 +343,6 @@ def run_repair_mutant(pristine: Path, work: Path, seed: int, kind: str, clean: d
         if differ == {str(target)} and snapshot_in_child(root) == expected and "REPAIRED" not in res.stdout:
             return "benign", f"{target}: {what}"
         return "lost", f"{where}; files differ: {sorted(differ)}"
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_repair_fuzz(pristine: Path, work: Path, plan: dict[str, int], first_seed: int) -> dict:

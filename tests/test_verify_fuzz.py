@@ -28,7 +28,9 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,17 +206,28 @@ class Outcome:
     signal_deaths: tuple[str, ...] = ()  # checker deaths by signal that verify reported (not failures)
 
 
-def run_mutant(pristine: Path, work: Path, seed: int, kind: str, expected: str) -> Outcome:
-    rng = random.Random(seed)
-    target = rng.choice(_targets(pristine)[kind])
-    root = work / f"m{seed}"
+@contextmanager
+def mutant(pristine: Path, root: Path, targets: dict[str, list[Path]], kind: str,
+           rng: random.Random) -> Iterator[tuple[Path, str, bool]]:
+    """A copy of ``pristine`` at ``root`` with one file of ``targets[kind]`` (chosen by ``rng``)
+    mutated: yields (that file, what was done, whether its bytes changed); removed afterwards."""
+    target = rng.choice(targets[kind])
     shutil.copytree(pristine, root)
     try:
         original = (root / target).read_bytes()
         data, what = mutate(original, kind, rng)
-        if data == original:
+        if data != original:
+            (root / target).write_bytes(data)
+        yield target, what, data != original
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_mutant(pristine: Path, work: Path, seed: int, kind: str, expected: str) -> Outcome:
+    root = work / f"m{seed}"
+    with mutant(pristine, root, _targets(pristine), kind, random.Random(seed)) as (target, what, changed):
+        if not changed:
             return Outcome(seed, kind, str(target), what, "unchanged")
-        (root / target).write_bytes(data)
         cmd = [sys.executable, "-m", "alexnet_pipe", "verify", str(root), "--no-progress", "--workers", "1"]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO)
@@ -235,8 +248,6 @@ def run_mutant(pristine: Path, work: Path, seed: int, kind: str, expected: str) 
         if got != expected:
             return Outcome(seed, kind, str(target), what, "silent", f"verify passed but readers get other data ({got})")
         return Outcome(seed, kind, str(target), what, "benign")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def run_fuzz(pristine: Path, work: Path, plan: dict[str, int], first_seed: int) -> list[Outcome]:
