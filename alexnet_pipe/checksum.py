@@ -67,11 +67,12 @@ class RecordDigest:
         self._h = hashlib.sha256()
         self.crcs = array("I")  # 4 bytes a record
 
-    def update(self, key: bytes, value: bytes | memoryview) -> None:
+    def update(self, key: bytes, value: bytes | memoryview, crc: int | None = None) -> None:
+        """Add one record; ``crc``: its value's CRC-32 when already known."""
         self._h.update(struct.pack("<QQ", len(key), len(value)))
         self._h.update(key)
         self._h.update(value)
-        self.crcs.append(record_crc(value))
+        self.crcs.append(record_crc(value) if crc is None else crc)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()

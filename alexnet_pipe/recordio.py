@@ -219,11 +219,24 @@ class RecordIOWriter:
 
     def write(self, key: int, payload: bytes) -> None:
         framed = frame_record(payload)
+        self._append(key, framed)
+        self.digest.update(str(key).encode(), payload)
+
+    def write_framed(self, key: int, framed: bytes, size: int, crc: int) -> None:
+        """A record framed beforehand (``frame_record``) from a ``size``-byte payload whose
+        CRC-32 is ``crc``: the same bytes and digest as ``write`` of that payload."""
+        self._append(key, framed)
+        # A whole record (continuation flag 0) holds the payload at 8..8+size; one split on an
+        # aligned magic inside it is unframed.
+        whole = struct.unpack_from("<I", framed, 4)[0] >> 29 == 0
+        payload = memoryview(framed)[8 : 8 + size] if whole else unframe_record(framed)
+        self.digest.update(str(key).encode(), payload, crc)
+
+    def _append(self, key: int, framed: bytes) -> None:
         self._rec.write(framed)
         self._idx.write(f"{key}\t{self._offset}\n")
         self._offset += len(framed)
         self.count += 1
-        self.digest.update(str(key).encode(), payload)
 
     def close(self) -> None:
         for f in (self._rec, self._idx):

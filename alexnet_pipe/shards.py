@@ -21,11 +21,11 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from .checksum import RecordDigest
+from .checksum import RecordDigest, record_crc
 from .datum import Datum, datum_image_and_label, encode_datum
 from .fsutil import os_error
 from .imaging import Encoded
-from .recordio import IRHeader, RecordIOWriter, pack_payload
+from .recordio import IRHeader, RecordIOWriter, frame_record, pack_payload
 from .sources import Source, SourceTable, SourceView
 
 LMDB_DIR = "lmdb"
@@ -272,8 +272,7 @@ class ShardWriter:
             self.paths["rec"].parent.mkdir(parents=True, exist_ok=True)
             rec = RecordIOWriter(self.paths["rec"], self.paths["idx"])
         if self._arrivals is not None:  # RecordIO alone
-            for record_id, payload in self._arrivals.in_order():
-                rec.write(record_id, payload)
+            self._arrivals.copy_to(rec)
             self._arrivals.remove()
         else:
             self._close_lmdb(rec, out)
@@ -313,27 +312,35 @@ class ShardWriter:
 
 
 class _ArrivalFile:
-    """Records appended to one file as they arrive, read back in record-id order."""
+    """RecordIO records appended to one file as they arrive, copied out in record-id order.
+
+    Each record is framed and its CRC-32 taken on arrival, while the workers still run; what is
+    left for the shard's close is the copy itself and the shard digest (which follows the stored
+    order). For the last shard of a run that close is time no worker overlaps.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "wb", buffering=1 << 20)
-        self._where: dict[int, tuple[int, int]] = {}  # record id -> (offset, length)
+        self._where: dict[int, tuple[int, int, int, int]] = {}  # id -> (offset, framed, payload length, CRC)
         self._end = 0
 
     def put(self, record_id: int, payload: bytes) -> None:
         if record_id in self._where:
             raise RuntimeError(f"record {record_id} of {self.path.name} was written twice")
-        self._file.write(payload)
-        self._where[record_id] = (self._end, len(payload))
-        self._end += len(payload)
+        framed = frame_record(payload)
+        self._file.write(framed)
+        self._where[record_id] = (self._end, len(framed), len(payload), record_crc(payload))
+        self._end += len(framed)
 
-    def in_order(self) -> Iterator[tuple[int, bytes]]:
+    def copy_to(self, rec: RecordIOWriter) -> None:
+        """Every record into ``rec``, in record-id order."""
         self._file.close()
         with open(self.path, "rb") as f:
             for record_id in sorted(self._where):
-                offset, length = self._where[record_id]
-                yield record_id, os.pread(f.fileno(), length, offset)
+                offset, length, size, crc = self._where[record_id]
+                framed = os.pread(f.fileno(), length, offset)
+                rec.write_framed(record_id, framed, size, crc)
 
     def remove(self) -> None:
         self._file.close()

@@ -132,6 +132,26 @@ def test_writer_index_and_reader(tmp_path):
     assert _mxnet_reference_read((tmp_path / "a.rec").read_bytes()) == payloads
 
 
+def test_framed_beforehand_writes_the_same_bytes_and_digest(tmp_path):
+    """write_framed (RecordIO-only conversions frame and CRC each record as it arrives) gives
+    the very file, index, digest and CRCs of write, split records included."""
+    from alexnet_pipe.checksum import record_crc
+
+    payloads = [b"", b"abc", b"H" * 24 + MAGIC_BYTES + b"abcd" + MAGIC_BYTES + b"zz" + MAGIC_BYTES + b"tail!",
+                MAGIC_BYTES, MAGIC_BYTES + b"rest", b"abcd" + MAGIC_BYTES, b"x" * 4093]
+    one = RecordIOWriter(tmp_path / "a.rec", tmp_path / "a.idx")
+    two = RecordIOWriter(tmp_path / "b.rec", tmp_path / "b.idx")
+    for key, payload in enumerate(payloads):
+        one.write(key, payload)
+        two.write_framed(key, frame_record(payload), len(payload), record_crc(payload))
+    one.close()
+    two.close()
+    assert (tmp_path / "a.rec").read_bytes() == (tmp_path / "b.rec").read_bytes()
+    assert (tmp_path / "a.idx").read_bytes() == (tmp_path / "b.idx").read_bytes()
+    assert one.digest.hexdigest() == two.digest.hexdigest()
+    assert list(one.digest.crcs) == list(two.digest.crcs)
+
+
 def test_reader_rejects_garbage(tmp_path):
     with pytest.raises(FormatError, match="bad magic"):
         read_record(io.BytesIO(b"\0" * 16))
