@@ -105,10 +105,15 @@ def compact_lmdb(src: Path, dst: Path) -> None:
     makes LMDB round it up to the data's size, and a compacting copy stores that size.
     """
     dst.mkdir(parents=True)
-    with lmdb.open(str(src), map_size=1, readonly=True, lock=False, subdir=True) as env:
-        env.copy(str(dst), compact=True)
-    with open(dst / "data.mdb", "rb") as f:  # the copy is not fsynced by LMDB
-        os.fsync(f.fileno())
+    # Into a descriptor of our own: LMDB's copy to a path writes with O_DIRECT, each write waiting
+    # for the disk (0.43 s against 0.10 s for 70 MB, the same bytes); one fsync then makes it durable.
+    fd = os.open(dst / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with lmdb.open(str(src), map_size=1, readonly=True, lock=False, subdir=True) as env:
+            env.copyfd(fd, compact=True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def lmdb_map_size(path: Path) -> int:
