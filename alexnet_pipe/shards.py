@@ -14,7 +14,7 @@ import hashlib
 import os
 import shutil
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
