@@ -9,6 +9,7 @@ the same command finishes the job with the bytes of a run that never failed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -19,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 import torch
@@ -28,7 +30,7 @@ import alexnet_pipe.shards as shards
 from alexnet_pipe import checkpoint
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert import run_convert
-from alexnet_pipe.fsutil import OutputError
+from alexnet_pipe.fsutil import OutputError, os_error
 from alexnet_pipe.scan import scan
 
 from .conftest import make_tree
@@ -226,6 +228,22 @@ def file_size_limit(limit: int):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_the_compacting_lmdb_copy_past_the_file_size_limit_fails_with_its_errno(tmp_path):
+    """The shard's compacted copy is written into a descriptor of the converter's own: a write it
+    cannot make surfaces as LMDB's error with the errno, which the converter words as one line."""
+    src = tmp_path / "scratch"
+    src.mkdir()
+    with lmdb.open(str(src), map_size=1 << 24) as env, env.begin(write=True) as txn:
+        for i in range(100):
+            txn.put(b"%06d" % i, bytes([i]) * 3000)
+    with file_size_limit(100_000), pytest.raises(lmdb.Error) as info:
+        shards.compact_lmdb(src, tmp_path / "copy")
+    assert os_error(info.value, src).errno == errno.EFBIG
+    shards.compact_lmdb(src, tmp_path / "again")  # without the limit: the whole copy
+    with lmdb.open(str(tmp_path / "again"), readonly=True, lock=False) as env:
+        assert env.stat()["entries"] == 100
 
 
 def test_a_checkpoint_write_failing_midway_keeps_the_previous_one(tmp_path, caplog):
