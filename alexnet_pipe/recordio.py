@@ -222,15 +222,11 @@ class RecordIOWriter:
         self._append(key, framed)
         self.digest.update(str(key).encode(), payload)
 
-    def write_framed(self, key: int, framed: bytes, size: int, crc: int) -> None:
-        """A record framed beforehand (``frame_record``) from a ``size``-byte payload whose
-        CRC-32 is ``crc``: the same bytes and digest as ``write`` of that payload."""
+    def write_framed(self, key: int, framed: bytes, crc: int) -> None:
+        """A record framed beforehand (``frame_record``) whose payload's CRC-32 is ``crc``: the
+        same bytes and digest as ``write`` of that payload."""
         self._append(key, framed)
-        # A whole record (continuation flag 0) holds the payload at 8..8+size; one split on an
-        # aligned magic inside it is unframed.
-        whole = struct.unpack_from("<I", framed, 4)[0] >> 29 == 0
-        payload = memoryview(framed)[8 : 8 + size] if whole else unframe_record(framed)
-        self.digest.update(str(key).encode(), payload, crc)
+        self.digest.update(str(key).encode(), unframe_record(framed), crc)
 
     def _append(self, key: int, framed: bytes) -> None:
         self._rec.write(framed)

@@ -327,7 +327,7 @@ class _ArrivalFile:
     def __init__(self, path: Path):
         self.path = path
         self._file = open(path, "wb", buffering=1 << 20)
-        self._where: dict[int, tuple[int, int, int, int]] = {}  # id -> (offset, framed, payload length, CRC)
+        self._where: dict[int, tuple[int, int, int]] = {}  # record id -> (offset, framed length, CRC)
         self._end = 0
 
     def put(self, record_id: int, payload: bytes) -> None:
@@ -335,7 +335,7 @@ class _ArrivalFile:
             raise RuntimeError(f"record {record_id} of {self.path.name} was written twice")
         framed = frame_record(payload)
         self._file.write(framed)
-        self._where[record_id] = (self._end, len(framed), len(payload), record_crc(payload))
+        self._where[record_id] = (self._end, len(framed), record_crc(payload))
         self._end += len(framed)
 
     def copy_to(self, rec: RecordIOWriter) -> None:
@@ -343,9 +343,8 @@ class _ArrivalFile:
         self._file.close()
         with open(self.path, "rb") as f:
             for record_id in sorted(self._where):
-                offset, length, size, crc = self._where[record_id]
-                framed = os.pread(f.fileno(), length, offset)
-                rec.write_framed(record_id, framed, size, crc)
+                offset, length, crc = self._where[record_id]
+                rec.write_framed(record_id, os.pread(f.fileno(), length, offset), crc)
 
     def remove(self) -> None:
         self._file.close()

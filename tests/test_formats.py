@@ -143,7 +143,7 @@ def test_framed_beforehand_writes_the_same_bytes_and_digest(tmp_path):
     two = RecordIOWriter(tmp_path / "b.rec", tmp_path / "b.idx")
     for key, payload in enumerate(payloads):
         one.write(key, payload)
-        two.write_framed(key, frame_record(payload), len(payload), record_crc(payload))
+        two.write_framed(key, frame_record(payload), record_crc(payload))
     one.close()
     two.close()
     assert (tmp_path / "a.rec").read_bytes() == (tmp_path / "b.rec").read_bytes()

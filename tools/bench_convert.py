@@ -359,13 +359,8 @@ def _loop_ms(files: list[Path], resize_filter: str) -> float:
     it runs beside the others (caches shared), which costs more than the stages timed alone."""
     settings = ImageSettings(short_side=SHORT_SIDE, quality=QUALITY, resize_filter=resize_filter)
     sources = [Source(p.name, 0, str(p)) for p in files]
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for i in range(0, len(sources), CHUNK):
-            imaging.process_batch(sources[i : i + CHUNK], settings)
-        best = min(best, time.perf_counter() - t0)
-    return 1000 * best / len(sources)
+    chunks = [sources[i : i + CHUNK] for i in range(0, len(sources), CHUNK)]
+    return _best_ms(lambda chunk: imaging.process_batch(chunk, settings), chunks, repeats=2) * len(chunks) / len(sources)
 
 
 # ---------------------------------------------------------------------------- report
