@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import RESIZE_FILTERS, ConvertConfig, ImageSettings, UpdateMeanConfig, VerifyConfig, default_workers
+from .config import (RESIZE_FILTERS, ConvertConfig, ImageSettings, UpdateMeanConfig, VerifyConfig, default_read_workers,
+                     default_workers)
 from .errors import AlexnetPipeError
 
 _DIR = click.Path(path_type=Path)
@@ -360,6 +361,15 @@ _TRAIN_OPTIONS = [
     ("read_workers", click.option("--read-workers", type=click.IntRange(min=0), default=None,
         help="Processes reading records for DALI; 0: the training process reads them "
         "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4].")),
+    ("hw_decoder_load", click.option("--hw-decoder-load", type=click.FloatRange(0, 1), default=None,
+        help="Share of the JPEGs the GPU's hardware decoder takes (A100/H100) [default: DALI's, 0.65]; "
+        "tools/dali_sweep.py finds the best.")),
+    ("jpeg_fancy_upsampling", click.option("--jpeg-fancy-upsampling", is_flag=True,
+        help="GPU decoding upsamples chroma as libjpeg-turbo does (the CPU's pixels; a little slower).")),
+    ("prefetch", click.option("--prefetch", type=click.IntRange(min=1), default=2, show_default=True,
+        help="Batches DALI prepares ahead of the training step.")),
+    ("roi_decode", click.option("--roi-decode/--no-roi-decode", default=True, show_default=True,
+        help="Decode only each image's crop window (the same pixels, fewer decoded).")),
     ("tensorboard_dir", click.option("--tensorboard", "tensorboard_dir", type=_DIR, default=None,
         help="Also write TensorBoard scalars (loss, lr, val, img/s, data wait) to this directory "
         "(needs pip install 'alexnet-pipe[tensorboard]').")),
@@ -377,7 +387,8 @@ _TRAIN_OPTIONS = [
         show_default=True, help="Seconds a rank waits for the others before the job ends.")),
 ]
 _TEST_OPTIONS = {"data_dir", "backend", "device_id", "datatype", "batch_size", "output_file", "no_progress", "reader",
-                 "data_threads", "read_workers", "nproc", "dist_timeout_s"}
+                 "data_threads", "read_workers", "nproc", "dist_timeout_s", "hw_decoder_load", "jpeg_fancy_upsampling",
+                 "prefetch", "roi_decode"}
 
 
 def _train_options(fn):
@@ -423,8 +434,7 @@ def _train_config(test_only: bool, kw: dict):
     return TrainConfig(
         backend=backend, datatype=datatype, test_only=kw.pop("test_only") or test_only,
         progress=not kw.pop("no_progress"), progress_bar=sys.stderr.isatty(), compile=kw.pop("compile_model", False),
-        # Reading costs 10-25 us per record in Python: at GPU rates that belongs off the training thread.
-        read_workers=_default(kw.pop("read_workers"), 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))),
+        read_workers=_default(kw.pop("read_workers"), default_read_workers(backend)),
         **_torchrun_rank(kw), **kw, **extra,
     )
 

@@ -20,6 +20,13 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def default_read_workers(backend: str) -> int:
+    """Processes reading records for DALI when not given: none on the CPU (decoding is the cost
+    there); on the GPU a quarter of the cores, 1 to 4, since reading a record costs 10-25 us of
+    Python, which at GPU rates belongs off the training thread."""
+    return 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))
+
+
 # How the converter scales: "antialias" (a Gaussian pre-blur for the scale, then bicubic; closest
 # to an antialiased Lanczos resize), or OpenCV's plain "cubic", "linear" (im2rec's and Caffe's
 # default) and "area" (FFCV's) interpolation. Measured in benchmarks/convert.md.
@@ -190,6 +197,14 @@ class TrainConfig:
     reader: str = "auto"  # lmdb / recordio / auto
     data_threads: int = field(default_factory=lambda: min(4, default_workers()))
     read_workers: int = 0  # processes reading records for DALI (0: in the training process)
+    # DALI's decoding knobs (tools/dali_sweep.py measures them): the hardware JPEG decoder's share
+    # (A100/H100; None: DALI's own default), nvJPEG upsampling chroma as libjpeg-turbo does, the
+    # pipeline's prefetch depth, and decoding only the crop window (off by itself for images
+    # smaller than the crop).
+    hw_decoder_load: float | None = None
+    jpeg_fancy_upsampling: bool = False
+    prefetch: int = 2
+    roi_decode: bool = True
     shard_id: int = 0  # this process's shard of the data (torchrun rank)
     num_shards: int = 1  # how many processes share the data (torchrun world size)
     log_every: int = 20  # steps between host syncs for the progress bar
@@ -218,6 +233,9 @@ class TrainConfig:
             (0 <= self.shard_id < self.num_shards, f"shard {self.shard_id} outside 0..{self.num_shards - 1}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.read_workers >= 0, f"--read-workers must be >= 0, got {self.read_workers}"),
+            (self.hw_decoder_load is None or 0 <= self.hw_decoder_load <= 1,
+             f"--hw-decoder-load must be within 0..1, got {self.hw_decoder_load}"),
+            (self.prefetch >= 1, f"--prefetch must be >= 1, got {self.prefetch}"),
             (self.init in ("neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
             (self.lr_scale in ("linear", "none"), f"--lr-scale must be linear or none, got {self.lr_scale}"),
             (self.allreduce_dtype in (None, "f32", "bf16"), f"allreduce dtype must be f32 or bf16, got {self.allreduce_dtype}"),

@@ -72,6 +72,31 @@ class Dataset:
         recs = [self.root / s["recordio"]["rec"] for s in self.shards(split)]
         return recs, self.root / self.split(split)["recordio_index"]
 
+    def smaller_than(self, side: int) -> dict[str, int]:
+        """Stored images per split whose short side is below ``side`` (only splits with some).
+        From the converter's histogram of stored short sides; conversions from before it can only
+        tell from the short-side setting."""
+        found = {}
+        for name in self.splits():
+            split = self.split(name)
+            counts = split.get("short_side_counts")
+            if counts is None:
+                short = self.manifest["settings"].get("short_side", 0)
+                small = split["records"] if 0 < short < side else 0
+            else:
+                small = sum(n for s, n in counts.items() if int(s) < side)
+            if small:
+                found[name] = small
+        return found
+
+    def all_at_least(self, split: str, side: int) -> bool:
+        """Whether every stored image of ``split`` is known to have a short side of at least ``side``."""
+        counts = self.split(split).get("short_side_counts")
+        if counts is not None:
+            return all(int(s) >= side for s, n in counts.items() if n)
+        settings = self.manifest["settings"]  # no histogram: only an upscaling conversion can tell
+        return settings.get("upscale", True) and settings.get("short_side", 0) >= side
+
     def _need(self, fmt: str) -> None:
         if fmt not in self.formats:
             raise DatasetError(

@@ -97,7 +97,8 @@ class Runtime:
             seed=cfg.rng_seed, subset_pct=cfg.subset_pct if train else 100.0, num_threads=cfg.data_threads,
             read_workers=cfg.read_workers, fp16=gpu and self.amp_dtype is not None,
             channels_last=cfg.channels_last, mean=mean, std=std, channel_order=self.input.channel_order,
-            reader=cfg.reader,
+            reader=cfg.reader, hw_decoder_load=cfg.hw_decoder_load, jpeg_fancy_upsampling=cfg.jpeg_fancy_upsampling,
+            prefetch=cfg.prefetch, roi_decode=cfg.roi_decode,
         )
 
     def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0) -> Loader:
@@ -117,19 +118,8 @@ class Runtime:
 
 
 def small_image_warning(ds: Dataset, crop: int) -> str | None:
-    """Which stored images are smaller than the crop (their crops get mean-coloured borders), or None.
-    Uses the converter's histogram of stored short sides (``short_side_counts``)."""
-    found = []
-    for name in ds.splits():
-        split = ds.split(name)
-        counts = split.get("short_side_counts")
-        if counts is None:  # converted before the histogram existed: only the setting can tell
-            short = ds.manifest["settings"].get("short_side", 0)
-            small = split["records"] if 0 < short < crop else 0
-        else:
-            small = sum(n for side, n in counts.items() if int(side) < crop)
-        if small:
-            found.append(f"{small} of {split['records']} {name} images")
+    """Which stored images are smaller than the crop (their crops get mean-coloured borders), or None."""
+    found = [f"{n} of {ds.split(name)['records']} {name} images" for name, n in ds.smaller_than(crop).items()]
     if not found:
         return None
     return (f"{' and '.join(found)} have a short side below the crop {crop}: their crops are padded with the mean "

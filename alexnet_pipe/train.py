@@ -397,7 +397,8 @@ def fit(cfg: TrainConfig) -> FitResult:
                 seen, seconds = run.partial.samples, run.partial.seconds
                 record = {"epoch": epoch + 1, "lr": lr, "train_loss": run.mean_loss, "samples": seen,
                           "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds,
-                          "world_size": rt.dist.world_size, "global_batch": rt.global_batch}
+                          "world_size": rt.dist.world_size, "global_batch": rt.global_batch,
+                          "loader": train_loader.cfg.knobs()}
                 if main:  # the train line first, then validation's
                     log.info("epoch %d: train loss %.4f, %.0f img/s", epoch + 1, run.mean_loss, record["img_per_s"])
                 last = epoch + 1 == cfg.epochs

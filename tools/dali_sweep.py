@@ -2,15 +2,18 @@
 """Sweep the DALI settings that matter over the training loader: hardware-decoder share, CPU threads, prefetch depth.
 
     python tools/dali_sweep.py DATA_DIR -o sweep.json [--device-id 0 | --cpu] [--batch 256]
-        [--hw-loads 0,0.65,0.9,1] [--threads 2,4,8,16] [--prefetch 1,2,3,4] [--seconds 2] [--budget-s 90]
+        [--hw-loads 0,0.65,0.9,1] [--threads 2,4,8,16] [--prefetch 1,2,3,4] [--read-workers N]
+        [--seconds 2] [--budget-s 90]
 
 DATA_DIR is a converted dataset (`alexnet-pipe convert`). Each setting builds the training
-Loader exactly as training does (alexnet_pipe.pipeline.Loader: external source, decode, random
-crop + flip, normalise; fp16 NHWC on the GPU), drops --warmup batches, then counts images for
+loader exactly as `alexnet-pipe train` does (alexnet_pipe.train.epoch_loader over a TrainConfig:
+external source with train's read workers, ROI decode, random crop + flip, normalise; fp16 NHWC
+on the GPU), drops --warmup batches, then counts images for
 --seconds (passing over epochs as often as needed) and reports img/s. One knob is varied at a
 time around the base setting (DALI's default hardware share, --base-threads, prefetch 2); a last
 row combines the best value of each knob. --budget-s bounds the whole sweep: settings left when
-it is spent are reported as not run. Every row goes to the -o JSON file (kind "loader").
+it is spent are reported as not run. Every row goes to the -o JSON file (kind "loader"), with
+the `alexnet-pipe train` command line that trains with the fastest row's settings (also printed).
 """
 
 from __future__ import annotations
@@ -59,22 +62,23 @@ def best_of(rows: list[dict]) -> Setting | None:
     return Setting(pick("hw_decoder_load"), pick("threads"), pick("prefetch"), "best")
 
 
-def measure(data: Path, s: Setting, device_id: int | None, batch: int, warmup: int, seconds: float) -> dict:
-    """img/s of the train Loader with setting ``s``; start-up is building it until its first batch."""
+def measure(data: Path, s: Setting, device_id: int | None, batch: int, warmup: int, seconds: float,
+            read_workers: int) -> dict:
+    """img/s of the train loader with setting ``s``, built as `alexnet-pipe train` builds it (the
+    same TrainConfig defaults, read workers included); start-up is building it until its first batch."""
     import torch
 
-    from alexnet_pipe.manifest import load_dataset
-    from alexnet_pipe.mean import load_dataset_mean
-    from alexnet_pipe.pipeline import Loader, LoaderConfig
+    from alexnet_pipe.config import TrainConfig
+    from alexnet_pipe.train import epoch_loader
 
-    ds = load_dataset(data)
     gpu = device_id is not None
-    cfg = LoaderConfig("train", True, batch, crop=224, device_id=device_id, num_threads=s.threads,
-                       fp16=gpu, channels_last=True, mean=load_dataset_mean(data).rgb()[0],
-                       hw_decoder_load=s.hw_decoder_load, prefetch=s.prefetch)
+    cfg = TrainConfig(data_dir=data, backend="gpu" if gpu else "cpu", device_id=device_id or 0,
+                      datatype="bf16" if gpu else "f32", batch_size=batch, data_threads=s.threads,
+                      read_workers=read_workers, hw_decoder_load=s.hw_decoder_load, prefetch=s.prefetch,
+                      progress=False)
     sync = (lambda: torch.cuda.synchronize(device_id)) if gpu else (lambda: None)
     t0 = time.perf_counter()
-    loader = Loader(ds, cfg)
+    loader = epoch_loader(cfg, 0)
     startup = seen = batches = 0
     start = None
     try:
@@ -97,11 +101,26 @@ def measure(data: Path, s: Setting, device_id: int | None, batch: int, warmup: i
                 raise ValueError(f"{data} has no training batches")
         sync()
         elapsed = time.perf_counter() - start
+        knobs = loader.cfg.knobs()
     finally:
         loader.close()
     return {**asdict(s), "kind": "loader", "baseline": False, "img_per_s": seen / elapsed, "startup_s": startup,
-            "timed_images": seen, "timed_s": elapsed, "batch_size": batch,
-            "device": f"cuda:{device_id}" if gpu else "cpu"}
+            "timed_images": seen, "timed_s": elapsed, "batch_size": batch, "read_workers": read_workers,
+            "roi_decode": knobs["roi_decode"], "device": knobs["device"]}
+
+
+def train_command(data: Path, best: dict, device_id: int | None) -> str:
+    """The `alexnet-pipe train` command line that trains with the best row's settings."""
+    import shlex
+
+    args = ["alexnet-pipe", "train", "-w", str(data), "-b", "cpu" if device_id is None else "gpu",
+            "-z", str(best["batch_size"]), "--data-threads", str(best["threads"]), "--prefetch", str(best["prefetch"]),
+            "--read-workers", str(best["read_workers"])]
+    if device_id:
+        args += ["-i", str(device_id)]
+    if best.get("hw_decoder_load") is not None:
+        args += ["--hw-decoder-load", f"{best['hw_decoder_load']:g}"]
+    return shlex.join(args)
 
 
 def _floats(text: str) -> list[float]:
@@ -127,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=_ints, default=sorted({2, 4, max(1, cores // 2), cores}))
     ap.add_argument("--base-threads", type=int, default=max(1, cores // 2))
     ap.add_argument("--prefetch", type=_ints, default=[1, 2, 3, 4])
+    ap.add_argument("--read-workers", type=int, default=None,
+                    help="reader processes [default: as `alexnet-pipe train` picks for the backend]")
     ap.add_argument("--warmup", type=int, default=3, help="batches not timed, the first included")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per setting")
     ap.add_argument("--budget-s", type=float, default=90.0, help="the whole sweep; later settings are skipped")
@@ -134,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 1 or args.warmup < 1 or args.seconds <= 0:
         ap.error("--batch and --warmup must be >= 1, --seconds > 0")
     device_id = None if args.cpu else args.device_id
+    from alexnet_pipe.config import default_read_workers
+
+    read_workers = default_read_workers("cpu" if args.cpu else "gpu") if args.read_workers is None else args.read_workers
     began = time.perf_counter()
     rows: list[dict] = []
     plan = settings(args.hw_loads, args.threads, args.prefetch, args.base_threads, device_id is not None)
@@ -147,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**asdict(s), "kind": "loader", "img_per_s": None, "skipped": "budget spent"})
             continue
         try:
-            row = measure(args.data, s, device_id, args.batch, args.warmup, args.seconds)
+            row = measure(args.data, s, device_id, args.batch, args.warmup, args.seconds, read_workers)
         except Exception as exc:  # one setting failing (e.g. a load DALI refuses) must not end the sweep
             failed = True
             row = {**asdict(s), "kind": "loader", "img_per_s": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -155,9 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{row['img_per_s']:,.0f} img/s" if row.get("img_per_s") else row.get("error", "")
         print(f"{s.varied:>15}: hw {s.hw_decoder_load}, threads {s.threads}, prefetch {s.prefetch}: {shown}",
               flush=True)
+    ran = [r for r in rows if r.get("img_per_s")]
+    command = train_command(args.data, max(ran, key=lambda r: r["img_per_s"]), device_id) if ran else None
+    if command:
+        print(f"train with the best setting: {command}", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - began}, indent=1) + "\n",
-                           encoding="utf-8")
+    args.output.write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - began, "train_command": command},
+                                      indent=1) + "\n", encoding="utf-8")
     return 1 if failed or not any(r.get("img_per_s") for r in rows) else 0
 
 
