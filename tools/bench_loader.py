@@ -20,9 +20,11 @@ Contenders, all on the CPU (DALI with device_id=None, --threads CPU threads, bat
   new         alexnet_pipe.train.epoch_loader(TrainConfig(backend="cpu", reader=..., read_workers=...)),
               exactly the loader `fit` uses: a fresh global permutation per epoch, records read by key
               seek (LMDB) or pread (RecordIO) in this process (read_workers=0) or in reader processes;
+              decoding only the crop window (ROI decode, the default) or, as before, the whole image;
   read-only   no decoding: the old readers alone (a pipeline returning the reader's outputs), the new
-              source inside a DALI pipeline (fn.external_source returning the JPEG bytes and labels),
-              and the new source called directly from Python as DALI calls it (records/s).
+              source inside a DALI pipeline (fn.external_source returning the JPEG bytes and labels;
+              in this process, or in 1 and 2 reader processes with the training pipeline's queue
+              depth), and the new source called directly from Python as DALI calls it (records/s).
 
 Per round and contender: start-up = building the loader until its first batch is in hand (the
 old readers fill their 4,096-record shuffle buffer, the new loader reads every LMDB key or .idx
@@ -147,11 +149,12 @@ def reader_batches(pipe, batch: int) -> Iterator[np.ndarray]:
 # ---------------------------------------------------------------------------- the new loader
 
 
-def train_config(root: Path, kind: str, read_workers: int, ctx: "Context"):
+def train_config(root: Path, kind: str, read_workers: int, ctx: "Context", roi_decode: bool = True):
     from alexnet_pipe.config import TrainConfig
 
     return TrainConfig(data_dir=root, backend="cpu", batch_size=ctx.batch, crop=CROP, reader=kind,
-                       read_workers=read_workers, data_threads=ctx.threads, rng_seed=ctx.seed, progress=False)
+                       read_workers=read_workers, data_threads=ctx.threads, rng_seed=ctx.seed, progress=False,
+                       roi_decode=roi_decode)
 
 
 def new_batches(loader) -> Iterator[np.ndarray]:
@@ -162,18 +165,24 @@ def new_batches(loader) -> Iterator[np.ndarray]:
         loader.close()
 
 
-def source_pipeline(source, batch: int, threads: int):
-    """The new loader's external source alone in a DALI pipeline: JPEG bytes and labels, no decoding."""
+def source_pipeline(source, batch: int, threads: int, read_workers: int = 0):
+    """The new loader's external source alone in a DALI pipeline: JPEG bytes and labels, no decoding;
+    with ``read_workers``, in reader processes set up exactly as the training pipeline sets them up
+    (alexnet_pipe.pipeline.source_options / pipeline_options: the same queue depth)."""
     from nvidia.dali import fn, pipeline_def, types
+
+    from alexnet_pipe.pipeline import LoaderConfig, pipeline_options, source_options
+
+    cfg = LoaderConfig("train", True, batch, num_threads=threads, read_workers=read_workers)
 
     @pipeline_def(enable_conditionals=False)
     def graph():
         jpegs, labels, _, _, _ = fn.external_source(
             source=source, num_outputs=5, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32])
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32], **source_options(cfg))
         return jpegs, labels
 
-    return graph(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+    return graph(**pipeline_options(cfg))
 
 
 def source_batches(pipe) -> Iterator[np.ndarray]:
@@ -270,26 +279,30 @@ def contenders(read_workers: list[int]) -> tuple[list[Row], list[Row]]:
             return old_batches(pipe) if decode else reader_batches(pipe, ctx.batch)
         return start
 
-    def new(kind: str, workers: int):
-        return lambda ctx: new_batches(epoch_loader(train_config(ctx.root, kind, workers, ctx), 0))
+    def new(kind: str, workers: int, roi_decode: bool = True):
+        return lambda ctx: new_batches(epoch_loader(train_config(ctx.root, kind, workers, ctx, roi_decode), 0))
 
-    def source_in_dali(kind: str):
-        return lambda ctx: source_batches(source_pipeline(detached_source(ctx.root, kind, ctx), ctx.batch, ctx.threads))
+    def source_in_dali(kind: str, workers: int = 0):
+        return lambda ctx: source_batches(source_pipeline(detached_source(ctx.root, kind, ctx), ctx.batch, ctx.threads,
+                                                          workers))
 
     def source_direct(kind: str):
         return lambda ctx: direct_batches(detached_source(ctx.root, kind, ctx))
 
     full = [Row("old: fn.readers.caffe + shuffle buffer", "lmdb", None, old("lmdb")),
             Row("old: fn.readers.mxnet + shuffle buffer", "recordio", None, old("recordio")),
-            Row("new: external source", "lmdb", 0, new("lmdb", 0)),
-            Row("new: external source", "recordio", 0, new("recordio", 0))]
-    full += [Row("new: external source", kind, w, new(kind, w)) for w in read_workers for kind in ("lmdb", "recordio")]
+            Row("new: external source, whole-image decode", "lmdb", 0, new("lmdb", 0, False)),
+            Row("new: external source, whole-image decode", "recordio", 0, new("recordio", 0, False)),
+            Row("new: external source, ROI decode", "lmdb", 0, new("lmdb", 0)),
+            Row("new: external source, ROI decode", "recordio", 0, new("recordio", 0))]
+    full += [Row("new: external source, ROI decode", kind, w, new(kind, w)) for w in read_workers
+             for kind in ("lmdb", "recordio")]
     reads = [Row("old: fn.readers.caffe alone", "lmdb", None, old("lmdb", False), True),
-             Row("old: fn.readers.mxnet alone", "recordio", None, old("recordio", False), True),
-             Row("new: source in a DALI pipeline", "lmdb", 0, source_in_dali("lmdb"), True),
-             Row("new: source in a DALI pipeline", "recordio", 0, source_in_dali("recordio"), True),
-             Row("new: source called from Python", "lmdb", 0, source_direct("lmdb"), True),
-             Row("new: source called from Python", "recordio", 0, source_direct("recordio"), True)]
+             Row("old: fn.readers.mxnet alone", "recordio", None, old("recordio", False), True)]
+    reads += [Row("new: source in a DALI pipeline", kind, w, source_in_dali(kind, w), True) for w in [0, *read_workers]
+              for kind in ("lmdb", "recordio")]
+    reads += [Row("new: source called from Python", "lmdb", 0, source_direct("lmdb"), True),
+              Row("new: source called from Python", "recordio", 0, source_direct("recordio"), True)]
     return full, reads
 
 
@@ -312,11 +325,13 @@ def full_table(rows: list[Row]) -> list[str]:
 
 def read_table(rows: list[Row]) -> list[str]:
     base = statistics.median(rows[0].rate)
-    lines = ["| records read by | format | records/s median (min-max) | x old Caffe reader alone | every record once |",
-             "|---|---|---:|---:|---|"]
+    lines = ["| records read by | format | read workers | records/s median (min-max) | x old Caffe reader alone "
+             "| every record once |",
+             "|---|---|---:|---:|---:|---|"]
     for row in rows:
-        lines.append(f"| {row.name} | {row.reader} | {row.spread()} | {statistics.median(row.rate) / base:.2f} "
-                     f"| {'yes' if all(row.checks) else 'NO'} |")
+        workers = "" if row.read_workers is None else row.read_workers
+        lines.append(f"| {row.name} | {row.reader} | {workers} | {row.spread()} "
+                     f"| {statistics.median(row.rate) / base:.2f} | {'yes' if all(row.checks) else 'NO'} |")
     return lines
 
 
