@@ -440,14 +440,29 @@ def _train_config(test_only: bool, kw: dict):
 
 
 def _torchrun_rank(kw: dict) -> dict:
-    """This process's rank, world size and GPU under torchrun (its environment variables), or {}."""
+    """This process's rank, world size and GPU under torchrun or SLURM (their environment variables), or {}.
+
+    The GPU follows ``distributed.local_device``: LOCAL_RANK (or SLURM_LOCALID) where it indexes
+    the visible devices, device 0 where the launcher gave each rank its own (SLURM
+    --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank). -b is not known here: an ambiguous layout
+    is refused by ``runtime.torch_device`` on a GPU run only (a -b cpu run does not care)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return {}
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    import torch
+
+    from .distributed import local_device
+    from .errors import TrainingError
+
+    rank, world = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE"))
     if rank:  # one voice: the other ranks report errors only
         logging.getLogger().setLevel(logging.ERROR)
     kw.pop("device_id")
-    return {"shard_id": rank, "num_shards": world, "device_id": local}
+    try:
+        device = local_device(os.environ, torch.cuda.device_count())
+    except TrainingError:  # ambiguous: torch_device refuses it, with the reason, if the run is on the GPU
+        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")).strip()
+        device = int(local) if local.isdigit() else 0
+    return {"shard_id": rank, "num_shards": world, "device_id": device}
 
 
 def _launch(nproc: int, backend: str | None) -> None:
@@ -462,9 +477,13 @@ def _launch(nproc: int, backend: str | None) -> None:
     if "RANK" in os.environ:
         raise click.UsageError("--nproc starts torchrun itself; under torchrun, drop it")
     gpus = torch.cuda.device_count()
+    # Every rank started here inherits this process's CUDA_VISIBLE_DEVICES and takes device
+    # LOCAL_RANK of what it sees (distributed.local_device): one rank per visible GPU, never shared.
     if (backend or ("gpu" if gpus else "cpu")) == "gpu" and gpus < nproc:
         fix = f"pass --nproc {gpus} or -b cpu" if gpus else "pass -b cpu"
-        raise click.UsageError(f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}; {fix}")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        limit = f" (CUDA_VISIBLE_DEVICES={visible} limits what it sees)" if visible is not None else ""
+        raise click.UsageError(f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}{limit}; {fix}")
     args = _argv_without("--nproc")
     # torchrun's default of one thread per rank starves CPU ranks; share the cores out instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, default_workers() // nproc)))

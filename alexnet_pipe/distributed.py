@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,6 +19,75 @@ import torch
 import torch.distributed as dist
 
 from .errors import TrainingError
+
+
+def launched(env: Mapping[str, str]) -> bool:
+    """Whether a launcher (torchrun, or SLURM with RANK/WORLD_SIZE exported) started this process as a rank."""
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int | None:
+    if key not in env:
+        return None
+    text = env[key].strip()
+    if key == "SLURM_GPUS_PER_TASK":  # "2", or "h100:2" with a typed --gpus-per-task
+        text = text.rsplit(":", 1)[-1]
+    try:
+        value = int(text)
+    except ValueError:
+        raise TrainingError(f"{key}={env[key]!r} is not a number; the launcher sets it to this process's "
+                            "place on the machine") from None
+    if value < 0:
+        raise TrainingError(f"{key}={value} is negative; the launcher sets it to this process's place on the machine")
+    return value
+
+
+def local_device(env: Mapping[str, str], device_count: int) -> int:
+    """The CUDA device (an index into the devices this process sees) that this rank trains on.
+
+    ``env`` is the process's environment, ``device_count`` what ``torch.cuda.device_count()`` says.
+    The rules, in order:
+
+    - no CUDA device: the local rank, unused (a CPU run; ``-b gpu`` is refused elsewhere);
+    - SLURM gave each task its own GPUs (``--gpus-per-task=k`` binds them: the task sees exactly
+      its k) and this rank is the task itself (no torchrun inside it): the task's first GPU, 0;
+    - ``LOCAL_RANK`` (torchrun), else ``SLURM_LOCALID``, below the device count, with no more ranks
+      on this machine (``LOCAL_WORLD_SIZE``) than devices: that index, as torchrun users expect;
+    - the process sees one device and ``CUDA_VISIBLE_DEVICES`` names exactly one: a launcher gave
+      each rank its own GPU (SLURM binding, or ``CUDA_VISIBLE_DEVICES=$LOCAL_RANK`` per rank): 0;
+    - no local rank at all but only one device, or one rank in the job: 0.
+
+    Anything else is ambiguous (more local ranks than visible GPUs, no local rank on a multi-GPU
+    machine): ``TrainingError`` in one line, raised alike on every rank, so no rank starts and
+    waits for the others. Ranks that end up on one GPU anyway (``CUDA_VISIBLE_DEVICES=0`` for all)
+    are refused by NCCL at start-up ("Duplicate GPU detected").
+    """
+    local_rank, slurm_local = _env_int(env, "LOCAL_RANK"), _env_int(env, "SLURM_LOCALID")
+    local = local_rank if local_rank is not None else slurm_local
+    if device_count < 1:
+        return local or 0
+    ranks_here = _env_int(env, "LOCAL_WORLD_SIZE")
+    per_task = _env_int(env, "SLURM_GPUS_PER_TASK")
+    rank_is_task = slurm_local is not None and ranks_here is None and local_rank in (None, slurm_local)
+    if rank_is_task and per_task == device_count:
+        return 0
+    if local is not None and local < device_count and (ranks_here is None or ranks_here <= device_count):
+        return local
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    named = [v for v in visible.split(",") if v.strip()] if visible is not None else None
+    if device_count == 1 and named is not None and len(named) == 1:
+        return 0
+    if local is None and (device_count == 1 or _env_int(env, "WORLD_SIZE") == 1):
+        return 0
+    fix = (f"give each rank its own GPU (torchrun --nproc-per-node {device_count} or fewer, SLURM "
+           "--gpus-per-task=1, or CUDA_VISIBLE_DEVICES per rank), or train with -b cpu")
+    shown = visible if visible is not None else "unset"
+    sees = f"this process sees {device_count} GPU(s) (CUDA_VISIBLE_DEVICES={shown})"
+    if local is None:
+        raise TrainingError(f"RANK and WORLD_SIZE are set but neither LOCAL_RANK nor SLURM_LOCALID, and {sees}: "
+                            f"cannot tell which GPU is this rank's; start the ranks with torchrun, or {fix}")
+    of = f" of {ranks_here}" if ranks_here is not None else ""
+    raise TrainingError(f"cannot tell which GPU is local rank {local}{of}'s: {sees}; {fix}")
 
 
 @dataclass(frozen=True)

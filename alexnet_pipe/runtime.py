@@ -8,6 +8,7 @@ records, order and augmentation training sees.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 
 import torch
@@ -19,6 +20,7 @@ from .inputspec import InputSpec
 from .manifest import Dataset, load_dataset
 from .mean import ChannelMean, load_dataset_mean
 from .pipeline import Loader, LoaderConfig
+from .shm import check_loader_shm, local_ranks
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,19 @@ BASE_BATCH = 128  # the neon recipe's lr holds for this many images per step
 
 
 def torch_device(backend: str, device_id: int = 0) -> torch.device:
-    """The torch device ``-b``/``-i`` name; one line with the fix when torch has no such device."""
+    """The torch device ``-b``/``-i`` name; one line with the fix when torch has no such device.
+    A rank started by a launcher (torchrun, SLURM) refuses here, on every rank alike, a GPU layout
+    where its GPU cannot be told (``distributed.local_device``), rather than index past the devices."""
+    import os
+
+    from .distributed import launched, local_device
+
     if backend != "gpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise TrainingError("-b gpu was asked for but torch sees no CUDA device; use -b cpu")
+    if launched(os.environ):
+        local_device(os.environ, torch.cuda.device_count())  # raises the launcher's line when ambiguous
     if device_id >= torch.cuda.device_count():
         raise TrainingError(f"-i {device_id}: torch sees {torch.cuda.device_count()} CUDA device(s), "
                             f"numbered from 0; pick one of them")
@@ -102,7 +112,10 @@ class Runtime:
         )
 
     def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0) -> Loader:
-        return Loader(self.ds, self.loader_config(split, train, batch_size), epoch, start_step)
+        cfg = self.loader_config(split, train, batch_size)
+        if cfg.read_workers:  # reader processes hand batches over in /dev/shm: refuse now, not by SIGBUS later
+            check_loader_shm(self.ds, cfg, ranks=local_ranks(os.environ, self.cfg.num_shards))
+        return Loader(self.ds, cfg, epoch, start_step)
 
     def data_meta(self) -> dict:
         """Data settings that travel with the weights: the classes and the input (``InputSpec``)."""

@@ -73,7 +73,8 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
              per_class: bool = False) -> EvalResult:
     """Loss, top-1 and top-5 over every sample of the loader's split, summed over all ranks, one
     host sync at the end. Padding (``Batch.valid``) counts nowhere, so each image counts once.
-    ``per_class`` also counts the confusion matrix and each class's top-5 hits."""
+    ``per_class`` also counts the confusion matrix and each class's top-5 hits, with ``index_add_``
+    on the device (CUDA ``bincount`` reads its input's max back to size its output: a sync per call)."""
     model.eval()
     classes = rt.ds.num_classes
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
@@ -92,9 +93,10 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
             hits += torch.stack(topk_correct(logits, labels, (1, 5)))
             count += labels.shape[0]
             if per_class:
-                confusion += torch.bincount(labels * classes + logits.argmax(1), minlength=classes * classes)
+                ones = torch.ones_like(labels)
+                confusion.index_add_(0, labels * classes + logits.argmax(1), ones)
                 in5 = logits.topk(min(5, classes), dim=1).indices.eq(labels.unsqueeze(1)).any(1)
-                top5_hits += torch.bincount(labels[in5], minlength=classes)
+                top5_hits.index_add_(0, labels, in5.to(top5_hits.dtype))  # no labels[in5]: its size is a sync too
     rt.dist.sum_(loss_sum, hits, count, confusion, top5_hits)
     n = int(count.item())
     if n == 0:

@@ -82,9 +82,24 @@ def apply_hyperparameters(opt, lr: float, cfg) -> None:
         group["weight_decay"] = 0.0 if name.endswith("biases") else cfg.weight_decay
 
 
+# How an optimizer steps, not what it learnt: this run's -b/-d choose these (fit builds a fused SGD
+# on the GPU), and a resumed run may change -b and -d.
+_IMPLEMENTATION = ("fused", "foreach", "differentiable", "capturable")
+
+
 def restore(body: dict, opt, scaler) -> Restored:
-    """From a checkpoint (the weights are loaded already): the optimizer, the epoch count, the progress."""
+    """From a checkpoint (the weights are loaded already): the optimizer, the epoch count, the progress.
+
+    ``load_state_dict`` replaces the param groups whole, implementation flags included: a -b cpu
+    checkpoint would turn a -b gpu run's fused SGD into a per-tensor one, which a GradScaler (-d f16)
+    still hands its grad_scale, and torch raises at the first step; a -b gpu checkpoint resumed
+    with -b cpu would stay fused. The flags this run built its optimizer with are kept."""
+    built = [{k: group[k] for k in _IMPLEMENTATION if k in group} for group in opt.param_groups]
     opt.load_state_dict(body["optimizer"])
+    for group, flags in zip(opt.param_groups, built):
+        for key in _IMPLEMENTATION:
+            group.pop(key, None)
+        group.update(flags)
     if scaler is not None and body.get("scaler"):
         scaler.load_state_dict(body["scaler"])
     partial = Partial(**body["partial"]) if body.get("partial") else Partial()
