@@ -12,7 +12,7 @@ PIPQ    := --quiet --disable-pip-version-check
 DEMO    ?= demo-out
 WORKERS ?=
 
-.PHONY: install test faults demo bench scale-check clean
+.PHONY: install test faults demo bench scale-check clean gpu-rehearsal
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -65,6 +65,13 @@ SCALE       ?= scale-out
 SCALE_FLAGS ?=
 scale-check: install
 	$(PY) tools/scale_check.py --work $(SCALE) $(SCALE_FLAGS)
+
+# tools/gpu_check.sh rehearsed on the CPU (BACKEND=cpu) in the GPU host's package set plus the offline
+# DALI bundle, the project un-installed, as on the lent GPU machine (tools/gpu_rehearsal.sh). The first
+# run builds a Python 3.12 venv and the bundle in .rehearsal/ and .dalibundle/ (~5 GB, minutes); then
+# about 3 minutes. Not part of `make test`.
+gpu-rehearsal:
+	bash tools/gpu_rehearsal.sh
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(SCALE) *.egg-info
