@@ -5,13 +5,23 @@ step run ``iterations`` times (default 12), the first ``warmup`` (2) dropped, th
 reported for fprop (forward + loss), bprop, update and the whole iteration; then img/s over
 ``throughput_steps`` back-to-back steps. The baseline is the same network as plain PyTorch runs
 it (fp32, NCHW, eager, default SGD), measured in the same process, so ratios are fair on any
-machine. With ``data_dir`` an end-to-end row adds the DALI pipeline feeding the model.
+machine.
+
+With ``data_dir`` an end-to-end row: the loader ``train`` builds (the same read workers, DALI
+threads, prefetch and decoding settings, through ``Runtime.loader_config``) feeding train's own
+step (``train.step_loss``, a GradScaler with f16), over as many epochs as it takes: the batches
+queued while the loader started are passed over with the warm-up, then ``throughput_steps`` steps
+(and at least ``min_seconds``) are timed. With ``loader_dir`` the same loader alone against a PIL
+DataLoader on every core this process may use, each timed only once its start-up queue is drained
+(its steady rate, not a queue being emptied).
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .model import AlexNet, AlexNetConfig, param_groups
+from .config import default_read_workers, default_workers
+from .model import AlexNet, AlexNetConfig, compile_fixed_batch, param_groups
+
+PIL_PREFETCH = 2  # the PIL DataLoader's prefetch_factor (torch's default): batches queued per worker
 
 
 @dataclass(frozen=True)
@@ -29,16 +42,22 @@ class BenchConfig:
     batch_size: int = 128
     crop: int = 224
     num_classes: int = 1000
-    datatype: str = "f32"  # f32 / bf16 / f16 (autocast)
+    datatype: str = "f32"  # f32 / bf16 / f16 (autocast; f16 with a GradScaler, as train)
     channels_last: bool = True
     fused: bool = True  # fused SGD (CUDA only)
     compile: bool = False
+    compile_backend: str | None = None  # None: torch.compile's default (inductor)
     iterations: int = 12
     warmup: int = 2
     throughput_steps: int = 50
     data_dir: Path | None = None  # add an end-to-end row: DALI reading this dataset
     loader_dir: Path | None = None  # add loader rows: our train pipeline alone against a PIL DataLoader
     seed: int = 0
+    # The loader's processes and threads; None: what `train -b <backend>` uses (config.default_read_workers,
+    # TrainConfig's data_threads).
+    read_workers: int | None = None
+    data_threads: int | None = None
+    min_seconds: float = 0.0  # end to end and loaders: also time at least this long
 
     def __post_init__(self) -> None:
         if self.iterations <= self.warmup:
@@ -47,6 +66,12 @@ class BenchConfig:
             raise ValueError(f"backend must be gpu or cpu, got {self.backend}")
         if self.datatype not in ("f32", "bf16", "f16"):
             raise ValueError(f"datatype must be f32, bf16 or f16, got {self.datatype}")
+        if self.throughput_steps < 1 or self.warmup < 0 or self.min_seconds < 0:
+            raise ValueError("throughput_steps must be >= 1, warmup and min_seconds >= 0")
+        if self.read_workers is None:  # frozen: resolved once, so replace() keeps the value
+            object.__setattr__(self, "read_workers", default_read_workers(self.backend))
+        if self.read_workers < 0:
+            raise ValueError(f"read workers must be >= 0, got {self.read_workers}")
 
 
 class _Clock:
@@ -74,17 +99,132 @@ class _Clock:
             torch.cuda.synchronize(self.device)
 
 
-def _setup(cfg: BenchConfig, device: torch.device):
+def _setup(cfg: BenchConfig, device: torch.device, **model_kw):
+    """The model (``model_kw``: AlexNet's speed options), what runs it (compiled or not), the
+    optimizer and autocast, built as ``train`` builds them."""
     model = AlexNet(AlexNetConfig(num_classes=cfg.num_classes, crop=cfg.crop),
-                    generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+                    generator=torch.Generator().manual_seed(cfg.seed), **model_kw).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     fused = cfg.fused and device.type == "cuda"
     opt = torch.optim.SGD(param_groups(model, 0.01, 5e-4), lr=0.01, momentum=0.9, fused=fused or None)
-    run = torch.compile(model) if cfg.compile else model
+    backend = {"backend": cfg.compile_backend} if cfg.compile_backend else {}
+    run = compile_fixed_batch(model, cfg.batch_size, **backend) if cfg.compile else model
     amp = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.datatype]
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     return model, run, opt, autocast
+
+
+def grad_scaler(cfg: BenchConfig, device: torch.device):
+    """train's: a GradScaler with -d f16, none otherwise."""
+    return torch.amp.GradScaler(device.type) if cfg.datatype == "f16" else None
+
+
+def train_step(run, opt, autocast, scaler) -> Callable:
+    """``step(batch)``: one training step as ``train.train_one_epoch`` takes it (its loss, with
+    padding masked, and the GradScaler when there is one), without its bookkeeping."""
+    from .train import step_loss
+
+    def step(batch) -> None:
+        with autocast():
+            loss, _, _ = step_loss(run(batch.images), batch, 1)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    return step
+
+
+def device_of(cfg: BenchConfig) -> torch.device:
+    return torch.device("cuda", cfg.device_id) if cfg.backend == "gpu" else torch.device("cpu")
+
+
+def syncer(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def train_config(cfg: BenchConfig, data_dir: Path):
+    """The TrainConfig `train -b <backend>` would run with on ``data_dir``, for these settings."""
+    from .config import TrainConfig
+
+    threads = {"data_threads": cfg.data_threads} if cfg.data_threads else {}
+    return TrainConfig(data_dir=data_dir, backend=cfg.backend, device_id=cfg.device_id, datatype=cfg.datatype,
+                       batch_size=cfg.batch_size, crop=cfg.crop, channels_last=cfg.channels_last, rng_seed=cfg.seed,
+                       progress=False, read_workers=cfg.read_workers, compile=cfg.compile, **threads)
+
+
+def open_train_loader(cfg: BenchConfig, data_dir: Path, **overrides):
+    """(Loader, Runtime): exactly the train loader ``fit`` builds for epoch 0 (through
+    ``Runtime.loader_config``), with ``overrides`` of LoaderConfig fields (the levers)."""
+    from .pipeline import Loader
+    from .runtime import open_run
+
+    rt = open_run(train_config(cfg, data_dir))
+    lcfg = rt.loader_config("train", True)
+    if overrides:
+        lcfg = replace(lcfg, **overrides)
+    return Loader(rt.ds, lcfg, 0), rt
+
+
+def queued_batches(lcfg) -> int:
+    """Batches a DALI loader has ready or in flight right after it starts: the pipeline's prefetch
+    queue, plus the external source's own queue with reader processes."""
+    from .pipeline import source_queue_depth
+
+    return lcfg.prefetch + (source_queue_depth(lcfg) if lcfg.read_workers else 0)
+
+
+class Epochs:
+    """Batches over as many epochs as are asked for: each pass of ``passes()`` is one epoch;
+    ``epochs`` counts the passes begun."""
+
+    def __init__(self, passes: Callable[[], Iterable]):
+        self.passes, self.epochs = passes, 0
+
+    def __iter__(self) -> Iterator:
+        while True:
+            self.epochs += 1
+            got = 0
+            for item in self.passes():
+                got += 1
+                yield item
+            if not got:
+                raise ValueError("the data set yields no training batches")
+
+
+def steady_rate(batches: Iterator, consume: Callable, count: Callable, *, skip: int, steps: int,
+                min_seconds: float = 0.0, max_seconds: float | None = None,
+                sync: Callable[[], None] = lambda: None) -> dict:
+    """img/s of ``consume(batch)`` over ``batches``: the first ``skip`` batches (warm-up, and the
+    queue filled while the loader started) are consumed untimed, then at least ``steps`` batches
+    and ``min_seconds`` are timed (fewer when ``max_seconds`` runs out: ``cut`` says so).
+    ``count(batch)`` is its number of images."""
+    for _ in range(skip):
+        consume(next(batches))
+    sync()
+    seen = done = 0
+    cut = False
+    start = time.perf_counter()
+    while True:
+        batch = next(batches)
+        consume(batch)
+        seen += count(batch)
+        done += 1
+        elapsed = time.perf_counter() - start
+        if done >= steps and elapsed >= min_seconds:
+            break
+        if max_seconds is not None and elapsed >= max_seconds:
+            cut = True
+            break
+    sync()
+    seconds = time.perf_counter() - start
+    return {"img_per_s": seen / seconds, "timed_steps": done, "timed_images": seen, "timed_s": seconds,
+            "skipped_steps": skip, **({"cut_short": True} if cut else {})}
 
 
 def time_steps(cfg: BenchConfig, device: torch.device, name: str) -> dict:
@@ -134,58 +274,67 @@ def time_steps(cfg: BenchConfig, device: torch.device, name: str) -> dict:
             "img_per_s": cfg.throughput_steps * cfg.batch_size / seconds}
 
 
+def batch_images(batch) -> int:
+    return batch.labels.shape[0]
+
+
+@dataclass
+class Trainer:
+    """A model and train's step over it (``train_step``), built as ``train`` builds them."""
+
+    model: torch.nn.Module
+    step: Callable
+    scaler: object | None
+
+
+def trainer(cfg: BenchConfig, device: torch.device, **model_kw) -> Trainer:
+    """A fresh model for ``cfg`` (``model_kw``: AlexNet's speed options) and its training step."""
+    model, run, opt, autocast = _setup(cfg, device, **model_kw)
+    scaler = grad_scaler(cfg, device)
+    model.train()
+    return Trainer(model, train_step(run, opt, autocast, scaler), scaler)
+
+
+def e2e_rate(cfg: BenchConfig, device: torch.device, batches: Iterator, skip: int, train: Trainer,
+             max_seconds: float | None = None) -> dict:
+    """img/s of ``train``'s step fed by ``batches`` (pipeline.Batch), after ``skip`` untimed
+    batches (``steady_rate``)."""
+    rate = steady_rate(batches, train.step, batch_images, skip=skip, steps=cfg.throughput_steps,
+                       min_seconds=cfg.min_seconds, max_seconds=max_seconds, sync=syncer(device))
+    return {**rate, "grad_scaler": train.scaler is not None}
+
+
+def model_rate(cfg: BenchConfig, device: torch.device, train: Trainer, max_seconds: float | None = None) -> dict:
+    """img/s of ``train``'s step alone on one random batch (no loader), ``warmup`` steps untimed;
+    a model with ``input_channels=4`` gets a zero 4th channel, as the padding pipeline emits."""
+    from .pipeline import Batch
+
+    channels = getattr(train.model, "input_channels", 3)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.batch_size, 3, cfg.crop, cfg.crop, generator=gen).mul_(50)
+    if channels > 3:
+        x = torch.cat([x, x.new_zeros(cfg.batch_size, channels - 3, cfg.crop, cfg.crop)], 1)
+    x = x.to(device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(device)
+    batch = Batch(x, y, torch.zeros(cfg.batch_size, dtype=torch.bool), None, cfg.batch_size, 0)
+    return e2e_rate(cfg, device, iter(lambda: batch, None), cfg.warmup, train, max_seconds)
+
+
 def time_end_to_end(cfg: BenchConfig, device: torch.device) -> dict:
-    """img/s with the DALI train pipeline feeding the model (one epoch, or throughput_steps)."""
-    from .config import TrainConfig
-    from .manifest import load_dataset
-    from .train import epoch_loader
-
-    ds = load_dataset(cfg.data_dir)
-    model, run, opt, autocast = _setup(replace(cfg, num_classes=ds.num_classes), device)
-    # Exactly the loader training builds for its first epoch.
-    loader = epoch_loader(TrainConfig(data_dir=cfg.data_dir, backend=cfg.backend, device_id=cfg.device_id,
-                                      datatype=cfg.datatype, batch_size=cfg.batch_size, crop=cfg.crop,
-                                      channels_last=cfg.channels_last, rng_seed=cfg.seed, progress=False), 0)
-    clock = _Clock(device)
-    seen, start = 0, None
-    for i, batch in enumerate(loader):
-        if i == cfg.warmup:
-            clock.sync()
-            start, seen = time.perf_counter(), 0
-        with autocast():
-            loss = F.cross_entropy(run(batch.images).float(), batch.labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += batch.labels.shape[0]
-        if i + 1 >= cfg.warmup + cfg.throughput_steps:
-            break
-    clock.sync()
-    if start is None:
-        raise ValueError(f"{cfg.data_dir} has too few batches for a warm-up of {cfg.warmup}; lower -z")
-    return {"name": "end to end: DALI train pipeline + this config", "kind": "e2e", "baseline": False,
-            "img_per_s": seen / (time.perf_counter() - start)}
-
-
-def _loader_rate(batches, cfg: BenchConfig, device: torch.device) -> float:
-    """img/s over up to ``throughput_steps`` batches after ``warmup``, passing over epochs as needed."""
-    clock = _Clock(device)
-    seen, start, i = 0, None, 0
-    while start is None or i < cfg.warmup + cfg.throughput_steps:
-        before = i
-        for images, _ in batches():
-            images.to(device, non_blocking=True)
-            if i == cfg.warmup:
-                clock.sync()
-                start, seen = time.perf_counter(), 0
-            seen += images.shape[0]
-            i += 1
-            if i >= cfg.warmup + cfg.throughput_steps:
-                break
-        if i == before:
-            raise ValueError(f"{cfg.loader_dir} has no training batches")
-    clock.sync()
-    return seen / (time.perf_counter() - start)
+    """img/s of train's loader feeding train's step, in its steady state: the loader's start-up
+    queue and ``warmup`` steps untimed, then ``throughput_steps`` steps over as many epochs as
+    that takes."""
+    loader, rt = open_train_loader(cfg, cfg.data_dir)
+    try:
+        epochs = Epochs(lambda: loader)
+        train = trainer(replace(cfg, num_classes=rt.ds.num_classes), device)
+        rate = e2e_rate(cfg, device, iter(epochs), cfg.warmup + queued_batches(loader.cfg), train)
+    finally:
+        loader.close()
+    return {"name": "end to end: DALI train pipeline + this config", "kind": "e2e", "baseline": False, **rate,
+            "epochs": epochs.epochs, "steps_per_epoch": len(loader), "loader": loader.cfg.knobs()}
 
 
 class _PILRecords(torch.utils.data.Dataset):
@@ -225,29 +374,41 @@ class _PILRecords(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) - self.mean, label
 
 
-def time_loaders(cfg: BenchConfig, device: torch.device) -> list[dict]:
-    """The train pipeline alone against a torch DataLoader (PIL, one worker per core), same shards, same run."""
-    import os
-
-    from .config import TrainConfig
-    from .train import epoch_loader
-
-    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _pil_rate(cfg: BenchConfig, device: torch.device, workers: int) -> dict:
+    """The PIL DataLoader's steady rate: its ``workers x PIL_PREFETCH`` batches queued at start-up
+    and ``warmup`` more are consumed untimed. Its workers end with this call."""
     data = torch.utils.data.DataLoader(_PILRecords(cfg.loader_dir, cfg.crop), batch_size=cfg.batch_size,
-                                       shuffle=True, num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=True)
-    base = _loader_rate(lambda: iter(data), cfg, device)
-    loader = epoch_loader(TrainConfig(data_dir=cfg.loader_dir, backend=cfg.backend, device_id=cfg.device_id,
-                                      datatype=cfg.datatype, batch_size=cfg.batch_size, crop=cfg.crop,
-                                      channels_last=cfg.channels_last, rng_seed=cfg.seed, progress=False), 0)
+                                       shuffle=True, num_workers=workers, prefetch_factor=PIL_PREFETCH,
+                                       pin_memory=device.type == "cuda", persistent_workers=True)
+    epochs = Epochs(lambda: data)
+    rate = steady_rate(iter(epochs), lambda b: b[0].to(device, non_blocking=True), lambda b: b[0].shape[0],
+                       skip=cfg.warmup + workers * PIL_PREFETCH, steps=cfg.throughput_steps,
+                       min_seconds=cfg.min_seconds, sync=syncer(device))
+    return {**rate, "epochs": epochs.epochs}
+
+
+def time_loaders(cfg: BenchConfig, device: torch.device) -> list[dict]:
+    """The train pipeline alone (train's settings) against a torch DataLoader (PIL, one worker per
+    core), same shards, same run, the same cores visible to both; each at its steady rate."""
+    cores = default_workers()
+    base = _pil_rate(cfg, device, cores)
+    gc.collect()  # the DataLoader's worker processes end here, before our loader is timed
+    loader, _ = open_train_loader(cfg, cfg.loader_dir)
     try:
-        ours = _loader_rate(lambda: ((b.images, b.labels) for b in loader), cfg, device)
+        epochs = Epochs(lambda: loader)
+        ours = steady_rate(iter(epochs), lambda b: b.images, lambda b: b.labels.shape[0],
+                           skip=cfg.warmup + queued_batches(loader.cfg), steps=cfg.throughput_steps,
+                           min_seconds=cfg.min_seconds, sync=syncer(device))
+        ours["epochs"] = epochs.epochs
     finally:
         loader.close()
-    return [{"name": f"loader baseline: torch DataLoader, PIL decode, random crop + flip, {workers} workers",
-             "kind": "loader", "baseline": True, "img_per_s": base, "x_baseline": 1.0},
-            {"name": "loader: DALI train pipeline", "kind": "loader", "baseline": False, "img_per_s": ours,
-             "x_baseline": ours / base}]
+    knobs = loader.cfg.knobs()
+    how = (f"{knobs['data_threads']} DALI threads, {knobs['read_workers']} read workers"
+           f"{', ROI decode' if knobs.get('roi_decode') else ', full decode'}")
+    return [{"name": f"loader baseline: torch DataLoader, PIL decode, random crop + flip, {cores} workers",
+             "kind": "loader", "baseline": True, **base, "x_baseline": 1.0, "cores": cores, "workers": cores},
+            {"name": "loader: DALI train pipeline", "kind": "loader", "baseline": False, **ours,
+             "x_baseline": ours["img_per_s"] / base["img_per_s"], "cores": cores, "settings": how, "loader": knobs}]
 
 
 def check_device(cfg: BenchConfig) -> None:
@@ -260,7 +421,7 @@ def check_device(cfg: BenchConfig) -> None:
 def run_benchmark(cfg: BenchConfig) -> list[dict]:
     """Rows: the plain-PyTorch baseline first, then this configuration (and end to end)."""
     check_device(cfg)
-    device = torch.device("cuda", cfg.device_id) if cfg.backend == "gpu" else torch.device("cpu")
+    device = device_of(cfg)
     if device.type == "cuda":
         # CUDA events and streams belong to the current device: without this, with -i N the
         # timers would record on GPU 0 while the model runs on GPU N.

@@ -21,12 +21,18 @@ __all__ = [
     "AlexNet",
     "AlexNetConfig",
     "ARCHS",
+    "FixedBatch",
+    "INPUT_CHANNELS",
+    "LRN",
+    "LRN_IMPLS",
     "INIT_SCHEMES",
     "TorchvisionAlexNet",
     "build_model",
+    "compile_fixed_batch",
     "count_parameters",
     "fc6_in_features",
     "init_weights",
+    "lrn_shifted_sum",
     "param_groups",
     "group_lr_mult",
     "pool5_size",
@@ -80,6 +86,73 @@ _POOL_KERNEL, _POOL_STRIDE = 3, 2
 # Caffe's LRN: x / (k + alpha/size * sum_{window} x^2)^beta. torch divides alpha by size
 # and counts the zero padding at the borders exactly as Caffe does.
 _LRN = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
+# How the LRN layers compute (all the same function, within float rounding; tests/test_model.py):
+# "torch" nn.LocalResponseNorm (squares padded along C into a 5-D tensor, avg_pool3d: a copy and
+# layout changes, NCHW inside even for channels_last input); "sum" the window as five shifted
+# adds of the squares (elementwise, keeps the memory format); "compiled" torch.compile of the
+# "torch" function alone (inductor fuses it into a few kernels).
+LRN_IMPLS = ("torch", "sum", "compiled")
+INPUT_CHANNELS = (3, 4)  # 4: conv1 takes a zero 4th channel (DALI's pad_output) with a zero filter plane
+
+
+def lrn_shifted_sum(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> torch.Tensor:
+    """Across-channel LRN ``x / (k + alpha/size * sum_window x^2)^beta`` as torch and Caffe define it
+    (window ``size`` centred on each channel, zeros past the first and last channel), with the
+    window summed as ``size`` shifted adds of the squares instead of a padded 5-D average pool:
+    elementwise work only, in ``x``'s own memory format."""
+    if x.dim() < 3:
+        raise ValueError(f"LRN needs N x C x ... input, got {tuple(x.shape)}")
+    sq = x * x
+    acc = sq.clone()
+    c = x.shape[1]
+    for d in range(1, size // 2 + 1):  # channels below: acc[c] += sq[c - d]
+        if d < c:
+            acc[:, d:] += sq[:, : c - d]
+    for d in range(1, (size - 1) // 2 + 1):  # channels above: acc[c] += sq[c + d]
+        if d < c:
+            acc[:, : c - d] += sq[:, d:]
+    return x / (acc * (alpha / size) + k).pow(beta)
+
+
+def _lrn_torch(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    return F.local_response_norm(x, size, alpha, beta, k)
+
+
+_COMPILED_LRN: dict[str, object] = {}
+
+
+def _compiled_lrn(backend: str):
+    """torch.compile of the LRN alone, one per backend (dynamo caches per code object: both LRN
+    layers, and train and eval, share it), static shapes: a graph per layer's shape instead of one
+    dynamic-shape graph for both."""
+    if backend not in _COMPILED_LRN:
+        _COMPILED_LRN[backend] = torch.compile(_lrn_torch, backend=backend, dynamic=False)
+    return _COMPILED_LRN[backend]
+
+
+class LRN(nn.LocalResponseNorm):
+    """nn.LocalResponseNorm (no parameters: state_dicts are unchanged) with a choice of how it
+    computes (``LRN_IMPLS``): ``impl`` and, for "compiled", the torch.compile ``backend``."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: str = "torch",
+                 backend: str = "inductor") -> None:
+        super().__init__(size, alpha, beta, k)
+        self.set_impl(impl, backend)
+
+    def set_impl(self, impl: str, backend: str = "inductor") -> None:
+        if impl not in LRN_IMPLS:
+            raise ValueError(f"LRN impl must be one of {LRN_IMPLS}, got {impl!r}")
+        self.impl, self.backend = impl, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "sum":
+            return lrn_shifted_sum(x, self.size, self.alpha, self.beta, self.k)
+        if self.impl == "compiled":
+            return _compiled_lrn(self.backend)(x, self.size, self.alpha, self.beta, self.k)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", impl={self.impl}"
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -203,15 +276,28 @@ class AlexNet(nn.Module):
     -> fc7 -> relu -> drop7 -> fc8. Pool comes before LRN as in CaffeNet (the 2012
     paper has LRN first).
 
+    Two speed options change how it computes, not what (``set_fast_paths``; neither is part of
+    ``AlexNetConfig`` nor of the state_dict, so weights move freely between them):
+    ``input_channels=4`` takes N x 4 x crop x crop input whose 4th channel DALI pads
+    (``crop_mirror_normalize(pad_output=True)``, ``LoaderConfig.pad_channels``): conv1's stored
+    weight stays 96 x 3 x 11 x 11 and is padded with a zero 4th filter plane in ``forward``, so the
+    network is the 3-channel one (same outputs within float rounding, the same gradients for the
+    stored weight) while cuDNN gets 4-channel NHWC input, which suits its tensor-core kernels.
+    ``lrn`` picks the LRN layers' implementation (``LRN_IMPLS``).
+
     Args:
         cfg: the network's shape.
         generator: passed to ``init_weights``; with one, construction leaves the global
             RNG untouched.
+        input_channels: 3, or 4 (see above).
+        lrn: "torch", "sum" or "compiled" (see ``LRN_IMPLS``).
+        lrn_backend: the torch.compile backend of a "compiled" LRN.
     """
 
     convs = _CONVS
 
-    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "neon") -> None:
+    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "neon",
+                 input_channels: int = 3, lrn: str = "torch", lrn_backend: str = "inductor") -> None:
         super().__init__()
         if not isinstance(cfg, AlexNetConfig):
             raise TypeError(f"cfg must be an AlexNetConfig, got {type(cfg).__name__}")
@@ -226,29 +312,56 @@ class AlexNet(nn.Module):
             setattr(self, c.name, conv)
             in_ch = c.out_channels
         self.pool1 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
-        self.norm1 = nn.LocalResponseNorm(**_LRN)
+        self.norm1 = LRN(**_LRN)
         self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
-        self.norm2 = nn.LocalResponseNorm(**_LRN)
+        self.norm2 = LRN(**_LRN)
         self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
         _add_fcs(self, fc6_in_features(cfg.crop), cfg.num_classes)
         self.drop6 = nn.Dropout(cfg.dropout)
         self.drop7 = nn.Dropout(cfg.dropout)
         init_weights(self, generator, init)
+        self.input_channels = 3
+        self.set_fast_paths(input_channels=input_channels, lrn=lrn, lrn_backend=lrn_backend)
+
+    def set_fast_paths(self, *, input_channels: int | None = None, lrn: str | None = None,
+                       lrn_backend: str = "inductor") -> AlexNet:
+        """Choose the input's channel count (3 or 4) and the LRN implementation; None keeps the
+        current one. Returns the model."""
+        if input_channels is not None:
+            if input_channels not in INPUT_CHANNELS:
+                raise ValueError(f"input_channels must be one of {INPUT_CHANNELS}, got {input_channels!r}")
+            self.input_channels = input_channels
+        if lrn is not None:
+            for norm in (self.norm1, self.norm2):
+                norm.set_impl(lrn, lrn_backend)
+        return self
+
+    def _conv1(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv1
+        if self.input_channels == conv.in_channels:
+            return conv(x)
+        # A zero filter plane for each padded input channel: they add nothing, and the parameter
+        # (and so the state_dict, the optimizer and the gradients) stays 3-channel.
+        w = F.pad(conv.weight, (0, 0, 0, 0, 0, self.input_channels - conv.in_channels))
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            w = w.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, w, conv.bias, conv.stride, conv.padding)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """pool5's output, N x 256 x s x s (s = pool5_size(crop)), before flattening."""
-        x = self.norm1(self.pool1(F.relu(self.conv1(x))))
+        x = self.norm1(self.pool1(F.relu(self._conv1(x))))
         x = self.norm2(self.pool2(F.relu(self.conv2(x))))
         x = F.relu(self.conv3(x))
         x = F.relu(self.conv4(x))
         return self.pool5(F.relu(self.conv5(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, N x num_classes, for N x 3 x crop x crop float input (any memory format)."""
-        crop = self.cfg.crop
-        if x.dim() != 4 or tuple(x.shape[1:]) != (3, crop, crop):
+        """Logits, N x num_classes, for N x 3 x crop x crop float input (any memory format);
+        N x 4 x crop x crop with ``input_channels=4``."""
+        crop, channels = self.cfg.crop, self.input_channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (channels, crop, crop):
             raise ValueError(
-                f"expected input N x 3 x {crop} x {crop}, got {tuple(x.shape)}; "
+                f"expected input N x {channels} x {crop} x {crop}, got {tuple(x.shape)}; "
                 f"the model's crop must match the pipeline's (AlexNetConfig(crop=...))"
             )
         # flatten is in (C, H, W) order whatever the memory format, as Caffe and neon
@@ -257,6 +370,47 @@ class AlexNet(nn.Module):
         x = self.drop6(F.relu(self.fc6(x)))
         x = self.drop7(F.relu(self.fc7(x)))
         return self.fc8(x)
+
+
+class FixedBatch(nn.Module):
+    """Run ``module`` on exactly ``batch_size`` samples: a smaller batch (an epoch's partial last
+    batch) is padded with zeros to ``batch_size`` and the outputs are sliced back to its own rows.
+
+    For a torch.compile'd model (``compile_fixed_batch``): every call has one static shape, so the
+    partial batch never compiles a second graph (torch would otherwise compile a dynamic-batch
+    graph for it, with symbolic-shape kernels, also used for evaluation). Rows are independent in
+    AlexNet (no batch statistics), so the real rows' outputs are those of the unpadded batch and
+    the padded rows get no gradient. A larger batch runs as it is. Under inference mode every
+    batch reaches the module as an inference tensor (see ``forward``).
+    """
+
+    def __init__(self, module: nn.Module, batch_size: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.module, self.batch_size = module, batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled() and not x.is_inference():
+            # A batch made outside inference mode (a loader's first, made when it was built) would
+            # fail the compiled eval graph's guard and compile another: one copy instead.
+            x = x.clone()
+        n = x.shape[0]
+        if n >= self.batch_size:
+            return self.module(x)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        full = torch.empty((self.batch_size, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        full[:n] = x
+        full[n:] = 0
+        return self.module(full)[:n]
+
+
+def compile_fixed_batch(module: nn.Module, batch_size: int, **compile_kw) -> FixedBatch:
+    """``torch.compile(module, dynamic=False)`` behind ``FixedBatch``: one graph per mode (train,
+    eval) for every batch of an epoch, the partial last one included. ``compile_kw`` go to
+    torch.compile (backend, mode, ...)."""
+    return FixedBatch(torch.compile(module, dynamic=False, **compile_kw), batch_size)
 
 
 class TorchvisionAlexNet(nn.Module):

@@ -373,7 +373,13 @@ def fit(cfg: TrainConfig) -> FitResult:
         metrics.start(start_epoch if start.resume else None, partial.step, changes)
         train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
-            train_model = torch.compile(train_model)
+            # One static graph per mode: the partial last batch is padded to -z (its padded rows
+            # get no gradient) instead of torch compiling a second, dynamic-batch graph for it,
+            # which evaluation would then also run (model.compile_fixed_batch; tests/test_levers.py
+            # counts the graphs).
+            from .model import compile_fixed_batch
+
+            train_model = compile_fixed_batch(train_model, cfg.batch_size)
         has_val = "val" in ds.splits()
         ckpt_path = cfg.resolved_checkpoint_path()
         final, stopped_by = None, None

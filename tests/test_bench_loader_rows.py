@@ -23,6 +23,12 @@ def test_loader_rows_against_the_pil_dataloader(tmp_path, raw_tree):
     base, ours = rows[2], rows[3]
     assert "torch DataLoader, PIL decode" in base["name"] and base["x_baseline"] == 1.0
     assert ours["img_per_s"] > 0 and abs(ours["x_baseline"] - ours["img_per_s"] / base["img_per_s"]) < 1e-9
+    # each side timed at its steady rate: the PIL workers' prefetched batches (2 per worker) and
+    # DALI's prefetch queue are consumed with the warm-up, untimed; both see the same cores
+    assert base["skipped_steps"] == 2 + 2 * base["workers"] and base["workers"] == base["cores"]
+    assert ours["skipped_steps"] == 2 + 2 and ours["cores"] == base["cores"]
+    assert base["timed_steps"] == ours["timed_steps"] == 3
+    assert ours["loader"]["read_workers"] == 0  # train -b cpu's
     for r in rows[:2]:
         assert {"fprop_ms", "bprop_ms", "update_ms", "iteration_ms", "img_per_s"} <= r.keys()
     assert "| loader: DALI train pipeline |" in res.output

@@ -150,8 +150,8 @@ def test_the_caps_fit_the_budget_and_the_budget_fits_eight_minutes():
     assert list(caps) == STEPS  # every step has a literal cap, in this order
     budget, reserve = _script_default("BUDGET_S"), _script_default("RESERVE_S")
     assert sum(caps.values()) <= budget - reserve, (sum(caps.values()), budget, reserve)
-    # 8 minutes on the device with 90 s of unpacking the bundle and 30 s to spare
-    assert budget + 90 + 30 <= 8 * 60
+    # 8 minutes on the device with 60 s of unpacking the bundle (5-10 s measured) and 20 s to spare
+    assert budget + 60 + 20 <= 8 * 60
     # the figures first: env, data, bench, e2e, levers before anything that only passes or fails
     assert STEPS.index("levers") < STEPS.index("train") < STEPS.index("gpu-tests") < STEPS.index("bench-compile")
 
@@ -174,7 +174,7 @@ def test_cpu_mode_runs_every_step_with_the_cpu_backend_and_says_what_it_changed(
     assert "--backend cpu" in (out / "env.log").read_text()
     # caps and budget scaled for the slower CPU
     caps = {s["name"]: s["cap_s"] for s in steps["steps"] if s["status"] == "ok"}
-    assert caps["bench"] == 6 * _script_caps()["bench"] and steps["budget_s"] == 6 * 360
+    assert caps["bench"] == 6 * _script_caps()["bench"] and steps["budget_s"] == 6 * 400
 
 
 def test_a_zero_cap_turns_a_step_off_without_failing_the_run(tmp_path):

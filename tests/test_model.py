@@ -281,3 +281,135 @@ def test_kaiming_init_is_he_normal_with_zero_biases():
         assert torch.count_nonzero(getattr(model, name).bias).item() == 0
     with pytest.raises(ValueError, match="init scheme"):
         AlexNet(AlexNetConfig(num_classes=10, crop=67), init="xavier")
+
+
+# --- speed options that must not change the network (issue 19: conv1 with 4 channels, the LRN) ---
+
+LRN_ARGS = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
+
+
+def _lrn_pair(impl: str, x: torch.Tensor, grad: torch.Tensor):
+    """(output, input gradient) of nn.LocalResponseNorm and of LRN(impl) on the same input."""
+    from alexnet_pipe.model import LRN
+
+    out = []
+    for norm in (torch.nn.LocalResponseNorm(**LRN_ARGS), LRN(**LRN_ARGS, impl=impl, backend="aot_eager")):
+        xi = x.detach().clone().requires_grad_()
+        y = norm(xi)
+        y.backward(grad)
+        out.append((y.detach(), xi.grad))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["sum", "compiled"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_implementations_compute_torchs_lrn(impl, channels_last):
+    """The shifted-sum LRN and the compiled one are nn.LocalResponseNorm: forward and backward,
+    in float64 to 1e-12 (the same sum in another order), in float32 to rtol 1e-5 (measured: a few
+    1e-7 relative), with the borders' zero padding, in either memory format (which "sum" keeps)."""
+    if impl == "compiled":
+        torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        # values large enough for the normaliser to matter (at unit scale LRN is ~identity)
+        x = (torch.randn(3, 11, 5, 4, generator=gen, dtype=torch.float64) * 300).to(dtype)
+        g = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+        if channels_last:
+            x, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, g))
+        (ref, ref_grad), (got, got_grad) = _lrn_pair(impl, x, g)
+        assert (ref - x).abs().max() > 0.1 * x.abs().max()
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * ref.abs().max().item())
+        torch.testing.assert_close(got_grad, ref_grad, rtol=rtol, atol=rtol * ref_grad.abs().max().item())
+        if impl == "sum" and channels_last:
+            assert got.is_contiguous(memory_format=torch.channels_last)
+    if impl == "compiled":
+        torch._dynamo.reset()
+
+
+def test_lrn_sum_with_fewer_channels_than_the_window():
+    from alexnet_pipe.model import lrn_shifted_sum
+
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64) * 100
+    torch.testing.assert_close(lrn_shifted_sum(x, **LRN_ARGS), F.local_response_norm(x, **LRN_ARGS), rtol=1e-12, atol=0)
+
+
+def test_lrn_impl_is_a_choice_of_the_model_not_of_its_weights(net112):
+    """The whole network with the shifted-sum LRN gives the same logits; the state_dict is unchanged."""
+    from alexnet_pipe.model import LRN_IMPLS
+
+    x = images(2, 3, 112, 112) * 50
+    fast = copy.deepcopy(net112).set_fast_paths(lrn="sum")
+    assert fast.norm1.impl == fast.norm2.impl == "sum" and "impl=sum" in repr(fast.norm1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net112(x), rtol=1e-5, atol=1e-5 * net112(x).abs().max().item())
+    assert fast.state_dict().keys() == net112.state_dict().keys()
+    assert LRN_IMPLS == ("torch", "sum", "compiled")
+    with pytest.raises(ValueError, match="LRN impl"):
+        fast.set_fast_paths(lrn="fused")
+
+
+def test_conv1_with_four_input_channels_is_the_same_network():
+    """input_channels=4: conv1's stored weight stays 96x3x11x11 (a zero 4th filter plane is added
+    in forward), so logits and every gradient equal the 3-channel model's, whatever the 4th
+    channel holds, and weights load either way."""
+    from alexnet_pipe.model import INPUT_CHANNELS
+
+    cfg = AlexNetConfig(num_classes=7, crop=67)
+    three = AlexNet(cfg, generator=torch.Generator().manual_seed(3))
+    four = AlexNet(cfg, generator=torch.Generator().manual_seed(0), input_channels=4)
+    assert {k: v.shape for k, v in four.state_dict().items()} == {k: v.shape for k, v in three.state_dict().items()}
+    assert four.state_dict()["conv1.weight"].shape == (96, 3, 11, 11)
+    four.load_state_dict(three.state_dict())
+    three.eval()
+    four.eval()
+    x = images(3, 3, 67, 67, seed=5) * 50
+    for fourth in (torch.zeros(3, 1, 67, 67), images(3, 1, 67, 67, seed=6) * 50):  # DALI pads zeros; any value works
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x4 = torch.cat([x, fourth], 1).contiguous(memory_format=memory_format)
+            for m in (three, four):
+                m.zero_grad()
+                m(x.contiguous(memory_format=memory_format) if m is three else x4).square().sum().backward()
+            with torch.no_grad():
+                ref, got = three(x), four(x4)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+            for (name, p3), p4 in zip(three.named_parameters(), four.parameters()):
+                torch.testing.assert_close(p4.grad, p3.grad, rtol=1e-4, atol=1e-5 * p3.grad.abs().max().item(),
+                                           msg=name)
+    with pytest.raises(ValueError, match="expected input N x 4 x 67 x 67"):
+        four(x)
+    assert INPUT_CHANNELS == (3, 4)
+    with pytest.raises(ValueError, match="input_channels"):
+        AlexNet(cfg, input_channels=5)
+
+
+def test_fixed_batch_pads_a_partial_batch_and_slices_it_back():
+    """FixedBatch (what train --compile runs): a partial batch gives the outputs and gradients of
+    the unpadded batch, the module always sees the full batch, in the input's memory format."""
+    from alexnet_pipe.model import FixedBatch
+
+    net = AlexNet(AlexNetConfig(num_classes=5, crop=67), generator=torch.Generator().manual_seed(0)).eval()
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[0],
+                                                                args[0].is_contiguous(memory_format=torch.channels_last))))
+    wrapped = FixedBatch(net, 8)
+    x = (images(3, 3, 67, 67) * 50).contiguous(memory_format=torch.channels_last)
+    got = wrapped(x)
+    got.sum().backward()
+    grad = net.conv1.weight.grad.clone()
+    net.zero_grad()
+    ref = net(x)
+    ref.sum().backward()
+    assert got.shape == (3, 5) and seen[0] == (8, True)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, net.conv1.weight.grad, rtol=1e-4, atol=1e-6)
+    assert wrapped(images(8, 3, 67, 67)).shape == (8, 5)  # a full batch passes as it is
+    inference = []
+    net.register_forward_pre_hook(lambda m, args: inference.append(args[0].is_inference()))
+    with torch.inference_mode():  # a batch made outside inference mode reaches it as an inference tensor
+        wrapped(images(8, 3, 67, 67))
+        wrapped(images(2, 3, 67, 67))
+    assert inference == [True, True]
+    wrapped.train()
+    assert net.training
+    with pytest.raises(ValueError, match="batch size"):
+        FixedBatch(net, 0)
