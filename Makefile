@@ -12,7 +12,7 @@ PIPQ    := --quiet --disable-pip-version-check
 DEMO    ?= demo-out
 WORKERS ?=
 
-.PHONY: install test faults demo bench scale-check clean gpu-rehearsal
+.PHONY: install lint test faults demo bench scale-check clean gpu-rehearsal
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -23,7 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	else $(PY) -m pip install $(PIPQ) $$deps && $(PY) -m pip install $(PIPQ) --no-deps -e .; fi
 	touch $@
 
-test: install
+# ruff (pyproject.toml's [tool.ruff]; installed with the test extra): lint only, no reformatting.
+lint: install
+	$(PY) -m ruff check .
+
+test: install lint
 	$(PY) -m pytest -q -rs
 
 # The slow fault suites: crafted attacks, seeded mutation fuzz, kills (docs/RELIABILITY.md).

@@ -151,7 +151,8 @@ def load(path: Path) -> dict:
         body = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; its advice (weights_only=False) is
         # wrong for a file we do not trust, so only the error's type is shown
-        raise CheckpointError(f"{path} is not an alexnet-pipe weights file (torch cannot read it: {type(exc).__name__}); "
+        raise CheckpointError(f"{path} is not an alexnet-pipe weights file "
+                              f"(torch cannot read it: {type(exc).__name__}); "
                               "pass a file written by alexnet-pipe train, or convert other weights with "
                               "alexnet-pipe import-weights") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:

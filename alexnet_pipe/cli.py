@@ -11,8 +11,15 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import (RESIZE_FILTERS, ConvertConfig, ImageSettings, UpdateMeanConfig, VerifyConfig, default_read_workers,
-                     default_workers)
+from .config import (
+    RESIZE_FILTERS,
+    ConvertConfig,
+    ImageSettings,
+    UpdateMeanConfig,
+    VerifyConfig,
+    default_read_workers,
+    default_workers,
+)
 from .errors import AlexnetPipeError
 
 _DIR = click.Path(path_type=Path)
@@ -151,9 +158,9 @@ def _parse_part(ctx, param, value):
               help="Re-check every finished shard in OUT against its recorded checksum and rewrite the damaged "
                    "ones from RAW (byte-identical to a clean run; refused if the inputs changed).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard_size, workers, seed, max_pixels, max_file_mb,
-            no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part, repair,
-            no_progress):
+def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard_size, workers, seed, max_pixels,
+            max_file_mb, no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part,
+            repair, no_progress):
     """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
 
     Rerunning the same command after an interruption finishes the job.
@@ -196,7 +203,8 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
     if result.remaining_shards:
         click.echo(f"part {part[0]}/{part[1]} done ({result.converted_now} images in {result.seconds:.1f} s); "
                    f"{plural(result.remaining_shards, 'shard')} of other parts "
-                   f"{'is' if result.remaining_shards == 1 else 'are'} not in {out} yet. The run that completes the last part writes the manifest; or gather all "
+                   f"{'is' if result.remaining_shards == 1 else 'are'} not in {out} yet. "
+                   "The run that completes the last part writes the manifest; or gather all "
                    "shards and .parts/ into one directory and rerun the command without --part.")
         return
     counts = ", ".join(f"{split} {n}" for split, n in result.records.items())
@@ -313,27 +321,35 @@ _TRAIN_OPTIONS = [
     ("data_dir", opt("-w", "--data-dir", "--data_dir", "data_dir", type=_EXISTING_DIR, required=True,
         help="Converted dataset (output of alexnet-pipe convert).")),
     ("epochs", click.option("-e", "--epochs", type=click.IntRange(min=1), default=10, show_default=True)),
-    ("save_path", opt("-s", "--save-path", "--save_path", "save_path", type=_DIR, default=None, help="Write the final weights here.")),
+    ("save_path", opt("-s", "--save-path", "--save_path", "save_path", type=_DIR, default=None,
+        help="Write the final weights here.")),
     ("serialize", click.option("--serialize", type=click.IntRange(min=0), default=0, show_default=True,
         help="Checkpoint every N epochs (to --checkpoint, default <save_path>.ckpt).")),
-    ("checkpoint_path", click.option("--checkpoint", "checkpoint_path", type=_DIR, default=None, help="Checkpoint file for --serialize.")),
-    ("model_file", opt("--model-file", "--model_file", "model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    ("checkpoint_path", click.option("--checkpoint", "checkpoint_path", type=_DIR, default=None,
+        help="Checkpoint file for --serialize.")),
+    ("model_file", opt("--model-file", "--model_file", "model_file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
         help="Weights to start from or test, or a checkpoint to resume.")),
-    ("test_only", opt("--test-only", "--test_only", "test_only", is_flag=True, help="Only evaluate --model-file on the validation split.")),
-    ("eval_freq", opt("--eval-freq", "-eval", "--eval_freq", "eval_freq", type=click.IntRange(min=0), default=1, show_default=True,
+    ("test_only", opt("--test-only", "--test_only", "test_only", is_flag=True,
+        help="Only evaluate --model-file on the validation split.")),
+    ("eval_freq", opt("--eval-freq", "-eval", "--eval_freq", "eval_freq", type=click.IntRange(min=0), default=1,
+        show_default=True,
         help="Evaluate every N epochs and after the last (0: never).")),
     ("backend", click.option("-b", "--backend", type=click.Choice(["gpu", "cpu"]), default=None,
         help="Default: gpu when one is present.")),
-    ("device_id", opt("-i", "--device-id", "--device_id", "device_id", type=click.IntRange(min=0), default=0, show_default=True)),
+    ("device_id", opt("-i", "--device-id", "--device_id", "device_id", type=click.IntRange(min=0), default=0,
+        show_default=True)),
     ("rng_seed", opt("-r", "--rng-seed", "--rng_seed", "rng_seed", type=int, default=0, show_default=True)),
     ("datatype", click.option("-d", "--datatype", type=click.Choice(["f32", "bf16", "f16"]), default=None,
         help="Default: bf16 autocast on the GPU, f32 on the CPU.")),
     ("batch_size", opt("-z", "--batch-size", "--batch_size", "batch_size", type=click.IntRange(min=1), default=128,
         show_default=True, help="Images per step per rank.")),
-    ("subset_pct", opt("--subset-pct", "--subset_pct", "subset_pct", type=click.FloatRange(0, 100, min_open=True), default=100.0, show_default=True)),
+    ("subset_pct", opt("--subset-pct", "--subset_pct", "subset_pct", type=click.FloatRange(0, 100, min_open=True),
+        default=100.0, show_default=True)),
     ("output_file", opt("-o", "--output-file", "--output_file", "output_file", type=_DIR, default=None,
         help="Metrics as JSON lines: a row per epoch and per --log-every steps.")),
-    ("no_progress", opt("--no-progress", "--no_progress_bar", "no_progress", is_flag=True, help="No progress bar or lines.")),
+    ("no_progress", opt("--no-progress", "--no_progress_bar", "no_progress", is_flag=True,
+        help="No progress bar or lines.")),
     ("crop", click.option("--crop", type=click.IntRange(min=1), default=None,
         help="Crop size (227 = Caffe geometry; 112 for quick CPU runs) [default: the --model-file's, else 224].")),
     ("lr", click.option("--lr", type=float, default=0.01, show_default=True,
@@ -349,15 +365,18 @@ _TRAIN_OPTIONS = [
     ("finetune", click.option("--finetune", is_flag=True,
         help="Start a new run from --model-file's weights (trained here or imported); a new fc8 when this "
         "dataset's classes differ.")),
-    ("freeze", click.option("--freeze", type=click.Choice(["none", "conv", "features"]), default="none", show_default=True,
+    ("freeze", click.option("--freeze", type=click.Choice(["none", "conv", "features"]), default="none",
+        show_default=True,
         help="With --finetune: keep conv1-conv5 (conv) or all but fc8 (features) as they are.")),
     ("head_lr_mult", click.option("--head-lr-mult", type=click.FloatRange(min=0), default=10.0, show_default=True,
         help="With --finetune: a new fc8 learns at --lr x this.")),
     ("init", click.option("--init", type=click.Choice(["neon", "kaiming"]), default="neon", show_default=True,
         help="Weight init: neon's model zoo, or torchvision's (learns faster on small data).")),
-    ("reader", click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto", show_default=True)),
+    ("reader", click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default="auto",
+        show_default=True)),
     ("compile_model", click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU).")),
-    ("data_threads", click.option("--data-threads", type=click.IntRange(min=1), default=None, help="DALI CPU threads.")),
+    ("data_threads", click.option("--data-threads", type=click.IntRange(min=1), default=None,
+        help="DALI CPU threads.")),
     ("read_workers", click.option("--read-workers", type=click.IntRange(min=0), default=None,
         help="Processes reading records for DALI; 0: the training process reads them "
         "[default: 0 with -b cpu; with -b gpu a quarter of the cores, 1 to 4].")),
@@ -375,7 +394,8 @@ _TRAIN_OPTIONS = [
         "(needs pip install 'alexnet-pipe[tensorboard]').")),
     ("log_every", click.option("--log-every", type=click.IntRange(min=1), default=20, show_default=True,
         help="Steps between progress updates and the per-step rows of -o.")),
-    ("checkpoint_minutes", click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+    ("checkpoint_minutes", click.option("--checkpoint-minutes", type=click.FloatRange(min=0, min_open=True),
+        default=None,
         help="Also checkpoint every N minutes, mid-epoch too (SIGTERM/SIGINT always checkpoint).")),
     ("keep_checkpoints", click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
         help="Checkpoint files kept: the newest at --checkpoint, older ones as .1, .2, ...")),
@@ -470,7 +490,6 @@ def _launch(nproc: int, backend: str | None) -> None:
     import uuid
 
     import torch
-
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -531,7 +550,8 @@ def _run_training(cfg) -> None:
         import signal
 
         name = signal.Signals(result.stopped_by).name
-        click.echo(f"stopped by {name} after {result.epochs_run} epochs; checkpoint: {result.checkpoint_path}", err=True)
+        click.echo(f"stopped by {name} after {result.epochs_run} epochs; checkpoint: {result.checkpoint_path}",
+                   err=True)
         click.echo(f"resume with: {_resume_command(result.checkpoint_path)}", err=True)
         sys.exit(EXIT_CODES.get(result.stopped_by, 1))
     if result.final is not None:

@@ -35,12 +35,19 @@ from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, output_err
 from .imaging import BatchResult, Encoded, batch_to_pipe, process_batch
 from .info import plural
 from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
-from .mean import (MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, MeanImageSum, PixelStats, write_mean,
-                   write_mean_image)
+from .mean import (
+    MEAN_FILE,
+    MEAN_IMAGE_BINARYPROTO,
+    MEAN_IMAGE_NPY,
+    MeanImageSum,
+    PixelStats,
+    write_mean,
+    write_mean_image,
+)
 from .recordio import read_index
 from .scan import ScanResult, scan
-from .sources import Source
 from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards, shard_paths
+from .sources import Source
 from .workerpool import worker_context
 
 log = logging.getLogger(__name__)
@@ -52,8 +59,8 @@ SCAN_CACHE = ".scan-cache"  # member lists of the archives (scan.py); valid acro
 LOCK_FILE = ".finalize.lock"
 PARTS_DIR = ".parts"
 STAGING_DIR = ".staging"
-MANAGED = (STATE_FILE, INPUTS_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY,
-           MEAN_IMAGE_BINARYPROTO, LOCK_FILE)
+MANAGED = (STATE_FILE, INPUTS_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE,
+           MEAN_IMAGE_NPY, MEAN_IMAGE_BINARYPROTO, LOCK_FILE)
 SHORT_SIDE_COUNTS_BELOW = 512  # per-size counts of stored short sides below this go into the manifest
 CHUNK = 32  # images per worker task: amortises IPC, small enough to keep memory flat
 
@@ -477,11 +484,13 @@ def _finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[Shard
         for plan in split_plans:
             p = load_part(dst, plan)
             if p is None:  # checked under the lock just before: a shard vanished meanwhile
-                raise SettingsMismatchError(f"shard {plan.name} of {dst} disappeared while finishing; rerun the command")
+                raise SettingsMismatchError(
+                    f"shard {plan.name} of {dst} disappeared while finishing; rerun the command")
             labels.update({int(k): v for k, v in p["labels"].items()})
             short_sides.update({int(k): v for k, v in p["short_side_counts"].items()})
             skipped.extend(p["skipped"])
-            records, passthrough, n_skipped = records + p["records"], passthrough + p["passthrough"], n_skipped + len(p["skipped"])
+            records, passthrough, n_skipped = (records + p["records"], passthrough + p["passthrough"],
+                                               n_skipped + len(p["skipped"]))
             if p["min_short_side"] is not None:
                 mins.append(p["min_short_side"])
             if split == "train":

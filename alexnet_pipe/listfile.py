@@ -127,7 +127,7 @@ def read_list(path: Path) -> tuple[str, Iterator[_Entry]]:
         LayoutError: an empty list; while iterating, naming ``file:line`` of a malformed line.
     """
     lines = _lines(path)
-    for n, first in lines:
+    for n, first in lines:  # noqa: B007  n is used after the loop, by entries()
         if first.strip():
             break
     else:

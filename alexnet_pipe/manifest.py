@@ -111,7 +111,8 @@ def _convert_hint(root: Path) -> str:
         p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tar") for p in root.iterdir())
     if raw:
         out = root.parent / f"{root.name}-batches"
-        return f"it looks like raw images: convert them first, e.g. alexnet-pipe convert {root} {out}, then pass -w {out}"
+        return (f"it looks like raw images: convert them first, e.g. alexnet-pipe convert {root} {out}, "
+                f"then pass -w {out}")
     return "pass the output directory of alexnet-pipe convert (alexnet-pipe convert RAW OUT, then -w OUT)"
 
 
@@ -222,14 +223,16 @@ class _Checker:
 
     def want_int(self, value, field: str, lo: int = 0, hi: int | None = None) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-            self.fail(field, f"is {_kind(value)}, expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+            self.fail(field,
+                      f"is {_kind(value)}, expected an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
         return value
 
     def relpath(self, value, field: str, inner: str | None = None) -> str:
         """A path relative to the root that stays inside it, also through symlinks; each file once."""
         rel = self.want_str(value, field)
         parts = PurePosixPath(rel).parts
-        if not rel or "\0" in rel or rel.startswith("/") or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        if (not rel or "\0" in rel or rel.startswith("/") or PurePosixPath(rel).is_absolute() or ".." in parts
+                or "\\" in rel):
             self.fail(field, f"is {rel!r}: shard paths must be relative to the dataset directory, without '..'")
         target = self.root / rel
         for candidate in (target, target / inner) if inner else (target,):
@@ -248,7 +251,8 @@ class _Checker:
     def check(self, m: dict) -> None:
         settings = self.want_object(m.get("settings"), "settings")
         formats = self.want_list(settings.get("formats"), "settings.formats")
-        if not formats or len(set(map(repr, formats))) != len(formats) or any(f not in ("lmdb", "recordio") for f in formats):
+        if (not formats or len(set(map(repr, formats))) != len(formats)
+                or any(f not in ("lmdb", "recordio") for f in formats)):
             self.fail("settings.formats", f"is {formats!r}, expected one or both of 'lmdb', 'recordio'")
         self.want_int(settings.get("short_side"), "settings.short_side")
         if "shard_size" in settings:

@@ -90,7 +90,7 @@ class PixelStats:
     sums: list[int] = field(default_factory=lambda: [0, 0, 0])
     sq_sums: list[int] = field(default_factory=lambda: [0, 0, 0])
 
-    def merge(self, other: "PixelStats") -> None:
+    def merge(self, other: PixelStats) -> None:
         self.images += other.images
         self.pixels += other.pixels
         for c in range(3):
@@ -101,7 +101,7 @@ class PixelStats:
         return {"images": self.images, "pixels": self.pixels, "sums": self.sums, "sq_sums": self.sq_sums}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "PixelStats":
+    def from_json(cls, obj: dict) -> PixelStats:
         return cls(obj["images"], obj["pixels"], list(obj["sums"]), list(obj["sq_sums"]))
 
     def to_mean(self, source: str) -> ChannelMean:
@@ -125,7 +125,8 @@ STD_MAX = 128.0  # values in 0..255 have a std of at most 127.5 (half 0, half 25
 def _channels(value, name: str, top: float, where: str) -> tuple[float, float, float]:
     """Three finite numbers in [0, top] (JSON booleans, strings, NaN and infinities refused)."""
     if not isinstance(value, list) or len(value) != 3:
-        raise DatasetError(f"{where}: {name} is {json.dumps(value)[:60]}, expected one value per channel (three numbers)")
+        raise DatasetError(f"{where}: {name} is {json.dumps(value)[:60]}, "
+                           "expected one value per channel (three numbers)")
     for c, v in enumerate(value):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= top:
             raise DatasetError(f"{where}: {name}[{c}] is {v!r}, expected a finite number in 0..{top:g}")
@@ -145,7 +146,8 @@ def parse_mean(obj: dict, where: str) -> ChannelMean:
     order = obj.get("channel_order", "RGB")
     if order not in ("RGB", "BGR"):
         raise DatasetError(f"{where}: channel_order is {order!r}, expected 'RGB' or 'BGR'")
-    if "value_range" in obj and (obj["value_range"] != [0, 255] or any(isinstance(v, bool) for v in obj["value_range"])):
+    if "value_range" in obj and (obj["value_range"] != [0, 255]
+                                 or any(isinstance(v, bool) for v in obj["value_range"])):
         raise DatasetError(f"{where}: value_range is {obj['value_range']!r}, expected [0, 255]")
     counts = []
     for key in ("images", "pixels"):
@@ -280,14 +282,15 @@ class MeanImageSum:
         return _npz_bytes({"sum": _smallest_uint(self.sum), "count": _smallest_uint(self.count)})
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "MeanImageSum":
+    def from_bytes(cls, data: bytes, where: str) -> MeanImageSum:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 sums, counts = z["sum"], z["count"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise FormatError(f"{where} is not a readable mean-image sum ({exc})") from exc
         if sums.ndim != 3 or sums.shape[2] != 3 or counts.shape != sums.shape[:2] or sums.shape[0] != sums.shape[1]:
-            raise FormatError(f"{where} holds sums of shape {sums.shape} and counts {counts.shape}; expected S x S x 3 and S x S")
+            raise FormatError(f"{where} holds sums of shape {sums.shape} and counts {counts.shape}; "
+                              "expected S x S x 3 and S x S")
         out = cls(sums.shape[0])
         out.add(sums.astype(np.uint64), counts.astype(np.uint64))
         return out

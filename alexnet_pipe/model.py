@@ -95,7 +95,8 @@ LRN_IMPLS = ("torch", "sum", "compiled")
 INPUT_CHANNELS = (3, 4)  # 4: conv1 takes a zero 4th channel (DALI's pad_output) with a zero filter plane
 
 
-def lrn_shifted_sum(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> torch.Tensor:
+def lrn_shifted_sum(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                    k: float = 1.0) -> torch.Tensor:
     """Across-channel LRN ``x / (k + alpha/size * sum_window x^2)^beta`` as torch and Caffe define it
     (window ``size`` centred on each channel, zeros past the first and last channel), with the
     window summed as ``size`` shifted adds of the squares instead of a padded 5-D average pool:

@@ -105,8 +105,8 @@ class PredictResult:
 
 def expand_inputs(inputs: Iterable[Path]) -> tuple[list[tuple[str, str | None]], list[str]]:
     """Inputs -> ([(path, error or None)], [files passed over]). A folder becomes its image files,
-    found recursively and sorted by path (as ``find | sort``), hidden files and folders skipped; a file stays as given; a missing path or
-    a folder without images is an entry with its error."""
+    found recursively and sorted by path (as ``find | sort``), hidden files and folders skipped; a file stays as
+    given; a missing path or a folder without images is an entry with its error."""
     items: list[tuple[str, str | None]] = []
     passed_over: list[str] = []
     for path in inputs:
@@ -211,8 +211,8 @@ def load_network(path: Path, device: torch.device) -> Network:
             model = build_model(cfg)
         model.load_state_dict(body["model"], assign=True)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} does not describe a network predict can build ({' '.join(str(exc).split())[:300]})"
-                              ) from exc
+        raise CheckpointError(f"{path} does not describe a network predict can build "
+                              f"({' '.join(str(exc).split())[:300]})") from exc
     classes = [str(c) for c in body["data"].get("classes") or range(cfg.num_classes)]  # none listed: numbered
     names = [str(n) for n in body["data"].get("class_names") or []]
     if len(classes) != cfg.num_classes:

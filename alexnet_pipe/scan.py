@@ -677,7 +677,8 @@ def scan(
         if not trees["val"]:
             raise LayoutError(
                 f"{raw / 'val'} holds no images{_with_images(skipped, ' (')}; expected "
-                f"{raw / 'val'}/<class>/<image>.JPEG or a flat val/ of labelled images: add them, or remove the empty val/ folder to convert train "
+                f"{raw / 'val'}/<class>/<image>.JPEG or a flat val/ of labelled images: add them, "
+                "or remove the empty val/ folder to convert train "
                 "only (--val-ratio then carves a validation split from train)"
             )
         layout["val"] = "class folders val/<class>/"

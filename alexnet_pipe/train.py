@@ -108,7 +108,8 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
     return EvalResult(loss_sum.item() / n, top1, top5 if classes > 5 else None, n, table)
 
 
-def step_loss(logits: torch.Tensor, batch: Batch, world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+def step_loss(logits: torch.Tensor, batch: Batch,
+              world_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
     """(loss to back-propagate, this rank's summed loss, its real samples) for one step.
 
     The loss is this rank's sum over its real samples, divided by the step's real samples over all
@@ -159,7 +160,8 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, samples, data wait (this rank, call)
     bar = tqdm(total=loader.samples * rt.dist.world_size, initial=start.samples, unit="img",
-               desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and cfg.progress_bar and rt.dist.is_main),
+               desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and cfg.progress_bar and rt.dist.is_main),
                dynamic_ncols=True, smoothing=0.1)
     plain = _PlainProgress(cfg, rt, epoch, len(loader)) if cfg.progress and not cfg.progress_bar else None
     started = time.perf_counter()
@@ -369,7 +371,8 @@ def fit(cfg: TrainConfig) -> FitResult:
             train_loader = rt.loader("train", True, start_epoch, start_step=partial.step)
         steps_per_epoch = len(train_loader) if train_loader is not None else 1
         metrics = Loggers(MetricsLog(cfg.output_file, enabled=main),
-                          TensorBoardLog(cfg.tensorboard_dir, steps_per_epoch) if main and cfg.tensorboard_dir else None)
+                          TensorBoardLog(cfg.tensorboard_dir, steps_per_epoch)
+                          if main and cfg.tensorboard_dir else None)
         metrics.start(start_epoch if start.resume else None, partial.step, changes)
         train_model = rt.dist.wrap(model, bf16_grads=cfg.resolved_allreduce_dtype() == "bf16")
         if cfg.compile:
@@ -397,7 +400,8 @@ def fit(cfg: TrainConfig) -> FitResult:
                 lr = opt.param_groups[0]["lr"]
                 run = train_one_epoch(train_model, train_loader, opt, scaler, rt, epoch, lr, partial, preemption,
                                       on_checkpoint=lambda progress, e=epoch: save_checkpoint(e, progress),
-                                      on_log=lambda progress, e=epoch: metrics.write_step(e + 1, lr, progress))
+                                      on_log=lambda progress, e=epoch, lr=lr: metrics.write_step(e + 1, lr,
+                                                                                                  progress))
                 partial = train_state.Partial()
                 if not run.finished:
                     stopped_by = preemption.signal

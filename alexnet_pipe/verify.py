@@ -159,7 +159,8 @@ def _verify_lmdb(task: _Task, tick: _Ticker) -> _Outcome:
     try:
         if task.version >= 2 and reserves_too_much(root / where):
             out.problems.append(Problem(where, None, "stores a map size far beyond its data (DALI's Caffe reader "
-                                        f"reserves that much address space per shard); run alexnet-pipe upgrade {root}"))
+                                        "reserves that much address space per shard); "
+                                        f"run alexnet-pipe upgrade {root}"))
         env = lmdb.open(str(root / where), readonly=True, lock=False, subdir=True)
     except (OSError, lmdb.Error) as exc:
         out.problems.append(Problem(where, None, f"cannot open LMDB ({exc}); {_repair(task)}"))
@@ -309,7 +310,8 @@ def _finish(task: _Task, out: _Outcome, digest: RecordDigest, expected: str, sum
     elif not intact:
         out.problems.extend(named)
         if not named:
-            out.problems.append(Problem(task.where, None, "checksum differs from the manifest (records changed or lost)"))
+            out.problems.append(Problem(task.where, None,
+                                        "checksum differs from the manifest (records changed or lost)"))
             out.unnamed = sums is None
     if task.want_crcs:
         out.crcs = digest.crcs
@@ -595,7 +597,8 @@ def _verify_counts(ds: Dataset, tasks: list[_Task], outcomes: list[_Outcome]) ->
             for out in outs:
                 for side, n in out.sides.items():
                     sides[str(side)] = sides.get(str(side), 0) + n
-            if "short_side_counts" in entry and entry["short_side_counts"] != dict(sorted(sides.items(), key=lambda kv: int(kv[0]))):
+            if ("short_side_counts" in entry
+                    and entry["short_side_counts"] != dict(sorted(sides.items(), key=lambda kv: int(kv[0])))):
                 problems.append(Problem(f"manifest {split}", None, (
                     f"short_side_counts {entry['short_side_counts']} do not match the images in the {fmt} shards "
                     f"({dict(sorted(sides.items(), key=lambda kv: int(kv[0])))})")[:500]))
@@ -639,9 +642,10 @@ def _verify_mean_image(ds: Dataset) -> list[Problem]:
 
 def _verify_fields(ds: Dataset) -> list[Problem]:
     unknown = unknown_fields(ds.manifest)
-    return [Problem("manifest.json", None, f"has fields this alexnet-pipe never writes ({', '.join(map(repr, unknown[:5]))}"
-                                           f"{', ...' if len(unknown) > 5 else ''}): the manifest was edited or damaged; "
-                                           f"rerun the alexnet-pipe convert command that made {ds.root} to rewrite it")
+    return [Problem("manifest.json", None,
+                    f"has fields this alexnet-pipe never writes ({', '.join(map(repr, unknown[:5]))}"
+                    f"{', ...' if len(unknown) > 5 else ''}): the manifest was edited or damaged; "
+                    f"rerun the alexnet-pipe convert command that made {ds.root} to rewrite it")
             ] if unknown else []
 
 
@@ -662,7 +666,8 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     tasks = []
     for split in ds.splits():
         for entry in ds.shards(split):
-            tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version, _sums_file(cfg.root, entry, fmt))
+            tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version,
+                            _sums_file(cfg.root, entry, fmt))
                       for fmt in ds.formats]
         if "recordio" in ds.formats and ds.shards(split):
             result.problems += _verify_combined_index(cfg.root, ds.split(split))
@@ -675,7 +680,8 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     if any(outcome.unnamed for outcome in outcomes):
         how = (f"alexnet-pipe verify {cfg.root} --repair" if (cfg.root / INPUTS_FILE).is_file() else
                f"the alexnet-pipe convert command that made {cfg.root}, rerun with --repair,")
-        result.notes.append(f"{cfg.root} has no per-record checksums (converted by an older alexnet-pipe), so a damaged "
+        result.notes.append(f"{cfg.root} has no per-record checksums (converted by an older alexnet-pipe), "
+                            "so a damaged "
                             f"shard's records are not named; {how} adds them (and rewrites the damaged shards)")
     return result
 

@@ -15,7 +15,6 @@ import struct
 
 import numpy as np
 
-
 # ---------------------------------------------------------------- Python 2 style pickles
 
 class Py2Pickler(pickle._Pickler):
@@ -203,7 +202,7 @@ def array_body(arr: np.ndarray) -> bytes:
     out = py2_pickle(arr)
     # Drop the BINPUTs (memo stores) so the pieces can be combined freely; nothing here BINGETs.
     ops = [(op, pos) for op, _, pos in pickletools.genops(out)]
-    kept, last = [], 0
+    kept = []
     for (op, pos), (_, nxt) in zip(ops, ops[1:] + [(None, len(out))]):
         if op.name != "BINPUT":
             kept.append(out[pos:nxt])

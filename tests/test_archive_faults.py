@@ -54,7 +54,8 @@ def assert_one_line_failure(res, *words: str) -> str:
     """Exit 1, one line "Error: ...", no traceback; returns the line."""
     assert res.exit_code == 1, res.output
     assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), res.exception
-    assert "Traceback" not in res.output and res.output.startswith("Error: ") and res.output.count("\n") == 1, res.output
+    assert ("Traceback" not in res.output and res.output.startswith("Error: ")
+            and res.output.count("\n") == 1), res.output
     for word in words:
         assert word in res.output, res.output
     return res.output
@@ -299,7 +300,8 @@ def test_synset_list_catches_a_well_formed_but_incomplete_train_tar(tmp_path):
     """A tar written from a partial copy ends properly; the synset list still names what is missing."""
     built = build_train_tar(tmp_path / "raw" / TRAIN_TAR, n_classes=9)
     (built.path.parent / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w}\n" for w in wnids(10)))
-    with pytest.raises(LayoutError, match=rf"has 9 classes but LOC_synset_mapping.txt lists 10; missing: {wnids(10)[9]}"):
+    with pytest.raises(LayoutError,
+                       match=rf"has 9 classes but LOC_synset_mapping.txt lists 10; missing: {wnids(10)[9]}"):
         scan(built.path.parent)
     assert_one_line_failure(cli_convert(built.path.parent, tmp_path / "out"), wnids(10)[9])
 

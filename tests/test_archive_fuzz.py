@@ -88,7 +88,8 @@ def val_target(root: Path) -> Target:
     expected = {s.name: (CLASSES[int(s.name[15:23]) % 3], s.offset, s.size) for s in found.splits["val"]}
     assert len(expected) == 12
     data = (raw / "ILSVRC2012_img_val.tar").read_bytes()
-    return Target(raw, raw / "ILSVRC2012_img_val.tar", data, expected, list(CLASSES), *_tar_structure(data, inner=False))
+    return Target(raw, raw / "ILSVRC2012_img_val.tar", data, expected, list(CLASSES),
+                  *_tar_structure(data, inner=False))
 
 
 def mutate(target: Target, rng: random.Random, uniform: float) -> tuple[str, bytes]:
@@ -127,7 +128,8 @@ def check_scan(target: Target, split: str) -> str:
     listed = {s.name: s for s in found.splits[split]}
     skipped = {s.name for s in found.skipped if s.split == split}
     assert set(listed) | skipped >= set(target.expected), "a member neither listed nor skipped"
-    assert set(listed) <= set(target.expected), f"members that were not in the archive: {set(listed) - set(target.expected)}"
+    assert set(listed) <= set(target.expected), \
+        f"members that were not in the archive: {set(listed) - set(target.expected)}"
     for name, src in listed.items():
         cls, offset, size = target.expected[name]
         assert found.classes[src.label] == cls, f"{name} relabelled"

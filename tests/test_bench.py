@@ -75,9 +75,9 @@ def test_steady_rate_times_only_after_the_skipped_batches():
 def test_end_to_end_is_trains_step_over_several_epochs(tmp_path, raw_tree):
     """-w: train's loader and step in their steady state: the loader's start-up queue passed over,
     then more steps than an epoch holds (epochs pass)."""
+    from alexnet_pipe.bench import time_end_to_end
     from alexnet_pipe.config import ConvertConfig
     from alexnet_pipe.convert import run_convert
-    from alexnet_pipe.bench import time_end_to_end
 
     run_convert(ConvertConfig(src=raw_tree, dst=tmp_path / "data", formats=("lmdb",), workers=1, progress=False))
     cfg = BenchConfig(backend="cpu", batch_size=4, crop=67, iterations=2, warmup=1, throughput_steps=7,

@@ -239,7 +239,8 @@ def test_verify_passes_then_finds_corruption(raw_tree, tmp_path):
 def test_cli_convert_info_and_errors(raw_tree, tmp_path):
     runner = CliRunner()
     out = tmp_path / "out"
-    res = runner.invoke(main, ["convert", str(raw_tree), str(out), "--workers", "1", "--no-progress", "--shard-size", "7"])
+    res = runner.invoke(main, ["convert", str(raw_tree), str(out), "--workers", "1", "--no-progress",
+                               "--shard-size", "7"])
     assert res.exit_code == 0, res.output
     assert "train 18, val 6 records, 0 skipped" in res.output
     res = runner.invoke(main, ["info", str(out)])

@@ -16,7 +16,7 @@ from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.pipeline import Loader, LoaderConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import dali_sweep  # noqa: E402
+import dali_sweep
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from click.testing import CliRunner
+from PIL import Image
 
 from alexnet_pipe import checkpoint
 from alexnet_pipe.cli import main

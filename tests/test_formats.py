@@ -122,7 +122,8 @@ def test_magic_at_payload_start_and_end():
 
 def test_writer_index_and_reader(tmp_path):
     w = RecordIOWriter(tmp_path / "a.rec", tmp_path / "a.idx")
-    payloads = [pack_payload(IRHeader(0, float(i), 100 + i), bytes([i]) * (i * 3) + MAGIC_BYTES * (i % 2)) for i in range(6)]
+    payloads = [pack_payload(IRHeader(0, float(i), 100 + i), bytes([i]) * (i * 3) + MAGIC_BYTES * (i % 2))
+                for i in range(6)]
     for i, p in enumerate(payloads):
         w.write(100 + i, p)
     w.close()

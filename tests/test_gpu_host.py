@@ -121,7 +121,8 @@ def third_party_imports(entries: list[Path]) -> dict[str, list[str]]:
                 continue
             if "." in mod and _local_file(mod.rsplit(".", 1)[0], where) is not None:
                 continue  # `from tools.x import name`: a name inside a repository module
-            found.setdefault(mod, []).append(f"{where.relative_to(REPO) if where.is_relative_to(REPO) else where}:{line}")
+            found.setdefault(mod, []).append(
+                f"{where.relative_to(REPO) if where.is_relative_to(REPO) else where}:{line}")
     return found
 
 

@@ -30,8 +30,18 @@ from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.sources import Source
 
 from . import icc
-from .test_bad_inputs import (GREEN, RED, STORED_ROTATION, WHITE, assert_colour, blocks, decoded, display_image, encode,
-                              smooth_rgb)
+from .test_bad_inputs import (
+    GREEN,
+    RED,
+    STORED_ROTATION,
+    WHITE,
+    assert_colour,
+    blocks,
+    decoded,
+    display_image,
+    encode,
+    smooth_rgb,
+)
 
 ALLOWED_WORDS = "allowed: JPEG, PNG, GIF, BMP, TIFF, WebP"
 # Writing the IM samples below (Pillow deprecates that format; reading it is what is refused).

@@ -17,7 +17,6 @@ formats: TIFF brings libtiff and its codecs).
 from __future__ import annotations
 
 import io
-import os
 import re
 import struct
 import subprocess
@@ -195,7 +194,8 @@ def _gif_fields(data: bytes) -> list[tuple[int, int, str]]:
     start = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
     image = data.find(b",", start)
     if image > 0:
-        fields += [(image + 1, 2, "<"), (image + 3, 2, "<"), (image + 5, 2, "<"), (image + 7, 2, "<"), (image + 9, 1, "<")]
+        fields += [(image + 1, 2, "<"), (image + 3, 2, "<"), (image + 5, 2, "<"), (image + 7, 2, "<"),
+                   (image + 9, 1, "<")]
         table = 3 << ((data[image + 9] & 7) + 1) if data[image + 9] & 0x80 else 0
         fields.append((image + 10 + table, 1, "<"))
     return fields
@@ -379,10 +379,12 @@ def run_fuzz(tmp_path: Path, counts: dict[str, int]) -> dict:
     unexpected = sum(1 for r in skipped.values() if r.startswith("cannot convert this image"))
     summary = {"mutants": mutants, "stored": len(stored) - (len(written) - mutants), "skipped": len(skipped),
                "unexpected_exceptions": unexpected, "crashes": 0, "lost": 0}
-    by_kind = Counter((name.split("/")[1].split("_")[0], name in skipped) for name in written if name.startswith("fuzz/"))
+    by_kind = Counter((name.split("/")[1].split("_")[0], name in skipped)
+                      for name in written if name.startswith("fuzz/"))
     print(f"\nimage fuzz: {summary}")
     for kind in counts:
-        print(f"  {kind:5s} {by_kind[(kind, False)] + by_kind[(kind, True)]:5d} mutants, {by_kind[(kind, False)]} stored, "
+        print(f"  {kind:5s} {by_kind[(kind, False)] + by_kind[(kind, True)]:5d} mutants, "
+              f"{by_kind[(kind, False)]} stored, "
               f"{by_kind[(kind, True)]} skipped")
     for (mutation, what), n in sorted(outcome.items()):
         print(f"  {mutation:12s} {n:4d}  {what}")

@@ -16,8 +16,7 @@ from alexnet_pipe.cli import main
 from alexnet_pipe.errors import FormatError, UnsafePickleError
 from alexnet_pipe.model import AlexNetConfig, build_model
 from alexnet_pipe.safe_pickle import loads
-from alexnet_pipe.weights import ImportConfig, detect_format, import_weights
-from alexnet_pipe.weights import caffe, neon
+from alexnet_pipe.weights import ImportConfig, caffe, detect_format, import_weights, neon
 from alexnet_pipe.weights.caffe import read_layers
 from alexnet_pipe.weights.neon import read_params
 from tests.pickle_samples import attack_pickles, neon_cache, neon_weights_pre12, neon_weights_v14, py2_pickle
@@ -99,7 +98,7 @@ def neon_forward(x: torch.Tensor, arrays, keeps) -> torch.Tensor:
     def t(a):
         return torch.from_numpy(a.astype(np.float32))
 
-    for name, c, r, k, stride, pad in NEON_CONVS:
+    for name, _c, r, k, stride, pad in NEON_CONVS:
         w, b = arrays[name]
         n, _, h, _ = x.shape
         cols = F.unfold(x, r, padding=pad, stride=stride)  # (N, C*R*S, L), rows in (c, r, s) order
@@ -159,7 +158,8 @@ def test_neon_pre12_layout_scales_fc7_fc8_by_the_published_keep(neon_full):
         if name.startswith("conv"):
             w = w.T.reshape(imp.state_dict[f"{name}.weight"].shape)
         torch.testing.assert_close(imp.state_dict[f"{name}.weight"], w * keep)
-        torch.testing.assert_close(imp.state_dict[f"{name}.bias"], torch.from_numpy(neon_full[name][1].astype(np.float32)).view(-1))
+        torch.testing.assert_close(imp.state_dict[f"{name}.bias"],
+                                   torch.from_numpy(neon_full[name][1].astype(np.float32)).view(-1))
 
 
 def test_neon_both_layouts_read_in_order():
@@ -362,7 +362,8 @@ def test_caffemodel_of_another_network_names_the_layer(tmp_path):
     w = rng.standard_normal((64, 3, 11, 11)).astype(np.float32)
     src = tmp_path / "net.caffemodel"
     src.write_bytes(caffemodel([("conv1", "Convolution", [w, np.zeros(64, np.float32)])], "new"))
-    with pytest.raises(FormatError, match=r"caffe conv1 weight has shape \(64, 3, 11, 11\), expected \(96, 3, 11, 11\)"):
+    with pytest.raises(FormatError,
+                       match=r"caffe conv1 weight has shape \(64, 3, 11, 11\), expected \(96, 3, 11, 11\)"):
         import_weights(src, ImportConfig(output=tmp_path / "w.pt", fmt="caffe"))
 
 

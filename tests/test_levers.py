@@ -80,7 +80,8 @@ def test_levers_run_on_the_cpu_every_row_measured_against_the_same_run_default(s
     assert rows["e2e: batch 4 + torch.compile"]["settings"]["compile"] is True
     assert rows["lrn: torch.compile"]["settings"]["compile_backend"] == "aot_eager"
     # compiled once per model, in the untimed warm-up; the e2e rows run the model rows' compiled steps
-    assert rows["model: torch.compile"]["graphs_compiled"] == rows["model: batch 4 + torch.compile"]["graphs_compiled"] == 1
+    assert (rows["model: torch.compile"]["graphs_compiled"]
+            == rows["model: batch 4 + torch.compile"]["graphs_compiled"] == 1)
     assert rows["e2e: torch.compile"]["graphs_compiled"] == rows["e2e: batch 4 + torch.compile"]["graphs_compiled"] == 0
     assert rows["lrn: nn.LocalResponseNorm"]["shapes"] == {"norm1": [96, 7, 7], "norm2": [256, 3, 3]}
     assert "e2e: default" in res.stdout
@@ -99,7 +100,8 @@ def test_budget_and_failures_are_recorded_not_fatal(shapes, tmp_path, monkeypatc
         lever("model: torch.compile", "model", "compile", compile=True),
     ])
     out = tmp_path / "levers.json"
-    args = [str(shapes), "-o", str(out), "-b", "cpu", "--steps", "1", "--min-seconds", "0", "-z", "2", "--crop", str(CROP)]
+    args = [str(shapes), "-o", str(out), "-b", "cpu", "--steps", "1", "--min-seconds", "0", "-z", "2",
+            "--crop", str(CROP)]
     assert tool.main([*args, "--budget-s", "300", "--compile-s", "1e6"]) == 1
     rows = json.loads(out.read_text())["rows"]
     assert [r["status"] for r in rows[:3]] == ["ok", "failed", "ok"]
@@ -147,5 +149,6 @@ def test_compile_makes_one_graph_for_training_and_one_for_evaluation(shapes, mon
                       save_path=tmp_path / "w.pt")
     assert _count_graphs(monkeypatch, cfg) == 2
     if batch == 10:
-        plain = _count_graphs(monkeypatch, cfg, compile_block=lambda model, batch_size, **kw: torch.compile(model, **kw))
+        plain = _count_graphs(monkeypatch, cfg,
+                              compile_block=lambda model, batch_size, **kw: torch.compile(model, **kw))
         assert plain > 2

@@ -25,7 +25,7 @@ from alexnet_pipe.train import fit
 from .conftest import make_tree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import dali_sweep  # noqa: E402
+import dali_sweep
 
 CROP = 67
 

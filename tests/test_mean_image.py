@@ -129,7 +129,8 @@ def test_centre_sums_are_exact_at_the_float32_limit(images):
     np.testing.assert_array_equal(sums.mean_sum(), total)
     np.testing.assert_array_equal(sums.count(), count)
     flat = np.concatenate([np.ascontiguousarray(a[(a.shape[0] - min(size, a.shape[0])) // 2:][:size,
-                          (a.shape[1] - min(size, a.shape[1])) // 2:][:, :size]).reshape(-1, 3) for a in arrays]).astype(np.int64)
+                          (a.shape[1] - min(size, a.shape[1])) // 2:][:, :size]).reshape(-1, 3)
+                           for a in arrays]).astype(np.int64)
     stats = sums.stats()
     assert (stats.images, stats.pixels) == (images, int(count.sum())) == (images, len(flat))
     assert stats.sums == [int(v) for v in flat.sum(0)]

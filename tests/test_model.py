@@ -177,8 +177,10 @@ def test_features_follow_caffenet_order(net112):
     x = images(2, 3, 112, 112)
     lrn = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
     with torch.no_grad():
-        h = F.local_response_norm(F.max_pool2d(F.relu(F.conv2d(x, m.conv1.weight, m.conv1.bias, stride=4)), 3, 2), **lrn)
-        h = F.local_response_norm(F.max_pool2d(F.relu(F.conv2d(h, m.conv2.weight, m.conv2.bias, padding=2)), 3, 2), **lrn)
+        h = F.local_response_norm(F.max_pool2d(F.relu(F.conv2d(x, m.conv1.weight, m.conv1.bias, stride=4)), 3, 2),
+                                  **lrn)
+        h = F.local_response_norm(F.max_pool2d(F.relu(F.conv2d(h, m.conv2.weight, m.conv2.bias, padding=2)), 3, 2),
+                                  **lrn)
         h = F.relu(F.conv2d(h, m.conv3.weight, m.conv3.bias, padding=1))
         h = F.relu(F.conv2d(h, m.conv4.weight, m.conv4.bias, padding=1))
         pool5 = F.max_pool2d(F.relu(F.conv2d(h, m.conv5.weight, m.conv5.bias, padding=1)), 3, 2)

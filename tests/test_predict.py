@@ -138,7 +138,8 @@ def test_preprocessing_is_the_dali_validation_pipeline(raw, data80, short_side, 
 
 def test_centre_crop_starts_where_dali_puts_it():
     # roundf(0.5 * (size - crop)): halves away from zero
-    assert [crop_anchor(s, c) for s, c in [(256, 224), (341, 224), (995, 224), (80, 67), (67, 67)]] == [16, 59, 386, 7, 0]
+    assert [crop_anchor(s, c) for s, c in [(256, 224), (341, 224), (995, 224), (80, 67), (67, 67)]] \
+        == [16, 59, 386, 7, 0]
     assert [crop_anchor(s, c) for s, c in [(60, 67), (61, 67), (66, 67)]] == [-4, -3, -1]
 
 
@@ -178,7 +179,8 @@ def test_trained_weights_answer_as_the_validation_pipeline_scores(raw, data80, t
     """`train` writes weights; predict's probabilities for the val files are the network's softmax
     on DALI's validation batch, class for class."""
     res = CliRunner().invoke(main, ["train", "-w", str(data80), "-e", "1", "-s", str(tmp_path / "w.pt"), "-b", "cpu",
-                                    "--crop", str(CROP), "-z", "8", "--lr", "0.001", "--no-progress", "--eval-freq", "0"])
+                                    "--crop", str(CROP), "-z", "8", "--lr", "0.001", "--no-progress",
+                                    "--eval-freq", "0"])
     assert res.exit_code == 0, res.output
     classes = sorted(KINDS)
     files = [val_file(raw, c) for c in classes]

@@ -11,8 +11,23 @@ import pytest
 
 from alexnet_pipe.errors import AlexnetPipeError, FormatError, UnsafePickleError
 from alexnet_pipe.safe_pickle import MAX_DEPTH, load_file, loads
-from tests.pickle_samples import (PROTO2, array_body, attack_pickles, buffer, call, dct, dtype, g, i,
-                                  neon_cache, neon_weights_pre12, neon_weights_v14, py2_pickle, s, tup)
+from tests.pickle_samples import (
+    PROTO2,
+    array_body,
+    attack_pickles,
+    buffer,
+    call,
+    dct,
+    dtype,
+    g,
+    i,
+    neon_cache,
+    neon_weights_pre12,
+    neon_weights_v14,
+    py2_pickle,
+    s,
+    tup,
+)
 
 
 def same(a, b) -> bool:

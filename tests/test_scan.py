@@ -91,8 +91,9 @@ def test_ground_truth_shorter_than_the_files(raw_tree, tmp_path):
     found = scan(raw_tree, synsets=tmp_path / "order.txt")
     assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == {s: truth[s] for s in sorted(truth)[:2]}
     assert [s.name for s in found.skipped] == [f"{s}.JPEG" for s in sorted(truth)[2:]]
-    assert found.warnings == [f"val (flat val/ folder): 4 of 6 files have no label in ILSVRC2012_validation_ground_truth.txt"
-                              f" + order.txt (devkit order) (listed as skipped: {', '.join(s.name for s in found.skipped)})"
+    assert found.warnings == ["val (flat val/ folder): 4 of 6 files have no label in "
+                              "ILSVRC2012_validation_ground_truth.txt + order.txt (devkit order) "
+                              f"(listed as skipped: {', '.join(s.name for s in found.skipped)})"
                               "; 0 labelled images have no file"]
 
 

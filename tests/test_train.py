@@ -26,8 +26,8 @@ from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.mean import load_dataset_mean
 from alexnet_pipe.model import AlexNet, AlexNetConfig, param_groups
 from alexnet_pipe.pipeline import Loader, LoaderConfig
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.runtime import Runtime
+from alexnet_pipe.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.train import EvalResult, fit, lr_at, run_test, topk_correct
 
 from .conftest import make_tree
@@ -47,8 +47,8 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def tcfg(data: Path, **kw) -> TrainConfig:
-    base = {"backend": "cpu", "datatype": "f32", "crop": CROP, "batch_size": 8, "lr": 0.001, "lr_scale": "none", "progress": False,
-            "data_threads": 1}
+    base = {"backend": "cpu", "datatype": "f32", "crop": CROP, "batch_size": 8, "lr": 0.001, "lr_scale": "none",
+            "progress": False, "data_threads": 1}
     base.update(kw)
     return TrainConfig(data_dir=data, **base)
 

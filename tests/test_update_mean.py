@@ -16,18 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from click.testing import CliRunner
 
 from alexnet_pipe import protobuf as pb
+from alexnet_pipe.blobproto import decode_blobproto, encode_blobproto
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import UpdateMeanConfig
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, OldMeanFormatError, UnsafePickleError
-from alexnet_pipe.blobproto import decode_blobproto, encode_blobproto
 from alexnet_pipe.legacy_mean import MAX_MEAN_FILE_BYTES, run_update_mean
 from alexnet_pipe.mean import load_dataset_mean, read_mean_file
 from tests.pickle_samples import attack_pickles, full_mean_image, neon_cache, py2_pickle
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -393,7 +391,8 @@ def npy_bytes(header: str, data: bytes = b"", version: tuple[int, int] = (1, 0))
     (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2, 3)}", b"\0" * 49), "holds 49 bytes"),
     (npy_bytes("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (3,)}", b"\0" * 12), "structured"),
     (npy_bytes("{'descr': '|O', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), r"dtype '\|O'.*object"),
-    (npy_bytes("{'descr': '<c8', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), "dtype '<c8'; expected bool, int, uint or float"),
+    (npy_bytes("{'descr': '<c8', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24),
+     "dtype '<c8'; expected bool, int, uint or float"),
     (npy_bytes("{'descr': '(2,)<f4', 'fortran_order': False, 'shape': (3,)}", b"\0" * 24), r"dtype '\(2,\)<f4'"),
     (npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 1, 1, 1, 3)}", b"\0" * 12), "at most 4 axes"),
     (npy_bytes("{'descr': '<f4', 'fortran_order': 0, 'shape': (3,)}", b"\0" * 12), "malformed shape"),

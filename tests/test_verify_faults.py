@@ -42,8 +42,8 @@ def pristine(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("pristine")
     make_tree(base / "raw", {"train": 6, "val": 2})
     out = base / "data"
-    run_convert(ConvertConfig(src=base / "raw", dst=out, formats=("lmdb", "recordio"), image=ImageSettings(short_side=64),
-                              shard_size=5, workers=1, progress=False))
+    run_convert(ConvertConfig(src=base / "raw", dst=out, formats=("lmdb", "recordio"),
+                              image=ImageSettings(short_side=64), shard_size=5, workers=1, progress=False))
     return out
 
 
@@ -125,7 +125,8 @@ def test_truncated_lmdb_kills_a_plain_reader_with_sigbus_and_verify_reports_it(d
         txn.put(key, value[: label_at + 1] + b"\x09" + value[label_at + 2 :])
     for workers in ("1", "2"):
         res = verify_cli(data, "--workers", workers, process=True)
-        lines = assert_reported(res, "lmdb/train-00001: the checker died with SIGBUS while reading it: the shard is corrupt",
+        lines = assert_reported(res,
+                                "lmdb/train-00001: the checker died with SIGBUS while reading it: the shard is corrupt",
                                 f"delete {shard} and rerun the alexnet-pipe convert command",
                                 "lmdb/val-00000 key", "label 9 outside 0..2")
         assert sum("the checker died" in line for line in lines) == 1
@@ -179,7 +180,8 @@ IDX_CASES = {
     "a third column": (lambda t: t.replace(b"\n", b"\t7\n", 1), "expected 'key<TAB>offset', got 3 fields"),
     "one column": (lambda t: t.split(b"\t", 1)[0] + b"\n" + t.split(b"\n", 1)[1], "got 1 fields"),
     "negative offset": (lambda t: t.replace(b"\t0\n", b"\t-0\n", 1), "byte 0x2d '-'"),
-    "offset past the end": (lambda t: t.rstrip(b"\n").rsplit(b"\t", 1)[0] + b"\t99999999\n", "past the end of the data"),
+    "offset past the end": (lambda t: t.rstrip(b"\n").rsplit(b"\t", 1)[0] + b"\t99999999\n",
+                            "past the end of the data"),
     "duplicated key": (lambda t: t + t.split(b"\t", 1)[0] + b"\t%d\n" % (int(t.split()[-1]) + 1), "appears twice"),
     "offsets out of order": (lambda t: b"".join(reversed(t.splitlines(keepends=True))), "offsets must increase"),
     "huge number": (lambda t: t.replace(b"\t0\n", b"\t" + b"9" * 40 + b"\n", 1), "number too large"),
@@ -252,12 +254,14 @@ def test_a_bad_mean_json_stops_training_with_one_line(data):
 
 def test_an_edited_mean_value_disagrees_with_the_recorded_pixel_sums(data):
     set_json(data / "mean.json", lambda m: m["mean"].__setitem__(1, m["mean"][1] + 0.5))
-    assert_reported(verify_cli(data, "--workers", "1", "--quick"), "mean.json", "is not what the pixel sums convert recorded")
+    assert_reported(verify_cli(data, "--workers", "1", "--quick"), "mean.json",
+                    "is not what the pixel sums convert recorded")
     set_json(data / "mean.json", lambda m: m["mean"].__setitem__(1, m["mean"][1] - 0.5))
     ok = verify_cli(data, "--workers", "1", "--quick")
     assert ok.returncode == 0, ok.stderr
     set_json(data / "mean.json", lambda m: m.__setitem__("images", m["images"] + 1))
-    assert_reported(verify_cli(data, "--workers", "1", "--quick"), "says it averages 19 images, the train split holds 18")
+    assert_reported(verify_cli(data, "--workers", "1", "--quick"),
+                    "says it averages 19 images, the train split holds 18")
 
 
 # ---------------------------------------------------------------- manifest
@@ -285,20 +289,23 @@ def test_edited_short_side_counts_and_unknown_fields_fail_verify(data):
                                                  "in the lmdb shards ({'64': 6})")
     set_json(data / "manifest.json", lambda m: m["splits"]["val"].__setitem__("short_side_counts", {"64": 6}))
     set_json(data / "manifest.json", lambda m: m["splits"]["val"].__setitem__("min_short_side", 60))
-    assert_reported(verify_cli(data, "--quick"), "min_short_side is 60, the smallest image in the recordio shards is 64")
+    assert_reported(verify_cli(data, "--quick"),
+                    "min_short_side is 60, the smallest image in the recordio shards is 64")
     set_json(data / "manifest.json", lambda m: m["splits"]["val"].__setitem__("min_short_side", 64))
     assert verify_cli(data, "--quick").returncode == 0
     # A field renamed (readers would take it as absent, as in older datasets) is a problem.
     set_json(data / "manifest.json", lambda m: m["splits"]["val"].__setitem__(
         "short_sade_counts", m["splits"]["val"].pop("short_side_counts")))
-    assert_reported(verify_cli(data, "--quick"), "has fields this alexnet-pipe never writes ('splits.val.short_sade_counts')")
+    assert_reported(verify_cli(data, "--quick"),
+                    "has fields this alexnet-pipe never writes ('splits.val.short_sade_counts')")
 
 
 def test_a_missing_or_wrong_mean_image_fails_verify(data):
     import numpy as np
 
     np.save(data / "mean_image.npy", np.zeros((8, 8, 3), np.float32))
-    assert_reported(verify_cli(data, "--quick"), "mean_image.npy: holds float32 (8, 8, 3)", "expected float32 (64, 64, 3)")
+    assert_reported(verify_cli(data, "--quick"), "mean_image.npy: holds float32 (8, 8, 3)",
+                    "expected float32 (64, 64, 3)")
     (data / "mean_image.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': 'x")
     assert_reported(verify_cli(data, "--quick"), "mean_image.npy: is not a readable .npy")
     (data / "mean.binaryproto").unlink()
@@ -348,7 +355,8 @@ def test_symlinks_leading_out_of_the_dataset_are_refused(data, tmp_path):
 @pytest.mark.parametrize("case, edit, needle", [
     ("records a string", lambda m: m["splits"]["train"]["shards"][0].__setitem__("records", "5"), "records is \"5\""),
     ("records a boolean", lambda m: m["splits"]["val"].__setitem__("records", True), "records is true"),
-    ("records negative", lambda m: m["splits"]["val"]["shards"][0].__setitem__("records", -1), "expected an integer >= 0"),
+    ("records negative", lambda m: m["splits"]["val"]["shards"][0].__setitem__("records", -1),
+     "expected an integer >= 0"),
     ("no shards", lambda m: m["splits"]["train"].pop("shards"), "shards is null, expected a list"),
     ("formats", lambda m: m["settings"].__setitem__("formats", ["lmdb", "zip"]), "settings.formats"),
     ("checksum", _set_shard("lmdb", "checksum", "md5:00"), "expected 'sha256:' and 64 hex digits"),
@@ -392,5 +400,6 @@ def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
 
 def test_the_pristine_dataset_passes(data):
     res = verify_cli(data, "--workers", "2", process=True)
-    assert res.returncode == 0 and res.stderr == "" and "ok: 24 images in 2 formats (48 records in 12 shards)" in res.stdout
+    assert (res.returncode == 0 and res.stderr == ""
+            and "ok: 24 images in 2 formats (48 records in 12 shards)" in res.stdout)
     assert not math.isnan(load_dataset_mean(data).mean[0])

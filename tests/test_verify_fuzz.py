@@ -13,8 +13,8 @@ inserted, deleted or cut off, or (text files) a number or token replaced. Verify
   record, index entry, the mean values, the manifest's reader-facing fields) must equal the
   original's.
 
-The full run (``make faults``) takes 540 mutants (some leave the file unchanged and are not counted); ``make test`` runs a few of each kind. Set
-``ALEXNET_PIPE_FUZZ_REPORT=path.json`` to keep the counts.
+The full run (``make faults``) takes 540 mutants (some leave the file unchanged and are not counted);
+``make test`` runs a few of each kind. Set ``ALEXNET_PIPE_FUZZ_REPORT=path.json`` to keep the counts.
 """
 
 from __future__ import annotations

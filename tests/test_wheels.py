@@ -81,7 +81,8 @@ def test_cuda12_installs_the_project_without_the_cuda13_wheel(tmp_path):
 
 
 def test_choice_by_hand_and_an_old_driver(tmp_path):
-    assert pick(tmp_path, smi_table("580.65.06", "13.0"), "--cuda", "12", "dali").stdout.strip() == "nvidia-dali-cuda120"
+    assert pick(tmp_path, smi_table("580.65.06", "13.0"), "--cuda", "12", "dali").stdout.strip() \
+        == "nvidia-dali-cuda120"
     assert pick(tmp_path, None, "--cuda", "13", "dali").stdout.strip() == "nvidia-dali-cuda130"
     old = pick(tmp_path, smi_table("470.256.02", "11.4"), "dali")
     assert old.returncode == 2 and "R470 is older than CUDA 12" in old.stderr and "CUDA=cpu" in old.stderr

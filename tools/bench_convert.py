@@ -85,7 +85,7 @@ for d, _, names in os.walk(src):
         dst = os.path.join(out, os.path.relpath(d, src))
         os.makedirs(dst, exist_ok=True)
         im.save(os.path.join(dst, name), "JPEG", quality=%d)
-""" % (SHORT_SIDE, QUALITY)
+""" % (SHORT_SIDE, QUALITY)  # noqa: UP031  a script template: %d keeps it readable as Python
 
 
 # ---------------------------------------------------------------------------- contenders
@@ -100,7 +100,7 @@ class Contender:
     resize_filter: str = ""  # convert: --resize-filter (empty: the default)
     wall: list[float] = field(default_factory=list)
 
-    def command(self, ctx: "Context", out: Path) -> list[str]:
+    def command(self, ctx: Context, out: Path) -> list[str]:
         if self.kind == "naive":
             return [sys.executable, "-c", NAIVE, str(ctx.root / "train"), str(out)]
         if self.kind == "im2rec":
@@ -110,7 +110,7 @@ class Contender:
                 "--workers", str(self.workers), "--short-side", str(SHORT_SIDE), "--quality", str(QUALITY),
                 "--no-progress", *(["--resize-filter", self.resize_filter] if self.resize_filter else [])]
 
-    def run(self, ctx: "Context", out: Path) -> None:
+    def run(self, ctx: Context, out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         if self.kind == "im2rec":
@@ -239,7 +239,8 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
     def torch_resize(job):
         a, s = job
         x = torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0)
-        return F.interpolate(x, size=(s[1], s[0]), mode="bicubic", antialias=True)[0].permute(1, 2, 0).contiguous().numpy()
+        return (F.interpolate(x, size=(s[1], s[0]), mode="bicubic", antialias=True)[0]
+                .permute(1, 2, 0).contiguous().numpy())
 
     resizers = {
         "OpenCV INTER_AREA (--resize-filter area)": lambda job: imaging._resize(*job, "area"),
@@ -248,7 +249,8 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         "Gaussian pre-blur + INTER_CUBIC, --resize-filter antialias, the default (convert now)":
             lambda job: imaging._resize(*job),
         "torch antialiased bicubic (convert before)": torch_resize,
-        "Pillow BICUBIC (naive loop)": lambda job: np.asarray(Image.fromarray(job[0]).resize(job[1], Image.Resampling.BICUBIC)),
+        "Pillow BICUBIC (naive loop)":
+            lambda job: np.asarray(Image.fromarray(job[0]).resize(job[1], Image.Resampling.BICUBIC)),
     }
     refs = [np.asarray(Image.fromarray(a).resize(s, Image.Resampling.LANCZOS)) for a, s in rgb_jobs]
     resized = [imaging._resize(a, s) for a, s in jobs]
@@ -265,7 +267,9 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
 
     size = settings.mean_size
 
-    def hist_stats_and_canvas(a, canvas=np.zeros((size, size, 3), np.uint16), count=np.zeros((size, size), np.uint16)):
+    # The default arrays are the accumulators on purpose: one canvas shared by every call, as convert had.
+    def hist_stats_and_canvas(a, canvas=np.zeros((size, size, 3), np.uint16),  # noqa: B008
+                              count=np.zeros((size, size), np.uint16)):  # noqa: B008
         """convert before: three calcHist of the centre box, then the box added to a uint16 canvas."""
         box = centre_box(a.shape[1], a.shape[0], size)
         pixels = a[box.y : box.y + box.height, box.x : box.x + box.width]
@@ -294,7 +298,8 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         runs = []
         for _ in range(3):
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", f"import {mod}"], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+            subprocess.run([sys.executable, "-c", f"import {mod}"], check=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
             runs.append(time.perf_counter() - t0)
         import_ms[name] = 1000 * min(runs)
 
@@ -322,7 +327,8 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
          _best_ms(lambda a: (pil_hist_stats(a), hist_stats_and_canvas(a)), resized), ""),
         ("statistics + mean image", "3 x OpenCV calcHist of the centre box, numpy canvas add (convert, session 4)",
          _best_ms(hist_stats_and_canvas, resized), ""),
-        ("statistics + mean image", f"OpenCV accumulate + accumulateSquare on {size}x{size} float canvases (convert now)",
+        ("statistics + mean image",
+         f"OpenCV accumulate + accumulateSquare on {size}x{size} float canvases (convert now)",
          _best_ms(centre_sums, resized), ""),
     ]
     loop = {f: _loop_ms(files, f) for f in ("antialias", "linear")}
@@ -360,7 +366,8 @@ def _loop_ms(files: list[Path], resize_filter: str) -> float:
     settings = ImageSettings(short_side=SHORT_SIDE, quality=QUALITY, resize_filter=resize_filter)
     sources = [Source(p.name, 0, str(p)) for p in files]
     chunks = [sources[i : i + CHUNK] for i in range(0, len(sources), CHUNK)]
-    return _best_ms(lambda chunk: imaging.process_batch(chunk, settings), chunks, repeats=2) * len(chunks) / len(sources)
+    return (_best_ms(lambda chunk: imaging.process_batch(chunk, settings), chunks, repeats=2)
+            * len(chunks) / len(sources))
 
 
 # ---------------------------------------------------------------------------- report
@@ -447,7 +454,8 @@ def goals(rows: list[Contender], ips: dict) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--images", type=int, default=2400)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; medians are reported")
@@ -527,7 +535,8 @@ def main() -> int:
             "",
             f"Per image on one core (levers below), the converter's stages timed alone add up to "
             f"{cost['convert']:.2f} ms (decode, resize, encode, statistics, mean image); im2rec's decode at full size, "
-            f"INTER_LINEAR resize and encode add up to {cost['im2rec']:.2f} ms. 1.5x im2rec's end-to-end rate at 1 worker "
+            f"INTER_LINEAR resize and encode add up to {cost['im2rec']:.2f} ms. "
+            "1.5x im2rec's end-to-end rate at 1 worker "
             f"({1.5 * len(files) / im2rec1.median:.0f} img/s) allows {budget:.2f} ms per image end to end, start-up "
             f"included: {verdict}. In its own loop (levers: every image of the set, one core, timed after the "
             f"rounds) a worker spends {' and '.join(loops)}.",
@@ -545,7 +554,8 @@ def main() -> int:
         f"- timing: median of {args.rounds} interleaved rounds, order rotated each round; each run a fresh process",
     ]
     mean_line = (f"- statistics and mean-image accumulation: {mean_ms:.3f} ms/img (centre box accumulated into the "
-                 f"chunk's canvases, timed alone on the resized arrays) of {total_ms:.2f} ms/img in total (convert, 1 worker, end to end): "
+                 f"chunk's canvases, timed alone on the resized arrays) of {total_ms:.2f} ms/img in total "
+                 "(convert, 1 worker, end to end): "
                  f"{100 * mean_ms / total_ms:.1f}%")
     report = [*env, "", *lines, "", *[f"- {g}" for g in goal_lines], mean_line, "", *reading, *lever_lines]
     print("\n" + "\n".join(report))

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchenv  # noqa: E402  (a sibling helper of the tools)
+import benchenv  # a sibling helper of the tools
 
 SHUFFLE_BUFFER = 4096  # the old loader's initial_fill
 CROP = 224
@@ -149,7 +149,7 @@ def reader_batches(pipe, batch: int) -> Iterator[np.ndarray]:
 # ---------------------------------------------------------------------------- the new loader
 
 
-def train_config(root: Path, kind: str, read_workers: int, ctx: "Context", roi_decode: bool = True):
+def train_config(root: Path, kind: str, read_workers: int, ctx: Context, roi_decode: bool = True):
     from alexnet_pipe.config import TrainConfig
 
     return TrainConfig(data_dir=root, backend="cpu", batch_size=ctx.batch, crop=CROP, reader=kind,
@@ -209,7 +209,7 @@ def direct_batches(source) -> Iterator[np.ndarray]:
         k += 1
 
 
-def detached_source(root: Path, kind: str, ctx: "Context"):
+def detached_source(root: Path, kind: str, ctx: Context):
     """The training loader's own source object, its pipeline stopped (the source reopens its files)."""
     from alexnet_pipe.train import epoch_loader
 
@@ -340,7 +340,8 @@ def report(command: str, started: str, work: Path, load: tuple, ctx: Context, re
     return "\n".join([
         *benchenv.report_head("Loader throughput: DALI's own readers (old) against the external source (new)",
                               "tools/bench_loader.py", command, started, work, load),
-        f"- dataset: {records:,} train records in {shards} shard{'s' if shards != 1 else ''} per format, synthetic 500x375 JPEGs converted "
+        f"- dataset: {records:,} train records in {shards} shard{'s' if shards != 1 else ''} per format, "
+        "synthetic 500x375 JPEGs converted "
         f"with --short-side 256 (mean RecordIO record {mean_kib:.1f} KiB); it fits in the page cache",
         f"- batch {ctx.batch}, crop {CROP}, {ctx.threads} DALI CPU threads, float32 NHWC output (the CPU training "
         f"loader's settings); median of {rounds} interleaved rounds, one epoch per round and contender, the "
@@ -365,7 +366,8 @@ def report(command: str, started: str, work: Path, load: tuple, ctx: Context, re
         "mainly to deliver the records: there the read-only rows are the ones that matter. A loader "
         "feeds a GPU fast enough if its records/s exceed the GPU's training img/s with room to spare.",
         "- The dataset is small and sits in the page cache: random access costs a memory lookup here, "
-        "not a disk seek. On ImageNet converted at short side 256 (some 40-50 GB of JPEGs; more than some machines cache), the new "
+        "not a disk seek. On ImageNet converted at short side 256 (some 40-50 GB of JPEGs; "
+        "more than some machines cache), the new "
         "loader's random reads hit the disk where the old readers read each shard front to back; that "
         "cost depends on the storage (NVMe, network file system, ...) and is not measured here.",
         "- The old readers' start-up includes filling the 4,096-record shuffle buffer; the new loader's "

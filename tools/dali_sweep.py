@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     device_id = None if args.cpu else args.device_id
     from alexnet_pipe.config import default_read_workers
 
-    read_workers = default_read_workers("cpu" if args.cpu else "gpu") if args.read_workers is None else args.read_workers
+    read_workers = (default_read_workers("cpu" if args.cpu else "gpu") if args.read_workers is None
+                    else args.read_workers)
     began = time.perf_counter()
     rows: list[dict] = []
     plan = settings(args.hw_loads, args.threads, args.prefetch, args.base_threads, device_id is not None)

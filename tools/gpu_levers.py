@@ -221,7 +221,7 @@ class Runner:
         import torch
 
         from alexnet_pipe.bench import steady_rate, syncer
-        from alexnet_pipe.model import LRN, _LRN, AlexNet, AlexNetConfig
+        from alexnet_pipe.model import _LRN, LRN, AlexNet, AlexNetConfig
 
         shapes = {}
         probe = AlexNet(AlexNetConfig(num_classes=cfg.num_classes, crop=cfg.crop))
@@ -246,8 +246,9 @@ class Runner:
             ys = [norm(x) for x in xs]
             torch.autograd.backward(ys, gs)
 
-        rate = steady_rate(itertools.repeat(None), step, lambda _: cfg.batch_size, skip=cfg.warmup, steps=cfg.throughput_steps,
-                           min_seconds=cfg.min_seconds, max_seconds=max_seconds, sync=syncer(self.device))
+        rate = steady_rate(itertools.repeat(None), step, lambda _: cfg.batch_size, skip=cfg.warmup,
+                           steps=cfg.throughput_steps, min_seconds=cfg.min_seconds, max_seconds=max_seconds,
+                           sync=syncer(self.device))
         return {**rate, "shapes": {n: list(s) for n, s in shapes.items()}, "dtype": cfg.datatype}
 
 
@@ -260,14 +261,15 @@ def compiled_graphs() -> int:
 
 def describe(lever: Lever, runner: Runner) -> dict:
     cfg = runner.bench_cfg(lever)
-    return {"batch_size": cfg.batch_size, "crop": cfg.crop, "datatype": cfg.datatype, "channels_last": cfg.channels_last,
-            "compile": lever.compile, **({"compile_backend": runner.args.compile_backend or "inductor"}
-                                        if lever.compiles() else {}),
+    return {"batch_size": cfg.batch_size, "crop": cfg.crop, "datatype": cfg.datatype,
+            "channels_last": cfg.channels_last, "compile": lever.compile,
+            **({"compile_backend": runner.args.compile_backend or "inductor"} if lever.compiles() else {}),
             **lever.model, **{f"loader.{k}": v for k, v in lever.loader.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("data", type=Path)
     ap.add_argument("-o", "--output", type=Path, required=True, help="JSON file for the rows")
@@ -367,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             elif row.get("img_per_s"):
                 row["note"] = f"no {lever.kind} default row measured in this run"
             shown = (f"{row['img_per_s']:>10,.0f} img/s  x{row['x_default']:.2f}" if row.get("x_default")
-                     else f"{row['img_per_s']:>10,.0f} img/s" if row.get("img_per_s") else row.get("error", row["status"]))
+                     else f"{row['img_per_s']:>10,.0f} img/s" if row.get("img_per_s")
+                     else row.get("error", row["status"]))
             print(f"{lever.name:<42} {shown}", flush=True)
             write()
     finally:

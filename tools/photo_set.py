@@ -118,7 +118,8 @@ def make_photo_set(out: Path, n: int, bases: list[Path], seed: int = 0) -> list[
         large = rng.random() < LARGE_SHARE
         long_side = rng.uniform(800, 1600) if large else rng.uniform(400, 500)
         aspect = _pick(rng, ASPECTS)
-        w, h = (round(long_side), round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), round(long_side))
+        w, h = ((round(long_side), round(long_side / aspect)) if aspect >= 1
+                else (round(long_side * aspect), round(long_side)))
         base = photos[rng.integers(len(photos))]
         bh, bw = base.shape[:2]
         zoom_min = max(w / bw, h / bh)  # the crop must fit in the photo

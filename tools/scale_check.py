@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchenv  # noqa: E402  (a sibling helper of the tools)
+import benchenv  # a sibling helper of the tools
 
 STAMP = ".scale_check.json"  # hidden: scan() ignores dot files
 WORK_STAMP = ".scale-check-work"
@@ -124,7 +124,8 @@ def make_tree(root: Path, classes: int, train: int, val: int, pool: list[bytes],
 
 def link_subset(full: Path, root: Path, train: int, val: int) -> None:
     """The first ``train``/``val`` files of every class of ``full`` as hard links (copies if need be)."""
-    spec = {"subset_of": str(full.resolve()), "full": json.loads((full / STAMP).read_text()), "train": train, "val": val}
+    spec = {"subset_of": str(full.resolve()), "full": json.loads((full / STAMP).read_text()),
+            "train": train, "val": val}
     if _stamped(root, spec):
         return
     for split, keep in (("train", train), ("val", val)):
@@ -744,7 +745,8 @@ def main() -> int:
                 dali_nofile=args.dali_nofile)
 
     if args.results is None:
-        args.results = args.work / "scale-check-small.md" if args.small else benchenv.REPO / "benchmarks" / "scale-check.md"
+        args.results = (args.work / "scale-check-small.md" if args.small
+                        else benchenv.REPO / "benchmarks" / "scale-check.md")
     work = args.work.resolve()
     if work.exists() and any(work.iterdir()) and not (work / WORK_STAMP).exists():
         raise SystemExit(f"{work} is not empty and was not made by this tool; choose another --work")

@@ -79,7 +79,8 @@ def detect_format(head: bytes) -> str | None:
         return "caffe"
     # Pickles: protocol 2+ (PROTO), or protocol 0/1 opening a container or naming a global (hostile
     # ones too: the safe unpickler judges them).
-    if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:1] in (b"(", b"}", b"]", b"c"):
+    if ((head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+            or head[:1] in (b"(", b"}", b"]", b"c")):
         return "neon"
     return None
 
