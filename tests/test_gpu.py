@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet_pipe import checkpoint
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert import run_convert
 from alexnet_pipe.manifest import load_dataset
@@ -82,3 +83,56 @@ def test_gpu_bf16_training_learns(data, tmp_path):
     losses = [r["train_loss"] for r in res.history]
     assert losses[-1] < min(losses[0], math.log(4) - 0.02)  # below chance: it learns
     assert res.final is not None and res.final.samples == 32
+
+
+def test_gpu_roi_decoding_gives_the_whole_decode_pixels(data):
+    # The GPU decodes only each crop window (fn.decoders.image_crop, device="mixed"): the same
+    # samples, crops and flips as decoding whole and cropping, and the same pixels within one level
+    # where nvJPEG's ROI path rounds its IDCT differently (on the CPU they are identical:
+    # tests/test_loader_knobs.py).
+    ds = load_dataset(data)
+    mean = load_dataset_mean(data).rgb()[0]
+    out = {}
+    for roi in (False, True):
+        loader = Loader(ds, LoaderConfig("train", True, 32, crop=224, device_id=0, mean=mean, seed=5, roi_decode=roi))
+        assert loader.cfg.roi_decode is roi
+        out[roi] = [(b.images.float().cpu(), b.labels.cpu(), b.flipped) for b in loader]
+        loader.close()
+    assert len(out[False]) == len(out[True]) == 4
+    for (a, la, fa), (b, lb, fb) in zip(out[False], out[True]):
+        assert torch.equal(la, lb) and torch.equal(fa, fb)
+        diff = (a - b).abs()
+        assert diff.mean().item() < 0.05 and diff.max().item() <= 1.0, (diff.mean().item(), diff.max().item())
+
+
+def test_gpu_four_channel_input_is_the_same_network(data):
+    # crop_mirror_normalize(pad_output=True) adds a 4th channel; conv1 pads its weight with a zero
+    # plane for it: the logits are the 3-channel network's.
+    from alexnet_pipe.model import AlexNet, AlexNetConfig
+
+    ds = load_dataset(data)
+    mean = load_dataset_mean(data).rgb()[0]
+    loader = Loader(ds, LoaderConfig("val", False, 8, crop=224, device_id=0, mean=mean, channels_last=True,
+                                     pad_channels=True))
+    batch = next(iter(loader))
+    assert batch.images.shape == (8, 4, 224, 224) and batch.images.is_cuda
+    model3 = AlexNet(AlexNetConfig(num_classes=4, crop=224), generator=torch.Generator().manual_seed(0)).cuda().eval()
+    model4 = AlexNet(AlexNetConfig(num_classes=4, crop=224), generator=torch.Generator().manual_seed(0),
+                     input_channels=4).cuda().eval()
+    with torch.inference_mode():
+        a = model3(batch.images[:, :3].contiguous(memory_format=torch.channels_last))
+        b = model4(batch.images)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_resumes_a_cpu_checkpoint_with_fused_sgd_and_f16(data, tmp_path):
+    # The README lets -b and -d change on resume: a -b cpu checkpoint resumed with -b gpu -d f16
+    # keeps the GPU run's fused SGD (a GradScaler step through it raised inside torch before).
+    common = dict(data_dir=data, batch_size=32, crop=112, lr=0.001, lr_scale="none", init="kaiming", progress=False,
+                  eval_freq=0, serialize=1, checkpoint_path=tmp_path / "a.ckpt")
+    fit(TrainConfig(epochs=1, backend="cpu", datatype="f32", data_threads=2, **common))
+    res = fit(TrainConfig(epochs=2, backend="gpu", datatype="f16", model_file=tmp_path / "a.ckpt",
+                          **{**common, "checkpoint_path": tmp_path / "b.ckpt"}))
+    assert len(res.history) == 2 and math.isfinite(res.history[-1]["train_loss"])
+    body = checkpoint.load(tmp_path / "b.ckpt")
+    assert all(g.get("fused") for g in body["optimizer"]["param_groups"]) and body["scaler"]

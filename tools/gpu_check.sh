@@ -26,14 +26,14 @@
 #                        default -> OUT/levers.json (its --budget-s is the cap less 15 s of start-up;
 #                        ~25 rows of a few seconds, then four compile rows of ~20 s each)
 #   train            25  3 epochs of bf16 GPU training (LMDB): the whole path, and the weights below
-#   gpu-tests        40  tests/test_gpu.py -> OUT/pytest.xml: pass/fail of the GPU paths, no figures
-#   sweep            35  tools/dali_sweep.py: hw_decoder_load, DALI CPU threads, prefetch depth ->
+#   gpu-tests        50  tests/test_gpu.py -> OUT/pytest.xml: pass/fail of the GPU paths, no figures
+#   sweep            30  tools/dali_sweep.py: hw_decoder_load, DALI CPU threads, prefetch depth ->
 #                        OUT/sweep.json (finer than levers; --budget-s is the cap less 12 s)
 #   train-recordio   15  2 epochs from RecordIO
 #   test             12  test with the trained weights (torch on the GPU)
 #   predict          12  predict the val JPEGs with them
 #   finetune         16  one epoch of --finetune --freeze conv from them
-#   bench-compile    35  the benchmark with torch.compile: last, its compilation is the slowest
+#   bench-compile    30  the benchmark with torch.compile: last, its compilation is the slowest
 #                        step and the least certain; a cut or failed compile costs no other figure
 #                  ----
 #                   380  = BUDGET_S 400 - RESERVE_S 20
@@ -191,8 +191,8 @@ step levers 95 data bash -c '"$PY" tools/gpu_levers.py "$WORK/data" -o "$OUT/lev
   --budget-s $(( STEP_LIMIT_S > 30 ? STEP_LIMIT_S - 15 : STEP_LIMIT_S / 2 ))'
 step train 25 data bash -c '"$PY" -m alexnet_pipe train -w "$WORK/data" -b "$BACKEND" -e "$TRAIN_EPOCHS" "$@" \
   --lr 0.003 --init kaiming --no-progress -s "$WORK/w.pt" -o "$OUT/train.jsonl"' train "${TRAIN[@]}"
-step gpu-tests 40 "" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest.xml"
-step sweep 35 data bash -c '"$PY" tools/dali_sweep.py "$WORK/data" -o "$OUT/sweep.json" "$@" \
+step gpu-tests 50 "" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest.xml"
+step sweep 30 data bash -c '"$PY" tools/dali_sweep.py "$WORK/data" -o "$OUT/sweep.json" "$@" \
   --budget-s $(( STEP_LIMIT_S > 24 ? STEP_LIMIT_S - 12 : STEP_LIMIT_S / 2 ))' sweep "${SWEEP[@]}"
 step train-recordio 15 data bash -c '"$PY" -m alexnet_pipe train -w "$WORK/data" -b "$BACKEND" -e "$RECORDIO_EPOCHS" \
   "$@" --reader recordio --no-progress -o "$OUT/train-recordio.jsonl"' train "${TRAIN[@]}"
@@ -204,7 +204,7 @@ step finetune 16 train bash -c '"$PY" -m alexnet_pipe train -w "$WORK/data" -b "
   --model-file "$WORK/w.pt" --finetune --freeze conv --no-progress -s "$WORK/ft.pt" -o "$OUT/finetune.jsonl"' \
   finetune "${TRAIN[@]}"
 if [[ $BACKEND == gpu ]]; then
-  step bench-compile 35 "" "$PY" -m alexnet_pipe benchmark -b gpu --compile -o "$OUT/bench.jsonl"
+  step bench-compile 30 "" "$PY" -m alexnet_pipe benchmark -b gpu --compile -o "$OUT/bench.jsonl"
 else
   na bench-compile "CPU mode: torch.compile is timed on the GPU only"
 fi
