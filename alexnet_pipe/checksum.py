@@ -3,8 +3,9 @@
 Both hash what a reader sees (keys and values in order; the CRC only the value), not file bytes,
 so ``verify`` and the training reader can recompute them through the same readers, for LMDB and
 RecordIO alike. The shard's sha256 is the authority; the per-record CRCs (written by ``convert``
-to ``.parts/<shard>.<format>.crc``) name which record of a damaged shard differs, and let the
-training reader refuse a damaged record as it reads it (zlib's CRC-32 runs at a few GB/s).
+to ``.parts/<shard>.<format>.crc``: ``layout.record_sums_path``) name which record of a damaged
+shard differs, and let the training reader refuse a damaged record as it reads it (zlib's CRC-32
+runs at a few GB/s).
 
 A per-record sums file: the 8 bytes ``RECORD_SUMS_MAGIC``, the record count (uint64), then one
 CRC-32 per record in stored order (uint32); little-endian throughout.
@@ -13,7 +14,6 @@ CRC-32 per record in stored order (uint32); little-endian throughout.
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 import zlib
 from array import array
@@ -22,7 +22,6 @@ import numpy as np
 
 from .errors import FormatError
 
-PARTS_DIR = ".parts"  # convert's completion records (convert.PARTS_DIR)
 RECORD_SUMS_MAGIC = b"apcrc32\n"
 _HEAD = struct.Struct("<8sQ")
 
@@ -30,14 +29,6 @@ _HEAD = struct.Struct("<8sQ")
 def record_crc(value: bytes | memoryview) -> int:
     """The CRC-32 of one stored record value (a Datum, or a RecordIO payload)."""
     return zlib.crc32(value)
-
-
-def record_sums_path(shard: str, fmt: str) -> str | None:
-    """Where a shard's per-record CRCs are kept, relative to the dataset root (None for a shard
-    name that is not one convert writes, such as ``../x`` in an edited manifest: never followed)."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,200}", shard):
-        return None
-    return f"{PARTS_DIR}/{shard}.{fmt}.crc"
 
 
 def encode_record_sums(crcs) -> bytes:

@@ -28,40 +28,45 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
-from .checksum import encode_record_sums, record_sums_path
+from .checksum import encode_record_sums
 from .config import ConvertConfig, ImageSettings
 from .errors import BusyError, SettingsMismatchError
 from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, output_error, remove, remove_temps
 from .imaging import BatchResult, Encoded, batch_to_pipe, process_batch
 from .info import plural
-from .manifest import DATASET_FORMAT, DATASET_VERSION, MANIFEST_FILE
-from .mean import (
+from .layout import (
+    INPUTS_FILE,
+    LMDB_DIR,
+    LOCK_FILE,
+    MANAGED,
+    MANIFEST_FILE,
     MEAN_FILE,
     MEAN_IMAGE_BINARYPROTO,
     MEAN_IMAGE_NPY,
-    MeanImageSum,
-    PixelStats,
-    write_mean,
-    write_mean_image,
+    PARTS_DIR,
+    RECORDIO_DIR,
+    RUN_LOCK,
+    SCAN_CACHE,
+    SHORT_SIDE_COUNTS_BELOW,
+    STAGING_DIR,
+    STATE_FILE,
+    mean_sums_path,
+    part_path,
+    record_sums_path,
+    shard_paths,
+    split_index_path,
 )
+from .manifest import DATASET_FORMAT, DATASET_VERSION
+from .mean import MeanImageSum, PixelStats, write_mean, write_mean_image
+from .parts import load_part, part_files, read_part
 from .recordio import read_index
 from .scan import ScanResult, scan
-from .shards import LMDB_DIR, RECORDIO_DIR, ShardPlan, ShardWriter, plan_shards, shard_paths
+from .shards import ShardPlan, ShardWriter, plan_shards
 from .sources import Source
 from .workerpool import worker_context
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = ".convert.json"
-INPUTS_FILE = ".convert-inputs.json"  # where the raw inputs were: `verify --repair` rewrites shards from them
-RUN_LOCK = ".convert.lock"  # held for the whole run: exclusive, or shared by --part runs
-SCAN_CACHE = ".scan-cache"  # member lists of the archives (scan.py); valid across settings, kept by --force
-LOCK_FILE = ".finalize.lock"
-PARTS_DIR = ".parts"
-STAGING_DIR = ".staging"
-MANAGED = (STATE_FILE, INPUTS_FILE, PARTS_DIR, STAGING_DIR, LMDB_DIR, RECORDIO_DIR, MANIFEST_FILE, MEAN_FILE,
-           MEAN_IMAGE_NPY, MEAN_IMAGE_BINARYPROTO, LOCK_FILE)
-SHORT_SIDE_COUNTS_BELOW = 512  # per-size counts of stored short sides below this go into the manifest
 CHUNK = 32  # images per worker task: amortises IPC, small enough to keep memory flat
 
 
@@ -154,37 +159,6 @@ def _prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False
     atomic_write_json(state, identity)  # first: a concurrent --part run then sees OUT as ours
     for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
         (dst / name).mkdir(exist_ok=True)
-
-
-def read_part(dst: Path, plan: ShardPlan) -> dict | None:
-    """A shard's completion record as written, or None (not there, or damaged: the shard is redone)."""
-    path = dst / PARTS_DIR / f"{plan.name}.json"
-    if not path.is_file():
-        return None
-    try:
-        part = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    ok = (isinstance(part, dict) and part.get("name") == plan.name and type(part.get("records")) is int
-          and all(isinstance(part.get(fmt, {}), dict) for fmt in ("lmdb", "recordio")))
-    return part if ok else None
-
-
-def part_files(part: dict) -> list[str]:
-    """The files a completion record lists (relative to OUT)."""
-    files = [part.get("lmdb", {}).get("path"), part.get("recordio", {}).get("rec"), part.get("recordio", {}).get("idx"),
-             part.get("mean_sums")]
-    return [f for f in files if isinstance(f, str)]
-
-
-def load_part(dst: Path, plan: ShardPlan) -> dict | None:
-    """The completion record of a shard, if the shard was fully written."""
-    part = read_part(dst, plan)
-    if part is None:
-        return None
-    if all((dst / f).exists() for f in part_files(part)):
-        return part
-    return None  # a file vanished since: redo the shard
 
 
 def _clear_shard(dst: Path, plan: ShardPlan) -> None:
@@ -321,7 +295,7 @@ def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, m
     if expect is not None:
         _check_same(dst, plan, {**part, **(entries if part["records"] else {})}, expect)
     if part["records"] and plan.split == "train":  # the mean image is the train split's
-        rel = f"{PARTS_DIR}/{plan.name}.mean.npz"
+        rel = mean_sums_path(plan.name)
         atomic_write_bytes(dst / rel, mean.to_bytes())
         part["mean_sums"] = rel
     sums = {}
@@ -340,7 +314,7 @@ def _commit_shard(dst: Path, plan: ShardPlan, writer: ShardWriter, part: dict, m
         part.update(entries)
         part["record_sums"] = sums
     remove(dst / STAGING_DIR / plan.name)
-    atomic_write_json(dst / PARTS_DIR / f"{plan.name}.json", part)
+    atomic_write_json(dst / part_path(plan.name), part)
 
 
 def _check_same(dst: Path, plan: ShardPlan, new: dict, old: dict) -> None:
@@ -352,7 +326,7 @@ def _check_same(dst: Path, plan: ShardPlan, new: dict, old: dict) -> None:
         remove(dst / STAGING_DIR / plan.name)
         raise SettingsMismatchError(
             f"{plan.name} was not rewritten: its raw inputs changed since {dst} was converted (the shard would "
-            f"differ in {', '.join(differ)} from its completion record {PARTS_DIR}/{plan.name}.json, unless that "
+            f"differ in {', '.join(differ)} from its completion record {part_path(plan.name)}, unless that "
             "record was edited), so it was left as it is; restore the inputs, or reconvert into a new directory")
 
 
@@ -437,7 +411,7 @@ def _write_combined_index(dst: Path, split: str, parts: list[dict]) -> str:
         for key, offset in read_index(dst / rec["idx"]):
             lines.append(f"{key}\t{base + offset}\n")
         base += rec["bytes"]
-    rel = f"{RECORDIO_DIR}/{split}.idx"
+    rel = split_index_path(split)
     atomic_write_bytes(dst / rel, "".join(lines).encode("ascii"))
     return rel
 
@@ -699,7 +673,7 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
 def _finalized_files(dst: Path, plans: dict[str, list[ShardPlan]]) -> dict[str, bytes | None]:
     """The files ``_finalize`` writes, as they are now (None: missing)."""
     rels = [MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY, MEAN_IMAGE_BINARYPROTO]
-    rels += [f"{RECORDIO_DIR}/{split}.idx" for split in plans]
+    rels += [split_index_path(split) for split in plans]
     return {rel: _read_or_none(dst / rel) for rel in rels}
 
 
@@ -716,7 +690,7 @@ def _plan_repair(cfg: ConvertConfig, found: ScanResult, all_plans: list[ShardPla
     """--repair: check every finished shard against its recorded checksum; the damaged ones join
     ``pending`` (and leave ``done``), each expected to come out as its completion record says.
     Returns the new pending list and how many intact shards got per-record checksums."""
-    from .repair import check_finished
+    from .shardcheck import check_finished
 
     for plan in pending:  # not finished: a file of it is gone, or it was never written
         old = read_part(cfg.dst, plan)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ConvertConfig
-from .convert import STATE_FILE, check_output, describe_mismatch, find_inputs, load_part, output_identity
+from .convert import check_output, describe_mismatch, find_inputs, output_identity
 from .errors import SettingsMismatchError
 from .info import plural
+from .layout import STATE_FILE
+from .parts import load_part
 from .scan import ScanResult
 from .shards import ShardPlan
 

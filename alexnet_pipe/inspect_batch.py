@@ -7,11 +7,10 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .errors import DatasetError
+from .layout import MEAN_IMAGE_NPY
 from .manifest import load_dataset
 from .mean import load_dataset_mean
 from .plot import check_output, denormalize, draw_grid, draw_image
-
-MEAN_IMAGE_FILE = "mean_image.npy"
 
 
 def require_gpu(backend: str) -> None:
@@ -54,9 +53,9 @@ def draw_mean_image(root: Path, out: Path) -> Path:
 
     check_output(out)
     ds = load_dataset(root)  # a converted dataset, or one clear error
-    path = root / MEAN_IMAGE_FILE
+    path = root / MEAN_IMAGE_NPY
     if not path.is_file():
-        raise DatasetError(f"{root} has no {MEAN_IMAGE_FILE} (converted by an older alexnet-pipe); reconvert it "
+        raise DatasetError(f"{root} has no {MEAN_IMAGE_NPY} (converted by an older alexnet-pipe); reconvert it "
                            "to get the mean image")
     try:
         mean = np.load(path, allow_pickle=False)

@@ -30,7 +30,8 @@ from .blobproto import decode_blobproto
 from .config import UpdateMeanConfig
 from .errors import AlexnetPipeError, DatasetError, FormatError, UnsafePickleError
 from .fsutil import atomic_write_bytes, backup_path
-from .mean import MEAN_FILE, OLD_MEAN_FILES, ChannelMean, read_mean_file, write_mean
+from .layout import MEAN_FILE, OLD_MEAN_FILES
+from .mean import ChannelMean, read_mean_file, write_mean
 from .safe_pickle import loads as safe_loads
 from .safe_pickle import read_capped
 

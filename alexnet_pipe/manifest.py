@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
 from .errors import DatasetError
+from .layout import LMDB_DATA_FILE, MANIFEST_FILE, STATE_FILE
 
-MANIFEST_FILE = "manifest.json"
 DATASET_FORMAT = "alexnet-pipe-dataset"
 DATASET_VERSION = 2
 # Version 1 (before LMDB shards stored the map size of their data) is still read; `upgrade` lifts it.
@@ -132,7 +132,7 @@ def load_dataset(root: Path) -> Dataset:
     if not path.is_file():
         hint = (
             "the conversion has not finished: rerun the same alexnet-pipe convert command to complete it"
-            if (root / ".convert.json").exists()
+            if (root / STATE_FILE).exists()
             else _convert_hint(root)
         )
         raise DatasetError(f"{root} has no {MANIFEST_FILE}; {hint}")
@@ -315,7 +315,7 @@ class _Checker:
             self.want_int(shard.get("first_id"), f"{here}.first_id")
             if "lmdb" in formats:
                 entry = self.want_object(shard.get("lmdb"), f"{here}.lmdb")
-                self.relpath(entry.get("path"), f"{here}.lmdb.path", inner="data.mdb")
+                self.relpath(entry.get("path"), f"{here}.lmdb.path", inner=LMDB_DATA_FILE)
                 self.checksum(entry.get("checksum"), f"{here}.lmdb.checksum")
                 if "bytes" in entry:
                     self.want_int(entry["bytes"], f"{here}.lmdb.bytes")

@@ -32,13 +32,10 @@ import numpy as np
 from .blobproto import encode_blobproto
 from .errors import DatasetError, FormatError, OldMeanFormatError
 from .fsutil import atomic_write_bytes, atomic_write_json
+from .layout import MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, OLD_MEAN_FILES
 
-MEAN_FILE = "mean.json"
 MEAN_FORMAT = "alexnet-pipe-mean"
 MEAN_VERSION = 1
-MEAN_IMAGE_NPY = "mean_image.npy"
-MEAN_IMAGE_BINARYPROTO = "mean.binaryproto"  # also an old format: only an old one when mean.json is missing
-OLD_MEAN_FILES = ("dataset_cache.pkl", "mean.binaryproto", "mean.npy")
 
 
 @dataclass(frozen=True)

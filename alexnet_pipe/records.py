@@ -25,9 +25,10 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from .checksum import decode_record_sums, record_crc, record_sums_path
+from .checksum import decode_record_sums, record_crc
 from .datum import datum_image_and_label
 from .errors import AlexnetPipeError, DatasetError, FormatError
+from .layout import LMDB_DATA_FILE, record_sums_path
 from .manifest import Dataset
 from .recordio import read_index_array, unframe_record, unpack_payload
 
@@ -45,7 +46,7 @@ class _SharedEnvs:
 
     @staticmethod
     def _key(path: str) -> tuple[int, int]:
-        st = os.stat(os.path.join(path, "data.mdb"))
+        st = os.stat(os.path.join(path, LMDB_DATA_FILE))
         return st.st_dev, st.st_ino
 
     def acquire(self, path: str) -> lmdb.Environment:

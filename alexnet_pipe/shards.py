@@ -25,11 +25,10 @@ from .checksum import RecordDigest, record_crc
 from .datum import Datum, datum_image_and_label, encode_datum
 from .fsutil import os_error
 from .imaging import Encoded
+from .layout import LMDB_DATA_FILE, shard_paths
 from .recordio import IRHeader, RecordIOWriter, frame_record, pack_payload
 from .sources import Source, SourceTable, SourceView
 
-LMDB_DIR = "lmdb"
-RECORDIO_DIR = "recordio"
 LMDB_COMMIT_EVERY = 1000  # records per write transaction, as Caffe's convert_imageset
 COMMIT_BYTES = 64 << 20  # ... or fewer: a transaction's records are kept until it commits (see ShardWriter)
 # The scratch LMDB's first map (address space, not disk; the shard stores its data's size): room
@@ -80,15 +79,6 @@ def lmdb_key(record_id: int, name: str, id_width: int = 8) -> bytes:
     return key[:LMDB_MAX_KEY]
 
 
-def shard_paths(name: str) -> dict[str, str]:
-    """Paths of a shard's files relative to the dataset root."""
-    return {
-        "lmdb": f"{LMDB_DIR}/{name}",
-        "rec": f"{RECORDIO_DIR}/{name}.rec",
-        "idx": f"{RECORDIO_DIR}/{name}.idx",
-    }
-
-
 def dir_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -107,7 +97,7 @@ def compact_lmdb(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True)
     # Into a descriptor of our own: LMDB's copy to a path writes with O_DIRECT, each write waiting
     # for the disk (0.43 s against 0.10 s for 70 MB, the same bytes); one fsync then makes it durable.
-    fd = os.open(dst / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    fd = os.open(dst / LMDB_DATA_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with lmdb.open(str(src), map_size=1, readonly=True, lock=False, subdir=True) as env:
             env.copyfd(fd, compact=True)
@@ -129,7 +119,7 @@ def reserves_too_much(path: Path) -> bool:
     or up to ~1.5x it where records were inserted out of key order (half-full B-tree pages).
     Twice the data plus 1 MiB separates that from a writer's reservation.
     """
-    return lmdb_map_size(path) > 2 * (path / "data.mdb").stat().st_size + (1 << 20)
+    return lmdb_map_size(path) > 2 * (path / LMDB_DATA_FILE).stat().st_size + (1 << 20)
 
 
 class ShardWriter:

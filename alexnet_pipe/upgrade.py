@@ -16,10 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import PARTS_DIR
 from .errors import DatasetError
 from .fsutil import atomic_write_json, fsync_dir, remove
-from .manifest import DATASET_VERSION, MANIFEST_FILE, Dataset, load_dataset
+from .layout import LMDB_DATA_FILE, LMDB_LOCK_FILE, MANIFEST_FILE, part_path
+from .manifest import DATASET_VERSION, Dataset, load_dataset
 from .shards import compact_lmdb, dir_size, reserves_too_much
 
 
@@ -41,8 +41,8 @@ def _compact_in_place(path: Path) -> None:
     tmp = path.parent / f".{path.name}.upgrade"
     remove(tmp)  # left by an interrupted run
     compact_lmdb(path, tmp)
-    os.replace(tmp / "data.mdb", path / "data.mdb")
-    remove(path / "lock.mdb")  # a reader's lock file from the old environment, if any
+    os.replace(tmp / LMDB_DATA_FILE, path / LMDB_DATA_FILE)
+    remove(path / LMDB_LOCK_FILE)  # a reader's lock file from the old environment, if any
     fsync_dir(path)
     remove(tmp)
 
@@ -50,7 +50,7 @@ def _compact_in_place(path: Path) -> None:
 def _update_part(root: Path, name: str, size: int) -> None:
     """The shard's completion record gets its new size too: a convert rerun (or --repair) rebuilds
     the manifest from the completion records."""
-    part = root / PARTS_DIR / f"{name}.json"
+    part = root / part_path(name)
     try:
         record = json.loads(part.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -76,7 +76,7 @@ def run_upgrade(root: Path) -> UpgradeResult:
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 path = root / shard["lmdb"]["path"]
-                if not (path / "data.mdb").is_file():
+                if not (path / LMDB_DATA_FILE).is_file():
                     raise DatasetError(f"{path} is missing; the dataset cannot be upgraded, only reconverted")
                 if reserves_too_much(path):
                     _compact_in_place(path)

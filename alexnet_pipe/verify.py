@@ -31,10 +31,11 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from .checksum import PARTS_DIR, RecordDigest, decode_record_sums, record_sums_path
+from .checksum import RecordDigest, decode_record_sums
 from .config import VerifyConfig
 from .datum import decode_datum
 from .errors import AlexnetPipeError
+from .layout import INPUTS_FILE, MANIFEST_FILE, MEAN_FILE, PARTS_DIR, SHORT_SIDE_COUNTS_BELOW, record_sums_path
 from .manifest import Dataset, load_dataset, unknown_fields
 from .mean import ChannelMean, PixelStats, load_dataset_mean
 from .recordio import iter_records, read_index, unpack_payload
@@ -45,8 +46,6 @@ MAX_PROBLEMS_PER_SHARD = 50
 EXTRA_RECORDS = 1000  # read at most this many records past the manifest's count (a loop in corrupt data ends)
 STALL_SECONDS = 120.0  # a checker silent this long is stuck in corrupt data: killed and reported
 TICK_SECONDS = 0.5  # how often a checker reports progress
-INPUTS_FILE = ".convert-inputs.json"  # convert.INPUTS_FILE: where the raw inputs were (verify --repair)
-SHORT_SIDE_COUNTS_BELOW = 512  # convert.SHORT_SIDE_COUNTS_BELOW: the manifest counts stored short sides below this
 
 
 @dataclass(frozen=True)
@@ -549,21 +548,21 @@ def _verify_mean(ds: Dataset) -> list[Problem]:
     try:
         mean: ChannelMean = load_dataset_mean(ds.root)
     except AlexnetPipeError as exc:
-        return [Problem("mean.json", None, str(exc))]
+        return [Problem(MEAN_FILE, None, str(exc))]
     if not mean.images:  # an upgraded old mean (update-mean): nothing here to check it against
         return []
     problems = []
     train = ds.split("train")["records"] if "train" in ds.splits() else 0
     if mean.images != train:
-        problems.append(Problem("mean.json", None, f"says it averages {mean.images} images, the train split holds "
-                                                   f"{train} records"))
+        problems.append(Problem(MEAN_FILE, None, f"says it averages {mean.images} images, the train split holds "
+                                                 f"{train} records"))
     stats = _train_part_stats(ds)
     if stats is not None and stats.pixels:
         expected = stats.to_mean(mean.source)
         # The same integer sums give the same floats, and JSON keeps floats exactly: compare exactly.
         if (mean.channel_order, mean.mean, mean.std, mean.pixels) != (expected.channel_order, expected.mean,
                                                                        expected.std, expected.pixels):
-            problems.append(Problem("mean.json", None, (
+            problems.append(Problem(MEAN_FILE, None, (
                 f"mean {list(mean.mean)} (std {mean.std and list(mean.std)}, {mean.pixels} pixels) is not what the "
                 f"pixel sums convert recorded in {PARTS_DIR}/ give: {list(expected.mean)} (std {list(expected.std)}, "
                 f"{expected.pixels} pixels); the file was edited or damaged: rerun the alexnet-pipe convert command "
@@ -642,7 +641,7 @@ def _verify_mean_image(ds: Dataset) -> list[Problem]:
 
 def _verify_fields(ds: Dataset) -> list[Problem]:
     unknown = unknown_fields(ds.manifest)
-    return [Problem("manifest.json", None,
+    return [Problem(MANIFEST_FILE, None,
                     f"has fields this alexnet-pipe never writes ({', '.join(map(repr, unknown[:5]))}"
                     f"{', ...' if len(unknown) > 5 else ''}): the manifest was edited or damaged; "
                     f"rerun the alexnet-pipe convert command that made {ds.root} to rewrite it")
