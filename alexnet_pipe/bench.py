@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import default_read_workers, default_workers
+from .errors import ConfigError, InputError
 from .model import AlexNet, AlexNetConfig, compile_fixed_batch, param_groups
 
 PIL_PREFETCH = 2  # the PIL DataLoader's prefetch_factor (torch's default): batches queued per worker
@@ -61,17 +62,17 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.iterations <= self.warmup:
-            raise ValueError(f"iterations ({self.iterations}) must exceed warmup ({self.warmup})")
+            raise ConfigError(f"iterations ({self.iterations}) must exceed warmup ({self.warmup})")
         if self.backend not in ("gpu", "cpu"):
-            raise ValueError(f"backend must be gpu or cpu, got {self.backend}")
+            raise ConfigError(f"backend must be gpu or cpu, got {self.backend}")
         if self.datatype not in ("f32", "bf16", "f16"):
-            raise ValueError(f"datatype must be f32, bf16 or f16, got {self.datatype}")
+            raise ConfigError(f"datatype must be f32, bf16 or f16, got {self.datatype}")
         if self.throughput_steps < 1 or self.warmup < 0 or self.min_seconds < 0:
-            raise ValueError("throughput_steps must be >= 1, warmup and min_seconds >= 0")
+            raise ConfigError("throughput_steps must be >= 1, warmup and min_seconds >= 0")
         if self.read_workers is None:  # frozen: resolved once, so replace() keeps the value
             object.__setattr__(self, "read_workers", default_read_workers(self.backend))
         if self.read_workers < 0:
-            raise ValueError(f"read workers must be >= 0, got {self.read_workers}")
+            raise ConfigError(f"read workers must be >= 0, got {self.read_workers}")
 
 
 class _Clock:
@@ -194,7 +195,7 @@ class Epochs:
                 got += 1
                 yield item
             if not got:
-                raise ValueError("the data set yields no training batches")
+                raise InputError("the data set yields no training batches")
 
 
 def steady_rate(batches: Iterator, consume: Callable, count: Callable, *, skip: int, steps: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import protobuf as pb
-from .errors import FormatError
+from .errors import FormatError, InputError
 
 
 def encode_blobproto(arr: np.ndarray) -> bytes:
@@ -23,7 +23,7 @@ def encode_blobproto(arr: np.ndarray) -> bytes:
     """
     arr = np.asarray(arr)
     if arr.ndim > 4:
-        raise ValueError(f"a legacy BlobProto holds at most 4 axes, got shape {arr.shape}")
+        raise InputError(f"a legacy BlobProto holds at most 4 axes, got shape {arr.shape}")
     dims = (1,) * (4 - arr.ndim) + arr.shape
     parts = [pb.varint_field(number, dim) for number, dim in zip((1, 2, 3, 4), dims)]
     data = np.ascontiguousarray(arr, dtype="<f4").tobytes()

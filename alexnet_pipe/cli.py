@@ -17,7 +17,8 @@ from .config import (
     ImageSettings,
     UpdateMeanConfig,
     VerifyConfig,
-    default_read_workers,
+    default_backend,
+    default_datatype,
     default_workers,
 )
 from .errors import AlexnetPipeError
@@ -27,14 +28,30 @@ _EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 _LIST_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
+_VERBOSE = "alexnet_pipe.verbose"
+
+
 class _Group(click.Group):
-    """Turns our typed errors (and bad config values) into one clean line, exit code 1."""
+    """Turns our typed errors (AlexnetPipeError: bad input, bad settings as ConfigError, a damaged
+    file) into one clean line, exit code 1; click's own errors pass through as click prints them.
+
+    Anything else is a bug, not the user's input (a ValueError inside numpy, a KeyError): with -v it
+    propagates with its traceback; without -v it is one line, exit code 1, that names the exception
+    and says to rerun with -v for the traceback (a user is not handed a wall of text by default, and
+    nothing is passed off as their mistake)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (AlexnetPipeError, ValueError) as exc:
+        except AlexnetPipeError as exc:
             raise click.ClickException(str(exc)) from exc
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if ctx.params.get("verbose") or ctx.meta.get(_VERBOSE):  # -v, before or after the command
+                raise
+            raise click.ClickException(f"internal error, not a problem with the input: {type(exc).__name__}: {exc} "
+                                       "(rerun with -v for the traceback, and please report it)") from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,6 +92,7 @@ def opt(*decls: str, **kw):
 def _verbose(ctx, param, value):
     if value:
         logging.getLogger().setLevel(logging.DEBUG)
+        ctx.meta[_VERBOSE] = True  # shared with the group's context: _Group shows a bug's traceback
     return value
 
 
@@ -437,25 +455,35 @@ def _test_options(fn):
     return fn
 
 
-def _train_config(test_only: bool, kw: dict):
-    import torch
+def train_config(kw: dict, test_only: bool):
+    """The TrainConfig of `train` (``test_only`` False) or `test` (True) from their parsed options
+    ``kw`` (a click context's params; consumed). Options the user left out arrive as None/"auto" and
+    TrainConfig resolves them itself (backend, datatype, read workers, crop, --normalize-std), so the
+    CLI and ``TrainConfig(data_dir=...)`` from Python run alike. Only these are the CLI's own:
 
+    - progress_bar follows the terminal (a bar on a tty, a log line every 30 s otherwise);
+    - shard_id / num_shards / device_id come from torchrun's or SLURM's variables (_torchrun_rank);
+    - save_path: a training run without -s writes alexnet-runs/<date-time>/alexnet.pt. This stays
+      here, not in TrainConfig: a trained model from the command line must never be discarded, but
+      a config built in Python (tests, benchmarks, inspect, a notebook) must not write files into
+      the current directory that nobody asked for; a caller that wants weights passes save_path.
+    """
     from .config import TrainConfig
 
-    kw.pop("nproc")
-    backend = kw.pop("backend") or ("gpu" if torch.cuda.is_available() else "cpu")
-    if kw.get("save_path") is None and not (test_only or kw.get("test_only")):  # a trained model is never discarded
+    kw = dict(kw)
+    kw.pop("nproc", None)
+    test_only = bool(kw.pop("test_only", False)) or test_only
+    if kw.get("save_path") is None and not test_only:  # a trained model is never discarded
         import time
 
         kw["save_path"] = Path("alexnet-runs") / time.strftime("%Y%m%d-%H%M%S") / "alexnet.pt"
-    datatype = kw.pop("datatype") or ("bf16" if backend == "gpu" else "f32")
-    threads = kw.pop("data_threads")
-    extra = {"data_threads": threads} if threads else {}
+    for name, auto in (("backend", "auto"), ("datatype", "auto")):
+        kw[name] = kw[name] or auto
+    if kw.get("data_threads") is None:
+        kw.pop("data_threads", None)  # TrainConfig's default
     return TrainConfig(
-        backend=backend, datatype=datatype, test_only=kw.pop("test_only") or test_only,
-        progress=not kw.pop("no_progress"), progress_bar=sys.stderr.isatty(), compile=kw.pop("compile_model", False),
-        read_workers=_default(kw.pop("read_workers"), default_read_workers(backend)),
-        **_torchrun_rank(kw), **kw, **extra,
+        test_only=test_only, progress=not kw.pop("no_progress"), progress_bar=sys.stderr.isatty(),
+        compile=kw.pop("compile_model", False), **_torchrun_rank(kw), **kw,
     )
 
 
@@ -498,7 +526,7 @@ def _launch(nproc: int, backend: str | None) -> None:
     gpus = torch.cuda.device_count()
     # Every rank started here inherits this process's CUDA_VISIBLE_DEVICES and takes device
     # LOCAL_RANK of what it sees (distributed.local_device): one rank per visible GPU, never shared.
-    if (backend or ("gpu" if gpus else "cpu")) == "gpu" and gpus < nproc:
+    if (backend or default_backend()) == "gpu" and gpus < nproc:
         fix = f"pass --nproc {gpus} or -b cpu" if gpus else "pass -b cpu"
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         limit = f" (CUDA_VISIBLE_DEVICES={visible} limits what it sees)" if visible is not None else ""
@@ -517,10 +545,6 @@ def _launch(nproc: int, backend: str | None) -> None:
             deaths.append(f"rank {rank} ended with {how}")
         raise click.ClickException(f"the {nproc}-rank job failed: {'; '.join(deaths)} (each rank's own message is "
                                    "above); resume from the last checkpoint with --model-file") from None
-
-
-def _default(value, fallback):
-    return fallback if value is None else value
 
 
 def _run_training(cfg) -> None:
@@ -608,9 +632,7 @@ def train(**kw):
     if kw["nproc"] > 1:
         _launch(kw["nproc"], kw["backend"])
         return
-    crop, std = kw.pop("crop"), kw.pop("normalize_std")
-    kw.update(crop=crop or 224, normalize_std=bool(std), settings_from_weights=(crop is None, std is None))
-    _run_training(_train_config(False, kw))
+    _run_training(train_config(kw, test_only=False))
 
 
 @main.command("test")
@@ -628,10 +650,7 @@ def test_cmd(**kw):
     if kw["nproc"] > 1:
         _launch(kw["nproc"], kw["backend"])
         return
-    crop, std = kw.pop("crop"), kw.pop("normalize_std")
-    kw.update(test_only=True, crop=crop or 224, normalize_std=bool(std), settings_from_weights=(crop is None,
-                                                                                               std is None))
-    _run_training(_train_config(True, kw))
+    _run_training(train_config(kw, test_only=True))
 
 
 @main.command()
@@ -680,11 +699,8 @@ def inspect(root, output, split, count, crop, rng_seed, normalize_std, backend, 
     if mean_image:
         click.echo(f"wrote {draw_mean_image(root, output)}")
         return
-    if backend is None:
-        import torch
-
-        backend = "gpu" if torch.cuda.is_available() else "cpu"
-    path = inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend, epoch - 1)
+    path = inspect_batch(root, output, split, count, crop, rng_seed, normalize_std, backend or default_backend(),
+                         epoch - 1)
     click.echo(f"wrote {path}")
 
 
@@ -727,9 +743,9 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
 
     from .bench import BenchConfig, check_device, format_rows, run_benchmark
 
-    backend = backend or ("gpu" if torch.cuda.is_available() else "cpu")
+    backend = backend or default_backend()
     cfg = BenchConfig(backend=backend, device_id=device_id, batch_size=batch_size, crop=crop,
-                      datatype=datatype or ("bf16" if backend == "gpu" else "f32"), channels_last=not nchw,
+                      datatype=datatype or default_datatype(backend), channels_last=not nchw,
                       compile=compile_model, iterations=iterations, throughput_steps=throughput_steps,
                       data_dir=data_dir, loader_dir=loader_dir)
     check_device(cfg)
@@ -811,12 +827,8 @@ def predict(images, model_file, batch_size, backend, device_id, as_json):
     """
     from .predict import PredictConfig, format_table, run_predict
 
-    if backend is None:
-        import torch
-
-        backend = "gpu" if torch.cuda.is_available() else "cpu"
     result = run_predict(PredictConfig(model_file=model_file, inputs=tuple(images), batch_size=batch_size,
-                                       backend=backend, device_id=device_id))
+                                       backend=backend or default_backend(), device_id=device_id))
     if result.passed_over:
         shown = ", ".join(result.passed_over[:3]) + (", ..." if len(result.passed_over) > 3 else "")
         click.echo(f"passed over {len(result.passed_over)} file(s) in the folders that are not images by their "

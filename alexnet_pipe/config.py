@@ -9,6 +9,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError
+
 FORMATS = ("lmdb", "recordio")
 
 
@@ -25,6 +27,19 @@ def default_read_workers(backend: str) -> int:
     there); on the GPU a quarter of the cores, 1 to 4, since reading a record costs 10-25 us of
     Python, which at GPU rates belongs off the training thread."""
     return 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))
+
+
+def default_backend() -> str:
+    """"gpu" when torch sees a CUDA device, else "cpu": the one "GPU when present" rule of every
+    command (train, test, inspect, benchmark, predict, --nproc) and of ``TrainConfig(backend="auto")``."""
+    import torch  # here, not at the top: the converter's processes never need torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def default_datatype(backend: str) -> str:
+    """bf16 autocast on the GPU (tensor cores, no loss scaling), f32 on the CPU."""
+    return "bf16" if backend == "gpu" else "f32"
 
 
 # How the converter scales: "antialias" (a Gaussian pre-blur for the scale, then bicubic; closest
@@ -47,15 +62,15 @@ class ImageSettings:
 
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
-            raise ValueError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {self.resize_filter!r}")
+            raise ConfigError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {self.resize_filter!r}")
         if self.short_side < 0:
-            raise ValueError(f"short side must be >= 0 (0 keeps the size), got {self.short_side}")
+            raise ConfigError(f"short side must be >= 0 (0 keeps the size), got {self.short_side}")
         if not 1 <= self.quality <= 100:
-            raise ValueError(f"JPEG quality must be in 1..100, got {self.quality}")
+            raise ConfigError(f"JPEG quality must be in 1..100, got {self.quality}")
         if self.max_pixels < 1:
-            raise ValueError(f"max pixels must be >= 1, got {self.max_pixels}")
+            raise ConfigError(f"max pixels must be >= 1, got {self.max_pixels}")
         if self.max_file_mb < 1:
-            raise ValueError(f"max file size must be >= 1 MiB, got {self.max_file_mb}")
+            raise ConfigError(f"max file size must be >= 1 MiB, got {self.max_file_mb}")
 
     @property
     def mean_size(self) -> int:
@@ -88,26 +103,26 @@ class ConvertConfig:
 
     def __post_init__(self) -> None:
         if self.repair and self.force:
-            raise ValueError("--repair keeps the conversion in OUT and --force discards it: use one of them")
+            raise ConfigError("--repair keeps the conversion in OUT and --force discards it: use one of them")
         if self.repair and self.part is not None:
-            raise ValueError("--repair checks and rewrites every shard of OUT: run it without --part")
+            raise ConfigError("--repair checks and rewrites every shard of OUT: run it without --part")
         if self.val_list is not None and self.train_list is None:
-            raise ValueError("--list-val needs --list, the list of the training images")
+            raise ConfigError("--list-val needs --list, the list of the training images")
         if self.train_list is not None and self.val_labels is not None:
-            raise ValueError("--val-labels labels a flat val/ folder; with --list, give the validation list "
+            raise ConfigError("--val-labels labels a flat val/ folder; with --list, give the validation list "
                              "with --list-val")
         if self.val_ratio is not None and not 0 < self.val_ratio < 1:
-            raise ValueError(f"--val-ratio must be between 0 and 1 (0.05: 5% of each class), got {self.val_ratio}")
+            raise ConfigError(f"--val-ratio must be between 0 and 1 (0.05: 5% of each class), got {self.val_ratio}")
         if self.val_ratio is not None and self.val_list is not None:
-            raise ValueError("--val-ratio carves a validation split, and --list-val gives one: use one of them")
+            raise ConfigError("--val-ratio carves a validation split, and --list-val gives one: use one of them")
         if self.part is not None and not (self.part[1] >= 1 and 0 <= self.part[0] < self.part[1]):
-            raise ValueError(f"part must be I/N with 0 <= I < N, got {self.part[0]}/{self.part[1]}")
+            raise ConfigError(f"part must be I/N with 0 <= I < N, got {self.part[0]}/{self.part[1]}")
         if not self.formats or any(f not in FORMATS for f in self.formats):
-            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
+            raise ConfigError(f"formats must be a non-empty subset of {FORMATS}, got {self.formats}")
         if self.shard_size < 1:
-            raise ValueError(f"shard size must be >= 1, got {self.shard_size}")
+            raise ConfigError(f"shard size must be >= 1, got {self.shard_size}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
     def settings(self) -> dict:
         """The settings that define the output bytes (recorded in the manifest)."""
@@ -139,7 +154,7 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +167,7 @@ class UpdateMeanConfig:
 
     def __post_init__(self) -> None:
         if self.channel_order not in (None, "rgb", "bgr"):
-            raise ValueError(f"channel order must be rgb or bgr, got {self.channel_order}")
+            raise ConfigError(f"channel order must be rgb or bgr, got {self.channel_order}")
 
 
 DATATYPES = ("f32", "bf16", "f16")
@@ -161,7 +176,18 @@ FREEZE_CHOICES = ("none", "conv", "features")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Inputs of `train` / `test`. Flag names follow the neon model-zoo script."""
+    """Inputs of `train` / `test`. Flag names follow the neon model-zoo script.
+
+    The defaults are the CLI's (``alexnet-pipe train -w DIR`` runs ``TrainConfig(data_dir=DIR)``;
+    tests/test_config_defaults.py holds them together). The ones that depend on the machine or on
+    the weights are written "auto" or None and resolved in ``__post_init__`` (``_resolve``), so
+    every instance, and so every ``to_dict`` stored in a checkpoint, holds concrete values:
+    backend "auto" -> ``default_backend()``; datatype "auto" -> ``default_datatype(backend)``;
+    read_workers None -> ``default_read_workers(backend)``; crop None -> 224 and normalize_std
+    None -> False, each also marked in ``settings_from_weights`` so that a ``model_file`` supplies
+    it. ``dataclasses.replace`` keeps resolved values (a replace of backend alone does not redo
+    datatype or read_workers: pass them too).
+    """
 
     data_dir: Path
     epochs: int = 10
@@ -171,32 +197,34 @@ class TrainConfig:
     model_file: Path | None = None  # weights to start from, or a checkpoint to resume
     test_only: bool = False
     per_class_file: Path | None = None  # test: per-class results (.json, and a .png beside it)
-    settings_from_weights: tuple[bool, bool] = (False, False)  # take (crop, normalize_std) from model_file (not given)
+    # take (crop, normalize_std) from model_file; set by _resolve for a crop / normalize_std of None
+    settings_from_weights: tuple[bool, bool] = (False, False)
     eval_freq: int = 1
-    backend: str = "cpu"  # "gpu" or "cpu"; the CLI picks gpu when one is present
+    backend: str = "auto"  # "gpu", "cpu" or "auto": gpu when one is present (default_backend)
     device_id: int = 0
     rng_seed: int = 0
-    datatype: str = "f32"
+    datatype: str = "auto"  # f32, bf16, f16 or "auto": bf16 on the GPU, f32 on the CPU (default_datatype)
     batch_size: int = 128
     subset_pct: float = 100.0
     output_file: Path | None = None  # per-epoch metrics, JSON lines
     progress: bool = True
     progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
     tensorboard_dir: Path | None = None  # also write TensorBoard scalars here
-    crop: int = 224
+    crop: int | None = None  # None: model_file's crop, else 224
     lr: float = 0.01  # weights; biases get lr * bias_lr_mult (neon: 0.02)
     bias_lr_mult: float = 2.0
     lr_step: int = 20  # lr x lr_gamma every lr_step epochs (neon's Schedule(20, 0.1))
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4  # weights only; biases get none
-    normalize_std: bool = False  # divide by the per-channel std after mean subtraction
+    normalize_std: bool | None = None  # divide by the per-channel std after the mean (None: model_file's, else no)
     init: str = "neon"  # weight init: neon (model zoo) or kaiming (small data sets, see model.py)
     channels_last: bool = True  # NHWC activations: faster in cuDNN and oneDNN alike (CPU: ~20%)
     compile: bool = False  # torch.compile the model (GPU)
     reader: str = "auto"  # lmdb / recordio / auto
     data_threads: int = field(default_factory=lambda: min(4, default_workers()))
-    read_workers: int = 0  # processes reading records for DALI (0: in the training process)
+    read_workers: int | None = None  # processes reading records for DALI (0: in the training process;
+    # None: default_read_workers(backend))
     # DALI's decoding knobs (tools/dali_sweep.py measures them): the hardware JPEG decoder's share
     # (A100/H100; None: DALI's own default), nvJPEG upsampling chroma as libjpeg-turbo does, the
     # pipeline's prefetch depth, and decoding only the crop window (off by itself for images
@@ -218,12 +246,37 @@ class TrainConfig:
     head_lr_mult: float = 10.0  # fine-tuning: a new fc8 learns at lr x this (Caffe's fine-tuning practice)
 
     def __post_init__(self) -> None:
+        self._resolve()
+        self._check()
+
+    def _resolve(self) -> None:
+        """Replace every "auto"/None default by its value on this machine (frozen: object.__setattr__).
+        Idempotent, so ``dataclasses.replace`` and a second pass keep the values."""
+        def put(name: str, value) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.backend == "auto":
+            put("backend", default_backend())
+        if self.datatype == "auto":
+            put("datatype", default_datatype(self.backend))
+        if self.read_workers is None:
+            put("read_workers", default_read_workers(self.backend))
+        crop_from, std_from = self.settings_from_weights
+        if self.crop is None:
+            put("crop", 224)
+            crop_from = True
+        if self.normalize_std is None:
+            put("normalize_std", False)
+            std_from = True
+        put("settings_from_weights", (bool(crop_from), bool(std_from)))
+
+    def _check(self) -> None:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.serialize >= 0, f"--serialize must be >= 0, got {self.serialize}"),
             (self.eval_freq >= 0, f"--eval-freq must be >= 0, got {self.eval_freq}"),
-            (self.backend in ("gpu", "cpu"), f"backend must be gpu or cpu, got {self.backend}"),
-            (self.datatype in DATATYPES, f"datatype must be one of {DATATYPES}, got {self.datatype}"),
+            (self.backend in ("gpu", "cpu"), f"backend must be gpu, cpu or auto, got {self.backend}"),
+            (self.datatype in DATATYPES, f"datatype must be auto or one of {DATATYPES}, got {self.datatype}"),
             (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
             (0 < self.subset_pct <= 100, f"--subset-pct must be in (0, 100], got {self.subset_pct}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -254,7 +307,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     def resolved_allreduce_dtype(self) -> str:
         return self.allreduce_dtype or ("bf16" if self.datatype == "bf16" else "f32")

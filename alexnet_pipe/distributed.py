@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 
 
 def launched(env: Mapping[str, str]) -> bool:
@@ -98,9 +98,9 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside 0..{self.world_size - 1}")
+            raise ConfigError(f"rank {self.rank} outside 0..{self.world_size - 1}")
         if self.timeout_s <= 0:
-            raise ValueError(f"the distributed timeout must be > 0 s, got {self.timeout_s}")
+            raise ConfigError(f"the distributed timeout must be > 0 s, got {self.timeout_s}")
 
 
 class Dist:

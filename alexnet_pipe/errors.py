@@ -39,3 +39,13 @@ class TrainingError(AlexnetPipeError):
 
 class BusyError(AlexnetPipeError):
     """Another process is writing the same output."""
+
+
+class InputError(AlexnetPipeError, ValueError):
+    """A value the user gave (an option, an argument, a file's content) that cannot be used. A
+    ValueError too, so callers that catch ValueError keep working."""
+
+
+class ConfigError(InputError):
+    """A setting is out of range or conflicts with another (a config's ``__post_init__`` check).
+    A ValueError too, so callers that catch ValueError for bad settings keep working."""

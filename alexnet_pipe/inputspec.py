@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 CHANNEL_ORDERS = ("RGB", "BGR")
 Triple = tuple[float, float, float]
 
@@ -32,13 +34,13 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         if self.channel_order not in CHANNEL_ORDERS:
-            raise ValueError(f"channel order must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
+            raise InputError(f"channel order must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         if tuple(self.value_range) not in ((0.0, 255.0), (0.0, 1.0)):
-            raise ValueError(f"value range must be 0..255 or 0..1, got {self.value_range}")
+            raise InputError(f"value range must be 0..255 or 0..1, got {self.value_range}")
         if len(self.mean_rgb) != 3 or (self.std_rgb is not None and len(self.std_rgb) != 3):
-            raise ValueError("mean and std need three values each (R, G, B)")
+            raise InputError("mean and std need three values each (R, G, B)")
         if self.std_rgb is not None and min(self.std_rgb) <= 0:
-            raise ValueError(f"std values must be > 0, got {self.std_rgb}")
+            raise InputError(f"std values must be > 0, got {self.std_rgb}")
 
     @classmethod
     def from_data(cls, data: Mapping, crop: int) -> InputSpec:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .blobproto import encode_blobproto
-from .errors import DatasetError, FormatError, OldMeanFormatError
+from .errors import DatasetError, FormatError, InputError, OldMeanFormatError
 from .fsutil import atomic_write_bytes, atomic_write_json
 from .layout import MEAN_FILE, MEAN_IMAGE_BINARYPROTO, MEAN_IMAGE_NPY, OLD_MEAN_FILES
 
@@ -51,9 +51,9 @@ class ChannelMean:
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel order must be RGB or BGR, got {self.channel_order}")
+            raise InputError(f"channel order must be RGB or BGR, got {self.channel_order}")
         if len(self.mean) != 3 or (self.std is not None and len(self.std) != 3):
-            raise ValueError("mean and std need exactly three channels")
+            raise InputError("mean and std need exactly three channels")
 
     def rgb(self) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
         """(mean, std) in RGB order, the order DALI decodes to."""

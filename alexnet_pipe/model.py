@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 __all__ = [
     "MIN_CROP",
     "AlexNet",
@@ -142,7 +144,7 @@ class LRN(nn.LocalResponseNorm):
 
     def set_impl(self, impl: str, backend: str = "inductor") -> None:
         if impl not in LRN_IMPLS:
-            raise ValueError(f"LRN impl must be one of {LRN_IMPLS}, got {impl!r}")
+            raise InputError(f"LRN impl must be one of {LRN_IMPLS}, got {impl!r}")
         self.impl, self.backend = impl, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +201,7 @@ def fc6_in_features(crop: int) -> int:
     """
     s = pool5_size(crop)
     if s < 1:
-        raise ValueError(
+        raise InputError(
             f"crop {crop} is too small for AlexNet: pool5 would be empty; "
             f"the smallest crop is {MIN_CROP} (neon uses 224, Caffe 227)"
         )
@@ -217,22 +219,22 @@ class AlexNetConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+            raise InputError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         for name in ("num_classes", "crop"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+            raise InputError(f"num_classes must be >= 1, got {self.num_classes}")
         if self.crop < MIN_CROP:
-            raise ValueError(
+            raise InputError(
                 f"crop must be >= {MIN_CROP} so that pool5 is at least 1x1, got {self.crop} "
                 f"(neon uses 224, Caffe 227)"
             )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise TypeError(f"dropout must be a float, got {self.dropout!r}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
         """Plain JSON-friendly dict, the inverse of ``from_dict``.
@@ -255,7 +257,7 @@ class AlexNetConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"unknown AlexNetConfig keys {unknown}; expected a subset of {sorted(known)}"
             )
         return cls(**dict(d))
@@ -330,7 +332,7 @@ class AlexNet(nn.Module):
         current one. Returns the model."""
         if input_channels is not None:
             if input_channels not in INPUT_CHANNELS:
-                raise ValueError(f"input_channels must be one of {INPUT_CHANNELS}, got {input_channels!r}")
+                raise InputError(f"input_channels must be one of {INPUT_CHANNELS}, got {input_channels!r}")
             self.input_channels = input_channels
         if lrn is not None:
             for norm in (self.norm1, self.norm2):
@@ -361,7 +363,7 @@ class AlexNet(nn.Module):
         N x 4 x crop x crop with ``input_channels=4``."""
         crop, channels = self.cfg.crop, self.input_channels
         if x.dim() != 4 or tuple(x.shape[1:]) != (channels, crop, crop):
-            raise ValueError(
+            raise InputError(
                 f"expected input N x {channels} x {crop} x {crop}, got {tuple(x.shape)}; "
                 f"the model's crop must match the pipeline's (AlexNetConfig(crop=...))"
             )
@@ -458,7 +460,7 @@ class TorchvisionAlexNet(nn.Module):
         """Logits, N x num_classes, for N x 3 x crop x crop float input."""
         crop = self.cfg.crop
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, crop, crop):
-            raise ValueError(f"expected input N x 3 x {crop} x {crop}, got {tuple(x.shape)}")
+            raise InputError(f"expected input N x 3 x {crop} x {crop}, got {tuple(x.shape)}")
         x = torch.flatten(self.features(x), 1)
         x = F.relu(self.fc6(self.drop5(x)))
         x = F.relu(self.fc7(self.drop6(x)))
@@ -497,7 +499,7 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None, sch
         scheme: one of INIT_SCHEMES.
     """
     if scheme not in INIT_SCHEMES:
-        raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+        raise InputError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
     convs = getattr(model, "convs", _CONVS)
     if scheme == "neon":
         layers = [(c.name, _CONV_STD, c.bias) for c in convs] + [(f.name, f.std, f.bias) for f in _FCS]
@@ -535,11 +537,11 @@ def param_groups(
         ``[{"name": "weights", ...}, {"name": "biases", ...}, ...]``, every trainable parameter in one.
     """
     if lr < 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
+        raise InputError(f"lr must be >= 0, got {lr}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
     if bias_lr_mult < 0 or head_lr_mult < 0:
-        raise ValueError(f"lr multipliers must be >= 0, got {bias_lr_mult} and {head_lr_mult}")
+        raise InputError(f"lr multipliers must be >= 0, got {bias_lr_mult} and {head_lr_mult}")
     groups: dict[str, list] = {name: [] for name in GROUP_NAMES[: 4 if head else 2]}
     for name, p in model.named_parameters():
         if not p.requires_grad:

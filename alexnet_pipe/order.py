@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ConfigError
+
 _STREAM = 0xA1E7  # separates this random stream from any other use of the run's seed
 
 
@@ -40,11 +42,11 @@ class OrderConfig:
 
     def __post_init__(self) -> None:
         if self.records < 1:
-            raise ValueError("a split needs at least one record")
+            raise ConfigError("a split needs at least one record")
         if not 0 <= self.shard_id < self.num_shards:
-            raise ValueError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
+            raise ConfigError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
         if not 0 < self.subset_pct <= 100:
-            raise ValueError(f"subset percentage must be in (0, 100], got {self.subset_pct}")
+            raise ConfigError(f"subset percentage must be in (0, 100], got {self.subset_pct}")
 
     @property
     def epoch_records(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DatasetError, TrainingError
+from .errors import ConfigError, DatasetError, InputError, TrainingError
 from .manifest import Dataset
 from .order import OrderConfig
 from .records import record_table
@@ -62,19 +62,19 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 <= self.shard_id < self.num_shards:
-            raise ValueError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
+            raise ConfigError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
         if self.reader not in ("auto", "lmdb", "recordio"):
-            raise ValueError(f"reader must be auto, lmdb or recordio, got {self.reader}")
+            raise ConfigError(f"reader must be auto, lmdb or recordio, got {self.reader}")
         if self.read_workers < 0:
-            raise ValueError(f"read workers must be >= 0, got {self.read_workers}")
+            raise ConfigError(f"read workers must be >= 0, got {self.read_workers}")
         if self.hw_decoder_load is not None and not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
+            raise ConfigError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
         if self.prefetch < 1:
-            raise ValueError(f"prefetch depth must be >= 1, got {self.prefetch}")
+            raise ConfigError(f"prefetch depth must be >= 1, got {self.prefetch}")
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel order must be RGB or BGR, got {self.channel_order}")
+            raise ConfigError(f"channel order must be RGB or BGR, got {self.channel_order}")
 
 
     def knobs(self) -> dict:
@@ -189,7 +189,7 @@ class Loader:
         self.epoch = epoch  # the epoch the next pass yields
         self.start_step = start_step  # the step the next pass starts at (a run resumed mid-epoch)
         if start_step * cfg.batch_size >= max(self.samples, 1):
-            raise ValueError(f"step {start_step} is past the end of an epoch of {len(self)} steps")
+            raise InputError(f"step {start_step} is past the end of an epoch of {len(self)} steps")
         try:
             self._pipe = build_pipeline(self.source, cfg)
             self._pipe.build()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import AlexnetPipeError, FormatError
+from .errors import AlexnetPipeError, FormatError, InputError
 from .fsutil import fsync_dir
 
 if TYPE_CHECKING:
@@ -108,14 +108,14 @@ def _check_number(value, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where} is {value!r}, expected a number")
+        raise InputError(f"{where} is {value!r}, expected a number")
     return float(value)
 
 
 def _check_epoch(value, where: str) -> int:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or value != int(value) or value < 0:
-        raise ValueError(f"{where} is {value!r}, expected a whole number >= 0")
+        raise InputError(f"{where} is {value!r}, expected a whole number >= 0")
     return int(value)
 
 
@@ -207,12 +207,12 @@ def epoch_rows(rows: Sequence[dict]) -> tuple[list[dict], list[int]]:
     prev: dict | None = None
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
-            raise ValueError(f"row {i} is {type(r).__name__}, expected a dict (read_metrics returns them)")
+            raise InputError(f"row {i} is {type(r).__name__}, expected a dict (read_metrics returns them)")
         if r.get("event") in RESUME_EVENTS:
             resumes.add(_check_epoch(r.get("after_epoch"), f"row {i}: after_epoch"))
             continue
         if "epoch" not in r:
-            raise ValueError(f"row {i} has no 'epoch' key; pass the rows read_metrics returns")
+            raise InputError(f"row {i} has no 'epoch' key; pass the rows read_metrics returns")
         e = _check_epoch(r["epoch"], f"row {i}: epoch")
         if r.get("resumed"):
             resumes.add(e - 1)
@@ -224,7 +224,7 @@ def epoch_rows(rows: Sequence[dict]) -> tuple[list[dict], list[int]]:
             resumes.add(e - 1)
         by_epoch[e] = prev = {**r, "epoch": e}
     if not by_epoch:
-        raise ValueError("no epoch rows to plot; train for at least one epoch first")
+        raise InputError("no epoch rows to plot; train for at least one epoch first")
     return [by_epoch[e] for e in sorted(by_epoch)], sorted(resumes)
 
 
@@ -381,9 +381,9 @@ def image_figure(images: np.ndarray, captions: Sequence[str], cols: int = 8, tit
 def _check_images(images: np.ndarray) -> None:
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-        raise ValueError(f"images must be a uint8 numpy array, got {got}; use denormalize() on a float batch")
+        raise InputError(f"images must be a uint8 numpy array, got {got}; use denormalize() on a float batch")
     if images.ndim != 4 or images.shape[-1] != 3 or 0 in images.shape:
-        raise ValueError(
+        raise InputError(
             f"images must be N x H x W x 3 (RGB, channels last, not empty), got shape {images.shape}; "
             "for an NCHW batch use denormalize(..., layout='NCHW')"
         )
@@ -416,16 +416,16 @@ def draw_grid(
     _check_images(images)
     n = images.shape[0]
     if cols < 1:
-        raise ValueError(f"cols must be >= 1, got {cols}")
+        raise InputError(f"cols must be >= 1, got {cols}")
     if len(labels) != n:
-        raise ValueError(f"got {len(labels)} labels for {n} images; pass one label per image")
+        raise InputError(f"got {len(labels)} labels for {n} images; pass one label per image")
     if captions is not None and len(captions) != n:
-        raise ValueError(f"got {len(captions)} captions for {n} images; pass one caption per image (or none)")
+        raise InputError(f"got {len(captions)} captions for {n} images; pass one caption per image (or none)")
     texts = []
     for i, label in enumerate(labels):
         label = int(label)
         if class_names and not 0 <= label < len(class_names):
-            raise ValueError(f"label {label} of image {i} is outside class_names ({len(class_names)} names); "
+            raise InputError(f"label {label} of image {i} is outside class_names ({len(class_names)} names); "
                              "pass the dataset's class list")
         text = f"{label} {class_names[label]}" if class_names else str(label)
         texts.append(f"{text}\n{captions[i]}" if captions is not None else text)
@@ -436,7 +436,7 @@ def draw_image(image: np.ndarray, out: Path, title: str = "") -> Path:
     """Draw one H x W x 3 uint8 RGB image under ``title`` into ``out`` (.png, .svg or .pdf); return ``out``."""
     check_output(out)
     if not isinstance(image, np.ndarray) or image.ndim != 3:
-        raise ValueError(f"image must be one H x W x 3 uint8 array, got {getattr(image, 'shape', type(image))}")
+        raise InputError(f"image must be one H x W x 3 uint8 array, got {getattr(image, 'shape', type(image))}")
     _check_images(image[None])
     return save_figure(image_figure(image[None], [""], 1, title), out)
 
@@ -459,26 +459,26 @@ def denormalize(
         uint8 array N x H x W x 3 (rounded, clipped to 0..255).
     """
     if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        raise InputError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
     arr = np.asarray(batch, dtype=np.float64)
     if arr.ndim != 4:
-        raise ValueError(f"batch must be 4-D ({layout}), got shape {arr.shape}")
+        raise InputError(f"batch must be 4-D ({layout}), got shape {arr.shape}")
     if layout == "NCHW":
         arr = arr.transpose(0, 2, 3, 1)
     if arr.shape[-1] != 3:
-        raise ValueError(
+        raise InputError(
             f"batch has {arr.shape[-1]} channels in {layout} layout (shape {np.shape(batch)}); "
             "expected 3 - check the layout"
         )
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
-        raise ValueError(f"batch holds {bad} NaN/inf values; check the pipeline's normalisation (a zero std?)")
+        raise InputError(f"batch holds {bad} NaN/inf values; check the pipeline's normalisation (a zero std?)")
     mean = np.asarray(mean_rgb, dtype=np.float64)
     if mean.shape != (3,):
-        raise ValueError(f"mean_rgb needs 3 values (R, G, B), got {list(mean_rgb)}")
+        raise InputError(f"mean_rgb needs 3 values (R, G, B), got {list(mean_rgb)}")
     if std_rgb is not None:
         std = np.asarray(std_rgb, dtype=np.float64)
         if std.shape != (3,) or not np.all(std > 0):
-            raise ValueError(f"std_rgb needs 3 positive values (R, G, B) or None, got {list(std_rgb)}")
+            raise InputError(f"std_rgb needs 3 positive values (R, G, B) or None, got {list(std_rgb)}")
         arr = arr * std
     return np.clip(np.rint(arr + mean), 0, 255).astype(np.uint8)

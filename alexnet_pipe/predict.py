@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint
 from .config import ImageSettings, default_workers
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .imaging import BadImage, process, read_source
 from .inputspec import InputSpec
 from .model import AlexNetConfig, build_model
@@ -55,13 +55,13 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         if not self.inputs:
-            raise ValueError("no images given; pass image files or folders")
+            raise ConfigError("no images given; pass image files or folders")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.backend not in ("gpu", "cpu"):
-            raise ValueError(f"backend must be gpu or cpu, got {self.backend}")
+            raise ConfigError(f"backend must be gpu or cpu, got {self.backend}")
         if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
-from ..errors import FormatError
+from ..errors import ConfigError, FormatError
 from ..fsutil import check_output_file
 from ..safe_pickle import load_file, read_capped
 from . import caffe, neon, torchvision
@@ -41,15 +41,15 @@ class ImportConfig:
 
     def __post_init__(self) -> None:
         if self.mean is not None and self.mean_file is not None:
-            raise ValueError("give --mean or --mean-file, not both")
+            raise ConfigError("give --mean or --mean-file, not both")
         if self.fmt not in ("auto", *FORMATS):
-            raise ValueError(f"format must be auto or one of {FORMATS}, got {self.fmt!r}")
+            raise ConfigError(f"format must be auto or one of {FORMATS}, got {self.fmt!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != 3:
-                raise ValueError(f"--{name} needs three values R,G,B, got {len(value)}")
+                raise ConfigError(f"--{name} needs three values R,G,B, got {len(value)}")
         if self.std is not None and min(self.std) <= 0:
-            raise ValueError(f"--std values must be > 0, got {self.std}")
+            raise ConfigError(f"--std values must be > 0, got {self.std}")
 
 
 @dataclass
@@ -144,7 +144,7 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
         raise FormatError(f"{src} is not a file")
     check_output_file(cfg.output, "-o")
     if cfg.output.resolve() == src.resolve():
-        raise ValueError(f"-o {cfg.output} is the source file; write the weights elsewhere")
+        raise ConfigError(f"-o {cfg.output} is the source file; write the weights elsewhere")
     fmt = cfg.fmt
     if fmt == "auto":
         with open(src, "rb") as f:
@@ -162,7 +162,7 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
     mean = cfg.mean if cfg.mean is not None else imp.mean_rgb
     if cfg.mean_file is not None:
         if imp.value_range[1] != 255.0:
-            raise ValueError("--mean-file gives a 0..255 mean; these weights take 0..1 input: use --mean")
+            raise ConfigError("--mean-file gives a 0..255 mean; these weights take 0..1 input: use --mean")
         from ..legacy_mean import _read_binaryproto  # the Caffe mean reader of update-mean
 
         mean = tuple(float(v) for v in _read_binaryproto(cfg.mean_file, None).rgb)

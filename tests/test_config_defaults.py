@@ -1,0 +1,145 @@
+"""TrainConfig owns the defaults: `alexnet-pipe train -w DIR` builds the config that
+`TrainConfig(data_dir=DIR)` is, on a CPU machine and on a GPU machine alike; and the CLI turns
+only user errors into one line, while a bug keeps its traceback (-v)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alexnet_pipe import cli
+from alexnet_pipe.config import TrainConfig, default_read_workers
+from alexnet_pipe.errors import ConfigError
+
+# The fields the CLI decides itself (cli.train_config says why): the progress bar follows the
+# terminal, and a training run without -s saves to alexnet-runs/<date-time>/alexnet.pt.
+CLI_ONLY = {"progress_bar", "save_path"}
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # torchrun's rank comes from the environment
+        monkeypatch.delenv(key, raising=False)
+
+
+def _cli_config(command, args: list[str]) -> TrainConfig:
+    """The TrainConfig `alexnet-pipe <command> ARGS` runs with, parsed by click, nothing run."""
+    with command.make_context(command.name, args) as ctx:
+        return cli.train_config(ctx.params, test_only=command is cli.test_cmd)
+
+
+def _differences(a: TrainConfig, b: TrainConfig) -> dict:
+    return {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(TrainConfig)
+            if f.name not in CLI_ONLY and getattr(a, f.name) != getattr(b, f.name)}
+
+
+CASES = [
+    ([], {}),
+    (["-b", "cpu"], {"backend": "cpu"}),
+    (["-b", "gpu"], {"backend": "gpu"}),
+    (["-d", "f16"], {"datatype": "f16"}),
+    (["--read-workers", "3"], {"read_workers": 3}),
+    (["-b", "cpu", "-d", "bf16", "--read-workers", "2"], {"backend": "cpu", "datatype": "bf16", "read_workers": 2}),
+    (["--crop", "67", "--normalize-std"], {"crop": 67, "normalize_std": True}),
+]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["no-gpu", "gpu"])
+@pytest.mark.parametrize(("args", "kw"), CASES, ids=[" ".join(a) or "defaults" for a, _ in CASES])
+def test_the_cli_builds_the_config_python_gets(tmp_path, monkeypatch, gpu, args, kw):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    from_cli = _cli_config(cli.train, ["-w", str(tmp_path), *args])
+    from_python = TrainConfig(data_dir=tmp_path, **kw)
+    assert _differences(from_cli, from_python) == {}
+    assert from_cli.save_path is not None and from_cli.save_path.parts[0] == "alexnet-runs"
+    assert from_python.save_path is None  # Python writes weights only where asked
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["no-gpu", "gpu"])
+def test_auto_resolves_by_the_machine(tmp_path, monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    cfg = TrainConfig(data_dir=tmp_path)
+    backend = "gpu" if gpu else "cpu"
+    assert (cfg.backend, cfg.datatype, cfg.read_workers) == (backend, "bf16" if gpu else "f32",
+                                                             default_read_workers(backend))
+    assert (cfg.crop, cfg.normalize_std, cfg.settings_from_weights) == (224, False, (True, True))
+    assert cfg.epochs == cli.train.params[[p.name for p in cli.train.params].index("epochs")].default
+    # What a checkpoint stores is concrete, and a replace keeps it (the CPU machine that resumes
+    # a GPU run's checkpoint still reads backend gpu from it).
+    stored = cfg.to_dict()
+    assert "auto" not in (stored["backend"], stored["datatype"]) and stored["read_workers"] is not None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: not gpu)
+    assert dataclasses.replace(cfg, epochs=3).to_dict() == {**stored, "epochs": 3}
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["no-gpu", "gpu"])
+def test_test_command_matches_a_test_only_config(tmp_path, monkeypatch, gpu):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    for args, kw in (([], {}), (["-b", "cpu", "-d", "f16", "--read-workers", "3"],
+                                {"backend": "cpu", "datatype": "f16", "read_workers": 3})):
+        from_cli = _cli_config(cli.test_cmd, ["-w", str(tmp_path), "--model-file", str(weights), *args])
+        from_python = TrainConfig(data_dir=tmp_path, model_file=weights, test_only=True, **kw)
+        assert _differences(from_cli, from_python) == {}
+        assert from_cli.save_path is None  # testing writes no weights
+
+
+def test_explicit_settings_are_not_taken_from_the_weights(tmp_path):
+    cfg = TrainConfig(data_dir=tmp_path, crop=224)
+    assert cfg.settings_from_weights == (False, True)
+    with pytest.raises(ValueError, match="backend must be gpu, cpu or auto"):
+        TrainConfig(data_dir=tmp_path, backend="tpu")
+
+
+# ---------------------------------------------------------------- user errors and bugs
+
+
+def _boom(*_a, **_k):
+    raise ValueError("operands could not be broadcast together")  # what a numpy bug looks like
+
+
+@pytest.fixture
+def broken_info(monkeypatch, tmp_path):
+    import alexnet_pipe.info
+    import alexnet_pipe.manifest
+
+    monkeypatch.setattr(alexnet_pipe.manifest, "load_dataset", lambda root: object())
+    monkeypatch.setattr(alexnet_pipe.info, "dataset_summary", _boom)
+    return tmp_path
+
+
+def test_a_bug_is_not_passed_off_as_a_user_error(broken_info):
+    res = CliRunner().invoke(cli.main, ["info", str(broken_info)])
+    assert res.exit_code == 1
+    [line] = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert "internal error" in line and "ValueError: operands could not be broadcast" in line and "-v" in line
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_bug_keeps_its_traceback_with_v(broken_info, monkeypatch, where):
+    if where == "before":
+        args = ["-v", "info", str(broken_info)]
+    else:  # info takes no -v of its own; verify does: break it the same way
+        import alexnet_pipe.verify
+
+        monkeypatch.setattr(alexnet_pipe.verify, "run_verify", _boom)
+        args = ["verify", "-v", str(broken_info)]
+    res = CliRunner().invoke(cli.main, args)
+    assert isinstance(res.exception, ValueError) and not isinstance(res.exception, ConfigError), res.output
+    assert "operands could not be broadcast" in str(res.exception)
+    assert "Error:" not in res.output  # not the one-line user error: Python prints the traceback
+
+
+def test_bad_settings_still_give_one_line(tmp_path):
+    res = CliRunner().invoke(cli.main, ["train", "-w", str(tmp_path), "-b", "cpu", "--finetune"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    [line] = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert line == "Error: --finetune needs --model-file (the weights to start from)"
+    res = CliRunner().invoke(cli.main, ["train", "-w", str(tmp_path), "-e", "0"])  # click's own check
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    with pytest.raises(ConfigError):
+        TrainConfig(data_dir=tmp_path, freeze="conv")
