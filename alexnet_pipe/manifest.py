@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -116,8 +117,8 @@ def _convert_hint(root: Path) -> str:
     return "pass the output directory of alexnet-pipe convert (alexnet-pipe convert RAW OUT, then -w OUT)"
 
 
-def load_dataset(root: Path) -> Dataset:
-    """Read and check ``root/manifest.json``.
+def load_dataset(root: str | os.PathLike) -> Dataset:
+    """Read and check ``root/manifest.json`` (public as ``alexnet_pipe.open_dataset``).
 
     Every field a reader uses is checked for its type and range, and every path it lists must
     stay inside ``root`` (relative, no ``..``, no symlink leading out): a damaged or edited
@@ -126,6 +127,7 @@ def load_dataset(root: Path) -> Dataset:
     Raises:
         DatasetError: saying what is missing or wrong and what to run.
     """
+    root = Path(root)
     path = root / MANIFEST_FILE
     if not root.is_dir():
         raise DatasetError(f"{root} is not a directory; pass the output directory of alexnet-pipe convert")

@@ -159,6 +159,10 @@ def _pipeline_seed(cfg: LoaderConfig) -> int:
 
 @dataclass(frozen=True)
 class Batch:
+    """One step's data from a ``Loader``: images in the model's layout (on the loader's device,
+    mean-subtracted), their labels (int64 class indices), which were flipped,
+    and which are padding (``valid``; None when none are) so every rank takes the same steps."""
+
     images: torch.Tensor  # N x 3 x H x W (a channels_last view when the pipeline emits NHWC)
     labels: torch.Tensor  # N, int64
     flipped: torch.Tensor  # N, bool (on the CPU)
