@@ -124,19 +124,12 @@ def grad_scaler(cfg: BenchConfig, device: torch.device):
 def train_step(run, opt, autocast, scaler) -> Callable:
     """``step(batch)``: one training step as ``train.train_one_epoch`` takes it (its loss, with
     padding masked, and the GradScaler when there is one), without its bookkeeping."""
-    from .train import step_loss
+    from .train import step_loss, update
 
     def step(batch) -> None:
         with autocast():
             loss, _, _ = step_loss(run(batch.images), batch, 1)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        update(loss, opt, scaler)
 
     return step
 

@@ -128,6 +128,19 @@ def step_loss(logits: torch.Tensor, batch: Batch,
     return total * (world_size / max(batch.real_total, 1)), total.detach(), count
 
 
+def update(loss: torch.Tensor, opt, scaler) -> None:
+    """Back-propagate ``loss`` and take the optimizer step, through the GradScaler when there is
+    one (-d f16): the update of every training step (``train_one_epoch``, the benchmarks)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+
+
 @dataclass
 class EpochRun:
     """What one call of ``train_one_epoch`` did: the epoch's sums through its last step, over
@@ -186,14 +199,7 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
         with rt.autocast():
             logits = model(batch.images)
             loss, total, count = step_loss(logits, batch, rt.dist.world_size)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        update(loss, opt, scaler)
         sums[0] += total.double()
         sums[1] += count
         steps_done = batch.step + 1
