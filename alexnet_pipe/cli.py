@@ -507,9 +507,8 @@ def _torchrun_rank(kw: dict) -> dict:
     kw.pop("device_id")
     try:
         device = local_device(os.environ, torch.cuda.device_count())
-    except TrainingError:  # ambiguous: torch_device refuses it, with the reason, if the run is on the GPU
-        local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")).strip()
-        device = int(local) if local.isdigit() else 0
+    except TrainingError:  # ambiguous: unused on the CPU, and torch_device refuses it, with the reason, on the GPU
+        device = 0
     return {"shard_id": rank, "num_shards": world, "device_id": device}
 
 

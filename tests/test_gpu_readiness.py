@@ -28,7 +28,7 @@ from alexnet_pipe.manifest import load_dataset
 from alexnet_pipe.model import param_groups
 from alexnet_pipe.pipeline import Batch, Loader, LoaderConfig
 from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import evaluate, fit
+from alexnet_pipe.train import evaluate, fit, update
 
 CROP = 67
 
@@ -67,14 +67,7 @@ def _step(model, opt, scaler, dtype: str, seed: int) -> None:
     x, y = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 5, (6,), generator=g)
     with torch.autocast("cpu", dtype=AMP[dtype]) if AMP[dtype] else nullcontext():
         loss = F.cross_entropy(model(x).float(), y)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    update(loss, opt, scaler)
 
 
 def _implementation(opt) -> list[tuple]:
