@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from alexnet_pipe.errors import ConfigError
 
 FORMATS = ("lmdb", "recordio")
 

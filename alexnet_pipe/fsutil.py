@@ -11,7 +11,7 @@ import resource
 import shutil
 from pathlib import Path
 
-from .errors import AlexnetPipeError
+from alexnet_pipe.errors import AlexnetPipeError
 
 _TEMP = re.compile(r"\..+\.tmp-(\d+)")  # what temp_path makes: .NAME.tmp-PID
 FULL = "no space left on the device"

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FormatError, UnsafePickleError
+from alexnet_pipe.errors import FormatError, UnsafePickleError
 
 MAX_DEPTH = 100  # nesting of containers; neon's weights nest about 10 deep
 MAX_OBJECTS = 5_000_000  # objects made (and memo entries); neon's pickles hold thousands

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import alexnet_pipe
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 
 CLASSES = ("circle", "square", "hstripes", "vstripes")
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from alexnet_pipe import warmstart
 from alexnet_pipe.config import TrainConfig
-from alexnet_pipe.model import param_groups
-from alexnet_pipe.records import RecordReader, record_table
-from alexnet_pipe.runtime import open_run
-from alexnet_pipe.train import fit, train_one_epoch
+from alexnet_pipe.dataset.records import RecordReader, record_table
+from alexnet_pipe.model.alexnet import param_groups
+from alexnet_pipe.train import start as warmstart
+from alexnet_pipe.train.loop import fit, train_one_epoch
+from alexnet_pipe.train.runtime import open_run
 
 
 def config(data: Path, **kw) -> TrainConfig:

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_pipe.config import UpdateMeanConfig
+from alexnet_pipe.dataset.mean import read_mean_file
+from alexnet_pipe.dataset.update_mean import run_update_mean
 from alexnet_pipe.errors import AlexnetPipeError
-from alexnet_pipe.legacy_mean import run_update_mean
-from alexnet_pipe.mean import read_mean_file
 from alexnet_pipe.safe_pickle import loads
 
 

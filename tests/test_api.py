@@ -13,16 +13,16 @@ import pytest
 import torch
 
 import alexnet_pipe
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import TrainConfig
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import epoch_loader
+from alexnet_pipe.train.loop import epoch_loader
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_importing_the_package_and_imaging_imports_neither_torch_nor_dali():
     # The converter's worker processes import these: torch or DALI would cost seconds per worker.
-    code = ("import sys, alexnet_pipe, alexnet_pipe.imaging; "
+    code = ("import sys, alexnet_pipe, alexnet_pipe.imaging.process; "
             "assert 'torch' not in sys.modules, 'torch'; assert 'nvidia.dali' not in sys.modules, 'dali'; "
             "assert alexnet_pipe.__version__")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -38,8 +38,8 @@ def test_every_public_name_resolves_and_has_a_docstring(name):
 
 
 def test_public_names_do_not_shadow_submodules():
-    # `alexnet_pipe.convert` is a module: a function of that name would turn into the module once
-    # anything imports alexnet_pipe.convert.
+    # `alexnet_pipe.convert.job` is a module: a function of that name would turn into the module once
+    # anything imports alexnet_pipe.convert.job.
     package = Path(alexnet_pipe.__file__).parent
     assert not {p.stem for p in package.glob("*.py")} & set(alexnet_pipe.__all__)
 

@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.scan import scan
-from alexnet_pipe.tarwalk import CorruptArchiveError
+from alexnet_pipe.inputs.scan import scan
+from alexnet_pipe.inputs.tarwalk import CorruptArchiveError
 
 from .conftest import CLASSES, make_tree
 from .tar_builders import build_train_tar, build_val_tar, jpeg_bytes

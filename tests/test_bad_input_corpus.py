@@ -24,12 +24,12 @@ import pytest
 from PIL import Image
 
 from alexnet_pipe.config import VerifyConfig
-from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.imaging import BadImage, read_source
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.recordio import iter_records, unpack_payload
-from alexnet_pipe.sources import Source
-from alexnet_pipe.verify import run_verify
+from alexnet_pipe.convert.verify import run_verify
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.formats.recordio import iter_records, unpack_payload
+from alexnet_pipe.imaging.process import BadImage, read_source
+from alexnet_pipe.inputs.table import Source
 
 from .conftest import smooth_image
 from .test_bad_inputs import BAD_INPUTS, bomb_png, encode

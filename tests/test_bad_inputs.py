@@ -19,13 +19,21 @@ import pytest
 from PIL import Image, ImageOps
 
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.imaging import BadImage, Encoded, process, process_batch, process_source, read_source, target_size
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.mean import centre_box
-from alexnet_pipe.recordio import iter_records, unpack_payload
-from alexnet_pipe.scan import Source
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import centre_box
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.formats.recordio import iter_records, unpack_payload
+from alexnet_pipe.imaging.process import (
+    BadImage,
+    Encoded,
+    process,
+    process_batch,
+    process_source,
+    read_source,
+    target_size,
+)
+from alexnet_pipe.inputs.scan import Source
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 TOL = 8  # grey levels allowed between a block's mean and its expected colour (JPEG error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alexnet_pipe.bench import BenchConfig, format_rows, run_benchmark
+from alexnet_pipe.apps.benchmark import BenchConfig, format_rows, run_benchmark
 from alexnet_pipe.errors import TrainingError
 
 
@@ -54,7 +54,7 @@ def test_steady_rate_times_only_after_the_skipped_batches():
     then at least ``steps`` batches and ``min_seconds`` are timed."""
     import time
 
-    from alexnet_pipe.bench import steady_rate
+    from alexnet_pipe.apps.benchmark import steady_rate
 
     consumed = []
 
@@ -75,9 +75,9 @@ def test_steady_rate_times_only_after_the_skipped_batches():
 def test_end_to_end_is_trains_step_over_several_epochs(tmp_path, raw_tree):
     """-w: train's loader and step in their steady state: the loader's start-up queue passed over,
     then more steps than an epoch holds (epochs pass)."""
-    from alexnet_pipe.bench import time_end_to_end
+    from alexnet_pipe.apps.benchmark import time_end_to_end
     from alexnet_pipe.config import ConvertConfig
-    from alexnet_pipe.convert import run_convert
+    from alexnet_pipe.convert.job import run_convert
 
     run_convert(ConvertConfig(src=raw_tree, dst=tmp_path / "data", formats=("lmdb",), workers=1, progress=False))
     cfg = BenchConfig(backend="cpu", batch_size=4, crop=67, iterations=2, warmup=1, throughput_steps=7,
@@ -92,7 +92,7 @@ def test_end_to_end_is_trains_step_over_several_epochs(tmp_path, raw_tree):
 
 def test_f16_steps_use_a_grad_scaler_as_train_does():
     """-d f16: the benchmark's step scales the loss with a GradScaler (train's), and it steps."""
-    from alexnet_pipe.bench import model_rate, trainer
+    from alexnet_pipe.apps.benchmark import model_rate, trainer
 
     cfg = BenchConfig(backend="cpu", batch_size=2, crop=67, num_classes=3, datatype="f16", iterations=1, warmup=0,
                       throughput_steps=1)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
 
 
 def test_loader_rows_against_the_pil_dataloader(tmp_path, raw_tree):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.convert.job import run_convert
 
 NEON = ["--data_dir", "--save_path", "--model_file", "--test_only", "-eval", "--eval_freq", "--device_id",
         "--rng_seed", "--batch_size", "--subset_pct", "--output_file", "--no_progress_bar"]
@@ -117,7 +117,7 @@ def test_per_class_results_agree_with_the_overall_figures(data, tmp_path):
 def test_per_class_table_and_confused_pairs_by_hand(tmp_path):
     import numpy as np
 
-    from alexnet_pipe.report import PerClass, write_per_class
+    from alexnet_pipe.train.report import PerClass, write_per_class
 
     confusion = np.array([[5, 3, 0], [1, 8, 1], [0, 0, 0]])
     pc = PerClass(confusion, np.array([8, 9, 0]))
@@ -135,7 +135,7 @@ def test_bgr_and_unit_range_weights_are_fed_what_they_expect(data, tmp_path):
     """The same network re-expressed for BGR input, and for 0..1 input (as import-weights records
     neon, Caffe and torchvision weights), scores exactly as the original: the pipeline follows the
     channel order and value range the weights file records."""
-    from alexnet_pipe import checkpoint
+    from alexnet_pipe.model import checkpoint
 
     runner = CliRunner()
     res = runner.invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "--no-progress",

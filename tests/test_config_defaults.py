@@ -104,11 +104,11 @@ def _boom(*_a, **_k):
 
 @pytest.fixture
 def broken_info(monkeypatch, tmp_path):
-    import alexnet_pipe.info
-    import alexnet_pipe.manifest
+    import alexnet_pipe.apps.info
+    import alexnet_pipe.dataset.manifest
 
-    monkeypatch.setattr(alexnet_pipe.manifest, "load_dataset", lambda root: object())
-    monkeypatch.setattr(alexnet_pipe.info, "dataset_summary", _boom)
+    monkeypatch.setattr(alexnet_pipe.dataset.manifest, "load_dataset", lambda root: object())
+    monkeypatch.setattr(alexnet_pipe.apps.info, "dataset_summary", _boom)
     return tmp_path
 
 
@@ -124,9 +124,9 @@ def test_a_bug_keeps_its_traceback_with_v(broken_info, monkeypatch, where):
     if where == "before":
         args = ["-v", "info", str(broken_info)]
     else:  # info takes no -v of its own; verify does: break it the same way
-        import alexnet_pipe.verify
+        import alexnet_pipe.convert.verify
 
-        monkeypatch.setattr(alexnet_pipe.verify, "run_verify", _boom)
+        monkeypatch.setattr(alexnet_pipe.convert.verify, "run_verify", _boom)
         args = ["verify", "-v", str(broken_info)]
     res = CliRunner().invoke(cli.main, args)
     assert isinstance(res.exception, ValueError) and not isinstance(res.exception, ConfigError), res.output

@@ -16,13 +16,13 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings, VerifyConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.datum import decode_datum
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.convert.verify import run_verify
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import read_mean_file
 from alexnet_pipe.errors import DatasetError, SettingsMismatchError
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.mean import read_mean_file
-from alexnet_pipe.recordio import iter_records, unpack_payload
-from alexnet_pipe.verify import run_verify
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.formats.recordio import iter_records, unpack_payload
 
 from .conftest import CLASSES, make_tree
 from .test_scan import _flat_val, make_archives
@@ -85,7 +85,7 @@ def test_combined_recordio_index_offsets_are_global(raw_tree, tmp_path):
 def _record_at(blob: bytes, offset: int) -> bytes:
     import io
 
-    from alexnet_pipe.recordio import read_record
+    from alexnet_pipe.formats.recordio import read_record
 
     f = io.BytesIO(blob)
     f.seek(offset)
@@ -156,7 +156,7 @@ def test_recordio_alone_is_the_recordio_of_both_formats(tmp_path, monkeypatch):
     """RecordIO alone is written through a scratch file in arrival order, without LMDB: its
     shards are byte for byte those written next to LMDB. Chunks of 2 make the records of a shard
     arrive out of their stored order (inputs are read in path order)."""
-    import alexnet_pipe.convert as convert_module
+    import alexnet_pipe.convert.job as convert_module
 
     monkeypatch.setattr(convert_module, "CHUNK", 2)
     raw = tmp_path / "raw"
@@ -305,7 +305,7 @@ def test_parts_split_across_machines_give_the_single_run_output(raw_tree, tmp_pa
 def test_a_part_that_finishes_while_another_runs_leaves_the_manifest_to_it(raw_tree, tmp_path, monkeypatch):
     """Part 1 runs start to finish while part 0 is mid-way (part 0 already looked at OUT): the
     manifest must still appear, written by part 0, which now finishes last."""
-    import alexnet_pipe.convert as conv
+    import alexnet_pipe.convert.job as conv
 
     out = tmp_path / "shared"
     original = conv._ordered_results

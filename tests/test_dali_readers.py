@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.recordio import MAGIC_BYTES, frame_record, iter_records
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.formats.recordio import MAGIC_BYTES, frame_record, iter_records
 
 from .conftest import CLASSES, smooth_image, write_jpeg
 

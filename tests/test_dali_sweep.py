@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from alexnet_pipe.config import ConvertConfig
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.errors import TrainingError
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.pipeline import Loader, LoaderConfig
+from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import dali_sweep

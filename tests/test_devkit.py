@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.scan import scan
+from alexnet_pipe.inputs.scan import scan
 
 from .conftest import CLASSES, make_tree
 from .test_scan import _flat_val, make_archives

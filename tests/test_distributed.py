@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.convert.job import run_convert
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).with_name("dist_worker.py")

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
 
 from .conftest import make_tree
 from .pixels import find_block, is_pdf, rgb, svg_text

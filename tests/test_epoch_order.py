@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.order import OrderConfig, epoch_order, plan_epoch
-from alexnet_pipe.records import RecordReader, record_table
-from alexnet_pipe.train import epoch_loader
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.records import RecordReader, record_table
+from alexnet_pipe.loading.order import OrderConfig, epoch_order, plan_epoch
+from alexnet_pipe.train.loop import epoch_loader
 
 RECORDS, SHARDS, CLASSES, BATCH = 40_000, 250, 40, 64
 

@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from alexnet_pipe import checkpoint
+from alexnet_pipe.apps.synthetic import CLASSES, SynthConfig, make_image_tree
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.model import AlexNetConfig, build_model
-from alexnet_pipe.synthetic import CLASSES, SynthConfig, make_image_tree
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.model import checkpoint
+from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 
 RUN = ["-b", "cpu", "--crop", "67", "-z", "8", "--no-progress", "--data-threads", "1", "--init", "kaiming"]
 # The target task: four colours under heavy noise. Features of a barely trained network separate

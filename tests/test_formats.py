@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from alexnet_pipe import protobuf as pb
-from alexnet_pipe.datum import Datum, decode_datum, encode_datum
 from alexnet_pipe.errors import FormatError
-from alexnet_pipe.recordio import (
+from alexnet_pipe.formats import protobuf as pb
+from alexnet_pipe.formats.datum import Datum, decode_datum, encode_datum
+from alexnet_pipe.formats.recordio import (
     MAGIC,
     MAGIC_BYTES,
     IRHeader,
@@ -136,7 +136,7 @@ def test_writer_index_and_reader(tmp_path):
 def test_framed_beforehand_writes_the_same_bytes_and_digest(tmp_path):
     """write_framed (RecordIO-only conversions frame and CRC each record as it arrives) gives
     the very file, index, digest and CRCs of write, split records included."""
-    from alexnet_pipe.checksum import record_crc
+    from alexnet_pipe.dataset.checksum import record_crc
 
     payloads = [b"", b"abc", b"H" * 24 + MAGIC_BYTES + b"abcd" + MAGIC_BYTES + b"zz" + MAGIC_BYTES + b"tail!",
                 MAGIC_BYTES, MAGIC_BYTES + b"rest", b"abcd" + MAGIC_BYTES, b"x" * 4093]

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pipe import checkpoint
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.mean import load_dataset_mean
-from alexnet_pipe.pipeline import Loader, LoaderConfig
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import fit
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
+from alexnet_pipe.model import checkpoint
+from alexnet_pipe.train.loop import fit
 
 pytestmark = pytest.mark.gpu
 
@@ -108,7 +108,7 @@ def test_gpu_roi_decoding_gives_the_whole_decode_pixels(data):
 def test_gpu_four_channel_input_is_the_same_network(data):
     # crop_mirror_normalize(pad_output=True) adds a 4th channel; conv1 pads its weight with a zero
     # plane for it: the logits are the 3-channel network's.
-    from alexnet_pipe.model import AlexNet, AlexNetConfig
+    from alexnet_pipe.model.alexnet import AlexNet, AlexNetConfig
 
     ds = load_dataset(data)
     mean = load_dataset_mean(data).rgb()[0]

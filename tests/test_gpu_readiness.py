@@ -19,16 +19,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alexnet_pipe import checkpoint, train_state
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.distributed import Dist, DistConfig
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.errors import TrainingError
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.model import param_groups
-from alexnet_pipe.pipeline import Batch, Loader, LoaderConfig
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import evaluate, fit, update
+from alexnet_pipe.loading.pipeline import Batch, Loader, LoaderConfig
+from alexnet_pipe.model import checkpoint
+from alexnet_pipe.model.alexnet import param_groups
+from alexnet_pipe.train import state as train_state
+from alexnet_pipe.train.distributed import Dist, DistConfig
+from alexnet_pipe.train.loop import evaluate, fit, update
 
 CROP = 67
 
@@ -183,7 +184,7 @@ def _env(**kw) -> dict[str, str]:
     (_env(RANK=1, WORLD_SIZE=2, LOCAL_RANK=1), 0, 1),
 ])
 def test_each_rank_takes_its_own_gpu(env, count, expected):
-    from alexnet_pipe.distributed import local_device  # new here: imported per test, so the others run on old code
+    from alexnet_pipe.train.distributed import local_device
 
     assert local_device(env, count) == expected
 
@@ -202,7 +203,7 @@ def test_each_rank_takes_its_own_gpu(env, count, expected):
     (_env(RANK=1, WORLD_SIZE=2, LOCAL_RANK="one"), 2, "LOCAL_RANK='one'"),
 ])
 def test_an_ambiguous_gpu_layout_is_refused_in_one_line(env, count, words):
-    from alexnet_pipe.distributed import local_device
+    from alexnet_pipe.train.distributed import local_device
 
     with pytest.raises(TrainingError) as err:
         local_device(env, count)
@@ -237,7 +238,7 @@ def test_the_cli_rank_takes_gpu_0_under_slurm_gpus_per_task(monkeypatch, root_lo
 
 def test_a_gpu_run_refuses_an_ambiguous_layout_and_a_cpu_run_does_not_care(monkeypatch, root_log_level):
     from alexnet_pipe import cli
-    from alexnet_pipe.runtime import torch_device
+    from alexnet_pipe.train.runtime import torch_device
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "LOCAL_", "CUDA_VISIBLE"))]:
         monkeypatch.delenv(key)
@@ -261,7 +262,7 @@ def _statvfs(free: int, size: int | None = None):
 
 
 def test_the_shm_estimate_for_imagenet_on_8_ranks_and_the_refusal_in_a_64mb_container(monkeypatch):
-    from alexnet_pipe import shm
+    from alexnet_pipe.loading import shm
 
     # ImageNet at short side 256: 1,281,167 records in ~140 GB of RecordIO shards -> ~110 KB each.
     record = 140e9 / 1_281_167
@@ -287,7 +288,7 @@ def test_the_shm_estimate_for_imagenet_on_8_ranks_and_the_refusal_in_a_64mb_cont
 
 
 def test_the_size_to_ask_docker_for_covers_what_is_used_already(monkeypatch):
-    from alexnet_pipe import shm
+    from alexnet_pipe.loading import shm
 
     monkeypatch.setattr(shm.os, "statvfs", lambda path: _statvfs(10 * 2**20, 64 * 2**20))
     with pytest.raises(TrainingError, match=r"--shm-size=(\d+)m") as err:
@@ -302,8 +303,8 @@ def test_train_with_reader_processes_refuses_a_small_shm_before_any_step(tiny, t
     with --read-workers 0 nothing is asked of /dev/shm."""
     from click.testing import CliRunner
 
-    from alexnet_pipe import shm
     from alexnet_pipe.cli import main
+    from alexnet_pipe.loading import shm
 
     monkeypatch.setattr(shm.os, "statvfs", lambda path: _statvfs(4096, 64 * 2**20))
     args = ["train", "-w", str(tiny), "-b", "cpu", "--crop", str(CROP), "-z", "4", "-e", "1", "--eval-freq", "0",
@@ -319,7 +320,7 @@ def test_train_with_reader_processes_refuses_a_small_shm_before_any_step(tiny, t
 
 
 def test_the_ranks_sharing_this_machines_shm():
-    from alexnet_pipe import shm
+    from alexnet_pipe.loading import shm
 
     assert shm.local_ranks({"LOCAL_WORLD_SIZE": "4"}, world_size=16) == 4
     assert shm.local_ranks({"SLURM_NTASKS_PER_NODE": "2"}, world_size=8) == 2
@@ -345,7 +346,7 @@ def _dali_shm_files() -> dict[tuple[int, int], int]:
 def test_the_estimate_covers_what_real_dali_reader_processes_hold(tmp_path):
     """Real DALI, 2 reader processes, photo-like JPEGs: the bytes DALI's shared memory really
     holds after a whole epoch stay below the estimate, and the estimate is not wildly above."""
-    from alexnet_pipe import shm
+    from alexnet_pipe.loading import shm
 
     make_image_tree(SynthConfig(tmp_path / "raw", 24, 1, (320, 240), ("circle", "square"), seed=5))
     run_convert(ConvertConfig(src=tmp_path / "raw", dst=tmp_path / "data", formats=("recordio",), shard_size=16,

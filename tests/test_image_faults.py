@@ -23,11 +23,19 @@ import pytest
 import simplejpeg
 from PIL import EpsImagePlugin, Image, ImageCms, ImageOps
 
-from alexnet_pipe import imaging
 from alexnet_pipe.config import ImageSettings
-from alexnet_pipe.imaging import ALLOWED_FORMATS, BadImage, Encoded, process, process_batch, process_source, read_source
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.sources import Source
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.imaging import process as imaging
+from alexnet_pipe.imaging.process import (
+    ALLOWED_FORMATS,
+    BadImage,
+    Encoded,
+    process,
+    process_batch,
+    process_source,
+    read_source,
+)
+from alexnet_pipe.inputs.table import Source
 
 from . import icc
 from .test_bad_inputs import (
@@ -467,12 +475,12 @@ def test_unusable_profile_keeps_the_image_as_srgb(tmp_path, caplog, kind):
                "grey_profile_on_rgb": icc.linear_grey()}[kind]
     arr = smooth_rgb(48, 64)
     data = _with_profile(arr, "JPEG", profile)
-    with caplog.at_level(logging.WARNING, logger="alexnet_pipe.imaging"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_pipe.imaging.process"):
         enc = process_source(_source(tmp_path, "odd.jpg", data), ImageSettings(short_side=48))
     assert isinstance(enc, Encoded) and not enc.passthrough and b"ICC_PROFILE" not in enc.jpeg
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
     assert np.abs(decoded(enc).astype(int) - ref).mean() < 3
-    [record] = [r for r in caplog.records if r.name == "alexnet_pipe.imaging"]
+    [record] = [r for r in caplog.records if r.name == "alexnet_pipe.imaging.process"]
     assert record.getMessage().startswith("c/odd.jpg: ") and "colours read as sRGB" in record.getMessage()
 
 
@@ -492,7 +500,7 @@ def _tiff_with_text_profile() -> bytes:
 def test_profile_of_the_wrong_type_keeps_the_image(tmp_path, caplog):
     data = _tiff_with_text_profile()
     assert isinstance(Image.open(io.BytesIO(data)).info["icc_profile"], str)
-    with caplog.at_level(logging.WARNING, logger="alexnet_pipe.imaging"):
+    with caplog.at_level(logging.WARNING, logger="alexnet_pipe.imaging.process"):
         enc = process_source(_source(tmp_path, "t.tif", data), ImageSettings(upscale=False))
     assert isinstance(enc, Encoded)
     assert np.abs(decoded(enc).astype(int) - smooth_rgb(24, 32).astype(int)).mean() < 3
@@ -507,7 +515,7 @@ CRASHER = textwrap.dedent("""
     # dies of SIGSEGV, as a native decoder crash would kill it.
     import os, resource, signal
     if os.environ.get("ALEXNET_PIPE_TEST_CRASH_MARKER"):
-        import alexnet_pipe.imaging as imaging
+        import alexnet_pipe.imaging.process as imaging
         marker, real = os.environ["ALEXNET_PIPE_TEST_CRASH_MARKER"].encode(), imaging._process
 
         def _process(data, *args, **kw):

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.dataset.manifest import load_dataset
 
 from . import icc
 

@@ -88,10 +88,10 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_package():
     graph = import_graph()
-    assert "alexnet_pipe.convert" in graph and "alexnet_pipe.layout" in graph
-    assert "alexnet_pipe.layout" in graph["alexnet_pipe.convert"]
-    assert "alexnet_pipe.shardcheck" in graph["alexnet_pipe.convert"]  # a function-level import, counted
-    assert "alexnet_pipe.shardcheck" not in import_graph(top_level_only=True)["alexnet_pipe.convert"]
+    assert "alexnet_pipe.convert.job" in graph and "alexnet_pipe.dataset.layout" in graph
+    assert "alexnet_pipe.dataset.layout" in graph["alexnet_pipe.convert.job"]
+    assert "alexnet_pipe.convert.shardcheck" in graph["alexnet_pipe.convert.job"]  # a function-level import, counted
+    assert "alexnet_pipe.convert.shardcheck" not in import_graph(top_level_only=True)["alexnet_pipe.convert.job"]
 
 
 def test_the_cycle_finder_finds_cycles():
@@ -105,4 +105,4 @@ def test_no_import_cycles_counting_function_level_imports():
 
 def test_convert_and_repair_do_not_import_each_other():
     graph = import_graph()
-    assert "alexnet_pipe.repair" not in graph["alexnet_pipe.convert"]
+    assert "alexnet_pipe.convert.repair" not in graph["alexnet_pipe.convert.job"]

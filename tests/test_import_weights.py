@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from alexnet_pipe import checkpoint
-from alexnet_pipe.blobproto import encode_blobproto
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import FormatError, UnsafePickleError
-from alexnet_pipe.model import AlexNetConfig, build_model
+from alexnet_pipe.formats.blobproto import encode_blobproto
+from alexnet_pipe.model import checkpoint
+from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
+from alexnet_pipe.model.weights import ImportConfig, caffe, detect_format, import_weights, neon
+from alexnet_pipe.model.weights.caffe import read_layers
+from alexnet_pipe.model.weights.neon import read_params
 from alexnet_pipe.safe_pickle import loads
-from alexnet_pipe.weights import ImportConfig, caffe, detect_format, import_weights, neon
-from alexnet_pipe.weights.caffe import read_layers
-from alexnet_pipe.weights.neon import read_params
 from tests.pickle_samples import attack_pickles, neon_cache, neon_weights_pre12, neon_weights_v14, py2_pickle
 
 pytestmark = pytest.mark.usefixtures("torch_threads")  # two threads, restored after

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alexnet_pipe.inputspec import InputSpec
+from alexnet_pipe.model.inputspec import InputSpec
 
 RNG = np.random.default_rng(0)
 PIXELS = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)  # H x W x RGB

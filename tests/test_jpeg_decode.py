@@ -15,9 +15,9 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from alexnet_pipe import imaging
 from alexnet_pipe.config import ImageSettings
-from alexnet_pipe.imaging import BadImage, process
+from alexnet_pipe.imaging import process as imaging
+from alexnet_pipe.imaging.process import BadImage, process
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.convert.job import run_convert
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "gpu_levers.py"
@@ -121,10 +121,10 @@ def _count_graphs(monkeypatch, cfg: TrainConfig, *, compile_block=None) -> int:
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real(model, **{**kw, "backend": "eager"}))
     if compile_block is not None:
-        import alexnet_pipe.model as model_mod
+        import alexnet_pipe.model.alexnet as model_mod
 
         monkeypatch.setattr(model_mod, "compile_fixed_batch", compile_block)
-    from alexnet_pipe.train import fit
+    from alexnet_pipe.train.loop import fit
 
     torch._dynamo.reset()
     counters.clear()

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from alexnet_pipe.apps.info import format_summary, plural
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.dryrun import shard_plan
+from alexnet_pipe.convert.dryrun import shard_plan
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.holdout import carve_val, holdout_counts
-from alexnet_pipe.info import format_summary, plural
-from alexnet_pipe.listfile import CAFFE, IM2REC, read_list, scan_lists
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.recordio import iter_records, unpack_payload
-from alexnet_pipe.scan import scan
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.formats.recordio import iter_records, unpack_payload
+from alexnet_pipe.inputs.holdout import carve_val, holdout_counts
+from alexnet_pipe.inputs.listfile import CAFFE, IM2REC, read_list, scan_lists
+from alexnet_pipe.inputs.scan import scan
 
 from .conftest import CLASSES, make_tree, smooth_image, write_jpeg
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import train as train_cmd
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.pipeline import Loader, LoaderConfig, build_pipeline
-from alexnet_pipe.runtime import open_run
-from alexnet_pipe.source import EpochSource
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import fit
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.loading.epoch_source import EpochSource
+from alexnet_pipe.loading.pipeline import Loader, LoaderConfig, build_pipeline
+from alexnet_pipe.train.loop import fit
+from alexnet_pipe.train.runtime import open_run
 
 from .conftest import make_tree
 
@@ -113,8 +113,8 @@ def test_every_reader_process_has_a_batch_in_flight(shapes, tmp_path):
     """DALI hands a whole batch to one reader process and keeps the source's queue depth of batches
     in flight. With a queue of only the pipeline's prefetch (2), a third reader process never worked
     at the same time as the other two; the queue now holds a batch per reader plus the prefetch."""
-    from alexnet_pipe.order import OrderConfig
-    from alexnet_pipe.records import record_table
+    from alexnet_pipe.dataset.records import record_table
+    from alexnet_pipe.loading.order import OrderConfig
 
     ds = load_dataset(shapes)
     cfg = LoaderConfig("train", True, batch_size=2, crop=CROP, read_workers=3, prefetch=2, num_threads=1)

@@ -13,18 +13,18 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from alexnet_pipe.blobproto import decode_blobproto
+from alexnet_pipe.apps.info import dataset_summary, format_summary
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings, UpdateMeanConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.datum import decode_datum
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import MeanImageSum, centre_box, load_dataset_mean, read_mean_file
+from alexnet_pipe.dataset.update_mean import run_update_mean
 from alexnet_pipe.errors import OldMeanFormatError
-from alexnet_pipe.imaging import CentreSums, process_batch
-from alexnet_pipe.info import dataset_summary, format_summary
-from alexnet_pipe.legacy_mean import run_update_mean
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.mean import MeanImageSum, centre_box, load_dataset_mean, read_mean_file
-from alexnet_pipe.scan import Source
+from alexnet_pipe.formats.blobproto import decode_blobproto
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.imaging.process import CentreSums, process_batch
+from alexnet_pipe.inputs.scan import Source
 
 from .conftest import CLASSES, smooth_image, write_jpeg
 

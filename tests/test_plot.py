@@ -8,9 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from alexnet_pipe.errors import AlexnetPipeError, FormatError
-from alexnet_pipe.loggers import MetricsLog
-from alexnet_pipe.plot import (
+from alexnet_pipe.apps.plot import (
     RESUME_LABEL,
     curves_figure,
     denormalize,
@@ -21,6 +19,8 @@ from alexnet_pipe.plot import (
     plot_curves,
     read_metrics,
 )
+from alexnet_pipe.errors import AlexnetPipeError, FormatError
+from alexnet_pipe.train.loggers import MetricsLog
 
 from .pixels import find_block, is_pdf, rgb, svg_text
 

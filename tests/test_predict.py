@@ -13,15 +13,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from alexnet_pipe import checkpoint
+from alexnet_pipe.apps.predict import crop_anchor, expand_inputs, preprocess
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ImageSettings, TrainConfig
-from alexnet_pipe.imaging import process
-from alexnet_pipe.inputspec import InputSpec
-from alexnet_pipe.mean import load_dataset_mean
-from alexnet_pipe.model import AlexNetConfig, build_model
-from alexnet_pipe.predict import crop_anchor, expand_inputs, preprocess
-from alexnet_pipe.train import epoch_loader
+from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.imaging.process import process
+from alexnet_pipe.model import checkpoint
+from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
+from alexnet_pipe.model.inputspec import InputSpec
+from alexnet_pipe.train.loop import epoch_loader
 
 from .conftest import smooth_image
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pipe import checkpoint
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.errors import CheckpointError
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.model import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -26,13 +26,13 @@ from PIL import Image
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.order import OrderConfig
-from alexnet_pipe.recordio import iter_records, unpack_payload
-from alexnet_pipe.records import RecordReader, record_table
-from alexnet_pipe.source import EpochSource
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.records import RecordReader, record_table
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.formats.recordio import iter_records, unpack_payload
+from alexnet_pipe.loading.epoch_source import EpochSource
+from alexnet_pipe.loading.order import OrderConfig
 
 from .conftest import make_tree, smooth_image, write_jpeg
 

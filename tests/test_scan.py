@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.imaging import read_source
-from alexnet_pipe.scan import CACHE_VERSION, scan
+from alexnet_pipe.imaging.process import read_source
+from alexnet_pipe.inputs.scan import CACHE_VERSION, scan
 
 from .conftest import CLASSES, make_tree
 

@@ -26,12 +26,12 @@ import pytest
 import torch
 from PIL import Image
 
-import alexnet_pipe.shards as shards
-from alexnet_pipe import checkpoint
+import alexnet_pipe.formats.shards as shards
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.fsutil import OutputError, os_error
-from alexnet_pipe.scan import scan
+from alexnet_pipe.inputs.scan import scan
+from alexnet_pipe.model import checkpoint
 
 from .conftest import make_tree
 from .test_faults_convert import TEMP, tree_bytes
@@ -308,7 +308,7 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_one(tmp_path):
 def test_training_whose_final_weights_do_not_fit_says_so_and_keeps_its_checkpoint(tmp_path):
     """The weights (86 MB) go to a full 16 MB disk, the checkpoint elsewhere: one line naming
     both, exit 1; the checkpoint loads, and the command the line gives writes the weights."""
-    from alexnet_pipe.synthetic import SynthConfig, make_image_tree
+    from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 
     make_image_tree(SynthConfig(tmp_path / "raw", 6, 1, (96, 72), ("circle", "square", "hstripes", "vstripes"), seed=5))
     run_convert(ConvertConfig(src=tmp_path / "raw", dst=tmp_path / "data", formats=("lmdb",), shard_size=10, workers=1,

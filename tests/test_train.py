@@ -16,19 +16,19 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from alexnet_pipe import checkpoint
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert import run_convert
-from alexnet_pipe.datum import decode_datum
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import load_dataset_mean
 from alexnet_pipe.errors import CheckpointError, OldMeanFormatError
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.mean import load_dataset_mean
-from alexnet_pipe.model import AlexNet, AlexNetConfig, param_groups
-from alexnet_pipe.pipeline import Loader, LoaderConfig
-from alexnet_pipe.runtime import Runtime
-from alexnet_pipe.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.train import EvalResult, fit, lr_at, run_test, topk_correct
+from alexnet_pipe.formats.datum import decode_datum
+from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
+from alexnet_pipe.model import checkpoint
+from alexnet_pipe.model.alexnet import AlexNet, AlexNetConfig, param_groups
+from alexnet_pipe.train.loop import EvalResult, fit, lr_at, run_test, topk_correct
+from alexnet_pipe.train.runtime import Runtime
 
 from .conftest import make_tree
 from .pixels import find_block
@@ -95,7 +95,7 @@ def test_small_set_is_overfitted():
     """
     import numpy as np
 
-    from alexnet_pipe.synthetic import draw_image
+    from alexnet_pipe.apps.synthetic import draw_image
 
     rng = np.random.default_rng(0)
     classes = ("circle", "square", "hstripes", "vstripes")
@@ -288,8 +288,8 @@ def test_corrupt_record_gives_a_clear_error_not_a_dali_trace(tiny, tmp_path):
     import subprocess
     import sys
 
-    from alexnet_pipe.datum import Datum, encode_datum
     from alexnet_pipe.errors import DatasetError
+    from alexnet_pipe.formats.datum import Datum, encode_datum
 
     fit(tcfg(tiny, epochs=1, save_path=tmp_path / "w.pt", eval_freq=0))
     data = tmp_path / "data"
@@ -364,7 +364,7 @@ def test_images_smaller_than_the_crop_are_reported(tmp_path, caplog):
     for upscale, name in ((False, "small"), (True, "upscaled")):
         run_convert(ConvertConfig(src=tmp_path / "raw", dst=tmp_path / name, shard_size=10, workers=1, progress=False,
                                   image=ImageSettings(short_side=72, upscale=upscale)))
-    from alexnet_pipe.train import small_image_warning
+    from alexnet_pipe.train.runtime import small_image_warning
 
     message = small_image_warning(load_dataset(tmp_path / "small"), CROP)
     assert message is not None and "6 of 12 train images and 3 of 6 val images" in message

@@ -26,8 +26,8 @@ import pytest
 from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
-from alexnet_pipe.datum import decode_datum
-from alexnet_pipe.manifest import load_dataset
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.formats.datum import decode_datum
 
 from .tar_builders import add_bytes, add_link, build_train_tar, inner_tar, jpeg_bytes, set_size, wnids
 from .test_bad_inputs import bomb_png

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from alexnet_pipe import protobuf as pb
-from alexnet_pipe.blobproto import decode_blobproto, encode_blobproto
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import UpdateMeanConfig
+from alexnet_pipe.dataset.mean import load_dataset_mean, read_mean_file
+from alexnet_pipe.dataset.update_mean import MAX_MEAN_FILE_BYTES, run_update_mean
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, OldMeanFormatError, UnsafePickleError
-from alexnet_pipe.legacy_mean import MAX_MEAN_FILE_BYTES, run_update_mean
-from alexnet_pipe.mean import load_dataset_mean, read_mean_file
+from alexnet_pipe.formats import protobuf as pb
+from alexnet_pipe.formats.blobproto import decode_blobproto, encode_blobproto
 from tests.pickle_samples import attack_pickles, full_mean_image, neon_cache, py2_pickle
 
 # ---------------------------------------------------------------- helpers

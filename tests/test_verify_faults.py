@@ -22,13 +22,13 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings, VerifyConfig
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.convert.verify import run_verify
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.dataset.records import record_table
 from alexnet_pipe.errors import DatasetError, FormatError
-from alexnet_pipe.manifest import load_dataset
-from alexnet_pipe.mean import load_dataset_mean
-from alexnet_pipe.recordio import parse_index
-from alexnet_pipe.records import record_table
-from alexnet_pipe.verify import run_verify
+from alexnet_pipe.formats.recordio import parse_index
 
 from .conftest import make_tree
 
@@ -381,7 +381,7 @@ def test_unparsable_json_is_one_line(data):
 
 def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
     """Anything a damaged shard makes a reader raise is reported against that shard."""
-    from alexnet_pipe import verify
+    from alexnet_pipe.convert import verify
 
     def broken(_value):
         raise MemoryError("a hostile length")

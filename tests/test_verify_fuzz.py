@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert import run_convert
+from alexnet_pipe.convert.job import run_convert
 
 from .conftest import make_tree
 
@@ -70,9 +70,9 @@ def snapshot(root: str) -> str:
     Run in a child process: a mutated LMDB may kill the process that reads it."""
     import lmdb
 
-    from alexnet_pipe.manifest import load_dataset
-    from alexnet_pipe.mean import load_dataset_mean
-    from alexnet_pipe.recordio import iter_records, read_index
+    from alexnet_pipe.dataset.manifest import load_dataset
+    from alexnet_pipe.dataset.mean import load_dataset_mean
+    from alexnet_pipe.formats.recordio import iter_records, read_index
 
     ds = load_dataset(Path(root))
     h = hashlib.sha256()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from alexnet_pipe.pipeline import LoaderConfig
-from alexnet_pipe.wheels import choose, driver_major, gpu_init_hint
+from alexnet_pipe.loading.pipeline import LoaderConfig
+from alexnet_pipe.loading.wheels import choose, driver_major, gpu_init_hint
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -61,11 +61,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from photo_set import DEFAULT_PHOTO_PYTHON, SETUP_HINT, find_photos, make_photo_set, set_stats  # noqa: E402
 
-from alexnet_pipe import imaging  # noqa: E402
 from alexnet_pipe.config import ImageSettings  # noqa: E402
-from alexnet_pipe.convert import CHUNK  # noqa: E402
-from alexnet_pipe.mean import centre_box  # noqa: E402
-from alexnet_pipe.sources import Source  # noqa: E402
+from alexnet_pipe.convert.job import CHUNK  # noqa: E402
+from alexnet_pipe.dataset.mean import centre_box  # noqa: E402
+from alexnet_pipe.imaging import process as imaging  # noqa: E402
+from alexnet_pipe.inputs.table import Source  # noqa: E402
 
 SHORT_SIDE = 256
 QUALITY = 90
@@ -294,7 +294,8 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         chunk["sums"].add(a)
 
     import_ms = {}
-    for name, mod in (("alexnet_pipe.imaging (convert's workers)", "alexnet_pipe.imaging"), ("torch", "torch")):
+    workers = ("alexnet_pipe.imaging.process (convert's workers)", "alexnet_pipe.imaging.process")
+    for name, mod in (workers, ("torch", "torch")):
         runs = []
         for _ in range(3):
             t0 = time.perf_counter()

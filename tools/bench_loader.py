@@ -4,7 +4,7 @@
     .venv/bin/python tools/bench_loader.py [--images 5000] [--size 500x375] [--rounds 3] [--batch 128]
         [--threads CORES] [--warmup 3] [--read-workers 1,2] [--out DIR] [--results benchmarks/loader.md]
 
-One dataset is made once: procedurally drawn ImageNet-like JPEGs (alexnet_pipe.synthetic, 500x375;
+One dataset is made once: procedurally drawn ImageNet-like JPEGs (alexnet_pipe.apps.synthetic, 500x375;
 drawing takes about 30 ms an image on one core, so --out keeps it for the next run) converted by the
 CLI with --short-side 256 --format both. Then, in this one process, every
 contender reads one whole training epoch per round; rounds are interleaved (the order rotates
@@ -17,7 +17,7 @@ Contenders, all on the CPU (DALI with device_id=None, --threads CPU threads, bat
               pad_last_batch=True -> fn.decoders.image(cpu) -> fn.crop_mirror_normalize with a random
               crop position (fn.random.uniform) and flip (fn.random.coin_flip), read through
               DALIGenericIterator(reader_name="reader", PARTIAL) as the old Loader did;
-  new         alexnet_pipe.train.epoch_loader(TrainConfig(backend="cpu", reader=..., read_workers=...)),
+  new         alexnet_pipe.train.loop.epoch_loader(TrainConfig(backend="cpu", reader=..., read_workers=...)),
               exactly the loader `fit` uses: a fresh global permutation per epoch, records read by key
               seek (LMDB) or pread (RecordIO) in this process (read_workers=0) or in reader processes;
               decoding only the crop window (ROI decode, the default) or, as before, the whole image;
@@ -67,7 +67,7 @@ STAMP = ".bench_loader.json"
 
 def make_dataset(base: Path, images: int, size: tuple[int, int], seed: int, workers: int) -> Path:
     """Synthetic 500x375 JPEGs converted with --short-side 256 --format both; reused when ``base`` has them."""
-    from alexnet_pipe.synthetic import CLASSES, SynthConfig, make_image_tree
+    from alexnet_pipe.apps.synthetic import CLASSES, SynthConfig, make_image_tree
 
     per_class = math.ceil(images / len(CLASSES))
     spec = {"per_class": per_class, "size": list(size), "seed": seed, "short_side": 256}
@@ -95,7 +95,7 @@ def old_pipeline(root: Path, kind: str, batch: int, threads: int, mean: tuple, s
     """The old train graph: DALI's own reader with a shuffle buffer, decode, random crop + flip, mean."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from alexnet_pipe.manifest import load_dataset
+    from alexnet_pipe.dataset.manifest import load_dataset
 
     ds = load_dataset(root)
     if kind == "lmdb":
@@ -168,10 +168,10 @@ def new_batches(loader) -> Iterator[np.ndarray]:
 def source_pipeline(source, batch: int, threads: int, read_workers: int = 0):
     """The new loader's external source alone in a DALI pipeline: JPEG bytes and labels, no decoding;
     with ``read_workers``, in reader processes set up exactly as the training pipeline sets them up
-    (alexnet_pipe.pipeline.source_options / pipeline_options: the same queue depth)."""
+    (alexnet_pipe.loading.pipeline.source_options / pipeline_options: the same queue depth)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from alexnet_pipe.pipeline import LoaderConfig, pipeline_options, source_options
+    from alexnet_pipe.loading.pipeline import LoaderConfig, pipeline_options, source_options
 
     cfg = LoaderConfig("train", True, batch, num_threads=threads, read_workers=read_workers)
 
@@ -211,7 +211,7 @@ def direct_batches(source) -> Iterator[np.ndarray]:
 
 def detached_source(root: Path, kind: str, ctx: Context):
     """The training loader's own source object, its pipeline stopped (the source reopens its files)."""
-    from alexnet_pipe.train import epoch_loader
+    from alexnet_pipe.train.loop import epoch_loader
 
     loader = epoch_loader(train_config(root, kind, 0, ctx), 0)
     source = loader.source
@@ -271,7 +271,7 @@ class Row:
 
 
 def contenders(read_workers: list[int]) -> tuple[list[Row], list[Row]]:
-    from alexnet_pipe.train import epoch_loader
+    from alexnet_pipe.train.loop import epoch_loader
 
     def old(kind: str, decode: bool = True):
         def start(ctx: Context):
@@ -438,8 +438,8 @@ def main() -> int:
         print("\n".join(env), flush=True)
         root = make_dataset(base, args.images, args.size, args.seed, benchenv.usable_cores())
 
-        from alexnet_pipe.manifest import load_dataset
-        from alexnet_pipe.mean import load_dataset_mean
+        from alexnet_pipe.dataset.manifest import load_dataset
+        from alexnet_pipe.dataset.mean import load_dataset_mean
 
         ds = load_dataset(root)
         split = ds.split("train")

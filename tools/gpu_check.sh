@@ -170,7 +170,7 @@ step() {
 make_data() {
   local pids=() c rc=0
   for c in 0 1 2 3 4 5 6 7 8 9; do
-    "$PY" -c 'import sys; from pathlib import Path; from alexnet_pipe.synthetic import CLASSES, SynthConfig, make_image_tree
+    "$PY" -c 'import sys; from pathlib import Path; from alexnet_pipe.apps.synthetic import CLASSES, SynthConfig, make_image_tree
 print(make_image_tree(SynthConfig(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), (500, 375), (CLASSES[int(sys.argv[4])],))))' \
       "$WORK/raw" "$1" "$2" "$c" &
     pids+=($!)

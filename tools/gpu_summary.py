@@ -38,7 +38,7 @@ def _run(cmd: list[str]) -> str:
 
 def env(out: Path, backend: str = "gpu") -> int:
     """The machine and versions; exit 1 when torch sees no GPU (with backend gpu) or the bundle does not import."""
-    from alexnet_pipe.wheels import driver_major
+    from alexnet_pipe.loading.wheels import driver_major
 
     smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
     info: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

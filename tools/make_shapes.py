@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate a procedurally drawn ImageNet-layout image set (see alexnet_pipe.synthetic).
+"""Generate a procedurally drawn ImageNet-layout image set (see alexnet_pipe.apps.synthetic).
 
     python tools/make_shapes.py OUT [--train 200] [--val 50] [--size 320x240] [--classes 10]
 """
@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from alexnet_pipe.synthetic import CLASSES, SynthConfig, make_image_tree
+from alexnet_pipe.apps.synthetic import CLASSES, SynthConfig, make_image_tree
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from alexnet_pipe.wheels import Choice, choose, detect_driver  # noqa: E402
+from alexnet_pipe.loading.wheels import Choice, choose, detect_driver  # noqa: E402
 
 
 def project_deps(pyproject: str, dali: str, extras: tuple[str, ...] = ("test",)) -> list[str]:

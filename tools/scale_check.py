@@ -359,7 +359,7 @@ def dali_open(root: Path, batch: int, nofile: int) -> dict:
 
     from nvidia.dali import fn, pipeline_def
 
-    from alexnet_pipe.manifest import load_dataset
+    from alexnet_pipe.dataset.manifest import load_dataset
 
     ds = load_dataset(root)
     split = ds.split("train")
@@ -729,7 +729,7 @@ def main() -> int:
         try:
             result = dali_open(args.dali_open, batch=1000, nofile=args.dali_nofile)
         except RuntimeError as exc:  # DALI's multi-page error -> the operator and the cause, one line
-            from alexnet_pipe.pipeline import dali_cause
+            from alexnet_pipe.loading.pipeline import dali_cause
 
             print(json.dumps({"ok": False, "error": dali_cause(exc)}))
             return 1

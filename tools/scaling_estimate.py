@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from alexnet_pipe.model import AlexNet, AlexNetConfig
+from alexnet_pipe.model.alexnet import AlexNet, AlexNetConfig
 
 GPUS_PER_NODE = 8
 NVLINK_BUS_GBPS = 360.0  # GB/s NCCL all-reduce bus bandwidth on 8 H100 SXM (NVSwitch), large messages

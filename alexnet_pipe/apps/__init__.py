@@ -1,0 +1,1 @@
+"""The small apps: predict, benchmark, inspect, plot, info and the synthetic image sets."""

@@ -1,0 +1,108 @@
+"""The `info` job: a human summary of a converted dataset (pure formatting over the manifest)."""
+
+from __future__ import annotations
+
+from alexnet_pipe.dataset.manifest import Dataset
+from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.formats.shards import dir_size
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 shard"``, ``"2 shards"``; ``many`` for irregular plurals (``plural(n, "class", "classes")``)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def dataset_summary(ds: Dataset) -> dict:
+    """The facts `info` prints, as plain data (also what --json emits)."""
+    m = ds.manifest
+    splits = {}
+    for name, split in m["splits"].items():
+        shards = []
+        for s in split["shards"]:
+            size = 0
+            for fmt in ds.formats:
+                path = s[fmt]["path"] if fmt == "lmdb" else s[fmt]["rec"]
+                size += dir_size(ds.root / path) if (ds.root / path).exists() else 0
+            shards.append({"name": s["name"], "records": s["records"], "bytes": size})
+        splits[name] = {
+            "records": split["records"],
+            "skipped": split["skipped"],
+            "layout": split["layout"],
+            "shards": shards,
+            "bytes": sum(s["bytes"] for s in shards),
+        }
+    try:
+        mean = load_dataset_mean(ds.root)
+        mean_info = {"channel_order": mean.channel_order, "mean": mean.mean, "std": mean.std, "source": mean.source}
+    except AlexnetPipeError as exc:
+        mean_info = {"error": str(exc)}
+    mean_image = m.get("mean_image")
+    if mean_image:
+        mean_image = dict(mean_image, files=[
+            {"path": mean_image[k], "bytes": (ds.root / mean_image[k]).stat().st_size
+             if (ds.root / mean_image[k]).is_file() else None}
+            for k in ("npy", "binaryproto")
+        ])
+    return {
+        "root": str(ds.root),
+        "created_by": m.get("created_by"),
+        "version": ds.version,
+        "upgrade": ds.upgrade_hint(),
+        "classes": m["classes"],
+        "splits": splits,
+        "mean": mean_info,
+        "mean_image": mean_image,
+        "settings": m["settings"],
+        "skipped": m["skipped"],
+    }
+
+
+def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> str:
+    lines = [f"dataset   {info['root']}  ({info['created_by']}, format version {info['version']})"]
+    if info.get("upgrade"):
+        lines.append(f"upgrade   {info['upgrade']}")
+    classes = info["classes"]
+    shown = ", ".join(c["id"] + (f" ({c['name']})" if c["name"] else "") for c in classes[:max_classes])
+    more = f", ... {len(classes) - max_classes} more" if len(classes) > max_classes else ""
+    lines.append(f"classes   {len(classes)}: {shown}{more}")
+    total = 0
+    for name, split in info["splits"].items():
+        total += split["bytes"]
+        lines.append(
+            f"{name:<9} {plural(split['records'], 'record')} in {plural(len(split['shards']), 'shard')}, "
+            f"{_human(split['bytes'])}, "
+            f"{split['skipped']} skipped  [{split['layout']}]"
+        )
+        for s in split["shards"][:max_shards]:
+            lines.append(f"            {s['name']}  {plural(s['records'], 'record')}  {_human(s['bytes'])}")
+        if len(split["shards"]) > max_shards:
+            lines.append(f"            ... {plural(len(split['shards']) - max_shards, 'more shard', 'more shards')}")
+    lines.append(f"on disk   {_human(total)}")
+    mean = info["mean"]
+    if "error" in mean:
+        lines.append(f"mean      {mean['error']}")
+    else:
+        fmt = lambda v: "(" + ", ".join(f"{x:.2f}" for x in v) + ")"  # noqa: E731
+        std = fmt(mean["std"]) if mean["std"] else "unknown"
+        lines.append(f"mean      {mean['channel_order']} {fmt(mean['mean'])}  std {std}  [{mean['source']}]")
+    image = info.get("mean_image")
+    if image:
+        files = ", ".join(f"{f['path']} ({'missing' if f['bytes'] is None else _human(f['bytes'])})"
+                          for f in image["files"])
+        over = plural(image["images"], "train image")
+        lines.append(f"mean img  {image['size']}x{image['size']} over {over}: {files}")
+    lines.append("settings  " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
+    for s in info["skipped"][:10]:
+        lines.append(f"skipped   {s['split']}/{s['name']}: {s['reason']}")
+    if len(info["skipped"]) > 10:
+        lines.append(f"skipped   ... {len(info['skipped']) - 10} more (see manifest.json)")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""`inspect`: the first samples of a training epoch drawn as a grid, to see crops and flips; or the
+dataset's mean image. Both are drawn by :mod:`.plot` (matplotlib) as PNG, SVG or PDF by the suffix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alexnet_pipe.apps.plot import check_output, denormalize, draw_grid, draw_image
+from alexnet_pipe.config import TrainConfig
+from alexnet_pipe.dataset.layout import MEAN_IMAGE_NPY
+from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.errors import DatasetError
+
+
+def require_gpu(backend: str) -> None:
+    """Raise, with the fix, when ``backend`` is "gpu" and torch sees no CUDA device."""
+    from alexnet_pipe.train.runtime import torch_device
+
+    torch_device(backend)
+
+
+def grid_title(root: Path, split: str, crop: int, normalize_std: bool, epoch: int, seed: int) -> str:
+    """The grid's title: what was drawn and with which settings (``epoch`` counts from 0)."""
+    how = f"epoch {epoch + 1}, seed {seed}: random crops and flips" if split == "train" else "centre crops"
+    norm = "mean and std normalised" if normalize_std else "mean subtracted"
+    return f"{Path(root).resolve().name}, {split} split, {how}\ncrop {crop}, {norm} (added back to draw)"
+
+
+def inspect_batch(root: Path, out: Path, split: str, count: int, crop: int, seed: int,
+                  normalize_std: bool, backend: str, epoch: int = 0) -> Path:
+    """Draw the first ``count`` samples of ``epoch`` exactly as training with ``-r seed`` reads
+    them (train: that epoch's order, crops and flips; other splits: centre crops); return the path."""
+    from alexnet_pipe.train.loop import epoch_loader
+
+    check_output(out)
+    require_gpu(backend)
+    cfg = TrainConfig(data_dir=root, backend=backend, crop=crop, rng_seed=seed, normalize_std=normalize_std,
+                      batch_size=count, data_threads=1, progress=False)
+    loader = epoch_loader(cfg, epoch, split)
+    batch = next(iter(loader))
+    mean_rgb, std_rgb = load_dataset_mean(root).rgb()
+    images = denormalize(batch.images.float().cpu().numpy(), mean_rgb, std_rgb if normalize_std else None, "NCHW")
+    names = [c["name"] or c["id"] for c in load_dataset(root).classes]
+    captions = ["flipped" if f else "" for f in batch.flipped.tolist()]
+    return draw_grid(images, batch.labels.cpu().tolist(), names, out, captions=captions,
+                     title=grid_title(root, split, crop, normalize_std, epoch, seed))
+
+
+def draw_mean_image(root: Path, out: Path) -> Path:
+    """Draw the dataset's mean image (``mean_image.npy``, H x W x 3 RGB float) under a title."""
+    import numpy as np
+
+    check_output(out)
+    ds = load_dataset(root)  # a converted dataset, or one clear error
+    path = root / MEAN_IMAGE_NPY
+    if not path.is_file():
+        raise DatasetError(f"{root} has no {MEAN_IMAGE_NPY} (converted by an older alexnet-pipe); reconvert it "
+                           "to get the mean image")
+    try:
+        mean = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read {path} ({exc})") from exc
+    if mean.ndim != 3 or mean.shape[2] != 3 or 0 in mean.shape or not np.issubdtype(mean.dtype, np.number):
+        raise DatasetError(f"{path} holds an array of shape {mean.shape} ({mean.dtype}), expected H x W x 3 numbers")
+    info = ds.manifest.get("mean_image")
+    images = info.get("images") if isinstance(info, dict) else None
+    over = f", over {images} train images" if isinstance(images, int) else ""
+    title = f"{Path(root).resolve().name}: mean image {mean.shape[0]}x{mean.shape[1]}{over}"
+    pixels = np.clip(np.rint(np.nan_to_num(mean.astype(np.float64))), 0, 255).astype(np.uint8)
+    return draw_image(pixels, out, title)

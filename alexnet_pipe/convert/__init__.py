@@ -1,0 +1,1 @@
+"""Jobs that write or check a converted directory: convert, verify, repair, upgrade."""

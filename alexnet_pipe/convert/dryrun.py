@@ -1,0 +1,112 @@
+"""``convert --dry-run``: what a conversion would do, with nothing written.
+
+The inputs are found exactly as the run finds them. It prints the layout detected per split,
+the classes, the images per split and per class, the shard plan, the inputs that would be
+skipped (with why), and what the run would make of OUT (create it, resume it, or refuse it).
+Images that cannot be decoded are found only by converting: no image is opened here. The
+archives' scan cache lives in OUT, so a dry run lists an archive without it (minutes for the
+138 GB train tar).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from alexnet_pipe.apps.info import plural
+from alexnet_pipe.config import ConvertConfig
+from alexnet_pipe.convert.job import check_output, describe_mismatch, find_inputs, output_identity
+from alexnet_pipe.dataset.layout import STATE_FILE
+from alexnet_pipe.dataset.parts import load_part
+from alexnet_pipe.errors import SettingsMismatchError
+from alexnet_pipe.formats.shards import ShardPlan
+from alexnet_pipe.inputs.scan import ScanResult
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    """What ``run_convert(cfg)`` would do."""
+
+    found: ScanResult
+    shard_size: int
+    output: str  # what the run would do with OUT, in words
+
+
+def shard_plan(n: int, size: int) -> str:
+    """The shards of a split of ``n`` records, e.g. "3 shards: 2 of 5 records, the last of 3"."""
+    k = math.ceil(n / size)
+    if k <= 1:
+        return f"1 shard of {plural(n, 'record')}" if n else "no shard"
+    last = n - (k - 1) * size
+    if last == size:
+        return f"{k} shards of {size} records"
+    return f"{k} shards: {k - 1} of {plural(size, 'record')}, the last of {last}"
+
+
+def _output(cfg: ConvertConfig, found: ScanResult, plans: dict[str, int]) -> str:
+    dst = cfg.dst
+    if not dst.exists():
+        return f"{dst} would be created"
+    try:
+        check_output(dst, cfg.force)
+    except SettingsMismatchError as exc:
+        return f"the run would stop: {exc}"
+    state = dst / STATE_FILE
+    if not state.is_file():
+        return f"{dst} exists; the conversion would be written into it"
+    try:
+        old = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        old = f"unreadable ({exc})"
+    if not isinstance(old, dict):
+        return f"{state} is not a convert state file: {old}; the run would stop"
+    identity = output_identity(cfg, found)
+    if old != identity:
+        fix = "--force: it would be discarded" if cfg.force else "the run would stop (--force discards it)"
+        return f"{dst} holds a conversion with other settings or input ({describe_mismatch(old, identity)}); {fix}"
+    shards = [ShardPlan(split, k, 0, ()) for split, n in plans.items() for k in range(n)]
+    done = sum(load_part(dst, shard) is not None for shard in shards)
+    return f"{dst} holds this conversion, {done} of {plural(len(shards), 'shard')} complete: the run resumes it"
+
+
+def plan_convert(cfg: ConvertConfig) -> ConvertPlan:
+    """Scan the input as ``run_convert(cfg)`` would, and write nothing.
+
+    Raises:
+        LayoutError: what the run would raise for the same input.
+    """
+    found = find_inputs(cfg, cache_dir=None)
+    shards = {split: math.ceil(len(table) / cfg.shard_size) for split, table in found.splits.items()}
+    return ConvertPlan(found, cfg.shard_size, _output(cfg, found, shards))
+
+
+def format_plan(plan: ConvertPlan, max_classes: int = 10, max_skipped: int = 20) -> str:
+    """The dry run's report, one fact a line."""
+    found = plan.found
+    lines = ["dry run: nothing is written"]
+    for k, (split, how) in enumerate(found.layout.items()):
+        lines.append(f"{'layout' if k == 0 else '':<9} {split}: {how}")
+    names = [c + (f" ({found.class_names[c]})" if found.class_names.get(c) else "") for c in found.classes]
+    more = f", ... {len(names) - max_classes} more" if len(names) > max_classes else ""
+    lines.append(f"classes   {len(names)}: {', '.join(names[:max_classes])}{more}")
+    for split, table in found.splits.items():
+        counts = np.bincount(table.labels, minlength=len(found.classes))
+        used = counts[counts > 0]
+        per_class = f"{used.min()}" if used.min() == used.max() else f"{used.min()} to {used.max()}"
+        none = int(np.sum(counts == 0))
+        lacking = f" ({plural(none, 'class', 'classes')} without any)" if none else ""
+        lines.append(f"{split:<9} {plural(len(table), 'image')}, {per_class} a class{lacking} -> "
+                     f"{shard_plan(len(table), plan.shard_size)}")
+    if found.skipped:
+        lines.append(f"skipped   {plural(len(found.skipped), 'input')}:")
+        for s in found.skipped[:max_skipped]:
+            lines.append(f"          {s.split} {s.name}: {s.reason}")
+        if len(found.skipped) > max_skipped:
+            lines.append(f"          ... {len(found.skipped) - max_skipped} more")
+    else:
+        lines.append("skipped   none found (images that cannot be decoded are found only by converting)")
+    lines.append(f"output    {plan.output}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""The --repair check: find which finished shards of a conversion are damaged.
+
+``check_finished`` re-checks every finished shard against the checksum its completion record
+holds, in verify's checker processes (so a shard that kills its reader is found too), and gives
+intact shards of a dataset converted before per-record checksums their checksums. convert's
+--repair rewrites the damaged ones (``convert._plan_repair``); repair.py finds the recorded inputs
+for ``verify --repair``. Kept apart from both so that convert and repair do not import each other.
+"""
+
+from __future__ import annotations
+
+from array import array
+from pathlib import Path
+
+from alexnet_pipe.config import FORMATS, ConvertConfig
+from alexnet_pipe.convert.verify import Problem, _Task, check_shards
+from alexnet_pipe.dataset.checksum import encode_record_sums
+from alexnet_pipe.dataset.layout import part_path, record_sums_path
+from alexnet_pipe.dataset.mean import MeanImageSum
+from alexnet_pipe.dataset.parts import read_part
+from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.formats.shards import ShardPlan
+from alexnet_pipe.fsutil import atomic_write_bytes, atomic_write_json
+
+
+def _reason(problem: Problem) -> str:
+    """A problem as the reason for a rewrite, without verify's advice on how to repair it."""
+    text = str(problem)
+    for advice in ("; to repair it,", "; run alexnet-pipe verify"):
+        text = text.split(advice)[0]
+    return text
+
+
+def _mean_sums_problem(dst: Path, part: dict) -> str | None:
+    """Why a train shard's mean-image sums (``.parts/<shard>.mean.npz``) cannot be used, or None."""
+    rel = part.get("mean_sums")
+    if not rel:
+        return None
+    if not isinstance(rel, str):
+        return f"its completion record names {rel!r} as its mean-image sums"
+    try:
+        MeanImageSum.from_bytes((dst / rel).read_bytes(), rel)
+    except (OSError, AlexnetPipeError) as exc:
+        return f"{rel}: {exc}"
+    return None
+
+
+def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int) -> tuple[dict[str, str], int]:
+    """Check the finished shards ``plans`` of ``cfg.dst`` against their completion records.
+
+    Every record is read (nothing decoded) and the shard's checksum, record count, framing and
+    index compared. Intact shards without valid per-record checksums get them written.
+
+    Returns:
+        ({shard name: what is wrong} for the damaged shards, how many shards got checksums).
+    """
+    dst, damaged, tasks, parts = cfg.dst, {}, [], {}
+    for plan in plans:
+        part = parts[plan.name] = read_part(dst, plan)
+        if not part["records"]:  # every input skipped: no files to check
+            continue
+        if (why := _mean_sums_problem(dst, part)) is not None:
+            damaged[plan.name] = why
+            continue
+        entry = {k: part[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in part}
+        for fmt in cfg.formats:
+            rel = record_sums_path(plan.name, fmt)
+            # version 1: a map size is no damage (that is `upgrade`'s business)
+            tasks.append(_Task(dst, plan.split, fmt, entry, num_classes, False, 1,
+                               rel if (dst / rel).is_file() else None, want_crcs=True))
+    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "check")
+    new_sums: dict[str, dict[str, array]] = {}
+    for task, out in zip(tasks, outcomes):
+        name = task.entry["name"]
+        wrong = [p for p in out.problems if p.where != task.sums]
+        if wrong:
+            damaged.setdefault(name, _reason(wrong[0]))
+        elif task.sums is None or out.problems or "record_sums" not in parts[name]:
+            new_sums.setdefault(name, {})[task.fmt] = out.crcs
+    added = 0
+    for name, by_fmt in new_sums.items():
+        if name in damaged:  # rewritten whole, with its checksums
+            continue
+        part = parts[name]
+        part.pop("record_sums", None)  # re-added last, where a clean run has it
+        part["record_sums"] = {}
+        for fmt in (f for f in FORMATS if f in cfg.formats):
+            rel = part["record_sums"][fmt] = record_sums_path(name, fmt)
+            if fmt in by_fmt:
+                atomic_write_bytes(dst / rel, encode_record_sums(by_fmt[fmt]))
+        atomic_write_json(dst / part_path(name), part)
+        added += 1
+    return damaged, added

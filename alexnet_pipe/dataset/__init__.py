@@ -1,0 +1,1 @@
+"""The converted directory: its layout, manifest, completion records, checksums, means, records."""

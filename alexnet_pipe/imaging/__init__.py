@@ -1,0 +1,1 @@
+"""Imaging: one input -> one clean, validated baseline JPEG."""

@@ -1,0 +1,72 @@
+"""The DALI external-source callback that feeds a pipeline its epochs (no torch, no DALI imports).
+
+DALI calls it with a BatchInfo (iteration within the epoch, epoch index since the pipeline
+started); it answers with that batch's JPEG bytes, labels and augmentation parameters, or raises
+StopIteration at the end of the epoch. It is stateless apart from caches, so DALI may run it in
+several reader processes (``parallel=True``), each holding its own open shard files (and the
+per-record checksums of the shards it has read, ``records.RecordReader``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alexnet_pipe.dataset.records import RecordReader, RecordTable
+from alexnet_pipe.errors import DatasetError
+from alexnet_pipe.loading.order import EpochPlan, OrderConfig, plan_epoch
+
+
+class EpochSource:
+    """Batch ``k`` of epoch ``first_epoch + epoch_idx``, for one rank. The first epoch starts at
+    batch ``first_step`` (a run resumed mid-epoch); later ones at batch 0."""
+
+    def __init__(self, table: RecordTable, order: OrderConfig, batch_size: int, first_epoch: int, first_step: int = 0):
+        self.table, self.order, self.batch_size, self.first_epoch = table, order, batch_size, first_epoch
+        self.first_step = first_step
+        self._reader: RecordReader | None = None
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The rank's plan of ``epoch`` (kept for the epoch: one permutation per epoch, not per batch)."""
+        if self._plan is None or self._plan[0] != epoch:
+            self._plan = (epoch, plan_epoch(self.order, epoch))
+        return self._plan[1]
+
+    def __call__(self, info) -> tuple:
+        plan = self.plan(self.first_epoch + info.epoch_idx)
+        step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
+        start = step * self.batch_size
+        if start >= len(plan):
+            raise StopIteration
+        if self._reader is None:
+            self._reader = RecordReader(self.table)
+        end = start + self.batch_size
+        jpegs, labels = [], np.empty(min(end, len(plan)) - start, np.int32)
+        for j, i in enumerate(plan.indices[start:end]):
+            data, labels[j] = self._reader.read(int(i))
+            jpegs.append(np.frombuffer(data, np.uint8))
+        return jpegs, labels, plan.crop_x[start:end], plan.crop_y[start:end], plan.mirror[start:end]
+
+    def close(self) -> None:
+        """Close the shard files this process opened (reader processes close theirs on exit)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def __getstate__(self) -> dict:
+        # Reader processes get the table and the config; open files and caches stay behind.
+        return {**self.__dict__, "_reader": None, "_plan": None}
+
+
+# How DALI's reader processes pass on an exception: the pipeline's process raises a plain
+# Exception whose text is the worker's traceback, which ends with this and the message.
+_FROM_READER = "alexnet_pipe.errors.DatasetError: "
+
+
+def raise_reader_error(exc: BaseException) -> None:
+    """Raise the one-line DatasetError that a reader process raised, if ``exc`` carries one
+    (``parallel=True``: a damaged record read there); return otherwise."""
+    text = str(exc)
+    if _FROM_READER in text:
+        message = text.rsplit(_FROM_READER, 1)[1].strip().splitlines()
+        raise DatasetError(message[0] if message else text) from exc

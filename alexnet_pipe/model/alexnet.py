@@ -1,0 +1,569 @@
+"""The neon model-zoo AlexNet: CaffeNet's layout without weight grouping.
+
+conv1..conv5 and fc6..fc8 keep Caffe's layer names, so ``state_dict`` keys read
+``conv1.weight`` ... ``fc8.bias`` and weight importers (neon pickles, Caffe
+caffemodels with grouped conv2/4/5 expanded block-diagonally, torchvision) can map
+onto them by name. See shared/reference/NEON_ALEXNET.md for the source of every number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_pipe.errors import InputError
+
+__all__ = [
+    "MIN_CROP",
+    "AlexNet",
+    "AlexNetConfig",
+    "ARCHS",
+    "FixedBatch",
+    "INPUT_CHANNELS",
+    "LRN",
+    "LRN_IMPLS",
+    "INIT_SCHEMES",
+    "TorchvisionAlexNet",
+    "build_model",
+    "compile_fixed_batch",
+    "count_parameters",
+    "fc6_in_features",
+    "init_weights",
+    "lrn_shifted_sum",
+    "param_groups",
+    "group_lr_mult",
+    "pool5_size",
+]
+
+
+class _Conv(NamedTuple):
+    name: str
+    out_channels: int
+    kernel: int
+    stride: int
+    pad: int
+    bias: float  # neon's constant bias init; 1 on some layers keeps their ReLUs alive early
+    pool: bool  # max 3x3/2 after the ReLU (followed by LRN on conv1 and conv2)
+
+
+class _Fc(NamedTuple):
+    name: str
+    out_features: int | None  # None: the number of classes
+    std: float
+    bias: float
+
+
+# The single source of the layer sizes: the constructor, init_weights and the spatial
+# arithmetic below all read these, so they cannot drift apart.
+_CONVS = (
+    _Conv("conv1", 96, 11, 4, 0, 0.0, True),
+    _Conv("conv2", 256, 5, 1, 2, 1.0, True),
+    _Conv("conv3", 384, 3, 1, 1, 0.0, False),
+    _Conv("conv4", 384, 3, 1, 1, 1.0, False),
+    _Conv("conv5", 256, 3, 1, 1, 1.0, True),
+)
+_FCS = (
+    _Fc("fc6", 4096, 0.005, 1.0),
+    _Fc("fc7", 4096, 0.005, 1.0),
+    _Fc("fc8", None, 0.01, 0.0),
+)
+_CONV_STD = 0.01
+# torchvision's AlexNet ("one weird trick", 64-192-384-256-256, no LRN). Its biases here are
+# only used by the "neon" init scheme (torchvision's own init is "kaiming").
+_TV_CONVS = (
+    _Conv("conv1", 64, 11, 4, 2, 0.0, True),
+    _Conv("conv2", 192, 5, 1, 2, 1.0, True),
+    _Conv("conv3", 384, 3, 1, 1, 0.0, False),
+    _Conv("conv4", 256, 3, 1, 1, 1.0, False),
+    _Conv("conv5", 256, 3, 1, 1, 1.0, True),
+)
+_TV_POOL = 6  # torchvision's adaptive average pool to 6x6 before fc6 (256 * 36 = 9216 inputs)
+ARCHS = ("neon", "torchvision")
+_POOL_KERNEL, _POOL_STRIDE = 3, 2
+# Caffe's LRN: x / (k + alpha/size * sum_{window} x^2)^beta. torch divides alpha by size
+# and counts the zero padding at the borders exactly as Caffe does.
+_LRN = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
+# How the LRN layers compute (all the same function, within float rounding; tests/test_model.py):
+# "torch" nn.LocalResponseNorm (squares padded along C into a 5-D tensor, avg_pool3d: a copy and
+# layout changes, NCHW inside even for channels_last input); "sum" the window as five shifted
+# adds of the squares (elementwise, keeps the memory format); "compiled" torch.compile of the
+# "torch" function alone (inductor fuses it into a few kernels).
+LRN_IMPLS = ("torch", "sum", "compiled")
+INPUT_CHANNELS = (3, 4)  # 4: conv1 takes a zero 4th channel (DALI's pad_output) with a zero filter plane
+
+
+def lrn_shifted_sum(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                    k: float = 1.0) -> torch.Tensor:
+    """Across-channel LRN ``x / (k + alpha/size * sum_window x^2)^beta`` as torch and Caffe define it
+    (window ``size`` centred on each channel, zeros past the first and last channel), with the
+    window summed as ``size`` shifted adds of the squares instead of a padded 5-D average pool:
+    elementwise work only, in ``x``'s own memory format."""
+    if x.dim() < 3:
+        raise ValueError(f"LRN needs N x C x ... input, got {tuple(x.shape)}")
+    sq = x * x
+    acc = sq.clone()
+    c = x.shape[1]
+    for d in range(1, size // 2 + 1):  # channels below: acc[c] += sq[c - d]
+        if d < c:
+            acc[:, d:] += sq[:, : c - d]
+    for d in range(1, (size - 1) // 2 + 1):  # channels above: acc[c] += sq[c + d]
+        if d < c:
+            acc[:, : c - d] += sq[:, d:]
+    return x / (acc * (alpha / size) + k).pow(beta)
+
+
+def _lrn_torch(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    return F.local_response_norm(x, size, alpha, beta, k)
+
+
+_COMPILED_LRN: dict[str, object] = {}
+
+
+def _compiled_lrn(backend: str):
+    """torch.compile of the LRN alone, one per backend (dynamo caches per code object: both LRN
+    layers, and train and eval, share it), static shapes: a graph per layer's shape instead of one
+    dynamic-shape graph for both."""
+    if backend not in _COMPILED_LRN:
+        _COMPILED_LRN[backend] = torch.compile(_lrn_torch, backend=backend, dynamic=False)
+    return _COMPILED_LRN[backend]
+
+
+class LRN(nn.LocalResponseNorm):
+    """nn.LocalResponseNorm (no parameters: state_dicts are unchanged) with a choice of how it
+    computes (``LRN_IMPLS``): ``impl`` and, for "compiled", the torch.compile ``backend``."""
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: str = "torch",
+                 backend: str = "inductor") -> None:
+        super().__init__(size, alpha, beta, k)
+        self.set_impl(impl, backend)
+
+    def set_impl(self, impl: str, backend: str = "inductor") -> None:
+        if impl not in LRN_IMPLS:
+            raise InputError(f"LRN impl must be one of {LRN_IMPLS}, got {impl!r}")
+        self.impl, self.backend = impl, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "sum":
+            return lrn_shifted_sum(x, self.size, self.alpha, self.beta, self.k)
+        if self.impl == "compiled":
+            return _compiled_lrn(self.backend)(x, self.size, self.alpha, self.beta, self.k)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", impl={self.impl}"
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Output size of a conv/pool along one axis, floor division as torch does; 0 if none."""
+    if size + 2 * pad < kernel:
+        return 0
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def pool5_size(crop: int) -> int:
+    """Height (= width) of pool5's output for a ``crop`` x ``crop`` input; 0 if it vanishes.
+
+    Pooling rounds down (torch's default, neon's too). Caffe rounds up, which gives the
+    same sizes at its 227 crop (55, 27, 13, 6) but 27 rather than 26 after pool1 at 224.
+
+    Example: 224 -> conv1 54 -> pool1 26 -> conv2 26 -> pool2 12 -> conv3..5 12 -> pool5 5.
+    """
+    s = crop
+    for c in _CONVS:
+        s = _out_size(s, c.kernel, c.stride, c.pad)
+        if c.pool:
+            s = _out_size(s, _POOL_KERNEL, _POOL_STRIDE, 0)
+    return s
+
+
+def _smallest_crop() -> int:
+    crop = 1
+    while pool5_size(crop) < 1:
+        crop += 1
+    return crop
+
+
+MIN_CROP = _smallest_crop()  # 67: the smallest crop for which pool5 is at least 1x1
+
+
+def fc6_in_features(crop: int) -> int:
+    """Number of inputs of fc6: 256 * s * s with s = pool5_size(crop).
+
+    6400 at 224 (neon), 9216 at 227 (Caffe), 1024 at 112.
+
+    Raises:
+        ValueError: the crop is too small for pool5 to have any output.
+    """
+    s = pool5_size(crop)
+    if s < 1:
+        raise InputError(
+            f"crop {crop} is too small for AlexNet: pool5 would be empty; "
+            f"the smallest crop is {MIN_CROP} (neon uses 224, Caffe 227)"
+        )
+    return _CONVS[-1].out_channels * s * s
+
+
+@dataclass(frozen=True)
+class AlexNetConfig:
+    """What defines the network's shape; saved with checkpoints and weight files."""
+
+    num_classes: int = 1000
+    crop: int = 224  # input height = width; fixes fc6's fan-in
+    dropout: float = 0.5  # drop probability after fc6 and fc7
+    arch: str = "neon"  # "neon" (AlexNet) or "torchvision" (TorchvisionAlexNet)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise InputError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("num_classes", "crop"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+        if self.num_classes < 1:
+            raise InputError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.crop < MIN_CROP:
+            raise InputError(
+                f"crop must be >= {MIN_CROP} so that pool5 is at least 1x1, got {self.crop} "
+                f"(neon uses 224, Caffe 227)"
+            )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"dropout must be a float, got {self.dropout!r}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-friendly dict, the inverse of ``from_dict``.
+
+        ``arch`` is written only when it is not "neon": neon files stay exactly as before, so
+        older alexnet-pipe versions (whose ``from_dict`` refuses unknown keys) still read them.
+        """
+        d = asdict(self)
+        if d["arch"] == "neon":
+            del d["arch"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AlexNetConfig:
+        """Rebuild a config from ``to_dict`` output; missing keys take their defaults.
+
+        Raises:
+            ValueError: ``d`` holds keys this config does not know (e.g. from a newer version).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError(
+                f"unknown AlexNetConfig keys {unknown}; expected a subset of {sorted(known)}"
+            )
+        return cls(**dict(d))
+
+
+def _add_fcs(net: nn.Module, in_features: int, num_classes: int) -> None:
+    """fc6..fc8 from ``_FCS`` (uninitialised: ``init_weights`` fills them)."""
+    for f in _FCS:
+        out_f = num_classes if f.out_features is None else f.out_features
+        setattr(net, f.name, nn.utils.skip_init(nn.Linear, in_features, out_f))
+        in_features = out_f
+
+
+class AlexNet(nn.Module):
+    """neon/CaffeNet AlexNet returning logits (softmax lives in the loss).
+
+    conv1 -> relu -> pool1 -> norm1 -> conv2 -> relu -> pool2 -> norm2 -> conv3 -> relu
+    -> conv4 -> relu -> conv5 -> relu -> pool5 -> flatten -> fc6 -> relu -> drop6
+    -> fc7 -> relu -> drop7 -> fc8. Pool comes before LRN as in CaffeNet (the 2012
+    paper has LRN first).
+
+    Two speed options change how it computes, not what (``set_fast_paths``; neither is part of
+    ``AlexNetConfig`` nor of the state_dict, so weights move freely between them):
+    ``input_channels=4`` takes N x 4 x crop x crop input whose 4th channel DALI pads
+    (``crop_mirror_normalize(pad_output=True)``, ``LoaderConfig.pad_channels``): conv1's stored
+    weight stays 96 x 3 x 11 x 11 and is padded with a zero 4th filter plane in ``forward``, so the
+    network is the 3-channel one (same outputs within float rounding, the same gradients for the
+    stored weight) while cuDNN gets 4-channel NHWC input, which suits its tensor-core kernels.
+    ``lrn`` picks the LRN layers' implementation (``LRN_IMPLS``).
+
+    Args:
+        cfg: the network's shape.
+        generator: passed to ``init_weights``; with one, construction leaves the global
+            RNG untouched.
+        input_channels: 3, or 4 (see above).
+        lrn: "torch", "sum" or "compiled" (see ``LRN_IMPLS``).
+        lrn_backend: the torch.compile backend of a "compiled" LRN.
+    """
+
+    convs = _CONVS
+
+    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "neon",
+                 input_channels: int = 3, lrn: str = "torch", lrn_backend: str = "inductor") -> None:
+        super().__init__()
+        if not isinstance(cfg, AlexNetConfig):
+            raise TypeError(f"cfg must be an AlexNetConfig, got {type(cfg).__name__}")
+        if cfg.arch != "neon":
+            raise ValueError(f"AlexNet is the neon network; arch {cfg.arch!r} needs build_model(cfg)")
+        self.cfg = cfg
+        # skip_init: init_weights overwrites every parameter anyway, so torch's default
+        # init would only cost time and draw from the global RNG.
+        in_ch = 3
+        for c in _CONVS:
+            conv = nn.utils.skip_init(nn.Conv2d, in_ch, c.out_channels, c.kernel, stride=c.stride, padding=c.pad)
+            setattr(self, c.name, conv)
+            in_ch = c.out_channels
+        self.pool1 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.norm1 = LRN(**_LRN)
+        self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.norm2 = LRN(**_LRN)
+        self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        _add_fcs(self, fc6_in_features(cfg.crop), cfg.num_classes)
+        self.drop6 = nn.Dropout(cfg.dropout)
+        self.drop7 = nn.Dropout(cfg.dropout)
+        init_weights(self, generator, init)
+        self.input_channels = 3
+        self.set_fast_paths(input_channels=input_channels, lrn=lrn, lrn_backend=lrn_backend)
+
+    def set_fast_paths(self, *, input_channels: int | None = None, lrn: str | None = None,
+                       lrn_backend: str = "inductor") -> AlexNet:
+        """Choose the input's channel count (3 or 4) and the LRN implementation; None keeps the
+        current one. Returns the model."""
+        if input_channels is not None:
+            if input_channels not in INPUT_CHANNELS:
+                raise InputError(f"input_channels must be one of {INPUT_CHANNELS}, got {input_channels!r}")
+            self.input_channels = input_channels
+        if lrn is not None:
+            for norm in (self.norm1, self.norm2):
+                norm.set_impl(lrn, lrn_backend)
+        return self
+
+    def _conv1(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv1
+        if self.input_channels == conv.in_channels:
+            return conv(x)
+        # A zero filter plane for each padded input channel: they add nothing, and the parameter
+        # (and so the state_dict, the optimizer and the gradients) stays 3-channel.
+        w = F.pad(conv.weight, (0, 0, 0, 0, 0, self.input_channels - conv.in_channels))
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            w = w.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(x, w, conv.bias, conv.stride, conv.padding)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """pool5's output, N x 256 x s x s (s = pool5_size(crop)), before flattening."""
+        x = self.norm1(self.pool1(F.relu(self._conv1(x))))
+        x = self.norm2(self.pool2(F.relu(self.conv2(x))))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        return self.pool5(F.relu(self.conv5(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, N x num_classes, for N x 3 x crop x crop float input (any memory format);
+        N x 4 x crop x crop with ``input_channels=4``."""
+        crop, channels = self.cfg.crop, self.input_channels
+        if x.dim() != 4 or tuple(x.shape[1:]) != (channels, crop, crop):
+            raise InputError(
+                f"expected input N x {channels} x {crop} x {crop}, got {tuple(x.shape)}; "
+                f"the model's crop must match the pipeline's (AlexNetConfig(crop=...))"
+            )
+        # flatten is in (C, H, W) order whatever the memory format, as Caffe and neon
+        # flatten; fc6 weights imported from them rely on it.
+        x = torch.flatten(self.features(x), 1)
+        x = self.drop6(F.relu(self.fc6(x)))
+        x = self.drop7(F.relu(self.fc7(x)))
+        return self.fc8(x)
+
+
+class FixedBatch(nn.Module):
+    """Run ``module`` on exactly ``batch_size`` samples: a smaller batch (an epoch's partial last
+    batch) is padded with zeros to ``batch_size`` and the outputs are sliced back to its own rows.
+
+    For a torch.compile'd model (``compile_fixed_batch``): every call has one static shape, so the
+    partial batch never compiles a second graph (torch would otherwise compile a dynamic-batch
+    graph for it, with symbolic-shape kernels, also used for evaluation). Rows are independent in
+    AlexNet (no batch statistics), so the real rows' outputs are those of the unpadded batch and
+    the padded rows get no gradient. A larger batch runs as it is. Under inference mode every
+    batch reaches the module as an inference tensor (see ``forward``).
+    """
+
+    def __init__(self, module: nn.Module, batch_size: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.module, self.batch_size = module, batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled() and not x.is_inference():
+            # A batch made outside inference mode (a loader's first, made when it was built) would
+            # fail the compiled eval graph's guard and compile another: one copy instead.
+            x = x.clone()
+        n = x.shape[0]
+        if n >= self.batch_size:
+            return self.module(x)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        full = torch.empty((self.batch_size, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        full[:n] = x
+        full[n:] = 0
+        return self.module(full)[:n]
+
+
+def compile_fixed_batch(module: nn.Module, batch_size: int, **compile_kw) -> FixedBatch:
+    """``torch.compile(module, dynamic=False)`` behind ``FixedBatch``: one graph per mode (train,
+    eval) for every batch of an epoch, the partial last one included. ``compile_kw`` go to
+    torch.compile (backend, mode, ...)."""
+    return FixedBatch(torch.compile(module, dynamic=False, **compile_kw), batch_size)
+
+
+class TorchvisionAlexNet(nn.Module):
+    """torchvision's AlexNet (``torchvision.models.alexnet``), returning logits.
+
+    conv1 (64, 11x11/4, pad 2) -> relu -> pool1 -> conv2 (192, 5x5) -> relu -> pool2 -> conv3
+    (384) -> relu -> conv4 (256) -> relu -> conv5 (256) -> relu -> pool5 -> adaptive average
+    pool to 6x6 -> flatten -> drop5 -> fc6 -> relu -> drop6 -> fc7 -> relu -> fc8. No LRN, and
+    dropout sits before fc6 and fc7 (torchvision's ``classifier``), not after them. Layer names
+    follow AlexNet's (conv1..fc8) so that code addressing layers by name serves both; the
+    importer maps torchvision's ``features.N`` / ``classifier.N`` keys onto them.
+    """
+
+    convs = _TV_CONVS
+
+    def __init__(self, cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str = "kaiming") -> None:
+        super().__init__()
+        if not isinstance(cfg, AlexNetConfig) or cfg.arch != "torchvision":
+            raise ValueError("TorchvisionAlexNet needs AlexNetConfig(arch='torchvision')")
+        self.cfg = cfg
+        in_ch = 3
+        for c in _TV_CONVS:
+            setattr(self, c.name, nn.utils.skip_init(nn.Conv2d, in_ch, c.out_channels, c.kernel, stride=c.stride,
+                                                     padding=c.pad))
+            in_ch = c.out_channels
+        self.pool1 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.pool2 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.pool5 = nn.MaxPool2d(_POOL_KERNEL, _POOL_STRIDE)
+        self.avgpool = nn.AdaptiveAvgPool2d((_TV_POOL, _TV_POOL))
+        _add_fcs(self, in_ch * _TV_POOL * _TV_POOL, cfg.num_classes)
+        self.drop5 = nn.Dropout(cfg.dropout)
+        self.drop6 = nn.Dropout(cfg.dropout)
+        init_weights(self, generator, init)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 6x6 average-pooled features, N x 256 x 6 x 6, before flattening."""
+        x = self.pool1(F.relu(self.conv1(x)))
+        x = self.pool2(F.relu(self.conv2(x)))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        return self.avgpool(self.pool5(F.relu(self.conv5(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, N x num_classes, for N x 3 x crop x crop float input."""
+        crop = self.cfg.crop
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, crop, crop):
+            raise InputError(f"expected input N x 3 x {crop} x {crop}, got {tuple(x.shape)}")
+        x = torch.flatten(self.features(x), 1)
+        x = F.relu(self.fc6(self.drop5(x)))
+        x = F.relu(self.fc7(self.drop6(x)))
+        return self.fc8(x)
+
+
+def build_model(cfg: AlexNetConfig, *, generator: torch.Generator | None = None, init: str | None = None) -> nn.Module:
+    """The network ``cfg.arch`` names: AlexNet ("neon") or TorchvisionAlexNet ("torchvision").
+
+    ``init`` defaults to each architecture's own: neon's Gaussians, torchvision's kaiming.
+    """
+    if cfg.arch == "torchvision":
+        return TorchvisionAlexNet(cfg, generator=generator, init=init or "kaiming")
+    return AlexNet(cfg, generator=generator, init=init or "neon")
+
+
+INIT_SCHEMES = ("neon", "kaiming")
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, generator: torch.Generator | None = None, scheme: str = "neon") -> None:
+    """Initialise in place.
+
+    ``neon`` (the model zoo's, the default): Gaussian weights (conv 0.01, fc6/fc7 0.005, fc8
+    0.01) and constant biases conv1 0, conv2 1, conv3 0, conv4 1, conv5 1, fc6 1, fc7 1, fc8 0.
+    ``kaiming`` (torchvision's AlexNet init): He-normal convs (fan_out, ReLU gain), N(0, 0.01)
+    fully connected layers, zero biases. With neon's init, fc7's output is nearly the constant
+    bias for every input, so on small data sets the first hundreds of steps learn nothing
+    (measured: 10 drawn-shape classes stay at chance for 300 steps of 32 at lr 1e-3, where the
+    kaiming init reaches 31% after 150); ImageNet's thousands of steps per epoch hide this.
+
+    Args:
+        model: the network to initialise in place.
+        generator: draw from this (on the parameters' device) instead of the global RNG,
+            so a seed reproduces the weights without disturbing other random streams.
+        scheme: one of INIT_SCHEMES.
+    """
+    if scheme not in INIT_SCHEMES:
+        raise InputError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    convs = getattr(model, "convs", _CONVS)
+    if scheme == "neon":
+        layers = [(c.name, _CONV_STD, c.bias) for c in convs] + [(f.name, f.std, f.bias) for f in _FCS]
+    else:
+        layers = [(c.name, (2.0 / (c.out_channels * c.kernel * c.kernel)) ** 0.5, 0.0) for c in convs]
+        layers += [(f.name, 0.01, 0.0) for f in _FCS]
+    for name, std, bias in layers:
+        layer = getattr(model, name)
+        layer.weight.normal_(0.0, std, generator=generator)
+        layer.bias.fill_(bias)
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float = 2.0,
+    head: str | None = None, head_lr_mult: float = 1.0,
+) -> list[dict]:
+    """neon's two optimizer groups: weights (lr, decay) and biases (lr * mult, no decay); with
+    ``head`` (a layer name, e.g. "fc8" when fine-tuning) two more for that layer at ``head_lr_mult``.
+
+    Each group carries ``name`` ("weights", "biases", "head weights", "head biases") and ``lr0``,
+    its base lr, which a schedule scales (``g["lr"] = g["lr0"] * factor``) without losing the
+    groups' ratios. Frozen parameters (``requires_grad`` False) are in no group.
+
+    Example: ``torch.optim.SGD(param_groups(model, 0.01, 5e-4), momentum=0.9)`` trains
+    weights at 0.01 with decay 5e-4 and biases at 0.02 without decay.
+
+    Args:
+        model: any module; parameters named ``*.bias`` are biases, all others weights.
+        lr: base learning rate of the weights.
+        weight_decay: L2 decay of the weights.
+        bias_lr_mult: bias lr = lr * bias_lr_mult.
+        head: the layer whose parameters get their own groups, or None.
+        head_lr_mult: the head's lr = lr * head_lr_mult (its biases' also x bias_lr_mult).
+    Returns:
+        ``[{"name": "weights", ...}, {"name": "biases", ...}, ...]``, every trainable parameter in one.
+    """
+    if lr < 0:
+        raise InputError(f"lr must be >= 0, got {lr}")
+    if weight_decay < 0:
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
+    if bias_lr_mult < 0 or head_lr_mult < 0:
+        raise InputError(f"lr multipliers must be >= 0, got {bias_lr_mult} and {head_lr_mult}")
+    groups: dict[str, list] = {name: [] for name in GROUP_NAMES[: 4 if head else 2]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, kind = name.rsplit(".", 1)
+        groups[("head " if layer == head else "") + ("biases" if kind == "bias" else "weights")].append(p)
+    out = []
+    for name, params in groups.items():
+        group_lr = lr * group_lr_mult(name, bias_lr_mult, head_lr_mult)
+        out.append({"name": name, "params": params, "lr": group_lr, "lr0": group_lr,
+                    "weight_decay": 0.0 if name.endswith("biases") else weight_decay})
+    return out
+
+
+GROUP_NAMES = ("weights", "biases", "head weights", "head biases")
+
+
+def group_lr_mult(name: str, bias_lr_mult: float, head_lr_mult: float) -> float:
+    """A ``param_groups`` group's lr relative to the base lr."""
+    return (bias_lr_mult if name.endswith("biases") else 1.0) * (head_lr_mult if name.startswith("head") else 1.0)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())

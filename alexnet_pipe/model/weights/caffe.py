@@ -1,0 +1,164 @@
+"""Caffe ``.caffemodel`` (a serialized NetParameter) read without a compiled caffe.proto.
+
+Field numbers (shared/reference/WEIGHT_FORMATS.md): NetParameter ``layers`` = 2 (V1, legacy)
+and ``layer`` = 100; V1LayerParameter ``name`` = 4, ``type`` = 5 (enum), ``blobs`` = 6;
+LayerParameter ``name`` = 1, ``type`` = 2 (string), ``blobs`` = 7. Blobs are BlobProtos
+(``blobproto.decode_blobproto``: legacy num/channels/height/width or ``shape``).
+
+Layers are matched by name (conv1..conv5, fc6..fc8). CaffeNet's grouped conv2, conv4 and conv5
+become block-diagonal ungrouped weights: output slice g sees only input slice g, zeros elsewhere,
+so the ungrouped network computes exactly what the grouped one did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from alexnet_pipe.errors import FormatError
+from alexnet_pipe.formats import protobuf as pb
+from alexnet_pipe.formats.blobproto import decode_blobproto
+from alexnet_pipe.model.alexnet import AlexNetConfig
+from alexnet_pipe.model.weights.common import Imported, check_numeric, expect_shape, tensor
+
+# (name, K, C, R=S) of the ungrouped CaffeNet at crop 227
+_CONVS = (("conv1", 96, 3, 11), ("conv2", 256, 96, 5), ("conv3", 384, 256, 3), ("conv4", 384, 384, 3),
+          ("conv5", 256, 384, 3))
+_FCS = (("fc6", 4096, 256 * 6 * 6), ("fc7", 4096, 4096))
+# ImageNet's mean (Caffe's ilsvrc_2012_mean.npy averaged per channel), B 104.0, G 116.7, R 122.7
+MEAN_RGB = (122.67891434, 116.66876762, 104.00698793)
+_V1_TYPES = {4: "Convolution", 5: "Data", 6: "Dropout", 14: "InnerProduct", 15: "LRN", 17: "Pooling", 18: "ReLU",
+             21: "SoftmaxWithLoss", 20: "Softmax"}
+
+
+@dataclass
+class CaffeLayer:
+    name: str
+    type: str
+    blobs: list[np.ndarray] = field(default_factory=list)
+
+
+def _text(value: memoryview, what: str) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError(f"{what} is not UTF-8 text; not a caffemodel") from None
+
+
+def _layer(buf: memoryview, v1: bool, index: int) -> CaffeLayer:
+    name_field, type_field, blob_field = (4, 5, 6) if v1 else (1, 2, 7)
+    layer = CaffeLayer(name=f"#{index}", type="")
+    for number, wire, value in pb.iter_fields(buf):
+        if number == name_field and wire == pb.LENGTH:
+            layer.name = _text(value, f"layer {index}'s name")
+        elif number == type_field:
+            if v1 and wire == pb.VARINT:
+                layer.type = _V1_TYPES.get(value, f"V1 type {value}")
+            elif not v1 and wire == pb.LENGTH:
+                layer.type = _text(value, f"layer {index}'s type")
+        elif number == blob_field and wire == pb.LENGTH:
+            try:
+                layer.blobs.append(decode_blobproto(value))
+            except FormatError as exc:
+                raise FormatError(f"layer {layer.name}, blob {len(layer.blobs)}: {exc}") from None
+        elif v1 and number == 1 and wire == pb.LENGTH:
+            raise FormatError("the caffemodel is in Caffe's V0 format (layers inside 'layer' connections); "
+                              "upgrade it with Caffe's upgrade_net_proto_binary first")
+    return layer
+
+
+def read_layers(data: bytes | memoryview) -> tuple[str, list[CaffeLayer]]:
+    """Every layer of a NetParameter, in file order, V1 (``layers``) and new (``layer``) alike.
+
+    Returns:
+        the net's name and its layers, each with its blobs decoded.
+    Raises:
+        FormatError: truncated or not a NetParameter.
+    """
+    name, layers = "", []
+    try:
+        for number, wire, value in pb.iter_fields(data):
+            if number == 1 and wire == pb.LENGTH:
+                name = _text(value, "the net's name")
+            elif number in (2, 100) and wire == pb.LENGTH:
+                layers.append(_layer(value, number == 2, len(layers)))
+    except FormatError as exc:
+        msg = str(exc)
+        if msg.startswith("protobuf:"):
+            msg = f"not a complete caffemodel ({msg}); the file is truncated or damaged"
+        raise FormatError(msg) from None
+    if not layers:
+        raise FormatError("no layers found: not a caffemodel (a NetParameter with 'layer' or 'layers')")
+    return name, layers
+
+
+def ungroup(w: np.ndarray, groups: int) -> np.ndarray:
+    """``(K, C/g, R, S)`` grouped weights as ``(K, C, R, S)`` block-diagonal ungrouped ones."""
+    k, cg = w.shape[:2]
+    out = np.zeros((k, cg * groups, *w.shape[2:]), dtype=np.float32)
+    kg = k // groups
+    for g in range(groups):
+        out[g * kg:(g + 1) * kg, g * cg:(g + 1) * cg] = w[g * kg:(g + 1) * kg]
+    return out
+
+
+def _blobs(by_name: dict[str, CaffeLayer], name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name not in by_name:
+        have = ", ".join(n for n, layer in by_name.items() if layer.blobs) or "none"
+        raise FormatError(f"the caffemodel has no layer named {name!r} (layers with weights: {have}); "
+                          "not CaffeNet/AlexNet")
+    blobs = by_name[name].blobs
+    if len(blobs) != 2:
+        raise FormatError(f"caffe layer {name} holds {len(blobs)} blobs; expected a weight and a bias")
+    w, b = (check_numeric(f"caffe {name} blob {i}", x) for i, x in enumerate(blobs))
+    return w, b
+
+
+def _bias(name: str, b: np.ndarray, n: int) -> np.ndarray:
+    if b.ndim < 1 or b.shape[-1] != n or any(d != 1 for d in b.shape[:-1]):  # legacy (1, 1, 1, N) or (N,)
+        raise FormatError(f"caffe {name} bias has shape {tuple(b.shape)}, expected ({n},)")
+    return b.reshape(n)
+
+
+def convert(net_name: str, layers: list[CaffeLayer]) -> Imported:
+    """CaffeNet's weights in this project's AlexNet at Caffe's crop, 227."""
+    by_name = {layer.name: layer for layer in layers}
+    order = [layer.name for layer in layers]
+    if "norm1" in by_name and "pool1" in by_name and order.index("norm1") < order.index("pool1"):
+        raise FormatError("this caffemodel normalises before pooling (bvlc_alexnet's order); alexnet-pipe's "
+                          "network pools first as CaffeNet does, so it would compute something else")
+    sd, grouped = {}, []
+    for name, k, c, r in _CONVS:
+        w, b = _blobs(by_name, name)
+        if w.ndim != 4 or w.shape[0] != k or w.shape[2:] != (r, r) or w.shape[1] < 1 or c % w.shape[1]:
+            expect_shape(f"caffe {name} weight", w, (k, c, r, r), " (or with C divided by the group count)")
+        groups = c // w.shape[1]
+        if groups > 1:
+            if k % groups:
+                raise FormatError(f"caffe {name}: {k} outputs do not split into {groups} groups")
+            w = ungroup(w, groups)
+            grouped.append(f"{name} ({groups} groups)")
+        sd[f"{name}.weight"] = tensor(w)
+        sd[f"{name}.bias"] = tensor(_bias(name, b, k))
+    fc8_w = _blobs(by_name, "fc8")[0]
+    num_classes = fc8_w.shape[-2] if fc8_w.ndim >= 2 else 0
+    for name, n, kin in (*_FCS, ("fc8", num_classes, 4096)):
+        w, b = _blobs(by_name, name)
+        if w.ndim >= 2 and all(d == 1 for d in w.shape[:-2]):  # legacy (1, 1, N, K)
+            w = w.reshape(w.shape[-2:])
+        expect_shape(f"caffe {name} weight", w, (n, kin))
+        sd[f"{name}.weight"] = tensor(w)
+        sd[f"{name}.bias"] = tensor(_bias(name, b, n))
+    if num_classes < 1:
+        raise FormatError("caffe fc8 has no outputs")
+    notes = [f"grouped convolutions expanded block-diagonally: {', '.join(grouped)}" if grouped
+             else "no grouped convolutions"]
+    return Imported(
+        source_format="Caffe caffemodel" + (f" ({net_name})" if net_name else ""),
+        network="CaffeNet (conv2/4/5 ungrouped)",
+        model_config=AlexNetConfig(num_classes=num_classes, crop=227),
+        state_dict=sd, channel_order="BGR", value_range=(0.0, 255.0), mean_rgb=MEAN_RGB, std_rgb=None,
+        source_class_order="the source's order (Caffe's synsets.txt: sorted wnids)",
+        notes=notes,
+    )
