@@ -1,0 +1,193 @@
+"""Data-parallel training with real torchrun processes on gloo (localhost, CPU).
+
+The split sizes are chosen so the ranks' shares do not divide evenly: 15 train records over 2
+ranks leave one padding sample, 9 val records likewise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.config import ConvertConfig, ImageSettings
+from alexnet_pipe.convert.job import run_convert
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("dist_worker.py")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# -z 7 on 2 ranks: the 15 train records end in a step where rank 1's batch is all padding.
+COMMON = ["-b", "cpu", "--crop", "67", "-z", "7", "--no_progress_bar", "--data-threads", "1", "--lr", "0.001"]
+TEST = ["-b", "cpu", "-z", "7", "--no-progress", "--data-threads", "1"]  # `test` takes no training flags
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3 classes of drawn shapes, 5 train / 3 val each (15 and 9 records), 4 records per shard."""
+    root = tmp_path_factory.mktemp("dist")
+    make_image_tree(SynthConfig(root / "raw", 5, 3, (96, 72), ("circle", "square", "hstripes"), seed=3))
+    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=4, workers=1,
+                              progress=False, image=ImageSettings(short_side=72)))
+    return root / "data"
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alexnet_pipe", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_ranks_see_the_whole_split_once_per_epoch(data, tmp_path):
+    res = torchrun(2, str(WORKER), "samples", str(data), str(tmp_path / "s.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = json.loads((tmp_path / "s.json").read_text())
+    seen = [i for r in ranks for i in r["indices"]]
+    assert sorted(seen) == list(range(15))  # every record exactly once over both ranks
+    assert [r["padding"] for r in ranks] == [0, 1]  # 15 over 2: one padding sample, counted nowhere
+    assert ranks[0]["steps"] == ranks[1]["steps"]  # every rank joins every all-reduce
+    assert all(r["labels_fed_match_records"] for r in ranks)  # the loader fed exactly those records
+
+
+def test_one_step_on_two_ranks_equals_one_process_with_the_double_batch(data, tmp_path):
+    # 15 records: 2 ranks x 8 (one padding sample) and 1 process x 16 both fill exactly one step.
+    one = torchrun(1, str(WORKER), "step", str(data), str(tmp_path / "p1.pt"), "16", "f32")
+    two = torchrun(2, str(WORKER), "step", str(data), str(tmp_path / "p2.pt"), "8", "f32")
+    bf16 = torchrun(2, str(WORKER), "step", str(data), str(tmp_path / "pb.pt"), "8", "bf16")
+    for res in (one, two, bf16):
+        assert res.returncode == 0, res.stderr[-3000:]
+    p1, p2, pb = (torch.load(tmp_path / f"{n}.pt") for n in ("p1", "p2", "pb"))
+    moved = max((p1["after"][k] - p1["before"][k]).abs().max().item() for k in p1["after"])
+    assert moved > 1e-4  # the step did something
+
+    def differ(p):
+        return max((p1["after"][k] - p["after"][k]).abs().max().item() for k in p1["after"])
+
+    assert differ(p2) < 1e-6  # float32 sums in another order: measured 4e-9 on this machine
+    # bf16 all-reduce: gradients rounded to 8 significant bits (0.4% each), so the step differs
+    # by about that much of its size (measured 0.5% at the largest element), not more.
+    assert differ(pb) < 2e-2 * moved
+
+
+def test_two_rank_validation_equals_one_process(data, tmp_path):
+    weights = tmp_path / "w.pt"
+    res = cli("train", "-w", str(data), *COMMON, "-e", "1", "--eval_freq", "0", "-s", str(weights))
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = cli("test", "-w", str(data), *TEST, "--model-file", str(weights), "-o", str(tmp_path / "one.jsonl"))
+    two = cli("test", "-w", str(data), *TEST, "--model-file", str(weights), "-o", str(tmp_path / "two.jsonl"),
+              "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    [a], [b] = rows(tmp_path / "one.jsonl"), rows(tmp_path / "two.jsonl")
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["samples"] == b["samples"] == 9  # each val image once, padding excluded
+    assert (a["val_top1"], a["val_top5"]) == (b["val_top1"], b["val_top5"])
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+    assert two.stdout.count("LogLoss:") == 1  # one rank prints
+
+
+def test_checkpoints_move_between_rank_counts_and_only_rank_0_writes(data, tmp_path):
+    ckpt2, ckpt1 = tmp_path / "two.ckpt", tmp_path / "one.ckpt"
+    metrics = tmp_path / "m.jsonl"
+    res = cli("train", "-w", str(data), *COMMON, "-e", "1", "--serialize", "1", "--checkpoint", str(ckpt2),
+              "-o", str(metrics), "--nproc", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [row] = rows(metrics)
+    assert (row["world_size"], row["global_batch"], row["samples"]) == (2, 14, 15)
+    assert row["lr"] == pytest.approx(0.001 * 14 / 128)  # --lr-scale linear: --lr holds for 128 images
+    assert math.isfinite(row["train_loss"])  # the all-padding batch added nothing, not NaN
+    # Resume the 2-rank checkpoint on 1 rank, then that one on 2 ranks again.
+    res = cli("train", "-w", str(data), *COMMON, "-e", "2", "--model_file", str(ckpt2), "--serialize", "1",
+              "--checkpoint", str(ckpt1), "-o", str(metrics), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = cli("train", "-w", str(data), *COMMON, "-e", "3", "--model_file", str(ckpt1), "--serialize", "1",
+              "--checkpoint", str(ckpt2), "-o", str(metrics), "--nproc", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = [r for r in rows(metrics) if "epoch" in r]
+    assert [(r["epoch"], r["world_size"], r["samples"]) for r in history] == [(1, 2, 15), (2, 1, 15), (3, 2, 15)]
+    assert [r["after_epoch"] for r in rows(metrics) if r.get("event") == "resumed"] == [1, 2]  # for `plot`
+    body = torch.load(ckpt2, weights_only=True)
+    assert (body["epoch"], body["world_size"]) == (3, 2)
+    assert [r["epoch"] for r in body["history"]] == [1, 2, 3]
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left by any rank
+
+
+def test_ranks_that_disagree_refuse_to_start(data, tmp_path):
+    res = torchrun(2, str(WORKER), "mismatch", str(data), str(tmp_path / "unused"))
+    assert res.returncode != 0
+    assert "rank 1 disagrees with rank 0 on lr (0.02 vs 0.01)" in res.stderr
+
+
+def test_a_killed_rank_ends_the_job_with_a_message(data, tmp_path):
+    cmd = [sys.executable, "-m", "alexnet_pipe", "train", "-w", str(data), *COMMON, "-e", "500", "--nproc", "2",
+           "-o", str(tmp_path / "m.jsonl")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "m.jsonl").exists():  # training is under way once an epoch is logged
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.2)
+        victim = _rank_pid(proc.pid, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        ended = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert ended < 60
+    assert "rank 1 ended with signal SIGKILL" in err
+    assert "Traceback" not in err.splitlines()[-1]
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the worker process whose environment says RANK=rank, below ``launcher``."""
+    for _ in range(100):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if f"RANK={rank}".encode() in env and _descends(ppid, launcher):
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} process found")
+
+
+def _descends(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+def test_more_ranks_than_gpus_is_refused_before_launching(data):
+    gpus = torch.cuda.device_count()
+    nproc = max(2, gpus + 1)
+    res = cli("train", "-w", str(data), "-b", "gpu", "--nproc", str(nproc))
+    assert res.returncode == 2
+    assert f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}" in res.stderr
