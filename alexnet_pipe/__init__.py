@@ -29,13 +29,13 @@ _PUBLIC = {
     "open_dataset": ("dataset.manifest", "load_dataset"),
     "TrainConfig": ("config", "TrainConfig"),
     "fit": ("train.loop", "fit"),
-    "evaluate_weights": ("train.loop", "run_test"),
+    "evaluate_weights": ("train.evaluate", "run_test"),
     "PredictConfig": ("apps.predict", "PredictConfig"),
     "run_predict": ("apps.predict", "run_predict"),
-    "loader": ("train.loop", "open_loader"),
-    "Loader": ("loading.pipeline", "Loader"),
+    "loader": ("loading.open", "open_loader"),
+    "Loader": ("loading.loader", "Loader"),
     "LoaderConfig": ("loading.pipeline", "LoaderConfig"),
-    "Batch": ("loading.pipeline", "Batch"),
+    "Batch": ("loading.loader", "Batch"),
 }
 
 __all__ = list(_PUBLIC)

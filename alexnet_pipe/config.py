@@ -1,11 +1,19 @@
-"""Small frozen configs that flow from the CLI into the jobs.
+"""Small frozen configs that flow from the CLI into the jobs, and every default that depends on
+the machine or the moment.
 
-Each checks itself in ``__post_init__`` so a bad value fails before any work starts.
+Each config checks itself in ``__post_init__`` so a bad value fails before any work starts. The
+defaults that are not constants (the cores, "GPU when present", the datatype and reader processes
+that follow the backend, a training run's timestamped save path, the rank, world size and GPU a
+launcher assigns) are decided here once, by the ``default_*`` / ``resolve_*`` functions below;
+the configs and the CLI both call them, so ``alexnet-pipe <command>`` and the same config built
+in Python run alike (tests/cli/test_config_defaults.py holds them together). A little over 400
+lines: the configs and the defaults they resolve are read together, and TrainConfig is most of it.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,11 +30,21 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_workers(workers: int | None) -> int:
+    """``workers``, or all cores (``default_workers``) for None: convert's and verify's processes."""
+    return default_workers() if workers is None else workers
+
+
 def default_read_workers(backend: str) -> int:
     """Processes reading records for DALI when not given: none on the CPU (decoding is the cost
     there); on the GPU a quarter of the cores, 1 to 4, since reading a record costs 10-25 us of
     Python, which at GPU rates belongs off the training thread."""
     return 0 if backend == "cpu" else max(1, min(4, default_workers() // 4))
+
+
+def default_data_threads() -> int:
+    """DALI's CPU threads when not given: a thread per core, at most 4."""
+    return min(4, default_workers())
 
 
 def default_backend() -> str:
@@ -37,9 +55,39 @@ def default_backend() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_backend(backend: str | None) -> str:
+    """``backend`` as given ("gpu", "cpu"), or ``default_backend()`` for "auto" or None (no -b)."""
+    return default_backend() if backend in (None, "auto") else backend
+
+
 def default_datatype(backend: str) -> str:
     """bf16 autocast on the GPU (tensor cores, no loss scaling), f32 on the CPU."""
     return "bf16" if backend == "gpu" else "f32"
+
+
+def resolve_datatype(datatype: str | None, backend: str) -> str:
+    """``datatype`` as given, or ``default_datatype(backend)`` for "auto" or None (no -d)."""
+    return default_datatype(backend) if datatype in (None, "auto") else datatype
+
+
+RUNS_DIR = Path("alexnet-runs")
+
+
+def run_save_path(now: float | None = None) -> Path:
+    """Where a training run from the command line without -s writes its weights:
+    alexnet-runs/<date-time>/alexnet.pt (local time of ``now``, default: this moment).
+
+    The CLI uses it, TrainConfig does not: a trained model from the command line must never be
+    discarded, but a config built in Python (tests, benchmarks, inspect, a notebook) must not
+    write files into the current directory that nobody asked for; a caller that wants weights
+    passes ``save_path``."""
+    return RUNS_DIR / time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) / "alexnet.pt"
+
+
+def threads_per_rank(nproc: int) -> int:
+    """OpenMP threads of each of ``nproc`` ranks started on this machine: the cores shared out
+    (torchrun's default of one thread per rank starves CPU ranks)."""
+    return max(1, default_workers() // nproc)
 
 
 # How the converter scales: "antialias" (a Gaussian pre-blur for the scale, then bicubic; closest
@@ -87,7 +135,7 @@ class ConvertConfig:
     formats: tuple[str, ...] = ("lmdb",)
     image: ImageSettings = field(default_factory=ImageSettings)
     shard_size: int = 5000
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None  # processes; None: all cores (default_workers)
     seed: int = 0
     force: bool = False
     progress: bool = True
@@ -102,6 +150,7 @@ class ConvertConfig:
     repair: bool = False  # re-check finished shards, rewrite the damaged ones (identical inputs only)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", resolve_workers(self.workers))  # frozen: resolved once, here
         if self.repair and self.force:
             raise ConfigError("--repair keeps the conversion in OUT and --force discards it: use one of them")
         if self.repair and self.part is not None:
@@ -145,7 +194,7 @@ class VerifyConfig:
     """Inputs of the `verify` job."""
 
     root: Path
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None  # processes; None: all cores (default_workers)
     decode: bool = True  # decode every image (slow); False checks structure and checksums only
     progress: bool = True
     progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
@@ -153,6 +202,7 @@ class VerifyConfig:
     repair: bool = False  # first rewrite damaged shards from the raw inputs recorded at conversion
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "workers", resolve_workers(self.workers))  # frozen: resolved once, here
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
 
@@ -171,6 +221,7 @@ class UpdateMeanConfig:
 
 
 DATATYPES = ("f32", "bf16", "f16")
+DEFAULT_CROP = 224  # the network's input side unless the weights or --crop say otherwise
 FREEZE_CHOICES = ("none", "conv", "features")
 
 
@@ -178,15 +229,16 @@ FREEZE_CHOICES = ("none", "conv", "features")
 class TrainConfig:
     """Inputs of `train` / `test`. Flag names follow the neon model-zoo script.
 
-    The defaults are the CLI's (``alexnet-pipe train -w DIR`` runs ``TrainConfig(data_dir=DIR)``;
-    tests/test_config_defaults.py holds them together). The ones that depend on the machine or on
-    the weights are written "auto" or None and resolved in ``__post_init__`` (``_resolve``), so
-    every instance, and so every ``to_dict`` stored in a checkpoint, holds concrete values:
-    backend "auto" -> ``default_backend()``; datatype "auto" -> ``default_datatype(backend)``;
-    read_workers None -> ``default_read_workers(backend)``; crop None -> 224 and normalize_std
-    None -> False, each also marked in ``settings_from_weights`` so that a ``model_file`` supplies
-    it. ``dataclasses.replace`` keeps resolved values (a replace of backend alone does not redo
-    datatype or read_workers: pass them too).
+    The defaults are the CLI's, which takes them from here (``alexnet-pipe train -w DIR`` runs
+    ``TrainConfig(data_dir=DIR)`` plus a save path, ``run_save_path``; tests/cli/test_config_defaults.py
+    holds them together). The ones that depend on the machine or on the weights are written "auto"
+    or None and resolved in ``__post_init__`` (``_resolve``), so every instance, and so every
+    ``to_dict`` stored in a checkpoint, holds concrete values: backend "auto"/None ->
+    ``default_backend()``; datatype "auto"/None -> ``default_datatype(backend)``; read_workers None
+    -> ``default_read_workers(backend)``; data_threads None -> ``default_data_threads()``; crop None
+    -> 224 and normalize_std None -> False, each also marked in ``settings_from_weights`` so that a
+    ``model_file`` supplies it. ``dataclasses.replace`` keeps resolved values (a replace of backend
+    alone does not redo datatype or read_workers: pass them too).
     """
 
     data_dir: Path
@@ -210,7 +262,7 @@ class TrainConfig:
     progress: bool = True
     progress_bar: bool = True  # a tqdm bar; False: a log line every 30 s (stderr is not a terminal)
     tensorboard_dir: Path | None = None  # also write TensorBoard scalars here
-    crop: int | None = None  # None: model_file's crop, else 224
+    crop: int | None = None  # None: model_file's crop, else DEFAULT_CROP
     lr: float = 0.01  # weights; biases get lr * bias_lr_mult (neon: 0.02)
     bias_lr_mult: float = 2.0
     lr_step: int = 20  # lr x lr_gamma every lr_step epochs (neon's Schedule(20, 0.1))
@@ -222,7 +274,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC activations: faster in cuDNN and oneDNN alike (CPU: ~20%)
     compile: bool = False  # torch.compile the model (GPU)
     reader: str = "auto"  # lmdb / recordio / auto
-    data_threads: int = field(default_factory=lambda: min(4, default_workers()))
+    data_threads: int | None = None  # DALI's CPU threads (None: default_data_threads())
     read_workers: int | None = None  # processes reading records for DALI (0: in the training process;
     # None: default_read_workers(backend))
     # DALI's decoding knobs (tools/dali_sweep.py measures them): the hardware JPEG decoder's share
@@ -233,8 +285,8 @@ class TrainConfig:
     jpeg_fancy_upsampling: bool = False
     prefetch: int = 2
     roi_decode: bool = True
-    shard_id: int = 0  # this process's shard of the data (torchrun rank)
-    num_shards: int = 1  # how many processes share the data (torchrun world size)
+    rank: int = 0  # this process among those that share the run (torchrun's RANK)
+    world_size: int = 1  # how many processes share the run (torchrun's WORLD_SIZE)
     log_every: int = 20  # steps between host syncs for the progress bar
     lr_scale: str = "linear"  # linear: --lr holds for 128 images and scales with the global batch; none
     dist_timeout_s: float = 600.0  # a rank waiting longer than this on the others ends the job
@@ -255,15 +307,15 @@ class TrainConfig:
         def put(name: str, value) -> None:
             object.__setattr__(self, name, value)
 
-        if self.backend == "auto":
-            put("backend", default_backend())
-        if self.datatype == "auto":
-            put("datatype", default_datatype(self.backend))
+        put("backend", resolve_backend(self.backend))
+        put("datatype", resolve_datatype(self.datatype, self.backend))
         if self.read_workers is None:
             put("read_workers", default_read_workers(self.backend))
+        if self.data_threads is None:
+            put("data_threads", default_data_threads())
         crop_from, std_from = self.settings_from_weights
         if self.crop is None:
-            put("crop", 224)
+            put("crop", DEFAULT_CROP)
             crop_from = True
         if self.normalize_std is None:
             put("normalize_std", False)
@@ -283,7 +335,7 @@ class TrainConfig:
             (self.lr_step >= 1, f"--lr-step must be >= 1, got {self.lr_step}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.shard_id < self.num_shards, f"shard {self.shard_id} outside 0..{self.num_shards - 1}"),
+            (0 <= self.rank < self.world_size, f"rank {self.rank} outside 0..{self.world_size - 1}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.read_workers >= 0, f"--read-workers must be >= 0, got {self.read_workers}"),
             (self.hw_decoder_load is None or 0 <= self.hw_decoder_load <= 1,
@@ -320,5 +372,11 @@ class TrainConfig:
         return None
 
     def to_dict(self) -> dict:
-        """JSON-able form, stored in checkpoints and weight files."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        """JSON-able form, stored in checkpoints and weight files (under the file format's names,
+        ``_STORED_AS``)."""
+        return {_STORED_AS.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+# Fields stored under another name: the names checkpoints and weight files have always held (the
+# fields were renamed, the files were not).
+_STORED_AS = {"rank": "shard_id", "world_size": "num_shards"}

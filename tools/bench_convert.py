@@ -62,9 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photo_set import DEFAULT_PHOTO_PYTHON, SETUP_HINT, find_photos, make_photo_set, set_stats  # noqa: E402
 
 from alexnet_pipe.config import ImageSettings  # noqa: E402
-from alexnet_pipe.convert.job import CHUNK  # noqa: E402
+from alexnet_pipe.convert.encode import CHUNK  # noqa: E402
 from alexnet_pipe.dataset.mean import centre_box  # noqa: E402
+from alexnet_pipe.imaging import decode, geometry  # noqa: E402
 from alexnet_pipe.imaging import process as imaging  # noqa: E402
+from alexnet_pipe.imaging.centre_sums import CentreSums  # noqa: E402
+from alexnet_pipe.imaging.encode import encode_jpeg  # noqa: E402
 from alexnet_pipe.inputs.table import Source  # noqa: E402
 
 SHORT_SIDE = 256
@@ -205,7 +208,7 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
     settings = ImageSettings(short_side=SHORT_SIDE, quality=QUALITY)
 
     def target(w, h):
-        return imaging.target_size(w, h, SHORT_SIDE)
+        return geometry.target_size(w, h, SHORT_SIDE)
 
     def pil_decode(d):
         im = Image.open(io.BytesIO(d))
@@ -214,16 +217,16 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         return np.asarray(im)
 
     def turbo_decode(d):
-        head = imaging._jpeg_header(d)
-        return imaging._decode_jpeg(d, head, target(head.width, head.height))
+        head = decode.jpeg_header(d)
+        return decode.decode_jpeg(d, head, target(head.width, head.height))
 
     def cv_decode(d):  # session 4's decoder: OpenCV with its DCT-scaled modes
-        head = imaging._jpeg_header(d)
-        k, flag = imaging._reduction(head.width, head.height, target(head.width, head.height))
+        head = decode.jpeg_header(d)
+        k, flag = decode._reduction(head.width, head.height, target(head.width, head.height))
         return cv2.imdecode(np.frombuffer(d, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
 
     def turbo_m8(d):  # libjpeg-turbo's M/8 scaled IDCT (6/8, 7/8, ...) straight to just above the target
-        head = imaging._jpeg_header(d)
+        head = decode.jpeg_header(d)
         size = target(head.width, head.height)
         a = simplejpeg.decode_jpeg(d, "BGR", min_height=size[1], min_width=size[0], strict=False)
         return cv2.resize(a, size, interpolation=cv2.INTER_CUBIC)
@@ -243,17 +246,17 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
                 .permute(1, 2, 0).contiguous().numpy())
 
     resizers = {
-        "OpenCV INTER_AREA (--resize-filter area)": lambda job: imaging._resize(*job, "area"),
-        "OpenCV INTER_LINEAR (im2rec; --resize-filter linear)": lambda job: imaging._resize(*job, "linear"),
-        "OpenCV INTER_CUBIC (--resize-filter cubic)": lambda job: imaging._resize(*job, "cubic"),
+        "OpenCV INTER_AREA (--resize-filter area)": lambda job: geometry.resize(*job, "area"),
+        "OpenCV INTER_LINEAR (im2rec; --resize-filter linear)": lambda job: geometry.resize(*job, "linear"),
+        "OpenCV INTER_CUBIC (--resize-filter cubic)": lambda job: geometry.resize(*job, "cubic"),
         "Gaussian pre-blur + INTER_CUBIC, --resize-filter antialias, the default (convert now)":
-            lambda job: imaging._resize(*job),
+            lambda job: geometry.resize(*job),
         "torch antialiased bicubic (convert before)": torch_resize,
         "Pillow BICUBIC (naive loop)":
             lambda job: np.asarray(Image.fromarray(job[0]).resize(job[1], Image.Resampling.BICUBIC)),
     }
     refs = [np.asarray(Image.fromarray(a).resize(s, Image.Resampling.LANCZOS)) for a, s in rgb_jobs]
-    resized = [imaging._resize(a, s) for a, s in jobs]
+    resized = [geometry.resize(a, s) for a, s in jobs]
 
     def pil_encode(a):
         buf = io.BytesIO()
@@ -284,13 +287,13 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
         count[cy : cy + box.height, cx : cx + box.width] += 1
         return sums, sq_sums
 
-    chunk = {"sums": imaging.CentreSums(size, CHUNK)}
+    chunk = {"sums": CentreSums(size, CHUNK)}
 
     def centre_sums(a):
         """convert now: accumulate + accumulateSquare into the chunk's float canvases."""
         if chunk["sums"].images == CHUNK:
             chunk["sums"].stats(), chunk["sums"].mean_sum()  # what each chunk pays once
-            chunk["sums"] = imaging.CentreSums(size, CHUNK)
+            chunk["sums"] = CentreSums(size, CHUNK)
         chunk["sums"].add(a)
 
     import_ms = {}
@@ -323,7 +326,7 @@ def levers(files: list[Path], sample: int) -> tuple[list[str], dict[str, float]]
     rows += [
         ("encode", "Pillow save (convert before)", _best_ms(pil_encode, [r[..., ::-1] for r in resized]), ""),
         ("encode", "OpenCV imencode (im2rec, convert now)",
-         _best_ms(lambda a: imaging._encode(a, QUALITY), resized), ""),
+         _best_ms(lambda a: encode_jpeg(a, QUALITY), resized), ""),
         ("statistics + mean image", "Pillow histogram of the whole image, numpy canvas add (convert, session 2)",
          _best_ms(lambda a: (pil_hist_stats(a), hist_stats_and_canvas(a)), resized), ""),
         ("statistics + mean image", "3 x OpenCV calcHist of the centre box, numpy canvas add (convert, session 4)",

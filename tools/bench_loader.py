@@ -17,7 +17,7 @@ Contenders, all on the CPU (DALI with device_id=None, --threads CPU threads, bat
               pad_last_batch=True -> fn.decoders.image(cpu) -> fn.crop_mirror_normalize with a random
               crop position (fn.random.uniform) and flip (fn.random.coin_flip), read through
               DALIGenericIterator(reader_name="reader", PARTIAL) as the old Loader did;
-  new         alexnet_pipe.train.loop.epoch_loader(TrainConfig(backend="cpu", reader=..., read_workers=...)),
+  new         alexnet_pipe.loading.open.epoch_loader(TrainConfig(backend="cpu", reader=..., read_workers=...)),
               exactly the loader `fit` uses: a fresh global permutation per epoch, records read by key
               seek (LMDB) or pread (RecordIO) in this process (read_workers=0) or in reader processes;
               decoding only the crop window (ROI decode, the default) or, as before, the whole image;
@@ -211,7 +211,7 @@ def direct_batches(source) -> Iterator[np.ndarray]:
 
 def detached_source(root: Path, kind: str, ctx: Context):
     """The training loader's own source object, its pipeline stopped (the source reopens its files)."""
-    from alexnet_pipe.train.loop import epoch_loader
+    from alexnet_pipe.loading.open import epoch_loader
 
     loader = epoch_loader(train_config(root, kind, 0, ctx), 0)
     source = loader.source
@@ -271,7 +271,7 @@ class Row:
 
 
 def contenders(read_workers: list[int]) -> tuple[list[Row], list[Row]]:
-    from alexnet_pipe.train.loop import epoch_loader
+    from alexnet_pipe.loading.open import epoch_loader
 
     def old(kind: str, decode: bool = True):
         def start(ctx: Context):

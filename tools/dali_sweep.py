@@ -6,7 +6,7 @@
         [--seconds 2] [--budget-s 90]
 
 DATA_DIR is a converted dataset (`alexnet-pipe convert`). Each setting builds the training
-loader exactly as `alexnet-pipe train` does (alexnet_pipe.train.loop.epoch_loader over a TrainConfig:
+loader exactly as `alexnet-pipe train` does (alexnet_pipe.loading.open.epoch_loader over a TrainConfig:
 external source with train's read workers, ROI decode, random crop + flip, normalise; fp16 NHWC
 on the GPU), drops --warmup batches, then counts images for
 --seconds (passing over epochs as often as needed) and reports img/s. One knob is varied at a
@@ -69,7 +69,7 @@ def measure(data: Path, s: Setting, device_id: int | None, batch: int, warmup: i
     import torch
 
     from alexnet_pipe.config import TrainConfig
-    from alexnet_pipe.train.loop import epoch_loader
+    from alexnet_pipe.loading.open import epoch_loader
 
     gpu = device_id is not None
     cfg = TrainConfig(data_dir=data, backend="gpu" if gpu else "cpu", device_id=device_id or 0,

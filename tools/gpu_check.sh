@@ -5,12 +5,12 @@
 # host has torch, numpy, OpenCV, Pillow, matplotlib, scipy, tqdm, click, tensorboard and pytest
 # (tools/gpu_host_packages.txt); /tmp/site holds the rest, DALI + lmdb + simplejpeg, from the
 # offline bundle (shared/reference/tools/dali-offline-bundle.sh: 155 MB of xz, ~60-90 s to unpack).
-# tests/test_gpu_host.py keeps every import of what runs here inside that set.
+# tests/gpu/test_gpu_host.py keeps every import of what runs here inside that set.
 #
 # Plan of seconds. The device is lent for 15 minutes, its start included, and the whole check with
 # the unpacking must stay under 8 minutes: BUDGET_S=400 (default) + up to 60 s of unpacking (xz -T16
 # of 155 MB: 5-10 s measured on 2 cores) leaves 20 s spare. RESERVE_S (20) is kept for nvidia-smi and the summary, and the steps' caps add up to
-# BUDGET_S - RESERVE_S at most (tests/test_gpu_check.py sums them from this file), so no step is
+# BUDGET_S - RESERVE_S at most (tests/gpu/test_gpu_check.py sums them from this file), so no step is
 # ever cut short by the budget, only by its own cap. Steps run in order of the value of what they
 # report, so that a run that goes wrong late has already written the figures that matter most:
 #   step            cap  what / why here
@@ -26,7 +26,7 @@
 #                        default -> OUT/levers.json (its --budget-s is the cap less 15 s of start-up;
 #                        ~25 rows of a few seconds, then four compile rows of ~20 s each)
 #   train            25  3 epochs of bf16 GPU training (LMDB): the whole path, and the weights below
-#   gpu-tests        50  tests/test_gpu.py -> OUT/pytest.xml: pass/fail of the GPU paths, no figures
+#   gpu-tests        50  tests/gpu/test_gpu.py -> OUT/pytest.xml: pass/fail of the GPU paths, no figures
 #   sweep            30  tools/dali_sweep.py: hw_decoder_load, DALI CPU threads, prefetch depth ->
 #                        OUT/sweep.json (finer than levers; --budget-s is the cap less 12 s)
 #   train-recordio   15  2 epochs from RecordIO
@@ -191,7 +191,7 @@ step levers 95 data bash -c '"$PY" tools/gpu_levers.py "$WORK/data" -o "$OUT/lev
   --budget-s $(( STEP_LIMIT_S > 30 ? STEP_LIMIT_S - 15 : STEP_LIMIT_S / 2 ))'
 step train 25 data bash -c '"$PY" -m alexnet_pipe train -w "$WORK/data" -b "$BACKEND" -e "$TRAIN_EPOCHS" "$@" \
   --lr 0.003 --init kaiming --no-progress -s "$WORK/w.pt" -o "$OUT/train.jsonl"' train "${TRAIN[@]}"
-step gpu-tests 50 "" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/pytest.xml"
+step gpu-tests 50 "" "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_gpu.py --junitxml="$OUT/pytest.xml"
 step sweep 30 data bash -c '"$PY" tools/dali_sweep.py "$WORK/data" -o "$OUT/sweep.json" "$@" \
   --budget-s $(( STEP_LIMIT_S > 24 ? STEP_LIMIT_S - 12 : STEP_LIMIT_S / 2 ))' sweep "${SWEEP[@]}"
 step train-recordio 15 data bash -c '"$PY" -m alexnet_pipe train -w "$WORK/data" -b "$BACKEND" -e "$RECORDIO_EPOCHS" \

@@ -14,7 +14,7 @@ the CPU), channels_last, fused SGD on the GPU, eager, nn.LocalResponseNorm, 3-ch
 Kinds of row:
 
   loader  the train loader alone (batches drawn, nothing else);
-  e2e     the loader feeding train's step (alexnet_pipe.apps.benchmark.train_step: train's loss, a
+  e2e     the loader feeding train's step (alexnet_pipe.apps.step_timing.train_step: train's loss, a
           GradScaler with -d f16);
   model   train's step alone on one random batch (no loader); a model row and an e2e row with the
           same batch, compilation and model options share one model (compiled once: the row's
@@ -127,7 +127,7 @@ class Runner:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from alexnet_pipe.apps.benchmark import BenchConfig, check_device, device_of
+        from alexnet_pipe.apps.step_timing import BenchConfig, check_device, device_of
         from alexnet_pipe.dataset.manifest import load_dataset
 
         self.args = args
@@ -165,7 +165,7 @@ class Runner:
     def trainer(self, lever: Lever):
         """The model and step for the lever's batch, compilation and model options: shared by its
         model and e2e rows (a compiled one is compiled once; FixedBatch keeps every shape static)."""
-        from alexnet_pipe.apps.benchmark import trainer
+        from alexnet_pipe.apps.step_timing import trainer
 
         key = (lever.batch_scale, lever.compile, tuple(sorted(self._model_kw(lever).items())))
         for k, t in self._trainers:
@@ -187,7 +187,8 @@ class Runner:
         self._trainers = []
 
     def measure(self, lever: Lever, max_seconds: float) -> dict:
-        from alexnet_pipe.apps.benchmark import batch_images, e2e_rate, model_rate, queued_batches, steady_rate, syncer
+        from alexnet_pipe.apps.benchmark import queued_batches
+        from alexnet_pipe.apps.step_timing import batch_images, e2e_rate, model_rate, steady_rate, syncer
 
         cfg = self.bench_cfg(lever)
         if lever.compiles() and cfg.warmup < 1:  # compilation happens in the first step: never timed
@@ -220,8 +221,9 @@ class Runner:
         the dtype autocast gives them and the model's memory format."""
         import torch
 
-        from alexnet_pipe.apps.benchmark import steady_rate, syncer
-        from alexnet_pipe.model.alexnet import _LRN, LRN, AlexNet, AlexNetConfig
+        from alexnet_pipe.apps.step_timing import steady_rate, syncer
+        from alexnet_pipe.model.alexnet import _LRN, AlexNet, AlexNetConfig
+        from alexnet_pipe.model.lrn import LRN
 
         shapes = {}
         probe = AlexNet(AlexNetConfig(num_classes=cfg.num_classes, crop=cfg.crop))

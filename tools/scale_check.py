@@ -729,7 +729,7 @@ def main() -> int:
         try:
             result = dali_open(args.dali_open, batch=1000, nofile=args.dali_nofile)
         except RuntimeError as exc:  # DALI's multi-page error -> the operator and the cause, one line
-            from alexnet_pipe.loading.pipeline import dali_cause
+            from alexnet_pipe.loading.loader import dali_cause
 
             print(json.dumps({"ok": False, "error": dali_cause(exc)}))
             return 1

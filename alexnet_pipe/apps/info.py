@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.dataset.schema import copy_json
 from alexnet_pipe.errors import AlexnetPipeError
-from alexnet_pipe.formats.shards import dir_size
+from alexnet_pipe.formats.lmdb import dir_size
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -23,20 +24,20 @@ def _human(n: float) -> str:
 
 def dataset_summary(ds: Dataset) -> dict:
     """The facts `info` prints, as plain data (also what --json emits)."""
-    m = ds.manifest
+    m = ds.meta
     splits = {}
-    for name, split in m["splits"].items():
+    for name, split in m.splits.items():
         shards = []
-        for s in split["shards"]:
+        for s in split.shards:
             size = 0
             for fmt in ds.formats:
-                path = s[fmt]["path"] if fmt == "lmdb" else s[fmt]["rec"]
+                path = s.lmdb.path if fmt == "lmdb" else s.recordio.rec
                 size += dir_size(ds.root / path) if (ds.root / path).exists() else 0
-            shards.append({"name": s["name"], "records": s["records"], "bytes": size})
+            shards.append({"name": s.name, "records": s.records, "bytes": size})
         splits[name] = {
-            "records": split["records"],
-            "skipped": split["skipped"],
-            "layout": split["layout"],
+            "records": split.records,
+            "skipped": split.skipped,
+            "layout": split.layout,
             "shards": shards,
             "bytes": sum(s["bytes"] for s in shards),
         }
@@ -45,24 +46,23 @@ def dataset_summary(ds: Dataset) -> dict:
         mean_info = {"channel_order": mean.channel_order, "mean": mean.mean, "std": mean.std, "source": mean.source}
     except AlexnetPipeError as exc:
         mean_info = {"error": str(exc)}
-    mean_image = m.get("mean_image")
-    if mean_image:
-        mean_image = dict(mean_image, files=[
-            {"path": mean_image[k], "bytes": (ds.root / mean_image[k]).stat().st_size
-             if (ds.root / mean_image[k]).is_file() else None}
-            for k in ("npy", "binaryproto")
+    mean_image = None
+    if m.mean_image:
+        files = [m.mean_image.npy, m.mean_image.binaryproto]
+        mean_image = dict(m.mean_image.to_json(), files=[
+            {"path": f, "bytes": (ds.root / f).stat().st_size if (ds.root / f).is_file() else None} for f in files
         ])
     return {
         "root": str(ds.root),
-        "created_by": m.get("created_by"),
+        "created_by": m.created_by,
         "version": ds.version,
         "upgrade": ds.upgrade_hint(),
-        "classes": m["classes"],
+        "classes": [c.to_json() for c in m.classes],
         "splits": splits,
         "mean": mean_info,
         "mean_image": mean_image,
-        "settings": m["settings"],
-        "skipped": m["skipped"],
+        "settings": m.settings.to_json(),
+        "skipped": copy_json(m.skipped),
     }
 
 

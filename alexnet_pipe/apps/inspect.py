@@ -1,11 +1,12 @@
 """`inspect`: the first samples of a training epoch drawn as a grid, to see crops and flips; or the
-dataset's mean image. Both are drawn by :mod:`.plot` (matplotlib) as PNG, SVG or PDF by the suffix."""
+dataset's mean image. Both are drawn by :mod:`.image_grid` (matplotlib) as PNG, SVG or PDF by the suffix."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from alexnet_pipe.apps.plot import check_output, denormalize, draw_grid, draw_image
+from alexnet_pipe.apps.figure_file import check_output
+from alexnet_pipe.apps.image_grid import denormalize, draw_grid, draw_image
 from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.dataset.layout import MEAN_IMAGE_NPY
 from alexnet_pipe.dataset.manifest import load_dataset
@@ -31,7 +32,7 @@ def inspect_batch(root: Path, out: Path, split: str, count: int, crop: int, seed
                   normalize_std: bool, backend: str, epoch: int = 0) -> Path:
     """Draw the first ``count`` samples of ``epoch`` exactly as training with ``-r seed`` reads
     them (train: that epoch's order, crops and flips; other splits: centre crops); return the path."""
-    from alexnet_pipe.train.loop import epoch_loader
+    from alexnet_pipe.loading.open import epoch_loader
 
     check_output(out)
     require_gpu(backend)

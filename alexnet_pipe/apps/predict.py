@@ -7,7 +7,7 @@ the converter keeps them), then what the DALI validation pipeline does to the st
 libjpeg-turbo decoding (OpenCV's, which gives DALI's CPU decoder's pixels), a centre crop placed
 as DALI places it, and the weights' channel order, mean and std (``InputSpec``). So a converted
 image and the same file given to ``predict`` reach the network as the same tensor
-(tests/test_predict.py compares them with the DALI loader).
+(tests/apps/test_predict.py compares them with the DALI loader).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import torch
 
 from alexnet_pipe.config import ImageSettings, default_workers
 from alexnet_pipe.errors import CheckpointError, ConfigError
-from alexnet_pipe.imaging.process import BadImage, process, read_source
+from alexnet_pipe.imaging.process import process
+from alexnet_pipe.imaging.read import read_source
+from alexnet_pipe.imaging.reasons import BadImage
 from alexnet_pipe.inputs.table import Source
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model

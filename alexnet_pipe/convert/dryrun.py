@@ -18,12 +18,13 @@ import numpy as np
 
 from alexnet_pipe.apps.info import plural
 from alexnet_pipe.config import ConvertConfig
-from alexnet_pipe.convert.job import check_output, describe_mismatch, find_inputs, output_identity
+from alexnet_pipe.convert.job import find_inputs
+from alexnet_pipe.convert.output import check_output, describe_mismatch, output_identity
+from alexnet_pipe.convert.plan import ShardPlan
 from alexnet_pipe.dataset.layout import STATE_FILE
 from alexnet_pipe.dataset.parts import load_part
 from alexnet_pipe.errors import SettingsMismatchError
-from alexnet_pipe.formats.shards import ShardPlan
-from alexnet_pipe.inputs.scan import ScanResult
+from alexnet_pipe.inputs.table import ScanResult
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 ``check_finished`` re-checks every finished shard against the checksum its completion record
 holds, in verify's checker processes (so a shard that kills its reader is found too), and gives
-intact shards of a dataset converted before per-record checksums their checksums. convert's
---repair rewrites the damaged ones (``convert._plan_repair``); repair.py finds the recorded inputs
-for ``verify --repair``. Kept apart from both so that convert and repair do not import each other.
+intact shards of a dataset converted before per-record checksums their checksums; ``plan_repair``
+turns the damaged ones into the shards convert's --repair rewrites. repair.py finds the recorded
+inputs for ``verify --repair``. Kept apart from both so that convert and repair do not import each
+other (convert imports this module only under --repair: it brings verify's readers).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from array import array
 from pathlib import Path
 
 from alexnet_pipe.config import FORMATS, ConvertConfig
+from alexnet_pipe.convert.plan import ShardPlan
 from alexnet_pipe.convert.verify import Problem, _Task, check_shards
 from alexnet_pipe.dataset.checksum import encode_record_sums
 from alexnet_pipe.dataset.layout import part_path, record_sums_path
 from alexnet_pipe.dataset.mean import MeanImageSum
-from alexnet_pipe.dataset.parts import read_part
+from alexnet_pipe.dataset.parts import part_files, read_part
 from alexnet_pipe.errors import AlexnetPipeError
-from alexnet_pipe.formats.shards import ShardPlan
 from alexnet_pipe.fsutil import atomic_write_bytes, atomic_write_json
+from alexnet_pipe.inputs.table import ScanResult
 
 
 def _reason(problem: Problem) -> str:
@@ -91,3 +93,30 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
         atomic_write_json(dst / part_path(name), part)
         added += 1
     return damaged, added
+
+
+def plan_repair(cfg: ConvertConfig, found: ScanResult, all_plans: list[ShardPlan], done: set[str],
+                pending: list[ShardPlan], expect: dict[str, dict], repaired: list[tuple[str, str]]
+                ) -> tuple[list[ShardPlan], int]:
+    """--repair: check every finished shard against its recorded checksum; the damaged ones join
+    ``pending`` (and leave ``done``), each expected to come out as its completion record says.
+    Returns the new pending list and how many intact shards got per-record checksums."""
+    for plan in pending:  # not finished: a file of it is gone, or it was never written
+        old = read_part(cfg.dst, plan)
+        if old is None:
+            repaired.append((plan.name, "written from the raw inputs (the conversion had not finished it)"))
+            continue
+        expect[plan.name] = old
+        gone = [f for f in part_files(old) if not (cfg.dst / f).exists()]
+        repaired.append((plan.name, f"rewritten from the raw inputs ({', '.join(gone) or 'a file'} missing)"))
+    finished = [plan for plan in all_plans if plan.name in done]
+    damaged, sums_added = check_finished(cfg, finished, len(found.classes))
+    for plan in finished:
+        if plan.name in damaged:
+            done.discard(plan.name)
+            expect[plan.name] = read_part(cfg.dst, plan)
+            repaired.append((plan.name, f"rewritten from the raw inputs ({damaged[plan.name]})"))
+            pending.append(plan)
+    order = {plan.name: k for k, plan in enumerate(all_plans)}
+    repaired.sort(key=lambda item: order[item[0]])
+    return sorted(pending, key=lambda plan: order[plan.name]), sums_added

@@ -4,7 +4,8 @@ Every shard is checked in a child process. A corrupt LMDB can kill the process t
 (LMDB maps the file: a page past a truncated end is SIGBUS, a wild page number SIGSEGV), and no
 Python code can catch that; here it kills one checker, which the parent sees, reports against the
 shard it was reading, and replaces. A checker that stops making progress (a loop in corrupt data)
-is killed and reported the same way. Whatever a checker raises becomes a problem of its shard.
+is killed and reported the same way (supervisor.py runs the checkers). Whatever a checker raises
+becomes a problem of its shard. The checks of the dataset as a whole are in verify_dataset.py.
 The parent itself only parses JSON and index text, with parsers that report rather than crash.
 
 Where convert recorded a CRC-32 per record (checksum.py), a shard whose checksum differs gets one
@@ -14,60 +15,38 @@ only the shard is named. ``repair.py`` runs the same checkers to find the shards
 
 from __future__ import annotations
 
-import faulthandler
 import io
-import json
-import resource
-import signal
-import time
 import warnings
 from array import array
-from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from pathlib import Path
 
-import lmdb
-import numpy as np
 from PIL import Image
 
 from alexnet_pipe.config import VerifyConfig
-from alexnet_pipe.convert.workers import worker_context
+from alexnet_pipe.convert.supervisor import Ticker as _Ticker  # a checker's progress (the readers take a tick)
+from alexnet_pipe.convert.supervisor import describe_death, run_queued, worker_context
+from alexnet_pipe.convert.verify_dataset import (
+    Problem,
+    verify_counts,
+    verify_fields,
+    verify_mean,
+    verify_mean_image,
+)
 from alexnet_pipe.dataset.checksum import RecordDigest, decode_record_sums
 from alexnet_pipe.dataset.layout import (
     INPUTS_FILE,
-    MANIFEST_FILE,
-    MEAN_FILE,
-    PARTS_DIR,
     SHORT_SIDE_COUNTS_BELOW,
     record_sums_path,
 )
-from alexnet_pipe.dataset.manifest import Dataset, load_dataset, unknown_fields
-from alexnet_pipe.dataset.mean import ChannelMean, PixelStats, load_dataset_mean
+from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.errors import AlexnetPipeError
-from alexnet_pipe.formats.datum import decode_datum
-from alexnet_pipe.formats.recordio import iter_records, read_index, unpack_payload
-from alexnet_pipe.formats.shards import reserves_too_much
+from alexnet_pipe.formats import get_format
+from alexnet_pipe.formats.base import Scanned
 
 MAX_PROBLEMS_PER_SHARD = 50
 EXTRA_RECORDS = 1000  # read at most this many records past the manifest's count (a loop in corrupt data ends)
 STALL_SECONDS = 120.0  # a checker silent this long is stuck in corrupt data: killed and reported
-TICK_SECONDS = 0.5  # how often a checker reports progress
-
-
-@dataclass(frozen=True)
-class Problem:
-    where: str  # e.g. "lmdb/train-00003"
-    key: str | None
-    message: str
-
-    def __str__(self) -> str:
-        """One line: control characters (from damaged keys or messages) are escaped."""
-        text = f"{self.where}" + (f" key {self.key}" if self.key else "") + f": {self.message}"
-        return text.translate(_ESCAPE)
-
-
-_ESCAPE = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
 @dataclass
@@ -88,7 +67,7 @@ class _Task:
 
     root: Path
     split: str
-    fmt: str  # "lmdb" or "recordio"
+    fmt: str  # the format's name (formats.get_format)
     entry: dict  # the shard's manifest entry
     num_classes: int
     decode: bool
@@ -98,12 +77,10 @@ class _Task:
 
     @property
     def where(self) -> str:
-        return self.entry["lmdb"]["path"] if self.fmt == "lmdb" else self.entry["recordio"]["rec"]
+        return get_format(self.fmt).data_path(self.entry[self.fmt])
 
     def files(self) -> list[str]:
-        if self.fmt == "lmdb":
-            return [self.entry["lmdb"]["path"]]
-        return [self.entry["recordio"]["rec"], self.entry["recordio"]["idx"]]
+        return get_format(self.fmt).files(self.entry[self.fmt])
 
 
 @dataclass
@@ -122,18 +99,6 @@ def _add_side(out: _Outcome, width: int, height: int) -> None:
     if side < SHORT_SIDE_COUNTS_BELOW:
         out.sides[side] = out.sides.get(side, 0) + 1
     out.min_side = side if out.min_side is None else min(out.min_side, side)
-
-
-class _Ticker:
-    """Counts records; a checker's ``tick`` sends the count to the parent every TICK_SECONDS."""
-
-    def __init__(self, send=None):
-        self.send, self.last = send, time.monotonic()
-
-    def __call__(self, count: int) -> None:
-        if self.send is not None and time.monotonic() - self.last >= TICK_SECONDS:
-            self.last = time.monotonic()
-            self.send(("tick", count))
 
 
 def _check_image(jpeg: bytes, width: int | None, height: int | None) -> str | None:
@@ -155,127 +120,58 @@ def _check_image(jpeg: bytes, width: int | None, height: int | None) -> str | No
     return None
 
 
-def _verify_lmdb(task: _Task, tick: _Ticker) -> _Outcome:
-    root, entry, where = task.root, task.entry, task.where
+def _verify_shard(task: _Task, tick: _Ticker) -> _Outcome:
+    """Every record of one shard in one format, walked by the format's scanner (``Format.scanner``)."""
     out = _Outcome(0, [], [0] * task.num_classes, {})
     digest = RecordDigest()
     sums = _load_sums(task, out)
     named: list[Problem] = []
-    limit = entry["records"] + EXTRA_RECORDS
-    try:
-        if task.version >= 2 and reserves_too_much(root / where):
-            out.problems.append(Problem(where, None, "stores a map size far beyond its data (DALI's Caffe reader "
-                                        "reserves that much address space per shard); "
-                                        f"run alexnet-pipe upgrade {root}"))
-        env = lmdb.open(str(root / where), readonly=True, lock=False, subdir=True)
-    except (OSError, lmdb.Error) as exc:
-        out.problems.append(Problem(where, None, f"cannot open LMDB ({exc}); {_repair(task)}"))
+    scan = get_format(task.fmt).scanner(task.root, task.entry[task.fmt], task.version, _repair(task))
+    found, readable = scan.open()
+    out.problems += [Problem(where, None, message) for where, message in found]
+    if not readable:
         return out
+    limit = task.entry["records"] + EXTRA_RECORDS
+    records = scan.records()
     try:
-        with env, env.begin(buffers=False) as txn:
-            for key, value in txn.cursor():
-                out.records += 1
-                tick(out.records)
-                if out.records > limit:
-                    out.problems.append(Problem(where, None, f"holds more than {limit - 1} records (stopped reading); "
-                                                             f"the manifest says {entry['records']}"))
-                    break
-                digest.update(key, value)
-                _check_crc(task, sums, digest, out.records - 1, key.decode(errors="replace"), named)
-                msg = _check_datum(value, task, out)
-                if msg:
-                    out.problems.append(Problem(where, key.decode(errors="replace"), msg))
-    except lmdb.Error as exc:
-        out.problems.append(Problem(where, None, f"unreadable after {out.records} records ({exc}); {_repair(task)}"))
-    _finish(task, out, digest, entry["lmdb"]["checksum"], sums, named)
-    return out
-
-
-def _check_datum(value: bytes, task: _Task, out: _Outcome) -> str | None:
-    try:
-        datum = decode_datum(value)
-    except AlexnetPipeError as exc:
-        return f"not a Datum ({exc})"
-    if 0 <= datum.label < task.num_classes:
-        out.labels[datum.label] += 1
-    _add_side(out, datum.width, datum.height)
-    if not datum.encoded:
-        return "Datum is not encoded (expected encoded=true JPEG bytes)"
-    if not 0 <= datum.label < task.num_classes:
-        return f"label {datum.label} outside 0..{task.num_classes - 1}"
-    if datum.channels != 3:
-        return f"Datum says {datum.channels} channels, expected 3"
-    if task.decode:
-        return _check_image(datum.data, datum.width, datum.height)
-    return None
-
-
-def _jpeg_size(jpeg: bytes) -> tuple[int, int] | None:
-    """Width and height from a JPEG's header (nothing decoded), or None."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return Image.open(io.BytesIO(jpeg), formats=["JPEG"]).size
-    except Exception:  # reported by the decode check, or by the checksum under --quick
-        return None
-
-
-def _verify_recordio(task: _Task, tick: _Ticker) -> _Outcome:
-    root, entry = task.root, task.entry
-    rec = entry["recordio"]
-    where = rec["rec"]
-    out = _Outcome(0, [], [0] * task.num_classes, {})
-    problems = out.problems
-    digest = RecordDigest()
-    sums = _load_sums(task, out)
-    named: list[Problem] = []
-    try:
-        size = (root / where).stat().st_size
-    except OSError as exc:
-        problems.append(Problem(where, None, f"cannot read it ({exc}); {_repair(task)}"))
-        return out
-    if "bytes" in rec and size != rec["bytes"]:
-        problems.append(Problem(where, None, f"is {size} bytes, the manifest says {rec['bytes']} (cut short or "
-                                             f"appended to); {_repair(task)}"))
-    try:
-        index = read_index(root / rec["idx"], size)
-    except (OSError, AlexnetPipeError) as exc:
-        problems.append(Problem(rec["idx"], None, f"cannot read index ({exc}); {_repair(task)}"))
-        index = None
-    limit = entry["records"] + EXTRA_RECORDS
-    try:
-        for n, (offset, payload) in enumerate(iter_records(root / where)):
+        for raw in records:
             out.records += 1
             tick(out.records)
             if out.records > limit:
-                problems.append(Problem(where, None, f"holds more than {limit - 1} records (stopped reading); "
-                                                     f"the manifest says {entry['records']}"))
+                out.problems.append(Problem(task.where, None, f"holds more than {limit - 1} records (stopped "
+                                                              f"reading); the manifest says {task.entry['records']}"))
                 break
-            header, jpeg = unpack_payload(payload)
-            key = str(header.id)
-            digest.update(key.encode(), payload)
-            _check_crc(task, sums, digest, n, key, named)
-            if header.flag == 0 and float(header.label).is_integer() and 0 <= int(header.label) < task.num_classes:
-                out.labels[int(header.label)] += 1
-            if (dims := _jpeg_size(jpeg)) is not None:
-                _add_side(out, *dims)
-            msg = None
-            if index is not None and (n >= len(index) or index[n] != (header.id, offset)):
-                msg = f"index entry {index[n] if n < len(index) else None} does not match record at offset {offset}"
-            elif header.flag != 0 or not float(header.label).is_integer():
-                msg = f"expected one integer label in the header, got flag {header.flag} label {header.label}"
-            elif not 0 <= int(header.label) < task.num_classes:
-                msg = f"label {int(header.label)} outside 0..{task.num_classes - 1}"
-            elif task.decode:
-                msg = _check_image(jpeg, None, None)
+            record = scan.parse(raw)
+            digest.update(record.key, record.value)
+            _check_crc(task, sums, digest, out.records - 1, record.name, named)
+            msg = _check_record(record, task, out)
             if msg:
-                problems.append(Problem(where, key, msg))
+                out.problems.append(Problem(task.where, record.name, msg))
     except (OSError, AlexnetPipeError) as exc:
-        problems.append(Problem(where, None, f"unreadable after {out.records} records ({exc}); {_repair(task)}"))
-    if index is not None and len(index) != out.records:
-        problems.append(Problem(rec["idx"], None, f"index has {len(index)} entries for {out.records} records"))
-    _finish(task, out, digest, rec["checksum"], sums, named)
+        out.problems.append(Problem(task.where, None, f"unreadable after {out.records} records ({exc}); "
+                                                      f"{_repair(task)}"))
+    finally:
+        records.close()
+    out.problems += [Problem(where, None, message) for where, message in scan.end(out.records)]
+    _finish(task, out, digest, task.entry[task.fmt]["checksum"], sums, named)
     return out
+
+
+def _check_record(record: Scanned, task: _Task, out: _Outcome) -> str | None:
+    """Count the record's label and image size; what is wrong with it, or None (see ``Scanned``)."""
+    if record.label is not None and 0 <= record.label < task.num_classes:
+        out.labels[record.label] += 1
+    if record.size is not None:
+        _add_side(out, *record.size)
+    if record.problem:
+        return record.problem
+    if record.label is not None and not 0 <= record.label < task.num_classes:
+        return f"label {record.label} outside 0..{task.num_classes - 1}"
+    if record.late_problem:
+        return record.late_problem
+    if task.decode:
+        return _check_image(record.jpeg, *(record.size if record.size_stated else (None, None)))
+    return None
 
 
 def _load_sums(task: _Task, out: _Outcome):
@@ -332,9 +228,8 @@ def _repair(task: _Task) -> str:
 
 
 def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:
-    fn = _verify_lmdb if task.fmt == "lmdb" else _verify_recordio
     try:
-        out = fn(task, tick)
+        out = _verify_shard(task, tick)
     except Exception as exc:  # anything a damaged shard makes our readers raise is that shard's problem
         out = _Outcome(0, [Problem(task.where, None, f"the checker failed ({type(exc).__name__}: {exc}); "
                                                      f"{_repair(task)}")], None)
@@ -345,314 +240,30 @@ def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:
 # ---------------------------------------------------------------- checker processes
 
 
-def _checker_main(conn) -> None:
-    """A checker process: take tasks from ``conn`` until None, answer ticks and one outcome each."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends its checkers
-    faulthandler.disable()  # a death by signal is reported by the parent, not dumped here
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    except (ValueError, OSError):
-        pass
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        number, task = msg
-        conn.send(("done", number, _verify_task(task, _Ticker(conn.send))))
-
-
-def _context():
-    """Checkers forked from a server that imported this module once (cheap to replace after a
-    death), never from this process (which may hold threads, e.g. torch's in tests)."""
-    return worker_context("alexnet_pipe.convert.verify")
-
-
-class _Checker:
-    """One checker process and the tasks it was given, which it works through in order."""
-
-    def __init__(self, ctx):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_checker_main, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
-        self.tasks: deque[int] = deque()  # given, not yet answered; the first is the one being read
-        self.queued = 0  # records in those tasks
-        self.progress = 0  # records read of the first task
-        self.heard = time.monotonic()
-
-    def give(self, number: int, task: _Task) -> None:
-        if not self.tasks:
-            self.progress, self.heard = 0, time.monotonic()
-        self.conn.send((number, task))
-        self.tasks.append(number)
-        self.queued += task.entry["records"]
-
-    def end(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(timeout=2)
-        if self.proc.exitcode is None:
-            self.proc.kill()
-            self.proc.join()
-        self.conn.close()
-
-
-def _death(proc) -> str:
-    code = proc.exitcode
-    if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        extra = " (out of memory?)" if name == "SIGKILL" else ""
-        return f"the checker died with {name}{extra} while reading it"
-    return f"the checker exited with status {code} while reading it"
-
-
-# Tasks handed to a checker ahead, so that it never waits for the parent between small shards:
-# at least 2, and up to 16 while they hold at most 256 records (big shards stay free for idle checkers).
-QUEUE_MIN, QUEUE_MAX, QUEUE_RECORDS = 2, 16, 256
-
-
 def check_shards(tasks: list[_Task], workers: int, progress: bool, desc: str,
                  stall_seconds: float = STALL_SECONDS) -> list[_Outcome]:
-    """Each task's outcome from the checker processes, with a progress bar over the records."""
+    """Each task's outcome, in task order, with a progress bar over the records. Every task runs in
+    a checker process (supervisor.run_queued, see the module docstring): a checker that dies or
+    stalls on a shard makes that shard's outcome a problem, and the other shards are still checked.
+    Checkers are forked from a server that imported this module once (cheap to replace after a
+    death), never from this process (which may hold threads, e.g. torch's in tests)."""
     from tqdm import tqdm
+
+    def lost(number: int, records: int, exitcode: int | None) -> _Outcome:
+        task = tasks[number]
+        what = (f"the checker made no progress for {stall_seconds:.0f} s (a loop in corrupt data?) and was stopped"
+                if exitcode is None else f"the checker died ({describe_death(exitcode)}) while reading it")
+        return _Outcome(records, [Problem(task.where, None, f"{what}: the shard is corrupt; {_repair(task)}")], None)
 
     bar = tqdm(total=sum(t.entry["records"] for t in tasks), unit="rec", desc=desc, disable=not progress,
                dynamic_ncols=True)
     try:
-        return _run_checkers(tasks, workers, stall_seconds, lambda n: bar.update(max(0, n)))
+        return run_queued(tasks, _verify_task, worker_context("alexnet_pipe.convert.verify"), workers,
+                          units=lambda task: task.entry["records"], stall_seconds=stall_seconds,
+                          on_progress=lambda n: bar.update(max(0, n)), on_lost=lost,
+                          cannot_start="verify cannot start its checker processes")
     finally:
         bar.close()
-
-
-def _run_checkers(tasks: list[_Task], workers: int, stall_seconds: float, on_progress) -> list[_Outcome]:
-    """Every task's outcome, in task order; each task runs in a checker process (see the module
-    docstring). A checker answers its tasks in the order given, so when one dies, the first task
-    it had not answered killed it; the others go back in the queue. ``on_progress(records)`` is
-    called as records are read."""
-    outcomes: list[_Outcome | None] = [None] * len(tasks)
-    pending = deque(range(len(tasks)))
-    ctx = _context()
-    checkers: list[_Checker] = []
-    failed_starts = 0
-    try:
-        while pending or any(c.tasks for c in checkers):
-            while pending and len(checkers) < min(workers, len(tasks)):
-                checkers.append(_Checker(ctx))
-            for c in checkers:
-                while pending and c.proc.exitcode is None and (len(c.tasks) < QUEUE_MIN or (
-                        len(c.tasks) < QUEUE_MAX and c.queued + tasks[pending[0]].entry["records"] <= QUEUE_RECORDS)):
-                    try:
-                        c.give(pending[0], tasks[pending[0]])
-                    except OSError:  # it died: found below
-                        break
-                    pending.popleft()
-            ready = set(wait([c.conn for c in checkers] + [c.proc.sentinel for c in checkers], timeout=1.0))
-            now = time.monotonic()
-            for c in list(checkers):
-                died = False
-                if c.conn in ready:
-                    try:
-                        while c.conn.poll():
-                            msg = c.conn.recv()
-                            if msg[0] == "tick":
-                                on_progress(msg[1] - c.progress)
-                                c.progress, c.heard = msg[1], now
-                            else:
-                                _, number, outcome = msg
-                                assert number == c.tasks[0], "a checker answered out of order"
-                                c.tasks.popleft()
-                                c.queued -= tasks[number].entry["records"]
-                                outcomes[number] = outcome
-                                on_progress(tasks[number].entry["records"] - c.progress)
-                                c.progress, c.heard = 0, now
-                    except (EOFError, OSError):
-                        died = True
-                if not died and c.proc.sentinel in ready and not c.conn.poll():
-                    died = True
-                stalled = bool(c.tasks) and now - c.heard > stall_seconds
-                if not died and not stalled:
-                    continue
-                if not died:
-                    c.proc.kill()
-                c.proc.join()
-                if c.tasks:
-                    number = c.tasks.popleft()
-                    pending.extendleft(reversed(c.tasks))  # given but never started
-                    task = tasks[number]
-                    what = (f"the checker made no progress for {stall_seconds:.0f} s (a loop in corrupt data?) and "
-                            "was stopped" if not died else _death(c.proc))
-                    outcomes[number] = _Outcome(c.progress, [Problem(task.where, None, (
-                        f"{what}: the shard is corrupt; {_repair(task)}"))], None)
-                    on_progress(task.entry["records"] - c.progress)
-                else:
-                    failed_starts += 1
-                    if failed_starts >= 3:
-                        raise AlexnetPipeError(f"verify cannot start its checker processes ({_death(c.proc)})")
-                c.conn.close()
-                checkers.remove(c)
-    finally:
-        for c in checkers:
-            c.end()
-    return outcomes  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------- dataset-level checks
-
-
-def _verify_combined_index(root: Path, split: dict) -> list[Problem]:
-    expected, base = [], 0
-    try:
-        for entry in split["shards"]:
-            rec = entry["recordio"]
-            size = (root / rec["rec"]).stat().st_size
-            expected += [(k, base + off) for k, off in read_index(root / rec["idx"], size)]
-            base += size
-    except (OSError, AlexnetPipeError) as exc:
-        return [Problem(split["recordio_index"], None, f"cannot rebuild the combined index ({exc})")]
-    try:
-        actual = read_index(root / split["recordio_index"], base)
-    except (OSError, AlexnetPipeError) as exc:
-        return [Problem(split["recordio_index"], None, f"cannot read combined index ({exc})")]
-    if actual != expected:
-        return [Problem(split["recordio_index"], None, "combined index does not match the shards' indices")]
-    return []
-
-
-def _train_part_stats(ds: Dataset) -> PixelStats | None:
-    """The train split's exact pixel sums from convert's completion records, or None when they
-    are not there or do not describe exactly this dataset's train shards."""
-    parts = ds.root / PARTS_DIR
-    if "train" not in ds.splits() or not parts.is_dir():
-        return None
-    stats, names = PixelStats(), set()
-    try:
-        for path in sorted(parts.glob("train-*.json")):
-            if not path.is_file():
-                return None
-            part = json.loads(path.read_text(encoding="utf-8"))
-            if part["split"] != "train":
-                continue
-            stats.merge(PixelStats.from_json(part["stats"]))
-            if part["records"]:
-                names.add((part["name"], part["records"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
-    if names != {(s["name"], s["records"]) for s in ds.shards("train")}:
-        return None
-    return stats
-
-
-def _verify_mean(ds: Dataset) -> list[Problem]:
-    """mean.json is valid, and (when convert computed it) agrees with the data it was computed from."""
-    try:
-        mean: ChannelMean = load_dataset_mean(ds.root)
-    except AlexnetPipeError as exc:
-        return [Problem(MEAN_FILE, None, str(exc))]
-    if not mean.images:  # an upgraded old mean (update-mean): nothing here to check it against
-        return []
-    problems = []
-    train = ds.split("train")["records"] if "train" in ds.splits() else 0
-    if mean.images != train:
-        problems.append(Problem(MEAN_FILE, None, f"says it averages {mean.images} images, the train split holds "
-                                                 f"{train} records"))
-    stats = _train_part_stats(ds)
-    if stats is not None and stats.pixels:
-        expected = stats.to_mean(mean.source)
-        # The same integer sums give the same floats, and JSON keeps floats exactly: compare exactly.
-        if (mean.channel_order, mean.mean, mean.std, mean.pixels) != (expected.channel_order, expected.mean,
-                                                                       expected.std, expected.pixels):
-            problems.append(Problem(MEAN_FILE, None, (
-                f"mean {list(mean.mean)} (std {mean.std and list(mean.std)}, {mean.pixels} pixels) is not what the "
-                f"pixel sums convert recorded in {PARTS_DIR}/ give: {list(expected.mean)} (std {list(expected.std)}, "
-                f"{expected.pixels} pixels); the file was edited or damaged: rerun the alexnet-pipe convert command "
-                f"that made {ds.root} to rewrite it")))
-    return problems
-
-
-def _split_totals(tasks: list[_Task], outcomes: list[_Outcome], split: str, fmt: str) -> list[_Outcome] | None:
-    """The outcomes of one split's shards in one format, or None when a checker died on one."""
-    outs = [out for task, out in zip(tasks, outcomes) if task.split == split and task.fmt == fmt]
-    return None if any(out.labels is None for out in outs) else outs
-
-
-def _verify_counts(ds: Dataset, tasks: list[_Task], outcomes: list[_Outcome]) -> list[Problem]:
-    """The manifest's per-class counts and stored short sides against what the shards hold, per format."""
-    problems = []
-    for split in ds.splits():
-        entry = ds.split(split)
-        for fmt in ds.formats:
-            outs = _split_totals(tasks, outcomes, split, fmt)
-            if outs is None:
-                continue
-            found = [sum(col) for col in zip(*(out.labels for out in outs))] if outs else [0] * ds.num_classes
-            stated = entry["class_counts"]
-            if found != stated:
-                diff = [f"class {i}: {a} stated, {b} read" for i, (a, b) in enumerate(zip(stated, found)) if a != b]
-                problems.append(Problem(f"manifest {split}", None, (
-                    f"class_counts do not match the labels read from the {fmt} shards ("
-                    + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "") + ")")))
-            sides: dict[str, int] = {}
-            for out in outs:
-                for side, n in out.sides.items():
-                    sides[str(side)] = sides.get(str(side), 0) + n
-            if ("short_side_counts" in entry
-                    and entry["short_side_counts"] != dict(sorted(sides.items(), key=lambda kv: int(kv[0])))):
-                problems.append(Problem(f"manifest {split}", None, (
-                    f"short_side_counts {entry['short_side_counts']} do not match the images in the {fmt} shards "
-                    f"({dict(sorted(sides.items(), key=lambda kv: int(kv[0])))})")[:500]))
-            smallest = min((out.min_side for out in outs if out.min_side is not None), default=None)
-            if "min_short_side" in entry and entry["min_short_side"] != smallest:
-                problems.append(Problem(f"manifest {split}", None, f"min_short_side is {entry['min_short_side']}, the "
-                                                                   f"smallest image in the {fmt} shards is {smallest}"))
-    return problems
-
-
-def _verify_mean_image(ds: Dataset) -> list[Problem]:
-    """The mean image files the manifest lists are there, the .npy with the shape it should have."""
-    entry = ds.manifest.get("mean_image")
-    if not entry:
-        return []
-    problems = []
-    size = entry.get("size")
-    for key in ("npy", "binaryproto"):
-        path = ds.root / entry[key]
-        if not path.is_file():
-            problems.append(Problem(entry[key], None, f"is missing (the manifest lists it as the mean image); rerun "
-                                                      f"the alexnet-pipe convert command that made {ds.root}"))
-    npy = ds.root / entry["npy"]
-    if size is not None and npy.is_file():
-        try:
-            with open(npy, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f".npy format version {version}")
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(f)  # the header only
-                data_at = f.tell()
-            want = (size, size, 3)
-            if shape != want or dtype != np.float32 or fortran or npy.stat().st_size != data_at + 4 * 3 * size * size:
-                problems.append(Problem(entry["npy"], None, f"holds {dtype} {shape} in {npy.stat().st_size} bytes; "
-                                                            f"expected float32 {want}"))
-        except (OSError, ValueError, SyntaxError, TypeError) as exc:
-            problems.append(Problem(entry["npy"], None, f"is not a readable .npy ({exc})"))
-    return problems
-
-
-def _verify_fields(ds: Dataset) -> list[Problem]:
-    unknown = unknown_fields(ds.manifest)
-    return [Problem(MANIFEST_FILE, None,
-                    f"has fields this alexnet-pipe never writes ({', '.join(map(repr, unknown[:5]))}"
-                    f"{', ...' if len(unknown) > 5 else ''}): the manifest was edited or damaged; "
-                    f"rerun the alexnet-pipe convert command that made {ds.root} to rewrite it")
-            ] if unknown else []
 
 
 def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> VerifyResult:
@@ -665,24 +276,26 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     result = VerifyResult()
     if (hint := ds.upgrade_hint()) is not None:
         result.notes.append(hint)
-    result.problems += _verify_fields(ds)
+    result.problems += verify_fields(ds)
     if ds.manifest.get("mean"):
-        result.problems += _verify_mean(ds)
-    result.problems += _verify_mean_image(ds)
+        result.problems += verify_mean(ds)
+    result.problems += verify_mean_image(ds)
     tasks = []
     for split in ds.splits():
         for entry in ds.shards(split):
             tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version,
                             _sums_file(cfg.root, entry, fmt))
                       for fmt in ds.formats]
-        if "recordio" in ds.formats and ds.shards(split):
-            result.problems += _verify_combined_index(cfg.root, ds.split(split))
+        if ds.shards(split):  # the files a format keeps per split (RecordIO's combined index)
+            for fmt in ds.formats:
+                result.problems += [Problem(where, None, message)
+                                    for where, message in get_format(fmt).check_split(cfg.root, ds.split(split))]
     outcomes = check_shards(tasks, cfg.workers, cfg.progress, "verify", stall_seconds)
     for outcome in outcomes:
         result.records += outcome.records
         result.shards += 1
         result.problems += outcome.problems
-    result.problems += _verify_counts(ds, tasks, outcomes)
+    result.problems += verify_counts(ds, tasks, outcomes)
     if any(outcome.unnamed for outcome in outcomes):
         how = (f"alexnet-pipe verify {cfg.root} --repair" if (cfg.root / INPUTS_FILE).is_file() else
                f"the alexnet-pipe convert command that made {cfg.root}, rerun with --repair,")

@@ -1,43 +1,115 @@
-"""A shard's completion record (``.parts/<shard>.json``): read it, list its files, tell whether the
-shard is complete. convert writes these records; convert, its --repair check, dryrun and upgrade
-read them.
+"""A shard's completion record (``.parts/<shard>.json``): its typed record (``Part``), reading it,
+listing its files, telling whether the shard is complete. convert writes these records; convert,
+its --repair check, dryrun and upgrade read them.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from alexnet_pipe.dataset.layout import part_path
-from alexnet_pipe.formats.shards import ShardPlan
+from alexnet_pipe.dataset.schema import JsonRecord, LmdbFiles, RecordioFiles
 
 
-def read_part(dst: Path, plan: ShardPlan) -> dict | None:
+class _Named(Protocol):
+    """A shard by name: convert's shard plan (``convert/plan.py``) is the usual one."""
+
+    name: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part(JsonRecord):
+    """What convert recorded when a shard was complete: its plan (``split``, ``index``,
+    ``first_id``, ``planned`` inputs), what it stored (``records``, ``passthrough``, ``labels``:
+    ``{"<label>": records}``, ``short_side_counts``, ``min_short_side``), the inputs it skipped,
+    the pixel statistics of a train shard (``stats``: ``PixelStats.to_json``) and, when it stored
+    records, its files: the format entries the manifest copies, ``mean_sums`` (a train shard's
+    ``.mean.npz``) and ``record_sums`` (``{"<format>": ".parts/<shard>.<format>.crc"}``; absent in
+    records from before them).
+
+    Only ``name``, ``records`` and the format entries being objects are checked (a record that
+    fails is not one: its shard is redone); everything else is kept as read.
+    """
+
+    NULLABLE = frozenset({"min_short_side"})
+
+    name: str
+    split: str | None = None
+    index: int | None = None
+    first_id: int | None = None
+    planned: int | None = None
+    records: int
+    passthrough: int | None = None
+    labels: dict[str, int] | None = None
+    stats: dict | None = None
+    short_side_counts: dict[str, int] | None = None
+    min_short_side: int | None = None
+    skipped: list[dict] | None = None
+    mean_sums: str | None = None
+    lmdb: LmdbFiles | None = None
+    recordio: RecordioFiles | None = None
+    record_sums: dict[str, str] | None = None
+    extra: dict = field(default_factory=dict)
+    key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data) -> Part:
+        """The record of parsed JSON ``data``.
+
+        Raises:
+            ValueError: ``data`` is not a completion record.
+        """
+        if not (isinstance(data, dict) and isinstance(data.get("name"), str) and type(data.get("records")) is int
+                and all(isinstance(data.get(fmt, {}), dict) for fmt in ("lmdb", "recordio"))):
+            raise ValueError("not a shard's completion record")
+        typed = {k: c.from_json(data[k]) for k, c in (("lmdb", LmdbFiles), ("recordio", RecordioFiles)) if k in data}
+        return cls._read(data, **typed)
+
+    def files(self) -> list[str]:
+        """The files it lists (relative to OUT)."""
+        files = [self.lmdb.path if self.lmdb else None, self.recordio.rec if self.recordio else None,
+                 self.recordio.idx if self.recordio else None, self.mean_sums]
+        return [f for f in files if isinstance(f, str)]
+
+
+def read(dst: Path, plan: _Named) -> Part | None:
     """A shard's completion record as written, or None (not there, or damaged: the shard is redone)."""
     path = dst / part_path(plan.name)
     if not path.is_file():
         return None
     try:
-        part = json.loads(path.read_text(encoding="utf-8"))
+        part = Part.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, RecursionError):
         return None
-    ok = (isinstance(part, dict) and part.get("name") == plan.name and type(part.get("records")) is int
-          and all(isinstance(part.get(fmt, {}), dict) for fmt in ("lmdb", "recordio")))
-    return part if ok else None
+    return part if part.name == plan.name else None
+
+
+def load(dst: Path, plan: _Named) -> Part | None:
+    """The completion record of a shard, if the shard was fully written."""
+    part = read(dst, plan)
+    if part is None:
+        return None
+    if all((dst / f).exists() for f in part.files()):
+        return part
+    return None  # a file vanished since: redo the shard
+
+
+# The same as JSON, for the readers not yet moved to ``Part``.
+def read_part(dst: Path, plan: _Named) -> dict | None:
+    """``read`` as JSON."""
+    part = read(dst, plan)
+    return None if part is None else part.to_json()
 
 
 def part_files(part: dict) -> list[str]:
-    """The files a completion record lists (relative to OUT)."""
-    files = [part.get("lmdb", {}).get("path"), part.get("recordio", {}).get("rec"), part.get("recordio", {}).get("idx"),
-             part.get("mean_sums")]
-    return [f for f in files if isinstance(f, str)]
+    """``Part.files`` of a record as JSON."""
+    return Part.from_json(part).files()
 
 
-def load_part(dst: Path, plan: ShardPlan) -> dict | None:
-    """The completion record of a shard, if the shard was fully written."""
-    part = read_part(dst, plan)
-    if part is None:
-        return None
-    if all((dst / f).exists() for f in part_files(part)):
-        return part
-    return None  # a file vanished since: redo the shard
+def load_part(dst: Path, plan: _Named) -> dict | None:
+    """``load`` as JSON."""
+    part = load(dst, plan)
+    return None if part is None else part.to_json()

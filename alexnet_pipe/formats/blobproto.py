@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import alexnet_pipe.formats.protobuf as pb
 from alexnet_pipe.errors import FormatError, InputError
-from alexnet_pipe.formats import protobuf as pb
 
 
 def encode_blobproto(arr: np.ndarray) -> bytes:

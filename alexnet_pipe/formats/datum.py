@@ -11,8 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import alexnet_pipe.formats.protobuf as pb
 from alexnet_pipe.errors import FormatError
-from alexnet_pipe.formats import protobuf as pb
 
 
 @dataclass(frozen=True)

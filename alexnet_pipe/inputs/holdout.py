@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.inputs.scan import ScanResult
+from alexnet_pipe.inputs.table import ScanResult
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.inputs.scan import ScanResult, Skip, not_a_file, some_names
-from alexnet_pipe.inputs.table import SourceTableBuilder
-from alexnet_pipe.inputs.val_labels import is_archive, read_synsets
+from alexnet_pipe.inputs.devkit import is_archive, read_synsets
+from alexnet_pipe.inputs.entries import not_a_file, some_names
+from alexnet_pipe.inputs.table import ScanResult, Skip, SourceTableBuilder
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,9 @@ A list of 1.28M Source objects (two strings and a small object each) costs ~300 
 the same information in a handful of arrays: the names as one UTF-8 blob, labels, offsets and
 sizes as numpy columns, and each input's directory or archive as an index into a short list. That
 is ~60 bytes an input (~80 MB for ImageNet); Source objects are made on access, a shard at a time.
+
+What a scan of any input (a raw tree, the archives, list files) hands on is a ``ScanResult``: a
+table per split, and each input found that will not be converted, as a ``Skip`` with why.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -136,3 +139,22 @@ class SourceView(Sequence[Source]):
 
     def __iter__(self) -> Iterator[Source]:
         return (self.table[int(r)] for r in self.rows)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """An input that was found but will not be converted, and why."""
+
+    split: str
+    name: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    layout: dict[str, str]  # split -> how it was read, for the manifest and messages
+    classes: list[str]
+    class_names: dict[str, str]
+    splits: dict[str, SourceTable]  # inputs of each split, sorted by name
+    skipped: list[Skip] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also logged: e.g. labels that have no file

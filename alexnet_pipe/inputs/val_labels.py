@@ -8,49 +8,37 @@ Label files understood:
     file's name, never from its position in the file list: with one image missing and one stray
     file (a ``Thumbs.db``) the counts still agree, and positions would shift every later label.
 Files without a label and labels without a file are both reported (flat_labels' result).
-
-Why the devkit ids need care: they follow the order of the devkit's ``data/meta.mat`` (id 1 is
-n02119789 kit fox), not sorted wnid order (n01440764 tench first). Paired with a sorted list
-(synsets.txt, LOC_synset_mapping.txt, ...) nearly every image gets a wrong class and nothing
-fails. So the id order comes only from the devkit itself (``meta.mat``, or the 2017 devkit's
-``map_clsloc.txt``, extracted or inside ``ILSVRC2012_devkit_t12.tar.gz``), or from a list the
-user names with --synsets that is not in sorted order (plausibly an export in devkit order).
+Devkit class ids mean wnids only in the devkit's own id order, which devkit.py reads.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import re
-import tarfile
-import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from alexnet_pipe.errors import LayoutError
+from alexnet_pipe.inputs.devkit import (
+    DEVKIT_ARCHIVES,
+    DEVKIT_DIR,
+    MAP_CLSLOC,
+    META_MAT,
+    SYNSET_LISTS,
+    IdMap,
+    archive_file,
+    decode_text,
+    devkit_archives,
+    explicit_id_map,
+    find_id_map,
+    is_archive,
+)
 
 CSV_LABELS = ("LOC_val_solution.csv",)
 DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
 GT_LABELS = (DEVKIT_GT, "val_ground_truth.txt", "val.txt")
-SYNSET_LISTS = ("synsets.txt", "ILSVRC2012_synsets.txt", "LOC_synset_mapping.txt", "synset_words.txt")
-NAME_LISTS = ("LOC_synset_mapping.txt", "synset_words.txt")
-META_MAT = "meta.mat"
-MAP_CLSLOC = "map_clsloc.txt"
-ID_MAPS = (META_MAT, MAP_CLSLOC)  # meta.mat first: it is the 2012 ground truth's own devkit
-DEVKIT_DIR = "ILSVRC2012_devkit_t12"  # the extracted devkit; its files are in data/
-DEVKIT_ARCHIVES = ("ILSVRC2012_devkit_t12.tar.gz",)
-MAT_FIELDS = ("ILSVRC2012_ID", "WNID", "num_children")  # the meta.mat fields we read
 # An ILSVRC validation image: its number is its line in the devkit's ground truth.
 VAL_NAME = re.compile(r"ILSVRC\d{4}_val_(\d{8})(?:\.[^./]*)?")
-
-
-@dataclass(frozen=True)
-class IdMap:
-    """The devkit's class ids -> wnids, and where they were read (for the layout string)."""
-
-    wnid_of: dict[int, str]
-    source: str  # e.g. "meta.mat", "meta.mat in ILSVRC2012_devkit_t12.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -61,224 +49,6 @@ class _LabelText:
     text: str
     folder: Path | None = None  # where a meta.mat beside it would be
     archive: Path | None = None  # the devkit archive it came from
-
-
-def is_archive(path: Path) -> bool:
-    return path.name.endswith((".tar.gz", ".tgz", ".tar"))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def _decode(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise LayoutError(f"{where} is not a UTF-8 text file") from None
-
-
-def _archive_file(archive: Path, name: str) -> bytes | None:
-    """The bytes of the first file called ``name`` (any folder) in a devkit tar(.gz), or None."""
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                if member.isfile() and PurePosixPath(member.name).name == name:
-                    return tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise LayoutError(
-            f"{archive} is not a readable devkit archive ({_first_line(exc)}); "
-            f"expected {DEVKIT_ARCHIVES[0]} as downloaded"
-        ) from exc
-    return None
-
-
-def read_synsets(path: Path) -> tuple[list[str], dict[str, str]]:
-    """A synset list: first token of each line is a wnid, the rest (optional) its name."""
-    wnids, names = [], {}
-    for line in _decode(path.read_bytes(), str(path)).splitlines():
-        parts = line.strip().split(None, 1)
-        if not parts:
-            continue
-        wnids.append(parts[0])
-        if len(parts) == 2:
-            names[parts[0]] = parts[1]
-    if not wnids:
-        raise LayoutError(f"{path} lists no synsets")
-    return wnids, names
-
-
-def _add_class(wnid_of: dict[int, str], class_id: int, wnid: str, where: str) -> None:
-    if class_id < 1:
-        raise LayoutError(f"{where}: class id {class_id} of {wnid} is not a 1-based id")
-    if class_id in wnid_of:
-        raise LayoutError(f"{where}: class id {class_id} is given twice ({wnid_of[class_id]} and {wnid})")
-    wnid_of[class_id] = wnid
-
-
-def _check_unique_wnids(wnid_of: dict[int, str], where: str) -> None:
-    seen: dict[str, int] = {}
-    for class_id, wnid in sorted(wnid_of.items()):
-        if wnid in seen:
-            raise LayoutError(f"{where}: {wnid} has two class ids ({seen[wnid]} and {class_id})")
-        seen[wnid] = class_id
-
-
-def _mat_int(value, where: str, entry: int, field: str) -> int:
-    """A MATLAB scalar (double or integer class, possibly still a 1x1 array) as an int."""
-    import numpy as np
-
-    arr = np.asarray(value)
-    if arr.size != 1 or arr.dtype.kind not in "iuf" or not float(arr.item()).is_integer():
-        raise LayoutError(f"{where}: synsets({entry}).{field} is not an integer ({value!r})")
-    return int(arr.item())
-
-
-def parse_meta_mat(data: bytes, where: str) -> dict[int, str]:
-    """id -> wnid of the leaf classes of a devkit ``meta.mat``.
-
-    ``synsets`` is a struct array (ILSVRC2012_ID, WNID, words, gloss, num_children, children,
-    wordnet_height, num_train_images). In ILSVRC2012 entries 1..1000 are the classes
-    (num_children == 0) and 1001..1860 internal WordNet nodes, which are skipped.
-    """
-    import numpy as np
-    from scipy.io import loadmat  # deferred: only the devkit needs scipy, and it is slow to import
-
-    try:
-        mat = loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=True, variable_names=["synsets"])
-    except Exception as exc:  # scipy raises many types on bad bytes (MatReadError, ValueError, zlib.error, ...)
-        raise LayoutError(f"{where} is not a readable MATLAB meta.mat ({_first_line(exc)})") from exc
-    synsets = mat.get("synsets")
-    if synsets is None:
-        raise LayoutError(f"{where} holds no 'synsets' variable; expected the devkit's data/meta.mat")
-    names = getattr(getattr(synsets, "dtype", None), "names", None) or ()
-    missing = [f for f in MAT_FIELDS if f not in names]
-    if missing:
-        raise LayoutError(
-            f"{where} has no 'synsets' struct array with fields {', '.join(MAT_FIELDS)} "
-            f"(missing {', '.join(missing)}); expected the devkit's data/meta.mat"
-        )
-    wnid_of: dict[int, str] = {}
-    for entry, record in enumerate(np.atleast_1d(synsets), 1):
-        if _mat_int(record["num_children"], where, entry, "num_children") != 0:
-            continue  # an internal WordNet node, not a class
-        wnid = record["WNID"]
-        if not isinstance(wnid, str) or not wnid.strip():
-            raise LayoutError(f"{where}: synsets({entry}).WNID is not a wnid ({wnid!r})")
-        _add_class(wnid_of, _mat_int(record["ILSVRC2012_ID"], where, entry, "ILSVRC2012_ID"), wnid.strip(), where)
-    if not wnid_of:
-        raise LayoutError(f"{where} lists no leaf classes (synsets with num_children == 0)")
-    _check_unique_wnids(wnid_of, where)
-    return wnid_of
-
-
-def _looks_like_map_clsloc(lines: list[list[str]]) -> bool:
-    return bool(lines) and all(len(parts) >= 2 and parts[1].isdigit() for parts in lines)
-
-
-def parse_map_clsloc(text: str, where: str) -> dict[int, str]:
-    """id -> wnid of the 2017 devkit's ``map_clsloc.txt`` (lines ``n02119789 1 kit_fox``)."""
-    wnid_of: dict[int, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise LayoutError(f"{where} line {n}: expected '<wnid> <id> <name>' as in map_clsloc.txt, got {line!r}")
-        _add_class(wnid_of, int(parts[1]), parts[0], where)
-    if not wnid_of:
-        raise LayoutError(f"{where} lists no classes")
-    _check_unique_wnids(wnid_of, where)
-    return wnid_of
-
-
-def _id_map_from_bytes(data: bytes, name: str, where: str) -> dict[int, str]:
-    if name.endswith(".mat") or data.startswith(b"MATLAB"):
-        return parse_meta_mat(data, where)
-    return parse_map_clsloc(_decode(data, where), where)
-
-
-def _id_map_in_archive(archive: Path) -> IdMap | None:
-    for name in ID_MAPS:
-        data = _archive_file(archive, name)
-        if data is not None:
-            return IdMap(_id_map_from_bytes(data, name, f"{archive}:{name}"), f"{name} in {archive.name}")
-    return None
-
-
-def _read_order_file(path: Path) -> IdMap | list[str]:
-    """A file named by --synsets: the devkit's id map (its archive, meta.mat or map_clsloc.txt),
-    else the wnids of a plain list in file order."""
-    if is_archive(path):
-        found = _id_map_in_archive(path)
-        if found is None:
-            raise LayoutError(f"{path} holds neither data/{META_MAT} nor {MAP_CLSLOC}; expected {DEVKIT_ARCHIVES[0]}")
-        return found
-    data = path.read_bytes()
-    if path.suffix == ".mat" or data.startswith(b"MATLAB"):
-        return IdMap(parse_meta_mat(data, str(path)), path.name)
-    text = _decode(data, str(path))
-    lines = [line.split() for line in text.splitlines() if line.strip()]
-    if _looks_like_map_clsloc(lines):
-        return IdMap(parse_map_clsloc(text, str(path)), path.name)
-    if not lines:
-        raise LayoutError(f"{path} lists no synsets")
-    return [parts[0] for parts in lines]
-
-
-def class_list(path: Path) -> list[str]:
-    """The wnids of a synset list, a devkit archive, meta.mat or map_clsloc.txt (any order)."""
-    found = _read_order_file(path)
-    return list(found.wnid_of.values()) if isinstance(found, IdMap) else found
-
-
-def _explicit_id_map(path: Path, gt_name: str) -> IdMap:
-    """The id order from --synsets; a plain list counts as devkit order only when it is not
-    sorted (a sorted one is the usual synsets.txt, whose line k is not devkit id k)."""
-    found = _read_order_file(path)
-    if isinstance(found, IdMap):
-        return found
-    if found == sorted(found):
-        raise LayoutError(
-            f"--synsets {path} is in sorted wnid order, but {gt_name} holds devkit ids in the order of the "
-            f"devkit's data/{META_MAT} (in ILSVRC2012 id 1 is n02119789, not n01440764); pass --synsets "
-            f"{DEVKIT_ARCHIVES[0]}, its data/{META_MAT} or {MAP_CLSLOC} instead"
-        )
-    wnid_of: dict[int, str] = {}
-    for class_id, wnid in enumerate(found, 1):
-        _add_class(wnid_of, class_id, wnid, str(path))
-    _check_unique_wnids(wnid_of, str(path))
-    return IdMap(wnid_of, f"{path.name} (devkit order)")
-
-
-def _unique(paths: Iterable[Path | None]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        if p is not None and p not in out:
-            out.append(p)
-    return out
-
-
-def _devkit_archives(raw: Path, synsets: Path | None, first: Path | None = None) -> list[Path]:
-    """Devkit archives to look into: the one a file came from, one named by --synsets, RAW's."""
-    explicit = synsets if synsets is not None and is_archive(synsets) else None
-    return [a for a in _unique([first, explicit, *(raw / n for n in DEVKIT_ARCHIVES)]) if a.is_file()]
-
-
-def find_id_map(raw: Path, near: Path | None = None, archives: tuple[Path, ...] = ()) -> IdMap | None:
-    """The devkit's id order found where users keep it: beside the ground truth (``near``), in
-    RAW, in RAW/ILSVRC2012_devkit_t12/data/, then inside the devkit archives. None: not found."""
-    for folder in _unique([near, raw, raw / DEVKIT_DIR / "data"]):
-        for name in ID_MAPS:
-            path = folder / name
-            if path.is_file():
-                return IdMap(_id_map_from_bytes(path.read_bytes(), name, str(path)), name)
-    for archive in archives:
-        found = _id_map_in_archive(archive)
-        if found is not None:
-            return found
-    return None
 
 
 def _csv_labels(csv_path: Path, names: list[str], index: dict[str, int]) -> tuple[list[int | None], list[str]]:
@@ -303,18 +73,18 @@ def _find_ground_truth(raw: Path, val_labels: Path | None, archives: list[Path])
     """The ground-truth file: --val-labels (a file or a devkit archive), else RAW's, else the
     extracted devkit's, else the one inside a devkit archive."""
     if val_labels is not None and not is_archive(val_labels):
-        return _LabelText(val_labels.name, _decode(val_labels.read_bytes(), str(val_labels)), val_labels.parent)
+        return _LabelText(val_labels.name, decode_text(val_labels.read_bytes(), str(val_labels)), val_labels.parent)
     if val_labels is not None:
         archives = [val_labels]
     else:
         for path in [raw / name for name in GT_LABELS] + [raw / DEVKIT_DIR / "data" / DEVKIT_GT]:
             if path.is_file():
-                return _LabelText(path.name, _decode(path.read_bytes(), str(path)), path.parent)
+                return _LabelText(path.name, decode_text(path.read_bytes(), str(path)), path.parent)
     for archive in archives:
-        data = _archive_file(archive, DEVKIT_GT)
+        data = archive_file(archive, DEVKIT_GT)
         if data is not None:
             where = f"{DEVKIT_GT} in {archive.name}"
-            return _LabelText(where, _decode(data, f"{archive}:{DEVKIT_GT}"), archive=archive)
+            return _LabelText(where, decode_text(data, f"{archive}:{DEVKIT_GT}"), archive=archive)
     if val_labels is not None:
         raise LayoutError(f"{val_labels} holds no {DEVKIT_GT}; expected the devkit {DEVKIT_ARCHIVES[0]}")
     return None
@@ -405,7 +175,7 @@ def flat_labels(
     if csv_path is not None:
         labels, no_file = _csv_labels(csv_path, names, index)
         return labels, csv_path.name, no_file
-    archives = _devkit_archives(raw, synsets)
+    archives = devkit_archives(raw, synsets)
     gt = _find_ground_truth(raw, val_labels, archives)
     if gt is None:
         raise LayoutError(
@@ -420,10 +190,11 @@ def flat_labels(
         raise LayoutError(f"{gt.name}: expected one label per line, or '<file> <label>' per line")
     ids = [(n, _int(parts[0], gt.name, n)) for n, parts in lines]
     if synsets is not None:
-        id_map = _explicit_id_map(synsets, gt.name)
+        id_map = explicit_id_map(synsets, gt.name)
     else:
-        id_map = find_id_map(raw, gt.folder, tuple(_devkit_archives(raw, None, gt.archive)))
+        id_map = find_id_map(raw, gt.folder, tuple(devkit_archives(raw, None, gt.archive)))
     if id_map is None:
         raise _no_id_map(raw, gt)
     labels, no_file = _devkit_labels(gt, ids, id_map, index, names)
     return labels, f"{gt.name} + {id_map.source}", no_file
+

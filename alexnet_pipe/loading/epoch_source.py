@@ -13,7 +13,7 @@ import numpy as np
 
 from alexnet_pipe.dataset.records import RecordReader, RecordTable
 from alexnet_pipe.errors import DatasetError
-from alexnet_pipe.loading.order import EpochPlan, OrderConfig, plan_epoch
+from alexnet_pipe.loading.order import EpochShare, OrderConfig, epoch_share
 
 
 class EpochSource:
@@ -24,28 +24,28 @@ class EpochSource:
         self.table, self.order, self.batch_size, self.first_epoch = table, order, batch_size, first_epoch
         self.first_step = first_step
         self._reader: RecordReader | None = None
-        self._plan: tuple[int, EpochPlan] | None = None
+        self._share: tuple[int, EpochShare] | None = None
 
-    def plan(self, epoch: int) -> EpochPlan:
-        """The rank's plan of ``epoch`` (kept for the epoch: one permutation per epoch, not per batch)."""
-        if self._plan is None or self._plan[0] != epoch:
-            self._plan = (epoch, plan_epoch(self.order, epoch))
-        return self._plan[1]
+    def share(self, epoch: int) -> EpochShare:
+        """The rank's share of ``epoch`` (kept for the epoch: one permutation per epoch, not per batch)."""
+        if self._share is None or self._share[0] != epoch:
+            self._share = (epoch, epoch_share(self.order, epoch))
+        return self._share[1]
 
     def __call__(self, info) -> tuple:
-        plan = self.plan(self.first_epoch + info.epoch_idx)
+        share = self.share(self.first_epoch + info.epoch_idx)
         step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
         start = step * self.batch_size
-        if start >= len(plan):
+        if start >= len(share):
             raise StopIteration
         if self._reader is None:
             self._reader = RecordReader(self.table)
         end = start + self.batch_size
-        jpegs, labels = [], np.empty(min(end, len(plan)) - start, np.int32)
-        for j, i in enumerate(plan.indices[start:end]):
+        jpegs, labels = [], np.empty(min(end, len(share)) - start, np.int32)
+        for j, i in enumerate(share.indices[start:end]):
             data, labels[j] = self._reader.read(int(i))
             jpegs.append(np.frombuffer(data, np.uint8))
-        return jpegs, labels, plan.crop_x[start:end], plan.crop_y[start:end], plan.mirror[start:end]
+        return jpegs, labels, share.crop_x[start:end], share.crop_y[start:end], share.mirror[start:end]
 
     def close(self) -> None:
         """Close the shard files this process opened (reader processes close theirs on exit)."""
@@ -55,7 +55,7 @@ class EpochSource:
 
     def __getstate__(self) -> dict:
         # Reader processes get the table and the config; open files and caches stay behind.
-        return {**self.__dict__, "_reader": None, "_plan": None}
+        return {**self.__dict__, "_reader": None, "_share": None}
 
 
 # How DALI's reader processes pass on an exception: the pipeline's process raises a plain

@@ -9,7 +9,7 @@ epoch.) The crop position and flip of every sample are drawn here too, per epoch
 data of an epoch is a pure function of (seed, epoch): a resumed run, another rank count, `inspect`
 and the benchmarks all see exactly what training sees.
 
-Ranks take every ``num_shards``-th position of the epoch order. Each gets the same number of
+Ranks take every ``world_size``-th position of the epoch order. Each gets the same number of
 samples; where the split does not divide evenly the last positions wrap to the start of the order
 and are marked invalid (padding: they keep the ranks in step and must count nowhere).
 
@@ -36,15 +36,15 @@ class OrderConfig:
     records: int  # records in the split
     train: bool  # permuted with random crops and flips; False: stored order, centre crop
     seed: int = 0
-    shard_id: int = 0  # this process (torchrun rank)
-    num_shards: int = 1  # processes sharing the split (world size)
+    rank: int = 0  # this process (torchrun rank)
+    world_size: int = 1  # processes sharing the split
     subset_pct: float = 100.0  # train only: the first ceil(pct% of records) of each epoch's order
 
     def __post_init__(self) -> None:
         if self.records < 1:
             raise ConfigError("a split needs at least one record")
-        if not 0 <= self.shard_id < self.num_shards:
-            raise ConfigError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} outside 0..{self.world_size - 1}")
         if not 0 < self.subset_pct <= 100:
             raise ConfigError(f"subset percentage must be in (0, 100], got {self.subset_pct}")
 
@@ -56,21 +56,21 @@ class OrderConfig:
         return max(1, math.ceil(self.records * self.subset_pct / 100))
 
     @property
-    def per_shard(self) -> int:
+    def per_rank(self) -> int:
         """Samples each rank reads per epoch, padding included."""
-        return math.ceil(self.epoch_records / self.num_shards)
+        return math.ceil(self.epoch_records / self.world_size)
 
     def step_total(self, step: int, batch_size: int) -> int:
         """Real (non-padding) samples over all ranks in ``step`` of an epoch, each rank reading
-        ``batch_size``: step k covers the global positions [k*b*W, min((k+1)*b, per_shard)*W)."""
-        start = step * batch_size * self.num_shards
-        end = min((step + 1) * batch_size, self.per_shard) * self.num_shards
+        ``batch_size``: step k covers the global positions [k*b*W, min((k+1)*b, per_rank)*W)."""
+        start = step * batch_size * self.world_size
+        end = min((step + 1) * batch_size, self.per_rank) * self.world_size
         return max(0, min(end, self.epoch_records) - start)
 
 
 @dataclass(frozen=True)
-class EpochPlan:
-    """One rank's epoch: record numbers in reading order and each sample's augmentation."""
+class EpochShare:
+    """One rank's share of an epoch: record numbers in reading order and each sample's augmentation."""
 
     indices: np.ndarray  # int64 record numbers (positions in the split's stored order)
     valid: np.ndarray  # bool; False = padding
@@ -96,11 +96,11 @@ def epoch_order(cfg: OrderConfig, epoch: int) -> tuple[np.ndarray, np.ndarray, n
     return order, crop_x, crop_y, mirror
 
 
-def plan_epoch(cfg: OrderConfig, epoch: int) -> EpochPlan:
+def epoch_share(cfg: OrderConfig, epoch: int) -> EpochShare:
     """This rank's share of ``epoch`` (see the module docstring for the padding rule)."""
     order, crop_x, crop_y, mirror = epoch_order(cfg, epoch)
     m = len(order)
-    positions = np.arange(cfg.shard_id, cfg.per_shard * cfg.num_shards, cfg.num_shards)
+    positions = np.arange(cfg.rank, cfg.per_rank * cfg.world_size, cfg.world_size)
     valid = positions < m
     positions = positions % m
-    return EpochPlan(order[positions], valid, crop_x[positions], crop_y[positions], mirror[positions])
+    return EpochShare(order[positions], valid, crop_x[positions], crop_y[positions], mirror[positions])

@@ -1,42 +1,38 @@
-"""DALI pipelines over converted shards: the only module that imports nvidia.dali.
+"""The DALI pipelines over converted shards (train and val, CPU or GPU) and their settings.
 
-Records reach DALI through an external source (``source.EpochSource``) that reads them in each
-epoch's own global order (``order.py``) with each sample's crop position and flip; DALI decodes,
-crops, flips and normalises. Train: a random crop of the short-side-N image, random horizontal
-flip, per-channel mean subtraction (division by std optional), the neon recipe. Val: centre crop,
-no flip, stored order. The same graph runs on the GPU (``device="mixed"`` decoding,
+Records reach DALI through an external source (``epoch_source.EpochSource``) that reads them in
+each epoch's own global order (``order.py``) with each sample's crop position and flip; DALI
+decodes, crops, flips and normalises. Train: a random crop of the short-side-N image, random
+horizontal flip, per-channel mean subtraction (division by std optional), the neon recipe. Val:
+centre crop, no flip, stored order. The same graph runs on the GPU (``device="mixed"`` decoding,
 crop/flip/normalize on the device, fp16 output in the model's layout) and on the CPU
-(``device_id=None``).
+(``device_id=None``). ``loader.py`` runs the graph and hands its output to torch; nvidia.dali is
+imported only in these two modules, inside the functions that use it.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from alexnet_pipe.dataset.manifest import Dataset
-from alexnet_pipe.dataset.records import record_table
-from alexnet_pipe.errors import ConfigError, DatasetError, InputError, TrainingError
-from alexnet_pipe.loading.epoch_source import EpochSource, raise_reader_error
-from alexnet_pipe.loading.order import OrderConfig
+from alexnet_pipe.errors import ConfigError
+from alexnet_pipe.formats import preferred_format
+from alexnet_pipe.loading.epoch_source import EpochSource
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """Everything a data loader needs; built from TrainConfig by the trainer (``train.epoch_loader``)."""
+    """Everything a data loader needs; built from a TrainConfig by ``Runtime.loader_config``."""
 
     split: str
     train: bool  # global per-epoch permutation, random crop + flip; False: stored order, centre crop
     batch_size: int
     crop: int = 224
     device_id: int | None = None  # None: CPU-only DALI
-    shard_id: int = 0
-    num_shards: int = 1
+    rank: int = 0  # this process (torchrun rank)
+    world_size: int = 1  # processes sharing the split
     seed: int = 0
     subset_pct: float = 100.0  # train: read only this share of each epoch's (fresh) order
     num_threads: int = 2  # DALI CPU threads (decoding on the CPU, host work on the GPU)
@@ -63,8 +59,8 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.shard_id < self.num_shards:
-            raise ConfigError(f"shard id {self.shard_id} outside 0..{self.num_shards - 1}")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} outside 0..{self.world_size - 1}")
         if self.reader not in ("auto", "lmdb", "recordio"):
             raise ConfigError(f"reader must be auto, lmdb or recordio, got {self.reader}")
         if self.read_workers < 0:
@@ -88,7 +84,7 @@ class LoaderConfig:
 def _reader_kind(ds: Dataset, cfg: LoaderConfig) -> str:
     if cfg.reader != "auto":
         return cfg.reader
-    return "lmdb" if "lmdb" in ds.formats else "recordio"
+    return preferred_format(ds.formats)
 
 
 def source_queue_depth(cfg: LoaderConfig) -> int:
@@ -154,132 +150,4 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
 def _pipeline_seed(cfg: LoaderConfig) -> int:
     """DALI's own seed, distinct per rank and fixed by ``-r`` (the order and augmentation come from
     ``order.py`` and are global; this seeds whatever randomness DALI keeps for itself)."""
-    return int(np.random.SeedSequence([cfg.seed % 2**63, cfg.shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One step's data from a ``Loader``: images in the model's layout (on the loader's device,
-    mean-subtracted), their labels (int64 class indices), which were flipped,
-    and which are padding (``valid``; None when none are) so every rank takes the same steps."""
-
-    images: torch.Tensor  # N x 3 x H x W (a channels_last view when the pipeline emits NHWC)
-    labels: torch.Tensor  # N, int64
-    flipped: torch.Tensor  # N, bool (on the CPU)
-    valid: torch.Tensor | None = None  # N, bool, on the images' device; None: no padding in this batch
-    real_total: int = 0  # real (non-padding) samples in this step over all ranks: the loss's divisor
-    step: int = 0  # this batch's step within its epoch
-
-
-class Loader:
-    """Epochs of batches from a DALI pipeline, as torch tensors in the model's layout.
-
-    The first pass over the loader is epoch ``epoch``, the next pass ``epoch + 1``, and so on;
-    a pass that is left early leaves the loader mid-epoch (build a new loader instead). Every
-    record of the split is read exactly once per epoch over all shards (ranks), plus padding
-    that ``Batch.valid`` marks; the last batch may be smaller.
-    """
-
-    def __init__(self, ds: Dataset, cfg: LoaderConfig, epoch: int = 0, start_step: int = 0):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
-        if cfg.roi_decode and not ds.all_at_least(cfg.split, cfg.crop):
-            cfg = replace(cfg, roi_decode=False)  # the ROI decoder cannot pad a window past the image
-        self.cfg, self._root = cfg, ds.root
-        table = record_table(ds, cfg.split, _reader_kind(ds, cfg))
-        order = OrderConfig(len(table), cfg.train, cfg.seed, cfg.shard_id, cfg.num_shards, cfg.subset_pct)
-        self.source = EpochSource(table, order, cfg.batch_size, epoch, start_step)
-        self.samples = order.per_shard  # samples this shard reads per epoch (padding included)
-        self.epoch = epoch  # the epoch the next pass yields
-        self.start_step = start_step  # the step the next pass starts at (a run resumed mid-epoch)
-        if start_step * cfg.batch_size >= max(self.samples, 1):
-            raise InputError(f"step {start_step} is past the end of an epoch of {len(self)} steps")
-        try:
-            self._pipe = build_pipeline(self.source, cfg)
-            self._pipe.build()
-        except RuntimeError as exc:
-            _raise_gpu_start_error(exc, cfg)
-            raise DatasetError(f"cannot start the DALI pipeline over the {cfg.split} shards of {ds.root}: "
-                               f"{dali_cause(exc)}") from exc
-        try:  # the iterator runs the first batch already
-            self._it = DALIGenericIterator([self._pipe], ["images", "labels"], size=-1,
-                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
-        except RuntimeError as exc:
-            _raise_gpu_start_error(exc, cfg)
-            _raise_record_error(exc, ds.root, cfg.split)
-        except Exception as exc:  # DALI's reader processes pass errors on as plain Exceptions
-            raise_reader_error(exc)
-            raise
-
-    def __len__(self) -> int:
-        """Steps in a whole epoch."""
-        return math.ceil(self.samples / self.cfg.batch_size)
-
-    def close(self) -> None:
-        """Stop the pipeline and close the shard files (also done when the loader is collected)."""
-        if getattr(self, "_pipe", None) is not None:
-            self._it = self._pipe = None  # the iterator and pipeline hold the source; drop them first
-        if getattr(self, "source", None) is not None:
-            self.source.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-    def __iter__(self) -> Iterator[Batch]:
-        plan = self.source.plan(self.epoch)
-        b = self.cfg.batch_size
-        try:
-            for k, (out,) in enumerate(self._it, start=self.start_step):
-                images = out["images"]
-                if self.cfg.channels_last:
-                    images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
-                flipped = torch.from_numpy(plan.mirror[k * b : (k + 1) * b]).bool()
-                valid = plan.valid[k * b : (k + 1) * b]
-                yield Batch(images, out["labels"].reshape(-1).long(), flipped,
-                            None if valid.all() else torch.from_numpy(valid).to(images.device),
-                            self.source.order.step_total(k, b), k)
-        except RuntimeError as exc:
-            _raise_record_error(exc, self._root, self.cfg.split)
-        except Exception as exc:  # DALI's reader processes pass errors on as plain Exceptions
-            raise_reader_error(exc)
-            raise
-        self.epoch += 1
-        self.start_step = 0
-
-
-def dali_cause(exc: Exception) -> str:
-    """DALI's multi-page error -> the operator and the real cause, without the C++ context."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    where = next((line.rstrip(",") for line in lines if line.startswith("Error in")), "")
-    after = [i + 1 for i, line in enumerate(lines) if line.endswith("encountered:")]
-    cause = []
-    for line in lines[after[0]:] if after else lines:
-        if line.startswith(("C++ context", "Current pipeline object", "Stacktrace")):
-            break
-        cause.append(line)
-    text = " ".join(cause) or type(exc).__name__
-    return "; ".join(x for x in (where, text[:1000]) if x)
-
-
-def _raise_gpu_start_error(exc: Exception, cfg: LoaderConfig) -> None:
-    """DALI's GPU operators failing to start (driver too old for the wheel, no device) -> one
-    line naming the wheel to install, instead of DALI's trace. Other errors return."""
-    if cfg.device_id is None:
-        return
-    from alexnet_pipe.loading.wheels import detect_driver, gpu_init_hint
-
-    hint = gpu_init_hint(str(exc), detect_driver())
-    if hint:
-        raise TrainingError(f"cannot start DALI on GPU {cfg.device_id}: {hint}") from exc
-
-
-def _raise_record_error(exc: RuntimeError, root: Path, split: str) -> None:
-    """A decoding failure -> one line naming the cause and the command that finds the record.
-    Other runtime errors propagate unchanged."""
-    text = str(exc)
-    if "Critical error" not in text and "Failed to decode" not in text:
-        raise exc
-    raise DatasetError(
-        f"a record in the {split} shards of {root} could not be read ({dali_cause(exc)}); "
-        f"DALI cannot skip bad records: run alexnet-pipe verify {root} to name the shard and key"
-    ) from exc
+    return int(np.random.SeedSequence([cfg.seed % 2**63, cfg.rank]).generate_state(1)[0] & 0x7FFFFFFF)

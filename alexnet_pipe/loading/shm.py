@@ -15,7 +15,7 @@ each batch to the pipeline through a shared-memory slot. How DALI 2.4 lays them 
 - A slot starts at 1 MiB (``min_initial_chunk_size``; ``bytes_per_sample_hint`` is not passed) and
   a batch that does not fit grows it with ``ftruncate`` to max(needed + 1 MiB, 2 x capacity). tmpfs
   charges only the pages written, so what a slot really holds is the largest batch written into it
-  (measured: slots of 1 MiB capacity holding 52 KiB each, tests/test_gpu_readiness.py); the
+  (measured: slots of 1 MiB capacity holding 52 KiB each, tests/gpu/test_gpu_readiness.py); the
   doubled capacity is address space. A write to a page that tmpfs cannot supply kills the reader
   with SIGBUS, hours into a run: hence the check before the pipeline starts.
 - A batch is its JPEG bytes, each array padded to 128 bytes (``SAMPLE_ALIGNMENT``), the pickled
@@ -37,6 +37,7 @@ from pathlib import Path
 
 from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.errors import TrainingError
+from alexnet_pipe.formats import get_format
 from alexnet_pipe.loading.pipeline import LoaderConfig, pipeline_options, source_options
 
 SHM_PATH = "/dev/shm"
@@ -62,20 +63,21 @@ def shm_need(batch_size: int, record_bytes: float, slots: int, ranks: int = 1, s
 
 
 def mean_record_bytes(ds: Dataset, split: str) -> float:
-    """A split's mean stored record: the shard bytes the manifest records (RecordIO first: its
-    records are the JPEG plus a 24-byte frame; an LMDB file also holds its B-tree), else the files'
-    sizes on disk, over the split's records. An upper bound of the JPEG bytes a reader passes on."""
+    """A split's mean stored record: the shard bytes the manifest records (in the format whose
+    bytes are closest to the JPEGs first, ``Format.size_rank``: RecordIO's records are the JPEG plus
+    a 24-byte frame; an LMDB file also holds its B-tree), else the files' sizes on disk, over the
+    split's records. An upper bound of the JPEG bytes a reader passes on."""
     shards = ds.shards(split)
     records = sum(s["records"] for s in shards)
     if not records:
         return 0.0
-    for fmt in ("recordio", "lmdb"):
-        if fmt in ds.formats and all("bytes" in s.get(fmt, {}) for s in shards):
-            return sum(s[fmt]["bytes"] for s in shards) / records
+    formats = sorted(map(get_format, ds.formats), key=lambda f: f.size_rank)  # the closest to the JPEGs first
+    for fmt in formats:
+        if all("bytes" in s.get(fmt.name, {}) for s in shards):
+            return sum(s[fmt.name]["bytes"] for s in shards) / records
     total = 0
     for s in shards:
-        fmt = "recordio" if "recordio" in ds.formats else "lmdb"
-        path = Path(ds.root) / (s[fmt]["rec"] if fmt == "recordio" else s[fmt]["path"])
+        path = Path(ds.root) / formats[0].data_path(s[formats[0].name])
         files = [path] if path.is_file() else list(path.glob("*")) if path.is_dir() else []
         total += sum(f.stat().st_size for f in files if f.is_file())
     return total / records

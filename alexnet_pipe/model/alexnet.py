@@ -1,9 +1,13 @@
-"""The neon model-zoo AlexNet: CaffeNet's layout without weight grouping.
+"""The network definitions: the neon model-zoo AlexNet (CaffeNet's layout without weight grouping)
+and torchvision's variant, the layer tables and spatial arithmetic both are built from,
+``AlexNetConfig``, ``build_model`` and the weight initialisation.
 
 conv1..conv5 and fc6..fc8 keep Caffe's layer names, so ``state_dict`` keys read
 ``conv1.weight`` ... ``fc8.bias`` and weight importers (neon pickles, Caffe
 caffemodels with grouped conv2/4/5 expanded block-diagonally, torchvision) can map
 onto them by name. See shared/reference/NEON_ALEXNET.md for the source of every number.
+How the LRN layers compute is ``model/lrn.py``; running under torch.compile, ``model/compiled.py``;
+the optimizer's parameter groups, ``model/params.py``.
 """
 
 from __future__ import annotations
@@ -17,26 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from alexnet_pipe.errors import InputError
+from alexnet_pipe.model.lrn import LRN
 
 __all__ = [
     "MIN_CROP",
     "AlexNet",
     "AlexNetConfig",
     "ARCHS",
-    "FixedBatch",
     "INPUT_CHANNELS",
-    "LRN",
-    "LRN_IMPLS",
     "INIT_SCHEMES",
     "TorchvisionAlexNet",
     "build_model",
-    "compile_fixed_batch",
-    "count_parameters",
     "fc6_in_features",
     "init_weights",
-    "lrn_shifted_sum",
-    "param_groups",
-    "group_lr_mult",
     "pool5_size",
 ]
 
@@ -88,74 +85,7 @@ _POOL_KERNEL, _POOL_STRIDE = 3, 2
 # Caffe's LRN: x / (k + alpha/size * sum_{window} x^2)^beta. torch divides alpha by size
 # and counts the zero padding at the borders exactly as Caffe does.
 _LRN = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
-# How the LRN layers compute (all the same function, within float rounding; tests/test_model.py):
-# "torch" nn.LocalResponseNorm (squares padded along C into a 5-D tensor, avg_pool3d: a copy and
-# layout changes, NCHW inside even for channels_last input); "sum" the window as five shifted
-# adds of the squares (elementwise, keeps the memory format); "compiled" torch.compile of the
-# "torch" function alone (inductor fuses it into a few kernels).
-LRN_IMPLS = ("torch", "sum", "compiled")
 INPUT_CHANNELS = (3, 4)  # 4: conv1 takes a zero 4th channel (DALI's pad_output) with a zero filter plane
-
-
-def lrn_shifted_sum(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
-                    k: float = 1.0) -> torch.Tensor:
-    """Across-channel LRN ``x / (k + alpha/size * sum_window x^2)^beta`` as torch and Caffe define it
-    (window ``size`` centred on each channel, zeros past the first and last channel), with the
-    window summed as ``size`` shifted adds of the squares instead of a padded 5-D average pool:
-    elementwise work only, in ``x``'s own memory format."""
-    if x.dim() < 3:
-        raise ValueError(f"LRN needs N x C x ... input, got {tuple(x.shape)}")
-    sq = x * x
-    acc = sq.clone()
-    c = x.shape[1]
-    for d in range(1, size // 2 + 1):  # channels below: acc[c] += sq[c - d]
-        if d < c:
-            acc[:, d:] += sq[:, : c - d]
-    for d in range(1, (size - 1) // 2 + 1):  # channels above: acc[c] += sq[c + d]
-        if d < c:
-            acc[:, : c - d] += sq[:, d:]
-    return x / (acc * (alpha / size) + k).pow(beta)
-
-
-def _lrn_torch(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    return F.local_response_norm(x, size, alpha, beta, k)
-
-
-_COMPILED_LRN: dict[str, object] = {}
-
-
-def _compiled_lrn(backend: str):
-    """torch.compile of the LRN alone, one per backend (dynamo caches per code object: both LRN
-    layers, and train and eval, share it), static shapes: a graph per layer's shape instead of one
-    dynamic-shape graph for both."""
-    if backend not in _COMPILED_LRN:
-        _COMPILED_LRN[backend] = torch.compile(_lrn_torch, backend=backend, dynamic=False)
-    return _COMPILED_LRN[backend]
-
-
-class LRN(nn.LocalResponseNorm):
-    """nn.LocalResponseNorm (no parameters: state_dicts are unchanged) with a choice of how it
-    computes (``LRN_IMPLS``): ``impl`` and, for "compiled", the torch.compile ``backend``."""
-
-    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: str = "torch",
-                 backend: str = "inductor") -> None:
-        super().__init__(size, alpha, beta, k)
-        self.set_impl(impl, backend)
-
-    def set_impl(self, impl: str, backend: str = "inductor") -> None:
-        if impl not in LRN_IMPLS:
-            raise InputError(f"LRN impl must be one of {LRN_IMPLS}, got {impl!r}")
-        self.impl, self.backend = impl, backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "sum":
-            return lrn_shifted_sum(x, self.size, self.alpha, self.beta, self.k)
-        if self.impl == "compiled":
-            return _compiled_lrn(self.backend)(x, self.size, self.alpha, self.beta, self.k)
-        return super().forward(x)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", impl={self.impl}"
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -375,47 +305,6 @@ class AlexNet(nn.Module):
         return self.fc8(x)
 
 
-class FixedBatch(nn.Module):
-    """Run ``module`` on exactly ``batch_size`` samples: a smaller batch (an epoch's partial last
-    batch) is padded with zeros to ``batch_size`` and the outputs are sliced back to its own rows.
-
-    For a torch.compile'd model (``compile_fixed_batch``): every call has one static shape, so the
-    partial batch never compiles a second graph (torch would otherwise compile a dynamic-batch
-    graph for it, with symbolic-shape kernels, also used for evaluation). Rows are independent in
-    AlexNet (no batch statistics), so the real rows' outputs are those of the unpadded batch and
-    the padded rows get no gradient. A larger batch runs as it is. Under inference mode every
-    batch reaches the module as an inference tensor (see ``forward``).
-    """
-
-    def __init__(self, module: nn.Module, batch_size: int) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.module, self.batch_size = module, batch_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled() and not x.is_inference():
-            # A batch made outside inference mode (a loader's first, made when it was built) would
-            # fail the compiled eval graph's guard and compile another: one copy instead.
-            x = x.clone()
-        n = x.shape[0]
-        if n >= self.batch_size:
-            return self.module(x)
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        full = torch.empty((self.batch_size, *x.shape[1:]), dtype=x.dtype, device=x.device,
-                           memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        full[:n] = x
-        full[n:] = 0
-        return self.module(full)[:n]
-
-
-def compile_fixed_batch(module: nn.Module, batch_size: int, **compile_kw) -> FixedBatch:
-    """``torch.compile(module, dynamic=False)`` behind ``FixedBatch``: one graph per mode (train,
-    eval) for every batch of an epoch, the partial last one included. ``compile_kw`` go to
-    torch.compile (backend, mode, ...)."""
-    return FixedBatch(torch.compile(module, dynamic=False, **compile_kw), batch_size)
-
-
 class TorchvisionAlexNet(nn.Module):
     """torchvision's AlexNet (``torchvision.models.alexnet``), returning logits.
 
@@ -510,60 +399,3 @@ def init_weights(model: nn.Module, generator: torch.Generator | None = None, sch
         layer = getattr(model, name)
         layer.weight.normal_(0.0, std, generator=generator)
         layer.bias.fill_(bias)
-
-
-def param_groups(
-    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float = 2.0,
-    head: str | None = None, head_lr_mult: float = 1.0,
-) -> list[dict]:
-    """neon's two optimizer groups: weights (lr, decay) and biases (lr * mult, no decay); with
-    ``head`` (a layer name, e.g. "fc8" when fine-tuning) two more for that layer at ``head_lr_mult``.
-
-    Each group carries ``name`` ("weights", "biases", "head weights", "head biases") and ``lr0``,
-    its base lr, which a schedule scales (``g["lr"] = g["lr0"] * factor``) without losing the
-    groups' ratios. Frozen parameters (``requires_grad`` False) are in no group.
-
-    Example: ``torch.optim.SGD(param_groups(model, 0.01, 5e-4), momentum=0.9)`` trains
-    weights at 0.01 with decay 5e-4 and biases at 0.02 without decay.
-
-    Args:
-        model: any module; parameters named ``*.bias`` are biases, all others weights.
-        lr: base learning rate of the weights.
-        weight_decay: L2 decay of the weights.
-        bias_lr_mult: bias lr = lr * bias_lr_mult.
-        head: the layer whose parameters get their own groups, or None.
-        head_lr_mult: the head's lr = lr * head_lr_mult (its biases' also x bias_lr_mult).
-    Returns:
-        ``[{"name": "weights", ...}, {"name": "biases", ...}, ...]``, every trainable parameter in one.
-    """
-    if lr < 0:
-        raise InputError(f"lr must be >= 0, got {lr}")
-    if weight_decay < 0:
-        raise InputError(f"weight_decay must be >= 0, got {weight_decay}")
-    if bias_lr_mult < 0 or head_lr_mult < 0:
-        raise InputError(f"lr multipliers must be >= 0, got {bias_lr_mult} and {head_lr_mult}")
-    groups: dict[str, list] = {name: [] for name in GROUP_NAMES[: 4 if head else 2]}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, kind = name.rsplit(".", 1)
-        groups[("head " if layer == head else "") + ("biases" if kind == "bias" else "weights")].append(p)
-    out = []
-    for name, params in groups.items():
-        group_lr = lr * group_lr_mult(name, bias_lr_mult, head_lr_mult)
-        out.append({"name": name, "params": params, "lr": group_lr, "lr0": group_lr,
-                    "weight_decay": 0.0 if name.endswith("biases") else weight_decay})
-    return out
-
-
-GROUP_NAMES = ("weights", "biases", "head weights", "head biases")
-
-
-def group_lr_mult(name: str, bias_lr_mult: float, head_lr_mult: float) -> float:
-    """A ``param_groups`` group's lr relative to the base lr."""
-    return (bias_lr_mult if name.endswith("biases") else 1.0) * (head_lr_mult if name.startswith("head") else 1.0)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Total number of parameter elements (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())

@@ -207,3 +207,25 @@ def _bf16_allreduce(group, bucket):  # no annotations: DDP checks them against r
         return buffer
 
     return future.then(widen)
+
+
+def launcher_placement(env: Mapping[str, str], device_count: int | None = None) -> dict:
+    """This process's ``rank``, ``world_size`` and ``device_id`` under torchrun or SLURM (read from
+    their environment variables ``env``), as TrainConfig fields; {} when no launcher started it.
+
+    The GPU follows ``local_device``: LOCAL_RANK (or SLURM_LOCALID) where it indexes
+    the ``device_count`` visible devices (None: ``torch.cuda.device_count()``), device 0 where the
+    launcher gave each rank its own (SLURM --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank). The
+    backend is not known here: an ambiguous layout gets device 0, unused on the CPU and refused,
+    with the reason, by ``runtime.torch_device`` on a GPU run only."""
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return {}
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    try:
+        device = local_device(env, device_count)
+    except TrainingError:  # ambiguous: unused on the CPU, and torch_device refuses it on the GPU
+        device = 0
+    return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]), "device_id": device}

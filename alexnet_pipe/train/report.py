@@ -59,7 +59,7 @@ def _label(ids: list[str], names: list[str], k: int) -> str:
 def _draw(table: list[dict], pairs: list[tuple[int, int, int]], ids, names, out: Path, worst: int) -> None:
     from matplotlib.figure import Figure
 
-    from alexnet_pipe.apps.plot import save_figure
+    from alexnet_pipe.apps.figure_file import save_figure
 
     scored = sorted((r for r in table if r["top1"] is not None), key=lambda r: (r["top1"], r["index"]))[:worst]
     fig = Figure(figsize=(12, max(4.0, 0.3 * max(len(scored), len(pairs)) + 1.5)), dpi=100, layout="constrained",

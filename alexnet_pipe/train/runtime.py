@@ -17,7 +17,8 @@ from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.dataset.manifest import Dataset, load_dataset
 from alexnet_pipe.dataset.mean import ChannelMean, load_dataset_mean
 from alexnet_pipe.errors import DatasetError, TrainingError
-from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
+from alexnet_pipe.loading.loader import Loader
+from alexnet_pipe.loading.pipeline import LoaderConfig
 from alexnet_pipe.loading.shm import check_loader_shm, local_ranks
 from alexnet_pipe.model.inputspec import InputSpec
 from alexnet_pipe.train.distributed import Dist, DistConfig
@@ -60,7 +61,7 @@ class Runtime:
         self.amp_dtype = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[cfg.datatype]
         self.mean = mean
         self._input: InputSpec | None = None
-        dist_cfg = DistConfig(cfg.shard_id, cfg.num_shards, cfg.dist_timeout_s)
+        dist_cfg = DistConfig(cfg.rank, cfg.world_size, cfg.dist_timeout_s)
         self.dist = Dist(dist_cfg if join else DistConfig(), self.device)
 
     @property
@@ -82,7 +83,7 @@ class Runtime:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.batch_size * self.cfg.num_shards
+        return self.cfg.batch_size * self.cfg.world_size
 
     @property
     def lr(self) -> float:
@@ -103,7 +104,7 @@ class Runtime:
         mean, std = self.input.pixel_normalization()
         return LoaderConfig(
             split=split, train=train, batch_size=batch_size or cfg.batch_size, crop=self.input.crop,
-            device_id=cfg.device_id if gpu else None, shard_id=cfg.shard_id, num_shards=cfg.num_shards,
+            device_id=cfg.device_id if gpu else None, rank=cfg.rank, world_size=cfg.world_size,
             seed=cfg.rng_seed, subset_pct=cfg.subset_pct if train else 100.0, num_threads=cfg.data_threads,
             read_workers=cfg.read_workers, fp16=gpu and self.amp_dtype is not None,
             channels_last=cfg.channels_last, mean=mean, std=std, channel_order=self.input.channel_order,
@@ -114,7 +115,7 @@ class Runtime:
     def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0) -> Loader:
         cfg = self.loader_config(split, train, batch_size)
         if cfg.read_workers:  # reader processes hand batches over in /dev/shm: refuse now, not by SIGBUS later
-            check_loader_shm(self.ds, cfg, ranks=local_ranks(os.environ, self.cfg.num_shards))
+            check_loader_shm(self.ds, cfg, ranks=local_ranks(os.environ, self.cfg.world_size))
         return Loader(self.ds, cfg, epoch, start_step)
 
     def data_meta(self) -> dict:

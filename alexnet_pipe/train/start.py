@@ -1,6 +1,6 @@
 """What a run starts from: fresh weights, a checkpoint to resume, or weights to start from.
 
-``plan_start`` reads ``--model-file`` (any weights file: trained here or imported) and decides,
+``decide_start`` reads ``--model-file`` (any weights file: trained here or imported) and decides,
 before any work, which network to build, which input it expects (``InputSpec``: crop, channel
 order, value range, mean/std, from the file unless given, a conflicting flag refused naming both
 values), whether the run resumes, and whether fc8 is new (fine-tuning onto other classes, only
@@ -56,7 +56,7 @@ class Start:
                 "imported_from": (self.body.get("imported_from") or {}).get("format")}
 
 
-def plan_start(cfg: TrainConfig, ds: Dataset, testing: bool = False) -> Start:
+def decide_start(cfg: TrainConfig, ds: Dataset, testing: bool = False) -> Start:
     """Read ``cfg.model_file`` (if any) and decide how the run starts (see the module's rules).
 
     Raises:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from alexnet_pipe.errors import CheckpointError
-from alexnet_pipe.model.alexnet import group_lr_mult
+from alexnet_pipe.model.params import group_lr_mult
 from alexnet_pipe.train.runtime import Runtime
 
 _DROPOUT_STREAM = 0xD50

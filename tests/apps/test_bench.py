@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alexnet_pipe.apps.benchmark import BenchConfig, format_rows, run_benchmark
+from alexnet_pipe.apps.benchmark import format_rows, run_benchmark
+from alexnet_pipe.apps.step_timing import BenchConfig
 from alexnet_pipe.errors import TrainingError
 
 
@@ -54,7 +55,7 @@ def test_steady_rate_times_only_after_the_skipped_batches():
     then at least ``steps`` batches and ``min_seconds`` are timed."""
     import time
 
-    from alexnet_pipe.apps.benchmark import steady_rate
+    from alexnet_pipe.apps.step_timing import steady_rate
 
     consumed = []
 
@@ -92,7 +93,7 @@ def test_end_to_end_is_trains_step_over_several_epochs(tmp_path, raw_tree):
 
 def test_f16_steps_use_a_grad_scaler_as_train_does():
     """-d f16: the benchmark's step scales the loss with a GradScaler (train's), and it steps."""
-    from alexnet_pipe.apps.benchmark import model_rate, trainer
+    from alexnet_pipe.apps.step_timing import model_rate, trainer
 
     cfg = BenchConfig(backend="cpu", batch_size=2, crop=67, num_classes=3, datatype="f16", iterations=1, warmup=0,
                       throughput_steps=1)

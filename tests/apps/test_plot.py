@@ -8,17 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from alexnet_pipe.apps.plot import (
-    RESUME_LABEL,
-    curves_figure,
-    denormalize,
-    draw_grid,
-    draw_image,
-    epoch_rows,
-    image_figure,
-    plot_curves,
-    read_metrics,
-)
+from alexnet_pipe.apps.image_grid import denormalize, draw_grid, draw_image, image_figure
+from alexnet_pipe.apps.plot import RESUME_LABEL, curves_figure, epoch_rows, plot_curves, read_metrics
 from alexnet_pipe.errors import AlexnetPipeError, FormatError
 from alexnet_pipe.train.loggers import MetricsLog
 from tests.helpers.pixels import find_block, is_pdf, rgb, svg_text

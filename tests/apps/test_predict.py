@@ -18,10 +18,10 @@ from alexnet_pipe.cli import main
 from alexnet_pipe.config import ImageSettings, TrainConfig
 from alexnet_pipe.dataset.mean import load_dataset_mean
 from alexnet_pipe.imaging.process import process
+from alexnet_pipe.loading.open import epoch_loader
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.model.inputspec import InputSpec
-from alexnet_pipe.train.loop import epoch_loader
 from tests.helpers.images import smooth_image
 
 pytestmark = pytest.mark.usefixtures("torch_threads")  # two threads, restored after

@@ -15,7 +15,7 @@ import torch
 import alexnet_pipe
 from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import TrainConfig
-from alexnet_pipe.train.loop import epoch_loader
+from alexnet_pipe.loading.open import epoch_loader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,8 +76,8 @@ def _batches(loader) -> list:
 def test_loader_is_the_loader_training_reads(data, split, epoch, step, rank, world):
     ours = alexnet_pipe.loader(str(data), split, batch_size=4, crop=64, epoch=epoch, step=step, backend="cpu",
                                rank=rank, world_size=world, seed=5, data_threads=1)
-    cfg = TrainConfig(data_dir=data, batch_size=4, crop=64, backend="cpu", rng_seed=5, shard_id=rank,
-                      num_shards=world, data_threads=1)
+    cfg = TrainConfig(data_dir=data, batch_size=4, crop=64, backend="cpu", rng_seed=5, rank=rank,
+                      world_size=world, data_threads=1)
     theirs = epoch_loader(cfg, epoch, split, start_step=step)
     a, b = _batches(ours), _batches(theirs)
     assert a and len(a) == len(b)

@@ -23,18 +23,15 @@ from alexnet_pipe.dataset.mean import read_mean_file
 from alexnet_pipe.errors import DatasetError, SettingsMismatchError
 from alexnet_pipe.formats.datum import decode_datum
 from alexnet_pipe.formats.recordio import iter_records, unpack_payload
+from tests.helpers.archives import flat_val, make_archives
 from tests.helpers.images import CLASSES, make_tree
-from tests.inputs.test_scan import _flat_val, make_archives
+from tests.helpers.trees import tree_bytes
 
 
 def convert(src: Path, dst: Path, **kw) -> None:
     opts = {"formats": ("lmdb", "recordio"), "shard_size": 5, "workers": 1, "progress": False}
     opts.update(kw)
     run_convert(ConvertConfig(src=src, dst=dst, **opts))
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def lmdb_records(path: Path) -> list[tuple[bytes, object]]:
@@ -107,7 +104,7 @@ def test_same_input_same_bytes_and_mixed_order(raw_tree, tmp_path):
 
 
 def test_archives_give_the_same_records_as_folders(raw_tree, tmp_path, monkeypatch):
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
     (raw_tree / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     make_archives(raw_tree, tmp_path / "arch")
@@ -155,9 +152,9 @@ def test_recordio_alone_is_the_recordio_of_both_formats(tmp_path, monkeypatch):
     """RecordIO alone is written through a scratch file in arrival order, without LMDB: its
     shards are byte for byte those written next to LMDB. Chunks of 2 make the records of a shard
     arrive out of their stored order (inputs are read in path order)."""
-    import alexnet_pipe.convert.job as convert_module
+    import alexnet_pipe.convert.encode as encode
 
-    monkeypatch.setattr(convert_module, "CHUNK", 2)
+    monkeypatch.setattr(encode, "CHUNK", 2)
     raw = tmp_path / "raw"
     make_tree(raw, {"train": 9, "val": 3})
     convert(raw, tmp_path / "both", shard_size=7)
@@ -307,7 +304,7 @@ def test_a_part_that_finishes_while_another_runs_leaves_the_manifest_to_it(raw_t
     import alexnet_pipe.convert.job as conv
 
     out = tmp_path / "shared"
-    original = conv._ordered_results
+    original = conv.encoded_chunks
     other_done = []
 
     def interleaved(tasks, settings, workers):
@@ -318,12 +315,12 @@ def test_a_part_that_finishes_while_another_runs_leaves_the_manifest_to_it(raw_t
                                                           shard_size=5, workers=1, progress=False, part=(1, 2)))
             yield item
 
-    monkeypatch.setattr(conv, "_ordered_results", interleaved)
+    monkeypatch.setattr(conv, "encoded_chunks", interleaved)
     first = run_convert(ConvertConfig(src=raw_tree, dst=out, formats=("lmdb", "recordio"), shard_size=5,
                                       workers=1, progress=False, part=(0, 2)))
     assert other_done[0].remaining_shards > 0  # part 1 ended first and left the manifest to part 0
     assert first.remaining_shards == 0 and (out / "manifest.json").exists()
-    monkeypatch.setattr(conv, "_ordered_results", original)
+    monkeypatch.setattr(conv, "encoded_chunks", original)
     convert(raw_tree, tmp_path / "single")
     assert tree_bytes(out) == tree_bytes(tmp_path / "single")
 

@@ -7,14 +7,13 @@ Through the real command line, 2 workers, 270 small images in 17 shards, both fo
 process group (the converter, its fork server and workers) is killed, as a preempted machine or
 `kill -9` of the job would. `make test` kills once, at the start of finalization; `make faults`
 adds 10 kills at seeded random moments and 6 aimed at each step of finalization, and runs two
-conversions into one directory at once (`tests/test_convert.py` has the fast case of that).
+conversions into one directory at once (`tests/convert/test_convert.py` has the fast case of that).
 """
 
 from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.images import make_tree
+from tests.helpers.trees import TEMP, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -33,7 +33,6 @@ FLAGS = ["--format", "both", "--shard-size", "16", "--workers", "2", "--no-progr
 PER_SPLIT = {"train": 80, "val": 10}  # per class, 3 classes: 240 + 30 images
 SHARDS = 15 + 2
 SIZES = ((64, 48), (48, 64), (96, 72), (160, 120))
-TEMP = re.compile(r"\..+\.tmp-\d+")  # an atomic write's temporary file (fsutil.temp_path)
 TIMEOUT = 300
 
 
@@ -41,8 +40,6 @@ def command(raw: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "alexnet_pipe", "convert", str(raw), str(out), *FLAGS]
 
 
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @dataclass

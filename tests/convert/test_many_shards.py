@@ -17,7 +17,7 @@ from PIL import Image
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.dataset.manifest import load_dataset
-from alexnet_pipe.formats.shards import lmdb_map_size, reserves_too_much
+from alexnet_pipe.formats.lmdb import lmdb_map_size, reserves_too_much
 
 SHARDS = 300  # ImageNet has 257 train shards at the default size; `make scale-check` opens more
 
@@ -88,7 +88,7 @@ def test_a_dali_build_failure_keeps_the_real_cause(tmp_path):
     """DALI's error is pages long; ``dali_cause`` keeps the operator and the cause, drops the rest."""
     from nvidia.dali import fn, pipeline_def
 
-    from alexnet_pipe.loading.pipeline import dali_cause
+    from alexnet_pipe.loading.loader import dali_cause
 
     missing = tmp_path / "no-such-shard"
 

@@ -172,7 +172,7 @@ def test_record_sums_are_read_per_shard_on_first_use_and_never_pickled(data):
     source = EpochSource(table, OrderConfig(len(table), True, 0, 0, 1, 100.0), 4, 0)
     source(type("Info", (), {"epoch_idx": 0, "iteration": 0})())  # one batch: 4 records
     cached = source._reader._sums
-    shards_read = {int(table.shard[i]) for i in source.plan(0).indices[:4]}
+    shards_read = {int(table.shard[i]) for i in source.share(0).indices[:4]}
     assert set(cached) == shards_read and len(shards_read) < len(table.paths)
     counts = [s["records"] for s in load_dataset(data).shards("train")]
     assert all(isinstance(cached[k], np.ndarray) and len(cached[k]) == counts[k] for k in shards_read)
@@ -321,9 +321,10 @@ def run_repair_mutant(pristine: Path, work: Path, seed: int, kind: str, clean: d
     Verdicts: "repaired" (every file equals a clean run's), "benign" (verify passed the mutant as
     it was: only bytes no reader uses changed, and readers get the original data), "unchanged"
     (the mutation changed nothing); failures: "crash", "unrepaired", "lost"."""
-    from tests.convert.test_verify_fuzz import _targets, mutant, snapshot_in_child
+    from tests.helpers.mutation import mutant, mutation_targets, snapshot_in_child
 
-    targets = {**_targets(pristine), ".crc": sorted(p.relative_to(pristine) for p in pristine.glob(".parts/*.crc"))}
+    crcs = sorted(p.relative_to(pristine) for p in pristine.glob(".parts/*.crc"))
+    targets = {**mutation_targets(pristine), ".crc": crcs}
     root = work / f"r{seed}"
     with mutant(pristine, root, targets, kind, random.Random(seed)) as (target, what, changed):
         if not changed:
@@ -347,7 +348,7 @@ def run_repair_mutant(pristine: Path, work: Path, seed: int, kind: str, clean: d
 def run_repair_fuzz(pristine: Path, work: Path, plan: dict[str, int], first_seed: int) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.convert.test_verify_fuzz import snapshot_in_child
+    from tests.helpers.mutation import snapshot_in_child
 
     clean, expected = files(pristine), snapshot_in_child(pristine)
     jobs = [(first_seed + k, kind) for k, kind in enumerate(k for k, n in plan.items() for _ in range(n))]

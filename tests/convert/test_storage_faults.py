@@ -26,14 +26,15 @@ import pytest
 import torch
 from PIL import Image
 
-import alexnet_pipe.formats.shards as shards
+import alexnet_pipe.formats.lmdb as lmdb_format
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.convert.plan import plan_shards
 from alexnet_pipe.fsutil import OutputError, os_error
 from alexnet_pipe.inputs.scan import scan
 from alexnet_pipe.model import checkpoint
-from tests.convert.test_faults_convert import TEMP, tree_bytes
 from tests.helpers.images import make_tree
+from tests.helpers.trees import TEMP, tree_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -89,7 +90,7 @@ def raw_with_a_large_last_shard(tmp_path_factory) -> Path:
     raw = tmp_path_factory.mktemp("storage") / "raw"
     make_tree(raw, {"train": 8}, sizes=((64, 48), (48, 64)))
     found = scan(raw)
-    last = shards.plan_shards("train", found.splits["train"], 4, seed=0)[-1]
+    last = plan_shards("train", found.splits["train"], 4, seed=0)[-1]
     for k, src in enumerate(last.sources):
         noise_jpeg(Path(src.path), seed=k)
     return raw
@@ -122,14 +123,14 @@ def test_a_full_lmdb_map_grows_by_itself_to_the_same_bytes(tmp_path, monkeypatch
         return tree_bytes(out)
 
     reference = convert(tmp_path / "default")
-    monkeypatch.setattr(shards, "SCRATCH_MAP_SIZE", 1 << 14)
+    monkeypatch.setattr(lmdb_format, "SCRATCH_MAP_SIZE", 1 << 14)
     # Stored as they are (clean baseline JPEGs): each record alone outgrows the first map.
     assert min((raw / "train" / "ant" / f"large_{k}.jpg").stat().st_size for k in range(6)) > 1 << 17
     assert convert(tmp_path / "small_map") == reference
-    monkeypatch.setattr(shards, "LMDB_COMMIT_EVERY", 3)
-    monkeypatch.setattr(shards, "COMMIT_BYTES", 300_000)
+    monkeypatch.setattr(lmdb_format, "LMDB_COMMIT_EVERY", 3)
+    monkeypatch.setattr(lmdb_format, "COMMIT_BYTES", 300_000)
     reference_small_txns = convert(tmp_path / "small_txns_default_map")
-    monkeypatch.setattr(shards, "SCRATCH_MAP_SIZE", 1 << 12)
+    monkeypatch.setattr(lmdb_format, "SCRATCH_MAP_SIZE", 1 << 12)
     assert convert(tmp_path / "small_txns_small_map") == reference_small_txns
 
 
@@ -238,9 +239,9 @@ def test_the_compacting_lmdb_copy_past_the_file_size_limit_fails_with_its_errno(
         for i in range(100):
             txn.put(b"%06d" % i, bytes([i]) * 3000)
     with file_size_limit(100_000), pytest.raises(lmdb.Error) as info:
-        shards.compact_lmdb(src, tmp_path / "copy")
+        lmdb_format.compact_lmdb(src, tmp_path / "copy")
     assert os_error(info.value, src).errno == errno.EFBIG
-    shards.compact_lmdb(src, tmp_path / "again")  # without the limit: the whole copy
+    lmdb_format.compact_lmdb(src, tmp_path / "again")  # without the limit: the whole copy
     with lmdb.open(str(tmp_path / "again"), readonly=True, lock=False) as env:
         assert env.stat()["entries"] == 100
 

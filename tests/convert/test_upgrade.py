@@ -16,7 +16,7 @@ from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.convert.upgrade import run_upgrade
 from alexnet_pipe.convert.verify import run_verify
 from alexnet_pipe.dataset.manifest import DATASET_VERSION, load_dataset
-from alexnet_pipe.formats.shards import dir_size, lmdb_map_size, reserves_too_much
+from alexnet_pipe.formats.lmdb import dir_size, lmdb_map_size, reserves_too_much
 
 
 def _records(path: Path) -> list[tuple[bytes, bytes]]:

@@ -125,7 +125,8 @@ def test_truncated_lmdb_kills_a_plain_reader_with_sigbus_and_verify_reports_it(d
     for workers in ("1", "2"):
         res = verify_cli(data, "--workers", workers, process=True)
         lines = assert_reported(res,
-                                "lmdb/train-00001: the checker died with SIGBUS while reading it: the shard is corrupt",
+                                "lmdb/train-00001: the checker died (killed by signal SIGBUS) while reading it: "
+                                "the shard is corrupt",
                                 f"delete {shard} and rerun the alexnet-pipe convert command",
                                 "lmdb/val-00000 key", "label 9 outside 0..2")
         assert sum("the checker died" in line for line in lines) == 1
@@ -381,11 +382,12 @@ def test_unparsable_json_is_one_line(data):
 def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
     """Anything a damaged shard makes a reader raise is reported against that shard."""
     from alexnet_pipe.convert import verify
+    from alexnet_pipe.formats import lmdb as lmdb_format
 
     def broken(_value):
         raise MemoryError("a hostile length")
 
-    monkeypatch.setattr(verify, "decode_datum", broken)
+    monkeypatch.setattr(lmdb_format, "decode_datum", broken)
     entry = load_dataset(data).shards("train")[0]
     out = verify._verify_task(verify._Task(data, "train", "lmdb", entry, 3, False, 2), verify._Ticker())
     assert out.labels is None and len(out.problems) == 1

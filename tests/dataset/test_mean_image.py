@@ -23,8 +23,9 @@ from alexnet_pipe.dataset.update_mean import run_update_mean
 from alexnet_pipe.errors import OldMeanFormatError
 from alexnet_pipe.formats.blobproto import decode_blobproto
 from alexnet_pipe.formats.datum import decode_datum
-from alexnet_pipe.imaging.process import CentreSums, process_batch
-from alexnet_pipe.inputs.scan import Source
+from alexnet_pipe.imaging.centre_sums import CentreSums
+from alexnet_pipe.imaging.process import process_batch
+from alexnet_pipe.inputs.table import Source
 from tests.helpers.images import CLASSES, smooth_image, write_jpeg
 
 

@@ -13,7 +13,8 @@ from alexnet_pipe.config import ConvertConfig
 from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.errors import TrainingError
-from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
+from alexnet_pipe.loading.loader import Loader
+from alexnet_pipe.loading.pipeline import LoaderConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import dali_sweep

@@ -16,7 +16,8 @@ from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.mean import load_dataset_mean
-from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
+from alexnet_pipe.loading.loader import Loader
+from alexnet_pipe.loading.pipeline import LoaderConfig
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.train.loop import fit
 
@@ -89,7 +90,7 @@ def test_gpu_roi_decoding_gives_the_whole_decode_pixels(data):
     # The GPU decodes only each crop window (fn.decoders.image_crop, device="mixed"): the same
     # samples, crops and flips as decoding whole and cropping, and the same pixels within one level
     # where nvJPEG's ROI path rounds its IDCT differently (on the CPU they are identical:
-    # tests/test_loader_knobs.py).
+    # tests/loading/test_loader_knobs.py).
     ds = load_dataset(data)
     mean = load_dataset_mean(data).rgb()[0]
     out = {}

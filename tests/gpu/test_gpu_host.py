@@ -25,7 +25,7 @@ LIST = REPO / "tools" / "gpu_host_packages.txt"
 LOCAL = ("alexnet_pipe", "tools", "tests")
 # What gpu_check.sh runs: the package as `python -m alexnet_pipe`, these scripts, the GPU tests.
 ENTRIES = ["tools/gpu_summary.py", "tools/dali_sweep.py", "tools/gpu_levers.py", "tools/make_shapes.py",
-           "tests/test_gpu.py", "tests/conftest.py"]
+           "tests/gpu/test_gpu.py", "tests/conftest.py"]
 # Gone from the standard library by 3.12, the host's Python (this may run on an older one).
 NOT_IN_312 = {"distutils", "imp", "asynchat", "asyncore", "smtpd"}
 

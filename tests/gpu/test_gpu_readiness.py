@@ -24,12 +24,15 @@ from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.errors import TrainingError
-from alexnet_pipe.loading.pipeline import Batch, Loader, LoaderConfig
+from alexnet_pipe.loading.loader import Batch, Loader
+from alexnet_pipe.loading.pipeline import LoaderConfig
 from alexnet_pipe.model import checkpoint
-from alexnet_pipe.model.alexnet import param_groups
+from alexnet_pipe.model.params import param_groups
 from alexnet_pipe.train import state as train_state
 from alexnet_pipe.train.distributed import Dist, DistConfig
-from alexnet_pipe.train.loop import evaluate, fit, update
+from alexnet_pipe.train.epoch import update
+from alexnet_pipe.train.evaluate import evaluate
+from alexnet_pipe.train.loop import fit
 
 CROP = 67
 
@@ -223,7 +226,7 @@ def root_log_level():
 def test_the_cli_rank_takes_gpu_0_under_slurm_gpus_per_task(monkeypatch, root_log_level):
     """`train` under srun --gpus-per-task=1 (+ torchrun per task): rank 1's device is its only
     GPU, 0 (before: LOCAL_RANK 1, outside device_count(), and every rank but 0 exited)."""
-    from alexnet_pipe import cli
+    from alexnet_pipe.cli import training as cli
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "LOCAL_", "CUDA_VISIBLE"))]:
         monkeypatch.delenv(key)
@@ -232,12 +235,12 @@ def test_the_cli_rank_takes_gpu_0_under_slurm_gpus_per_task(monkeypatch, root_lo
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     kw = {"device_id": 0}
-    assert cli._torchrun_rank(kw) == {"shard_id": 1, "num_shards": 2, "device_id": 0}
+    assert cli._placement(kw) == {"rank": 1, "world_size": 2, "device_id": 0}
     assert "device_id" not in kw
 
 
 def test_a_gpu_run_refuses_an_ambiguous_layout_and_a_cpu_run_does_not_care(monkeypatch, root_log_level):
-    from alexnet_pipe import cli
+    from alexnet_pipe.cli import training as cli
     from alexnet_pipe.train.runtime import torch_device
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "LOCAL_", "CUDA_VISIBLE"))]:
@@ -246,12 +249,12 @@ def test_a_gpu_run_refuses_an_ambiguous_layout_and_a_cpu_run_does_not_care(monke
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    chosen = cli._torchrun_rank({"device_id": 0})  # the CLI cannot tell -b yet: it does not refuse
+    chosen = cli._placement({"device_id": 0})  # the CLI cannot tell -b yet: it does not refuse
     assert torch_device("cpu", chosen["device_id"]) == torch.device("cpu")
     with pytest.raises(TrainingError, match=r"local rank 1 of 2's: this process sees 1 GPU"):
         torch_device("gpu", chosen["device_id"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the launcher gave each rank its own GPU
-    assert torch_device("gpu", cli._torchrun_rank({"device_id": 0})["device_id"]) == torch.device("cuda", 0)
+    assert torch_device("gpu", cli._placement({"device_id": 0})["device_id"]) == torch.device("cuda", 0)
 
 
 # ---------------------------------------------------------------- 3. shared memory for the readers
@@ -421,7 +424,7 @@ def test_nproc_names_the_visible_devices_when_it_refuses(monkeypatch):
     """--nproc's ranks all inherit this process's CUDA_VISIBLE_DEVICES: one rank per visible GPU."""
     import click
 
-    from alexnet_pipe import cli
+    from alexnet_pipe.cli import training as cli
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")

@@ -121,7 +121,7 @@ def _count_graphs(monkeypatch, cfg: TrainConfig, *, compile_block=None) -> int:
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model=None, **kw: real(model, **{**kw, "backend": "eager"}))
     if compile_block is not None:
-        import alexnet_pipe.model.alexnet as model_mod
+        import alexnet_pipe.model.compiled as model_mod
 
         monkeypatch.setattr(model_mod, "compile_fixed_batch", compile_block)
     from alexnet_pipe.train.loop import fit

@@ -28,10 +28,11 @@ from alexnet_pipe.convert.verify import run_verify
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.formats.datum import decode_datum
 from alexnet_pipe.formats.recordio import iter_records, unpack_payload
-from alexnet_pipe.imaging.process import BadImage, read_source
+from alexnet_pipe.imaging.read import read_source
+from alexnet_pipe.imaging.reasons import BadImage
 from alexnet_pipe.inputs.table import Source
+from tests.helpers.image_builders import BAD_INPUTS, bomb_png, encode
 from tests.helpers.images import smooth_image
-from tests.imaging.test_bad_inputs import BAD_INPUTS, bomb_png, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

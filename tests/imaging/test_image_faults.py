@@ -26,18 +26,15 @@ from PIL import EpsImagePlugin, Image, ImageCms, ImageOps
 from alexnet_pipe.config import ImageSettings
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.imaging import process as imaging
-from alexnet_pipe.imaging.process import (
-    ALLOWED_FORMATS,
-    BadImage,
-    Encoded,
-    process,
-    process_batch,
-    process_source,
-    read_source,
-)
+from alexnet_pipe.imaging import read as reading
+from alexnet_pipe.imaging.decode import ALLOWED_FORMATS, jpeg_header
+from alexnet_pipe.imaging.encode import Encoded
+from alexnet_pipe.imaging.process import process, process_batch, process_source
+from alexnet_pipe.imaging.read import read_source
+from alexnet_pipe.imaging.reasons import BadImage
 from alexnet_pipe.inputs.table import Source
 from tests.helpers import icc
-from tests.imaging.test_bad_inputs import (
+from tests.helpers.image_builders import (
     GREEN,
     RED,
     STORED_ROTATION,
@@ -337,7 +334,7 @@ def test_a_file_that_grew_after_its_size_was_read_is_read_whole_or_refused(tmp_p
         info = real(fd)
         return os.stat_result((*info[:6], 100, *info[7:])) if stat.S_ISREG(info.st_mode) else info
 
-    monkeypatch.setattr(imaging.os, "fstat", stale)
+    monkeypatch.setattr(reading.os, "fstat", stale)
     src = Source("c/growing.JPEG", 0, str(path))
     if refused:
         with pytest.raises(BadImage, match=r"^file too large \("):
@@ -390,7 +387,7 @@ def _with_profile(arr: np.ndarray, fmt: str, profile: bytes, **kw) -> bytes:
 
 
 def _block_means(arr: np.ndarray, rows: int = 2, cols: int = 3) -> np.ndarray:
-    from tests.imaging.test_bad_inputs import block_colour
+    from tests.helpers.image_builders import block_colour
 
     return np.array([[block_colour(arr, r, c) for c in range(cols)] for r in range(rows)])
 
@@ -430,7 +427,7 @@ def test_profile_split_over_several_jpeg_segments():
     profile = icc.adobe_rgb(padding=150_000)
     data = _with_profile(_colour_blocks(), "JPEG", profile)
     assert data.count(b"ICC_PROFILE\0") == 3
-    assert imaging._jpeg_header(data).icc == profile == Image.open(io.BytesIO(data)).info["icc_profile"]
+    assert jpeg_header(data).icc == profile == Image.open(io.BytesIO(data)).info["icc_profile"]
     enc = process(data, ImageSettings(upscale=False))
     want = process(_with_profile(_colour_blocks(), "JPEG", icc.adobe_rgb()), ImageSettings(upscale=False))
     assert np.abs(decoded(enc).astype(int) - decoded(want).astype(int)).max() <= 2
@@ -510,7 +507,7 @@ def test_profile_of_the_wrong_type_keeps_the_image(tmp_path, caplog):
 
 
 CRASHER = textwrap.dedent("""
-    # Test hook (tests/test_image_faults.py): a worker that decodes an input holding the marker
+    # Test hook (tests/imaging/test_image_faults.py): a worker that decodes an input holding the marker
     # dies of SIGSEGV, as a native decoder crash would kill it.
     import os, resource, signal
     if os.environ.get("ALEXNET_PIPE_TEST_CRASH_MARKER"):

@@ -16,8 +16,9 @@ import simplejpeg
 from PIL import Image
 
 from alexnet_pipe.config import ImageSettings
-from alexnet_pipe.imaging import process as imaging
-from alexnet_pipe.imaging.process import BadImage, process
+from alexnet_pipe.imaging import decode
+from alexnet_pipe.imaging.process import process
+from alexnet_pipe.imaging.reasons import BadImage
 
 
 def _photo(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -61,16 +62,16 @@ def _decline(*args, **kwargs):
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_turbojpeg_and_opencv_give_the_same_pixels(monkeypatch, name, k):
     data = LAYOUTS[name]
-    head = imaging._jpeg_header(data)
+    head = decode.jpeg_header(data)
     assert head is not None and head.fast
     target = (-(-head.width // k), -(-head.height // k))  # the smallest size 1/k still covers
-    turbo = imaging._decode_jpeg(data, head, target)
-    reference = cv2.imdecode(np.frombuffer(data, np.uint8), dict(imaging._REDUCED).get(k, cv2.IMREAD_COLOR)
+    turbo = decode.decode_jpeg(data, head, target)
+    reference = cv2.imdecode(np.frombuffer(data, np.uint8), dict(decode._REDUCED).get(k, cv2.IMREAD_COLOR)
                              | cv2.IMREAD_IGNORE_ORIENTATION)
     assert turbo.shape == reference.shape == (target[1], target[0], 3)
     np.testing.assert_array_equal(turbo, reference)
     monkeypatch.setattr(simplejpeg, "decode_jpeg", _decline)
-    np.testing.assert_array_equal(imaging._decode_jpeg(data, head, target), reference)
+    np.testing.assert_array_equal(decode.decode_jpeg(data, head, target), reference)
 
 
 def test_an_image_turbojpeg_declines_is_converted_by_opencv_identically(monkeypatch):
@@ -84,7 +85,7 @@ def test_an_image_turbojpeg_declines_is_converted_by_opencv_identically(monkeypa
 def test_a_corrupt_scan_is_still_refused_with_opencvs_reason(monkeypatch):
     """TurboJPEG's refusal of broken data is not the verdict: OpenCV's decode words it."""
     data = bytearray(LAYOUTS["subsampling 420"])
-    head = imaging._jpeg_header(bytes(data))
+    head = decode.jpeg_header(bytes(data))
     data[head.scan + 2 : head.scan + 4] = b"\xff\xff"  # the scan header's length: no longer a scan
     with pytest.raises(BadImage, match=r"^truncated or corrupt image data \("):
         process(bytes(data), ImageSettings(short_side=160))

@@ -20,9 +20,11 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.imaging.process import read_source
+from alexnet_pipe.imaging.read import read_source
 from alexnet_pipe.inputs.scan import scan
 from alexnet_pipe.inputs.tarwalk import CorruptArchiveError
+from tests.helpers.archives import GT, ground_truth, meta_mat_bytes
+from tests.helpers.archives import flat_val as make_flat_val
 from tests.helpers.images import CLASSES, make_tree
 from tests.helpers.tar_builders import (
     add_bytes,
@@ -37,8 +39,6 @@ from tests.helpers.tar_builders import (
     truncate,
     wnids,
 )
-from tests.inputs.test_devkit import GT, ground_truth, meta_mat_bytes
-from tests.inputs.test_scan import _flat_val
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -273,7 +273,7 @@ def test_links_and_sparse_members_end_to_end(tmp_path):
 def test_val_tar_damage_and_odd_members(tmp_path):
     raw = tmp_path / "raw"
     make_tree(raw, {"train": 1, "val": 2}, sizes=((16, 12),))
-    truth = _flat_val(raw)
+    truth = make_flat_val(raw)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
     (raw / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     files = {f"{s}.JPEG": (raw / "val" / f"{s}.JPEG").read_bytes() for s in sorted(truth)}
@@ -323,7 +323,7 @@ def flat_val(tmp_path):
     truth (meta.mat in devkit order); returns (raw, {stem: class})."""
     raw = tmp_path / "raw"
     make_tree(raw, {"train": 1, "val": 2}, sizes=((16, 12),))
-    truth = _flat_val(raw)
+    truth = make_flat_val(raw)
     order = ("cat", "ant", "bee")
     (raw / GT).write_text(ground_truth(truth, order))
     (raw / "meta.mat").write_bytes(meta_mat_bytes(order))
@@ -421,7 +421,7 @@ def test_system_and_empty_folders_are_not_classes(junk_tree):
 
 
 def test_caffe_val_txt_cannot_point_at_a_system_folder(junk_tree, tmp_path):
-    truth = _flat_val(junk_tree)
+    truth = make_flat_val(junk_tree)
     _macosx(junk_tree / "val")  # a flat val/ beside a system folder is still flat
     (junk_tree / "val.txt").write_text("".join(f"{s}.JPEG {CLASSES.index(w)}\n" for s, w in truth.items()))
     found = scan(junk_tree)

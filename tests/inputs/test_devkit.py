@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,52 +13,18 @@ from click.testing import CliRunner
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import LayoutError
 from alexnet_pipe.inputs.scan import scan
+from tests.helpers.archives import (
+    DEVKIT_ORDER,
+    GT,
+    MAT_FIELDS,
+    devkit_tar_gz,
+    flat_val,
+    ground_truth,
+    make_archives,
+    map_clsloc_text,
+    meta_mat_bytes,
+)
 from tests.helpers.images import CLASSES, make_tree
-from tests.inputs.test_scan import _flat_val, make_archives
-
-GT = "ILSVRC2012_validation_ground_truth.txt"
-# The devkit's id order (id 1 = "cat"), a derangement of sorted order: with a sorted list every
-# single image would get a wrong class, so each assertion below fails if the order is ignored.
-DEVKIT_ORDER = ("cat", "ant", "bee")
-MAT_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images")
-# Internal WordNet nodes: ids above the classes, num_children > 0, wnids that are no class.
-INTERNAL = (("n00015388", (1, 2, 3)), ("n00001740", (4,)))
-
-
-def meta_mat_bytes(order=DEVKIT_ORDER, internal=INTERNAL) -> bytes:
-    """A meta.mat shaped like ILSVRC2012_devkit_t12/data/meta.mat: a (N, 1) struct array with
-    the devkit's eight fields, classes first (num_children 0), then internal nodes."""
-    rows = [(i, wnid, f"{wnid} words", "gloss", 0, [], 0, 1300) for i, wnid in enumerate(order, 1)]
-    rows += [(len(order) + k, wnid, "node", "gloss", len(kids), list(kids), 1, 0)
-             for k, (wnid, kids) in enumerate(internal, 1)]
-    synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in MAT_FIELDS])
-    for r, row in enumerate(rows):
-        for name, value in zip(MAT_FIELDS, row):
-            # MATLAB stores numbers as 1x1 double matrices and children as a 1xK row.
-            synsets[r, 0][name] = value if isinstance(value, str) else np.array(value, float).reshape(1, -1)
-    buf = io.BytesIO()
-    scipy.io.savemat(buf, {"synsets": synsets})
-    return buf.getvalue()
-
-
-def map_clsloc_text(order=DEVKIT_ORDER) -> str:
-    return "".join(f"{wnid} {i} {wnid}_name\n" for i, wnid in enumerate(order, 1))
-
-
-def ground_truth(truth: dict[str, str], order=DEVKIT_ORDER) -> str:
-    """Line k: the devkit id of the k-th image in sorted file-name order."""
-    return "".join(f"{order.index(truth[stem]) + 1}\n" for stem in sorted(truth))
-
-
-def devkit_tar_gz(path: Path, files: dict[str, bytes]) -> Path:
-    """``path`` as a devkit archive holding ILSVRC2012_devkit_t12/data/<name> for each file."""
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(f"ILSVRC2012_devkit_t12/data/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def assert_devkit_labels(found, truth: dict[str, str]) -> None:
@@ -74,7 +39,7 @@ def flat(tmp_path) -> tuple[Path, dict[str, str]]:
     """RAW with train/<class>/ and a flat val/ of 6 tiny JPEGs; {val stem: wnid}."""
     raw = tmp_path / "raw"
     make_tree(raw, {"train": 1, "val": 2}, sizes=((16, 12),))
-    return raw, _flat_val(raw)
+    return raw, flat_val(raw)
 
 
 def test_hand_made_meta_mat_reads_like_the_devkits(tmp_path):

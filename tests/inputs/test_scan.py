@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -13,23 +12,11 @@ import numpy as np
 import pytest
 
 from alexnet_pipe.errors import LayoutError
-from alexnet_pipe.imaging.process import read_source
-from alexnet_pipe.inputs.scan import CACHE_VERSION, scan
+from alexnet_pipe.imaging.read import read_source
+from alexnet_pipe.inputs.scan import scan
+from alexnet_pipe.inputs.scan_cache import CACHE_VERSION
+from tests.helpers.archives import flat_val, make_archives
 from tests.helpers.images import CLASSES, make_tree
-
-
-def _flat_val(raw: Path, n: int = 6) -> dict[str, str]:
-    """Move val/<class>/* into a flat val/ with ILSVRC names; return {stem: wnid}."""
-    truth = {}
-    files = sorted((raw / "val").glob("*/*.jpg"))
-    for i, f in enumerate(files, 1):
-        stem = f"ILSVRC2012_val_{i:08d}"
-        f.rename(raw / "val" / f"{stem}.JPEG")
-        truth[stem] = f.parent.name
-    for d in (raw / "val").iterdir():
-        if d.is_dir():
-            d.rmdir()
-    return truth
 
 
 def test_class_folders(raw_tree):
@@ -47,7 +34,7 @@ def test_bare_class_tree_is_train_only(tmp_path):
 
 
 def test_flat_val_with_loc_csv(raw_tree):
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 1 2 3 4 {w} 5 6 7 8" for s, w in truth.items()]
     (raw_tree / "LOC_val_solution.csv").write_text("\n".join(rows[:-1]) + "\n")  # last image unlabelled
     (raw_tree / "LOC_synset_mapping.txt").write_text("".join(f"{c} the {c}\n" for c in CLASSES))
@@ -61,7 +48,7 @@ def test_flat_val_with_loc_csv(raw_tree):
 
 
 def test_flat_val_with_devkit_ground_truth_and_explicit_devkit_order(raw_tree, tmp_path):
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     ilsvrc_order = ["cat", "ant", "bee"]  # the devkit's id order is not alphabetical
     (tmp_path / "devkit_order.txt").write_text("\n".join(ilsvrc_order) + "\n")
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text(
@@ -74,7 +61,7 @@ def test_flat_val_with_devkit_ground_truth_and_explicit_devkit_order(raw_tree, t
 
 
 def test_ground_truth_without_the_devkit_says_what_to_add(raw_tree):
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n" * len(truth))
     with pytest.raises(LayoutError, match="order is in the devkit's data/meta.mat.*ILSVRC2012_devkit_t12.tar.gz"):
         scan(raw_tree)
@@ -83,7 +70,7 @@ def test_ground_truth_without_the_devkit_says_what_to_add(raw_tree):
 def test_ground_truth_shorter_than_the_files(raw_tree, tmp_path):
     """Labels go by image number: images 3..6, which the 2 lines do not cover, are listed as
     skipped, and the 2 labelled ones keep their labels."""
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     (tmp_path / "order.txt").write_text("cat\nant\nbee\n")
     (raw_tree / "ILSVRC2012_validation_ground_truth.txt").write_text(
         "".join(f"{['cat', 'ant', 'bee'].index(truth[s]) + 1}\n" for s in sorted(truth)[:2]))
@@ -97,14 +84,14 @@ def test_ground_truth_shorter_than_the_files(raw_tree, tmp_path):
 
 
 def test_caffe_val_txt(raw_tree):
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     (raw_tree / "val.txt").write_text("".join(f"{s}.JPEG {CLASSES.index(w)}\n" for s, w in truth.items()))
     found = scan(raw_tree)
     assert {s.name[:-5]: CLASSES[s.label] for s in found.splits["val"]} == truth
 
 
 def test_flat_val_without_labels_is_explained(raw_tree):
-    _flat_val(raw_tree)
+    flat_val(raw_tree)
     with pytest.raises(LayoutError, match="no labels were found.*LOC_val_solution.csv"):
         scan(raw_tree)
 
@@ -123,26 +110,10 @@ def test_val_class_missing_from_train(raw_tree):
         scan(raw_tree)
 
 
-def make_archives(raw: Path, dst: Path, truth: dict[str, str] | None = None) -> None:
-    """Pack raw/train/<c>/* as ILSVRC2012_img_train.tar (a tar of per-class tars) and a flat val tar."""
-    dst.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(dst / "ILSVRC2012_img_train.tar", "w") as outer:
-        for cls_dir in sorted((raw / "train").iterdir()):
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as inner:
-                for f in sorted(cls_dir.iterdir()):
-                    inner.add(f, arcname=f.name)
-            info = tarfile.TarInfo(f"{cls_dir.name}.tar")
-            info.size = buf.tell()
-            buf.seek(0)
-            outer.addfile(info, buf)
-    with tarfile.open(dst / "ILSVRC2012_img_val.tar", "w") as val:
-        for f in sorted((raw / "val").glob("*.JPEG")):
-            val.add(f, arcname=f.name)
 
 
 def test_ilsvrc_archives_read_in_place(raw_tree, tmp_path):
-    truth = _flat_val(raw_tree)
+    truth = flat_val(raw_tree)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]
     arch = tmp_path / "archives"
     make_archives(raw_tree, arch)
@@ -189,7 +160,7 @@ def small_tree(tmp_path) -> Path:
 @pytest.fixture
 def archives(small_tree, tmp_path) -> Path:
     """The archives of small_tree, with LOC_val_solution.csv for the val tar."""
-    truth = _flat_val(small_tree)
+    truth = flat_val(small_tree)
     arch = tmp_path / "archives"
     make_archives(small_tree, arch)
     rows = ["ImageId,PredictionString"] + [f"{s},{w} 0 0 1 1" for s, w in truth.items()]

@@ -28,8 +28,8 @@ from click.testing import CliRunner
 from alexnet_pipe.cli import main
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.formats.datum import decode_datum
+from tests.helpers.image_builders import bomb_png
 from tests.helpers.tar_builders import add_bytes, add_link, build_train_tar, inner_tar, jpeg_bytes, set_size, wnids
-from tests.imaging.test_bad_inputs import bomb_png
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -18,8 +18,8 @@ from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.records import RecordReader, record_table
-from alexnet_pipe.loading.order import OrderConfig, epoch_order, plan_epoch
-from alexnet_pipe.train.loop import epoch_loader
+from alexnet_pipe.loading.open import epoch_loader
+from alexnet_pipe.loading.order import OrderConfig, epoch_order, epoch_share
 
 RECORDS, SHARDS, CLASSES, BATCH = 40_000, 250, 40, 64
 
@@ -68,7 +68,7 @@ def test_each_epoch_is_a_fresh_global_order(big):
     ds = load_dataset(big)
     table = record_table(ds, "train", "lmdb")
     cfg = OrderConfig(len(table), train=True, seed=7)
-    orders = [plan_epoch(cfg, e).indices for e in range(4)]
+    orders = [epoch_share(cfg, e).indices for e in range(4)]
     for order in orders:  # exact coverage: every record once per epoch
         assert np.array_equal(np.sort(order), np.arange(RECORDS))
     positions = [_positions(o) for o in orders]
@@ -79,8 +79,8 @@ def test_each_epoch_is_a_fresh_global_order(big):
     assert np.mean(spearman) < 0.1
     assert max(ratios) <= 4.0
     # The order depends on (seed, epoch) only: a second source agrees, another seed does not.
-    assert np.array_equal(plan_epoch(OrderConfig(len(table), True, seed=7), 2).indices, orders[2])
-    assert not np.array_equal(plan_epoch(OrderConfig(len(table), True, seed=8), 2).indices, orders[2])
+    assert np.array_equal(epoch_share(OrderConfig(len(table), True, seed=7), 2).indices, orders[2])
+    assert not np.array_equal(epoch_share(OrderConfig(len(table), True, seed=8), 2).indices, orders[2])
 
 
 def _buffer_shuffle(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_the_bars_hold_at_imagenet_size_where_the_old_order_fails():
     had before (one stored shuffle + DALI's 4,096-record buffer) fails both bars by far (at
     40,000 records its co-batch ratio is still under 4x: the test above alone could not tell)."""
     cfg = OrderConfig(IMAGENET, train=True, seed=1)
-    new = [_positions(plan_epoch(cfg, e).indices) for e in (0, 1)]
+    new = [_positions(epoch_share(cfg, e).indices) for e in (0, 1)]
     assert abs(np.corrcoef(new[0], new[1])[0, 1]) < 0.01
     assert _co_batch_ratio(new[0], new[1], BATCH) < 1.5
     rng = np.random.default_rng(0)
@@ -114,7 +114,7 @@ def test_the_bars_hold_at_imagenet_size_where_the_old_order_fails():
 
 def test_subset_is_a_fresh_tenth_each_epoch():
     cfg = OrderConfig(RECORDS, train=True, seed=3, subset_pct=10)
-    sets = [set(plan_epoch(cfg, e).indices.tolist()) for e in range(4)]
+    sets = [set(epoch_share(cfg, e).indices.tolist()) for e in range(4)]
     assert all(len(s) == RECORDS // 10 for s in sets)
     overlaps = [len(sets[e] & sets[e + 1]) / len(sets[e]) for e in range(3)]
     print(f"\nsubset 10% overlap between consecutive epochs: {', '.join(f'{o:.3f}' for o in overlaps)}")
@@ -125,14 +125,14 @@ def test_subset_is_a_fresh_tenth_each_epoch():
 def test_ranks_split_each_epoch_exactly(ranks):
     n = 1000
     for train in (True, False):
-        plans = [plan_epoch(OrderConfig(n, train, seed=5, shard_id=r, num_shards=ranks), 1) for r in range(ranks)]
+        plans = [epoch_share(OrderConfig(n, train, seed=5, rank=r, world_size=ranks), 1) for r in range(ranks)]
         assert len({len(p) for p in plans}) == 1  # every rank takes the same number of steps
         real = np.concatenate([p.indices[p.valid] for p in plans])
         assert np.array_equal(np.sort(real), np.arange(n))  # every record exactly once, padding aside
         assert sum((~p.valid).sum() for p in plans) == len(plans[0]) * ranks - n
     # A sample's crop and flip do not depend on how many ranks share the epoch.
     order, crop_x, _, mirror = epoch_order(OrderConfig(n, True, seed=5), 1)
-    p = plan_epoch(OrderConfig(n, True, seed=5, shard_id=1, num_shards=ranks), 1)
+    p = epoch_share(OrderConfig(n, True, seed=5, rank=1, world_size=ranks), 1)
     assert np.array_equal(p.indices[p.valid], order[1::ranks])
     assert np.array_equal(p.crop_x[p.valid], crop_x[1::ranks]) and np.array_equal(p.mirror[p.valid], mirror[1::ranks])
 
@@ -144,7 +144,7 @@ def test_the_dali_loader_yields_the_planned_records(big, reader):
                       data_threads=2, progress=False)
     loader = epoch_loader(cfg, 2)
     try:
-        plan = loader.source.plan(2)
+        plan = loader.source.share(2)
         reader_ = RecordReader(loader.source.table)
         expected = np.array([reader_.read(int(i))[1] for i in plan.indices])
         reader_.close()

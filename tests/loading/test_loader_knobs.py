@@ -18,7 +18,8 @@ from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.loading.epoch_source import EpochSource
-from alexnet_pipe.loading.pipeline import Loader, LoaderConfig, build_pipeline
+from alexnet_pipe.loading.loader import Loader
+from alexnet_pipe.loading.pipeline import LoaderConfig, build_pipeline
 from alexnet_pipe.train.loop import fit
 from alexnet_pipe.train.runtime import open_run
 from tests.helpers.images import make_tree

@@ -1,6 +1,6 @@
 """Child process of the pickle fuzz (test_pickle_fuzz): runs many mutants, one JSON line each.
 
-Usage: python tests/pickle_fuzz_runner.py {update-mean|loads} MUTANT_FILE...
+Usage: python tests/model/pickle_fuzz_runner.py {update-mean|loads} MUTANT_FILE...
 
 Each line: {"file", "outcome", "detail"}, outcome one of
 - "ok": loaded (and for update-mean: upgraded), and the checks below held;

@@ -14,12 +14,11 @@ from alexnet_pipe.model.alexnet import (
     MIN_CROP,
     AlexNet,
     AlexNetConfig,
-    count_parameters,
     fc6_in_features,
     init_weights,
-    param_groups,
     pool5_size,
 )
+from alexnet_pipe.model.params import count_parameters, param_groups
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 WEIGHT_STD = {"conv1": 0.01, "conv2": 0.01, "conv3": 0.01, "conv4": 0.01, "conv5": 0.01,
@@ -292,7 +291,7 @@ LRN_ARGS = dict(size=5, alpha=1e-4, beta=0.75, k=1.0)
 
 def _lrn_pair(impl: str, x: torch.Tensor, grad: torch.Tensor):
     """(output, input gradient) of nn.LocalResponseNorm and of LRN(impl) on the same input."""
-    from alexnet_pipe.model.alexnet import LRN
+    from alexnet_pipe.model.lrn import LRN
 
     out = []
     for norm in (torch.nn.LocalResponseNorm(**LRN_ARGS), LRN(**LRN_ARGS, impl=impl, backend="aot_eager")):
@@ -329,7 +328,7 @@ def test_lrn_implementations_compute_torchs_lrn(impl, channels_last):
 
 
 def test_lrn_sum_with_fewer_channels_than_the_window():
-    from alexnet_pipe.model.alexnet import lrn_shifted_sum
+    from alexnet_pipe.model.lrn import lrn_shifted_sum
 
     x = torch.randn(2, 2, 3, 3, dtype=torch.float64) * 100
     torch.testing.assert_close(lrn_shifted_sum(x, **LRN_ARGS), F.local_response_norm(x, **LRN_ARGS), rtol=1e-12, atol=0)
@@ -337,7 +336,7 @@ def test_lrn_sum_with_fewer_channels_than_the_window():
 
 def test_lrn_impl_is_a_choice_of_the_model_not_of_its_weights(net112):
     """The whole network with the shifted-sum LRN gives the same logits; the state_dict is unchanged."""
-    from alexnet_pipe.model.alexnet import LRN_IMPLS
+    from alexnet_pipe.model.lrn import LRN_IMPLS
 
     x = images(2, 3, 112, 112) * 50
     fast = copy.deepcopy(net112).set_fast_paths(lrn="sum")
@@ -387,7 +386,7 @@ def test_conv1_with_four_input_channels_is_the_same_network():
 def test_fixed_batch_pads_a_partial_batch_and_slices_it_back():
     """FixedBatch (what train --compile runs): a partial batch gives the outputs and gradients of
     the unpadded batch, the module always sees the full batch, in the input's memory format."""
-    from alexnet_pipe.model.alexnet import FixedBatch
+    from alexnet_pipe.model.compiled import FixedBatch
 
     net = AlexNet(AlexNetConfig(num_classes=5, crop=67), generator=torch.Generator().manual_seed(0)).eval()
     seen = []

@@ -2,7 +2,7 @@
 
 Mutants (bit flips, byte replacements, truncations, inserted opcodes, duplicated and deleted
 spans, interesting 32-bit values) run in child processes under a 2 GiB address-space limit,
-many per child (tests/pickle_fuzz_runner.py); a child killed by a signal, or one that hangs, has
+many per child (tests/model/pickle_fuzz_runner.py); a child killed by a signal, or one that hangs, has
 its unfinished mutants rerun one per process, so each signal is pinned on one mutant.
 Asserted: no signal, no hang, no exception other than our one-line refusals, and nothing in a
 result or a rewritten cache that is not derived from the input. `make test` runs 150 mutants of

@@ -3,7 +3,7 @@ is gone, and every module says what it owns in a docstring.
 
 Modules are written in the document as paths relative to ``alexnet_pipe/`` in backquotes
 (`convert.py`, `weights/caffe.py`); files elsewhere carry their folder (`tools/same_bytes.py`,
-`tests/test_convert.py`) and are not package modules. ``__init__.py`` and ``__main__.py`` need not
+`tests/convert/test_convert.py`) and are not package modules. ``__init__.py`` and ``__main__.py`` need not
 be listed (a package's ``__init__.py`` may be).
 """
 
@@ -56,6 +56,19 @@ def test_each_module_is_listed_once():
     assert not twice, f"listed more than once in the module map of {DOC.name}: {twice}"
 
 
+def package_dirs() -> set[str]:
+    """Every subpackage of the package (a folder with an ``__init__.py``), relative to it, with a slash."""
+    return {p.parent.relative_to(PACKAGE).as_posix() + "/" for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+
+
+def test_every_package_has_a_section():
+    """Each top-level subpackage heads a section of the module map (``### `inputs/`: ...``)."""
+    headed = set(re.findall(r"^### `([\w/]+/)`", module_map(DOC.read_text(encoding="utf-8")), re.M))
+    top = {name for name in package_dirs() if name.count("/") == 1}
+    assert not top - headed, f"packages without a section in the module map of {DOC.name}: {sorted(top - headed)}"
+    assert not headed - top, f"sections of {DOC.name} naming no package: {sorted(headed - top)}"
+
+
 def test_every_module_has_a_docstring():
     bare = sorted(name for name in package_modules()
                   if ast.get_docstring(ast.parse((PACKAGE / name).read_text(encoding="utf-8"))) is None)
@@ -66,4 +79,5 @@ def test_the_checks_see_the_package():
     """A broken glob or regex must not make the tests above pass vacuously."""
     modules = package_modules()
     assert {"convert/job.py", "loading/epoch_source.py", "inputs/table.py", "model/weights/caffe.py"} <= modules
+    assert {"inputs/", "convert/", "model/weights/"} <= package_dirs()
     assert named("`convert.py`, `weights/neon.py`, `tools/same_bytes.py`") == {"convert.py", "weights/neon.py"}

@@ -1,6 +1,6 @@
-"""One rank of a torchrun job for tests/test_distributed.py (run with torch.distributed.run).
+"""One rank of a torchrun job for tests/train/test_distributed.py (run with torch.distributed.run).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py MODE DATA OUT
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train/dist_worker.py MODE DATA OUT
 
 MODE samples: each rank reads one train epoch and reports the records and labels it was fed.
 MODE step:    one training epoch of exactly one step, dropout off, gradients all-reduced in f32 or
@@ -19,16 +19,17 @@ import torch
 
 from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.dataset.records import RecordReader, record_table
-from alexnet_pipe.model.alexnet import param_groups
+from alexnet_pipe.model.params import param_groups
 from alexnet_pipe.train import start as warmstart
-from alexnet_pipe.train.loop import fit, train_one_epoch
+from alexnet_pipe.train.epoch import train_one_epoch
+from alexnet_pipe.train.loop import fit
 from alexnet_pipe.train.runtime import open_run
 
 
 def config(data: Path, **kw) -> TrainConfig:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     base = dict(backend="cpu", datatype="f32", crop=67, batch_size=4, lr=0.01, lr_scale="none", progress=False,
-                data_threads=1, shard_id=rank, num_shards=world, eval_freq=0)
+                data_threads=1, rank=rank, world_size=world, eval_freq=0)
     return TrainConfig(data_dir=data, **{**base, **kw})
 
 
@@ -36,7 +37,7 @@ def samples(data: Path, out: Path) -> None:
     rt = open_run(config(data), join=True)
     loader = rt.loader("train", True, 0)
     table = record_table(rt.ds, "train", "lmdb")
-    plan = loader.source.plan(0)
+    plan = loader.source.share(0)
     fed = [label for batch in loader for label in batch.labels.tolist()]
     reader = RecordReader(table)
     expected = [int(reader.read(int(i))[1]) for i in plan.indices]
@@ -52,7 +53,7 @@ def samples(data: Path, out: Path) -> None:
 
 def step(data: Path, out: Path, batch_size: int, grads: str) -> None:
     rt = open_run(config(data, batch_size=batch_size), join=True)
-    model = warmstart.build(warmstart.plan_start(rt.cfg, rt.ds), rt.device, 0, rt.cfg.init)
+    model = warmstart.build(warmstart.decide_start(rt.cfg, rt.ds), rt.device, 0, rt.cfg.init)
     if rt.cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     for m in model.modules():  # dropout masks cannot match between 1 and 2 processes: take it out

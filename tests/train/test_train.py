@@ -24,10 +24,13 @@ from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.mean import load_dataset_mean
 from alexnet_pipe.errors import CheckpointError, OldMeanFormatError
 from alexnet_pipe.formats.datum import decode_datum
-from alexnet_pipe.loading.pipeline import Loader, LoaderConfig
+from alexnet_pipe.loading.loader import Loader
+from alexnet_pipe.loading.pipeline import LoaderConfig
 from alexnet_pipe.model import checkpoint
-from alexnet_pipe.model.alexnet import AlexNet, AlexNetConfig, param_groups
-from alexnet_pipe.train.loop import EvalResult, fit, lr_at, run_test, topk_correct
+from alexnet_pipe.model.alexnet import AlexNet, AlexNetConfig
+from alexnet_pipe.model.params import param_groups
+from alexnet_pipe.train.evaluate import EvalResult, run_test, topk_correct
+from alexnet_pipe.train.loop import fit, lr_at
 from alexnet_pipe.train.runtime import Runtime
 from tests.helpers.images import make_tree
 from tests.helpers.pixels import find_block
@@ -333,7 +336,7 @@ def test_ranks_of_the_val_loader_count_every_image_once(tiny):
     ds = load_dataset(tiny)
     labels = []
     for rank in range(3):
-        loader = Loader(ds, LoaderConfig("val", False, batch_size=2, crop=CROP, shard_id=rank, num_shards=3))
+        loader = Loader(ds, LoaderConfig("val", False, batch_size=2, crop=CROP, rank=rank, world_size=3))
         batches = list(loader)
         loader.close()
         assert sum(len(b.labels) for b in batches) == 3

@@ -1,0 +1,148 @@
+"""The end of a conversion: the shards' completion records merged into the manifest, mean.json,
+the mean image and each split's combined RecordIO index.
+
+Every byte written here follows from OUT's completion records (and the scan), so finalizing
+again (a --part run that ends just after another, or --repair) writes the same files.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from alexnet_pipe import __version__
+from alexnet_pipe.config import ConvertConfig, ImageSettings
+from alexnet_pipe.convert.plan import ShardPlan
+from alexnet_pipe.dataset.layout import (
+    MANIFEST_FILE,
+    MEAN_FILE,
+    MEAN_IMAGE_BINARYPROTO,
+    MEAN_IMAGE_NPY,
+    STAGING_DIR,
+    split_index_path,
+)
+from alexnet_pipe.dataset.manifest import DATASET_FORMAT, DATASET_VERSION
+from alexnet_pipe.dataset.mean import MeanImageSum, PixelStats, write_mean, write_mean_image
+from alexnet_pipe.dataset.parts import load_part
+from alexnet_pipe.errors import SettingsMismatchError
+from alexnet_pipe.formats import get_format
+from alexnet_pipe.fsutil import atomic_write_json, remove
+from alexnet_pipe.inputs.table import ScanResult
+
+
+def _resize_policy(image: ImageSettings) -> dict:
+    """The manifest's ``resize`` entry: the size rule in numbers and in words."""
+    n = image.short_side
+    if n == 0:
+        rule = "sizes kept"
+    elif image.upscale:
+        rule = f"scaled up or down so the short side is exactly {n}, aspect ratio kept, as im2rec --resize {n}"
+    else:
+        rule = f"scaled down so the short side is {n}; images whose short side is below {n} keep their size"
+    policy = {"short_side": n, "upscale": image.upscale, "rule": rule}
+    if image.resize_filter != ImageSettings.resize_filter:  # only then: a default manifest stays as it was
+        policy["filter"] = image.resize_filter
+    return policy
+
+
+def id_width(found: ScanResult) -> int:
+    """Digits in a record's key (zero-padded): at least 8, more for a split that needs them."""
+    return max(8, len(str(max(len(s) for s in found.splits.values()))))
+
+
+def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]]) -> dict:
+    """Merge the shards' records into the manifest, mean.json and the mean image.
+
+    Manifest fields about sizes, for readers that check crops:
+
+    - ``resize``: ``{"short_side": N, "upscale": bool, "rule": "<the rule in words>"}``, and
+      ``"filter"`` when not the default antialias (config.RESIZE_FILTERS).
+    - ``splits[split]["short_side_counts"]``: ``{"<side>": images}`` for every stored short
+      side below 512 pixels (a compact histogram: with upscaling on, only ``{"N": all}`` when
+      N < 512); ``splits[split]["min_short_side"]``: the smallest stored short side (None when
+      the split stored nothing). A training crop C needs padding for images with a short side
+      below C: ``sum(n for side, n in counts.items() if int(side) < C)`` of them.
+    - ``mean_image``: ``{"npy": ..., "binaryproto": ..., "size": S, "images": n}`` (None
+      without training images); ``mean``: ``mean.json``, over the same pixels.
+    """
+    dst = cfg.dst
+    splits, skipped = {}, [{"split": s.split, "name": s.name, "reason": s.reason} for s in found.skipped]
+    train_stats = PixelStats()
+    train_mean = MeanImageSum(cfg.image.mean_size)
+    for split, split_plans in plans.items():
+        # One completion record at a time: memory stays flat however many shards there are.
+        labels, short_sides = Counter(), Counter()
+        records = passthrough = n_skipped = 0
+        mins, shards = [], []
+        for plan in split_plans:
+            p = load_part(dst, plan)
+            if p is None:  # checked under the lock just before: a shard vanished meanwhile
+                raise SettingsMismatchError(
+                    f"shard {plan.name} of {dst} disappeared while finishing; rerun the command")
+            labels.update({int(k): v for k, v in p["labels"].items()})
+            short_sides.update({int(k): v for k, v in p["short_side_counts"].items()})
+            skipped.extend(p["skipped"])
+            records, passthrough, n_skipped = (records + p["records"], passthrough + p["passthrough"],
+                                               n_skipped + len(p["skipped"]))
+            if p["min_short_side"] is not None:
+                mins.append(p["min_short_side"])
+            if split == "train":
+                train_stats.merge(PixelStats.from_json(p["stats"]))
+                if p.get("mean_sums"):
+                    sums = MeanImageSum.from_bytes((dst / p["mean_sums"]).read_bytes(), p["mean_sums"])
+                    train_mean.add(sums.sum, sums.count)
+            if p["records"] > 0:  # an all-bad shard has no files
+                shards.append({k: p[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in p})
+        entry = {
+            "records": records,
+            "inputs": len(found.splits[split]),
+            "skipped": n_skipped,
+            "passthrough": passthrough,
+            "class_counts": [labels.get(i, 0) for i in range(len(found.classes))],
+            "short_side_counts": {str(k): v for k, v in sorted(short_sides.items())},
+            "min_short_side": min(mins) if mins else None,
+            "layout": found.layout[split],
+            "shards": shards,
+        }
+        if shards:  # the files a format keeps per split (RecordIO's combined index)
+            for fmt in cfg.formats:
+                entry.update(get_format(fmt).finish_split(dst, split, shards))
+        splits[split] = entry
+    mean_image = None
+    if train_stats.pixels:
+        size = cfg.image.mean_size
+        source = f"train split: centre {size}x{size} of every image ({_resize_policy(cfg.image)['rule']})"
+        write_mean(dst / MEAN_FILE, train_stats.to_mean(source))
+        mean_image = write_mean_image(dst, train_mean, train_stats.images)
+    manifest = {
+        "format": DATASET_FORMAT,
+        "version": DATASET_VERSION,
+        "created_by": f"alexnet-pipe {__version__}",
+        "settings": cfg.settings(),
+        "resize": _resize_policy(cfg.image),
+        "classes": [
+            {"index": i, "id": c, "name": found.class_names.get(c, "")} for i, c in enumerate(found.classes)
+        ],
+        "splits": splits,
+        "mean": MEAN_FILE if train_stats.pixels else None,
+        "mean_image": mean_image,
+        "record_id_width": id_width(found),
+        "skipped": skipped,
+    }
+    atomic_write_json(dst / MANIFEST_FILE, manifest)
+    remove(dst / STAGING_DIR)
+    return manifest
+
+
+def finalized_files(dst: Path, plans: dict[str, list[ShardPlan]]) -> dict[str, bytes | None]:
+    """The files ``finalize`` writes, as they are now (None: missing)."""
+    rels = [MANIFEST_FILE, MEAN_FILE, MEAN_IMAGE_NPY, MEAN_IMAGE_BINARYPROTO]
+    rels += [split_index_path(split) for split in plans]
+    return {rel: read_or_none(dst / rel) for rel in rels}
+
+
+def read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes() if path.is_file() else None
+    except OSError:
+        return None

@@ -1,0 +1,169 @@
+"""OUT's identity and its guards: which conversion a directory holds, whether a run may write it, and
+the locks between runs.
+
+``OUT/.convert-state.json`` records the settings and a digest of the input plan; a rerun resumes
+only the very same conversion (``prepare_output``), and refuses anything else unless --force.
+``OUT/.convert-inputs.json`` records where the raw inputs are, for ``verify --repair``. The run lock
+keeps a second convert out of OUT (--part runs share it); the finish lock orders --part runs that
+finish at the same time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alexnet_pipe.config import ConvertConfig
+from alexnet_pipe.convert.plan import ShardPlan
+from alexnet_pipe.dataset.layout import (
+    INPUTS_FILE,
+    LMDB_DIR,
+    MANAGED,
+    PARTS_DIR,
+    RECORDIO_DIR,
+    RUN_LOCK,
+    SCAN_CACHE,
+    STAGING_DIR,
+    STATE_FILE,
+    shard_paths,
+)
+from alexnet_pipe.errors import BusyError, SettingsMismatchError
+from alexnet_pipe.fsutil import atomic_write_json, remove
+from alexnet_pipe.inputs.table import ScanResult
+
+log = logging.getLogger(__name__)
+
+
+def _plan_digest(found: ScanResult) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(found.classes).encode())
+    for split, sources in sorted(found.splits.items()):
+        for name, label in zip(sources.names(), sources.labels.tolist()):
+            h.update(f"{split}\0{name}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return "sha256:" + h.hexdigest()
+
+
+def output_identity(cfg: ConvertConfig, found: ScanResult) -> dict:
+    """What OUT's state file records: a rerun resumes only a conversion with this same identity."""
+    return {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
+
+
+def describe_mismatch(old: dict, new: dict) -> str:
+    def shown(settings: dict, key: str) -> str:  # a setting left out of the record is its default
+        return repr(settings[key]) if key in settings else "the default"
+
+    old_settings = old.get("settings", {})
+    diffs = [
+        f"{k}: {shown(old_settings, k)} -> {shown(new['settings'], k)}"
+        for k in sorted(set(old_settings) | set(new["settings"]))
+        if old_settings.get(k) != new["settings"].get(k)
+    ]
+    if old.get("plan") != new["plan"]:
+        diffs.append("the input files or their labels changed")
+    return "; ".join(diffs) or "a different alexnet-pipe output version"
+
+
+def check_output(dst: Path, force: bool) -> None:
+    """Before any work: OUT must be new, empty, or written by alexnet-pipe convert."""
+    if dst.exists() and not dst.is_dir():
+        raise SettingsMismatchError(f"{dst} exists and is not a directory")
+    # Ours even before the state file exists: the scan cache, and the state file being written by
+    # a concurrent --part run into the same new directory.
+    ours = (SCAN_CACHE, f".{STATE_FILE}.tmp-", RUN_LOCK)
+    foreign = dst.is_dir() and not (dst / STATE_FILE).exists() and any(
+        not e.name.startswith(ours) for e in dst.iterdir()
+    )
+    if foreign and not force:
+        raise SettingsMismatchError(
+            f"{dst} is not empty and was not written by alexnet-pipe convert; choose an empty or new "
+            "directory, or pass --force to write into it anyway"
+        )
+
+
+def prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False) -> None:
+    """Create OUT or check it belongs to this exact conversion (refuse otherwise)."""
+    state = dst / STATE_FILE
+    if state.exists():
+        old = json.loads(state.read_text(encoding="utf-8"))
+        if repair and old != identity:
+            raise SettingsMismatchError(
+                f"the inputs or settings are not those {dst} was converted from ({describe_mismatch(old, identity)}); "
+                "--repair rewrites shards only from the very same inputs, so nothing was changed: restore the "
+                "inputs, or reconvert into a new directory")
+        if old == identity:
+            for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):  # a user may have deleted one
+                (dst / name).mkdir(exist_ok=True)
+            return
+        if not force:
+            raise SettingsMismatchError(
+                f"{dst} holds a conversion made with other settings or input ({describe_mismatch(old, identity)}); "
+                "rerun with the same settings to resume it, choose another output directory, "
+                "or pass --force to discard it and start over"
+            )
+        log.warning("--force: discarding the earlier conversion in %s", dst)
+        for name in MANAGED:
+            remove(dst / name)
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(state, identity)  # first: a concurrent --part run then sees OUT as ours
+    for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
+        (dst / name).mkdir(exist_ok=True)
+
+
+def clear_shard(dst: Path, plan: ShardPlan) -> None:
+    """Remove what a crashed earlier attempt may have left of an unfinished shard."""
+    for rel in shard_paths(plan.name).values():
+        remove(dst / rel)
+    remove(dst / STAGING_DIR / plan.name)
+
+
+def inputs_record(cfg: ConvertConfig) -> dict:
+    """Where this conversion reads its inputs (absolute paths): what `verify --repair` rewrites from."""
+    def where(path: Path | None) -> str | None:
+        return None if path is None else os.path.abspath(path)
+
+    return {"src": where(cfg.src), "train_list": where(cfg.train_list), "val_list": where(cfg.val_list),
+            "val_labels": where(cfg.val_labels), "synsets": where(cfg.synsets)}
+
+
+def record_inputs(cfg: ConvertConfig) -> None:
+    """Keep OUT's record of its inputs current (a run from a moved RAW updates it)."""
+    record, path = inputs_record(cfg), cfg.dst / INPUTS_FILE
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == record:
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_json(path, record)
+
+
+@contextmanager
+def run_lock(dst: Path, shared: bool) -> Iterator[None]:
+    """Refuse a second convert into OUT while one runs (--part runs share OUT by design).
+    A POSIX record lock: released by the kernel when the process dies, honoured over NFS."""
+    with open(dst / RUN_LOCK, "a+b") as f:
+        try:
+            fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError:
+            raise BusyError(f"another alexnet-pipe convert is writing {dst}; wait for it to finish, or stop it "
+                               "(a rerun resumes where it stopped)") from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (POSIX record lock: also honoured over NFS)."""
+    with open(path, "a+b") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)

@@ -1,0 +1,115 @@
+"""Evaluation: loss, top-1 and top-5 over a split, and the ``test`` job (``run_test``).
+
+``evaluate`` serves ``fit`` (every ``eval_freq`` epochs, on the model being trained) and
+``run_test``, which evaluates a weights file with the network and the input it records, with
+per-class figures on request (``report.py``). Both sum over all ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from alexnet_pipe.config import TrainConfig
+from alexnet_pipe.errors import DatasetError
+from alexnet_pipe.loading.loader import Loader
+from alexnet_pipe.train import start as warmstart
+from alexnet_pipe.train.loggers import MetricsLog
+from alexnet_pipe.train.report import PerClass, write_per_class
+from alexnet_pipe.train.runtime import Runtime, open_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    top1: float  # percent
+    top5: float | None  # percent; None with 5 classes or fewer, where every label is in the top 5
+    samples: int
+    per_class: PerClass | None = None  # confusion matrix and per-class top-5 hits (test --per-class)
+
+    def neon_line(self) -> str:
+        line = f"LogLoss: {self.loss:.2f}, Accuracy: {self.top1:.1f} % (Top-1)"
+        return line + (f", {self.top5:.1f} % (Top-5)" if self.top5 is not None else "")
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
+    """Per k, how many samples have their label among the k highest scores (device tensors)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hits = top.eq(labels.unsqueeze(1))
+    return [hits[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
+
+
+def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool = False,
+             per_class: bool = False) -> EvalResult:
+    """Loss, top-1 and top-5 over every sample of the loader's split, summed over all ranks, one
+    host sync at the end. Padding (``Batch.valid``) counts nowhere, so each image counts once.
+    ``per_class`` also counts the confusion matrix and each class's top-5 hits, with ``index_add_``
+    on the device (CUDA ``bincount`` reads its input's max back to size its output: a sync per call)."""
+    model.eval()
+    classes = rt.ds.num_classes
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    hits = torch.zeros(2, dtype=torch.int64, device=rt.device)
+    count = torch.zeros((), dtype=torch.int64, device=rt.device)
+    confusion = torch.zeros(classes * classes if per_class else 0, dtype=torch.int64, device=rt.device)
+    top5_hits = torch.zeros(classes if per_class else 0, dtype=torch.int64, device=rt.device)
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="eval", unit="batch", disable=not (progress and rt.dist.is_main), leave=False):
+            with rt.autocast():
+                logits = model(batch.images)
+            logits, labels = logits.float(), batch.labels
+            if batch.valid is not None:
+                logits, labels = logits[batch.valid], labels[batch.valid]
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            hits += torch.stack(topk_correct(logits, labels, (1, 5)))
+            count += labels.shape[0]
+            if per_class:
+                ones = torch.ones_like(labels)
+                confusion.index_add_(0, labels * classes + logits.argmax(1), ones)
+                in5 = logits.topk(min(5, classes), dim=1).indices.eq(labels.unsqueeze(1)).any(1)
+                top5_hits.index_add_(0, labels, in5.to(top5_hits.dtype))  # no labels[in5]: its size is a sync too
+    rt.dist.sum_(loss_sum, hits, count, confusion, top5_hits)
+    n = int(count.item())
+    if n == 0:
+        raise DatasetError("the validation split yielded no samples")
+    top1, top5 = (100.0 * h / n for h in hits.tolist())
+    table = None
+    if per_class:
+        table = PerClass(confusion.cpu().numpy().reshape(classes, classes), top5_hits.cpu().numpy())
+    return EvalResult(loss_sum.item() / n, top1, top5 if classes > 5 else None, n, table)
+
+
+def run_test(cfg: TrainConfig) -> EvalResult:
+    """Evaluate ``cfg.model_file`` on the validation split (`--test_only`), over all ranks, with
+    the network and input the weights file records (crop, channel order, value range, mean/std)."""
+    rt = open_run(cfg, join=True)
+    loader = None
+    try:
+        start = warmstart.decide_start(cfg, rt.ds, testing=True)
+        rt.cfg = start.cfg
+        rt.use_input(start.spec)
+        rt.warn_small_images()
+        model = warmstart.build(start, rt.device, cfg.rng_seed, cfg.init)
+        if rt.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loader = rt.loader("val", False, 0)
+        result = evaluate(model, loader, rt, cfg.progress, per_class=cfg.per_class_file is not None)
+        if rt.dist.is_main and cfg.per_class_file is not None:
+            for path in write_per_class(result.per_class, [c["id"] for c in rt.ds.classes],
+                                        [c.get("name", "") for c in rt.ds.classes], cfg.per_class_file):
+                log.info("wrote %s", path)
+        if rt.dist.is_main:
+            MetricsLog(cfg.output_file).write({
+                "event": "test", "model_file": str(cfg.model_file), "val_loss": result.loss, "val_top1": result.top1,
+                "val_top5": result.top5, "samples": result.samples, "world_size": rt.dist.world_size})
+        return result
+    finally:
+        if loader is not None:
+            loader.close()
+        rt.close()
