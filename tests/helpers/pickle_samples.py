@@ -1,6 +1,6 @@
 """Pickles for the tests: neon's files as Python 2 wrote them, and hand-made hostile ones.
 
-Not a test module: imported by test_update_mean, test_safe_pickle and test_pickle_fuzz (and
+Not a test module: imported by test_update_mean, test_safe_pickle and test_safe_pickle_fuzz (and
 fit for the weight importer's tests). The neon layouts follow docs in
 shared/reference/WEIGHT_FORMATS.md; every value is small and random.
 """

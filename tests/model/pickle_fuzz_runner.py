@@ -1,4 +1,4 @@
-"""Child process of the pickle fuzz (test_pickle_fuzz): runs many mutants, one JSON line each.
+"""Child process of the pickle fuzz (test_safe_pickle_fuzz): runs many mutants, one JSON line each.
 
 Usage: python tests/model/pickle_fuzz_runner.py {update-mean|loads} MUTANT_FILE...
 

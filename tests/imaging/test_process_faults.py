@@ -1,7 +1,7 @@
 """Hostile images, crafted one by one: the decoder allowlist, per-input isolation, EXIF, colour,
 the input size cap and worker crashes (issue 7, sections 2, 3, 6 and 7; docs/RELIABILITY.md).
 
-The seeded mutation fuzz is in test_image_fuzz.py.
+The seeded mutation fuzz is in test_process_fuzz.py.
 """
 
 from __future__ import annotations
@@ -507,7 +507,7 @@ def test_profile_of_the_wrong_type_keeps_the_image(tmp_path, caplog):
 
 
 CRASHER = textwrap.dedent("""
-    # Test hook (tests/imaging/test_image_faults.py): a worker that decodes an input holding the marker
+    # Test hook (tests/imaging/test_process_faults.py): a worker that decodes an input holding the marker
     # dies of SIGSEGV, as a native decoder crash would kill it.
     import os, resource, signal
     if os.environ.get("ALEXNET_PIPE_TEST_CRASH_MARKER"):

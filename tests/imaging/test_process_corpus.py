@@ -39,7 +39,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 SHORT_SIDE = 48  # the sources are 64x48: stored at their own size, clean JPEGs passed through
 TIMEOUT = 180
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-# The 12 kinds the unit tests of test_bad_inputs.py cover with the default settings.
+# The 12 kinds the unit tests of test_process.py cover with the default settings.
 EARLIER = ["empty", "text", "random", "truncated_jpeg", "truncated_jpeg_near_end", "jpeg_without_end_marker",
            "truncated_pass_through_candidate", "truncated_progressive_jpeg", "truncated_png", "corrupt_png",
            "bomb_30000", "bomb_10000"]
