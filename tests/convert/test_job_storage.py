@@ -262,7 +262,7 @@ def test_a_checkpoint_write_failing_midway_keeps_the_previous_one(tmp_path, capl
     assert used == path and torch.equal(body["model"]["w"], torch.full((1000,), 2.0)) and not caplog.records
 
 
-SAVE_BIG = ("import sys, torch; from pathlib import Path; from alexnet_pipe import checkpoint; "
+SAVE_BIG = ("import sys, torch; from pathlib import Path; from alexnet_pipe.model import checkpoint; "
             "checkpoint.save(Path(sys.argv[1]), {'kind': 'checkpoint', 'model': {'w': torch.ones(60_000_000)}, "
             "'model_config': {}, 'data': {}}, keep=3)")
 
