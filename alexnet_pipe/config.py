@@ -84,6 +84,11 @@ def run_save_path(now: float | None = None) -> Path:
     return RUNS_DIR / time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) / "alexnet.pt"
 
 
+# How long `train --nproc` waits, after Ctrl-C or SIGTERM, for its ranks to finish their step,
+# checkpoint and exit before it kills them (torch's launcher alone waits 30 s).
+STOP_GRACE_S = 300
+
+
 def threads_per_rank(nproc: int) -> int:
     """OpenMP threads of each of ``nproc`` ranks started on this machine: the cores shared out
     (torchrun's default of one thread per rank starves CPU ranks)."""
@@ -94,6 +99,8 @@ def threads_per_rank(nproc: int) -> int:
 # to an antialiased Lanczos resize), or OpenCV's plain "cubic", "linear" (im2rec's and Caffe's
 # default) and "area" (FFCV's) interpolation. Measured in benchmarks/convert.md.
 RESIZE_FILTERS = ("antialias", "cubic", "linear", "area")
+# How many skipped inputs convert's summary names, with their reasons (`info` lists them all).
+SKIPPED_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,7 @@ class ImageSettings:
     upscale: bool = True  # False: never scale up (a short side below short_side is kept as it is)
     max_file_mb: int = 64  # larger input files (MiB) are skipped before they are read into memory
     resize_filter: str = "antialias"  # one of RESIZE_FILTERS: how images are scaled
+    min_short_side: int = 0  # inputs whose original short side is below this are skipped (0: none)
 
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
@@ -119,6 +127,8 @@ class ImageSettings:
             raise ConfigError(f"max pixels must be >= 1, got {self.max_pixels}")
         if self.max_file_mb < 1:
             raise ConfigError(f"max file size must be >= 1 MiB, got {self.max_file_mb}")
+        if self.min_short_side < 0:
+            raise ConfigError(f"min short side must be >= 0 (0 keeps every size), got {self.min_short_side}")
 
     @property
     def mean_size(self) -> int:
@@ -176,7 +186,7 @@ class ConvertConfig:
     def settings(self) -> dict:
         """The settings that define the output bytes (recorded in the manifest)."""
         image = asdict(self.image)
-        for key in ("max_file_mb", "resize_filter"):
+        for key in ("max_file_mb", "resize_filter", "min_short_side"):
             if image[key] == getattr(ImageSettings, key):
                 del image[key]  # the default: conversions from before the option still resume
         return {
@@ -212,7 +222,7 @@ class UpdateMeanConfig:
     """Inputs of the `update-mean` job."""
 
     path: Path
-    into: Path | None = None  # where mean.json goes for a Caffe/npy file (default: beside it)
+    into: Path | None = None  # a converted dataset for mean.json of a Caffe/npy file (default: beside the file)
     channel_order: str | None = None  # override the channel order of an .npy mean (rgb/bgr)
 
     def __post_init__(self) -> None:
@@ -222,6 +232,9 @@ class UpdateMeanConfig:
 
 DATATYPES = ("f32", "bf16", "f16")
 DEFAULT_CROP = 224  # the network's input side unless the weights or --crop say otherwise
+# The smallest crop for which AlexNet's pool5 is at least 1x1 (model/alexnet.py's layer sizes;
+# tests/model/test_model.py holds them together). Here, so that --crop is checked at parse time without torch.
+MIN_CROP = 67
 FREEZE_CHOICES = ("none", "conv", "features")
 
 
@@ -270,7 +283,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4  # weights only; biases get none
     normalize_std: bool | None = None  # divide by the per-channel std after the mean (None: model_file's, else no)
-    init: str = "neon"  # weight init: neon (model zoo) or kaiming (small data sets, see model.py)
+    # weight init of the layers drawn fresh: neon (model zoo) or kaiming (small data sets, see model.py);
+    # None: not chosen, neon. Refused where --model-file gives every layer (train/start.py).
+    init: str | None = None
     channels_last: bool = True  # NHWC activations: faster in cuDNN and oneDNN alike (CPU: ~20%)
     compile: bool = False  # torch.compile the model (GPU)
     reader: str = "auto"  # lmdb / recordio / auto
@@ -341,7 +356,7 @@ class TrainConfig:
             (self.hw_decoder_load is None or 0 <= self.hw_decoder_load <= 1,
              f"--hw-decoder-load must be within 0..1, got {self.hw_decoder_load}"),
             (self.prefetch >= 1, f"--prefetch must be >= 1, got {self.prefetch}"),
-            (self.init in ("neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
+            (self.init in (None, "neon", "kaiming"), f"init must be neon or kaiming, got {self.init}"),
             (self.lr_scale in ("linear", "none"), f"--lr-scale must be linear or none, got {self.lr_scale}"),
             (self.allreduce_dtype in (None, "f32", "bf16"),
              f"allreduce dtype must be f32 or bf16, got {self.allreduce_dtype}"),

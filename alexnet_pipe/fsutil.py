@@ -178,17 +178,25 @@ def backup_path(path: Path) -> Path:
     return candidate
 
 
-def check_output_file(path: Path, option: str) -> None:
+def check_output_file(path: Path, option: str, example: str, new_folders: int = 1) -> None:
     """Refuse, before any work, an output file path that cannot be written: a directory, a parent
-    that is a file, a directory without write permission. Creates nothing."""
+    that is a file, a directory without write permission, more missing folders than the writer may
+    create (``new_folders``: the file's own folder; a mistyped path is not built whole). Creates
+    nothing. ``example``: a file name that fits the option (``metrics.jsonl`` for -o), suggested
+    inside a directory given."""
     if path.is_dir():
-        raise AlexnetPipeError(f"{option} {path} is a directory; give a file name, e.g. {path / 'alexnet.pt'}")
+        raise AlexnetPipeError(f"{option} {path} is a directory; give a file name, e.g. {path / example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise AlexnetPipeError(f"{option} {path} is not writable; choose another path")
-    ancestor = path.absolute().parent
+    ancestor, missing = path.absolute().parent, []
     while not ancestor.exists():
+        missing.append(ancestor)
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise AlexnetPipeError(f"{option} {path}: {ancestor} is a file, not a directory; choose another path")
+    if len(missing) > new_folders:
+        made = ", ".join(str(m) for m in reversed(missing[:new_folders]))
+        raise AlexnetPipeError(f"{option} {path}: {missing[-1]} does not exist; create it first or fix the path "
+                               f"(only {made} would be created)")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise AlexnetPipeError(f"{option} {path}: {ancestor} is not writable; choose another path")

@@ -306,7 +306,7 @@ def steps(run: Path, raw: Path, quick: bool) -> list[Step]:
         Step("info", ["info", f"{run}/both"], quick=False),
         Step("info-json", ["info", f"{run}/both", "--json"]),
         Step("copy-binaryproto", action=_copy_file("both/mean.binaryproto", "mean/mean.binaryproto")),
-        Step("update-mean-binaryproto", ["update-mean", f"{run}/mean/mean.binaryproto", "--into", f"{run}/mean"]),
+        Step("update-mean-binaryproto", ["update-mean", f"{run}/mean/mean.binaryproto"]),  # mean.json beside it
         Step("copy-npy", action=_copy_file("@mean_npy", "mean-npy/mean_bgr.npy"), quick=False),
         Step("update-mean-npy", ["update-mean", f"{run}/mean-npy/mean_bgr.npy", "--channel-order", "bgr"], quick=False),
         Step("train", train),

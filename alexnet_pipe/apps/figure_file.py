@@ -26,17 +26,18 @@ FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 RC = {"svg.fonttype": "none", "pdf.fonttype": 42, "svg.hashsalt": "alexnet-pipe"}
 
 
-def check_output(out: Path) -> str:
+def check_output(out: Path, example: str = "drawing.png") -> str:
     """The matplotlib format for ``out`` ("png", "svg" or "pdf"); raise when it cannot be written there.
+    ``example``: the file name suggested inside a directory given as ``out``.
 
     Called before any drawing, so a wrong path costs no time.
     """
     out = Path(out)
+    if out.is_dir():
+        raise AlexnetPipeError(f"{out} is a directory; name a file in it, e.g. {out / example}")
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise AlexnetPipeError(f"{out}: the output must end in .png, .svg or .pdf (the suffix picks the format)")
-    if out.is_dir():
-        raise AlexnetPipeError(f"{out} is a directory; name a file in it, e.g. {out / ('drawing' + out.suffix)}")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alexnet_pipe.apps.figure_file import check_output, save_figure
+from alexnet_pipe.apps.figure_text import DPI, shorten, text_width, wrap
 from alexnet_pipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -23,13 +24,10 @@ if TYPE_CHECKING:
 
 MIN_TILE = 96  # pixels: smaller images are drawn larger (nearest neighbour), so they can be seen
 MIN_CELL = 120  # pixels: room for a caption under narrow tiles
-DPI = 100
-
-
-def _shorten(text: str, width_px: float, font_px: float = 11.0) -> str:
-    """``text`` cut with an ellipsis to about ``width_px`` (matplotlib does not wrap or clip titles)."""
-    limit = max(4, int(width_px / (0.6 * font_px)))
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+MAX_WIDTH = 720  # pixels: a figure grows to its title's width up to this, then the title wraps
+MARGIN = 8  # pixels: between a title and the figure's edge
+TITLE_PT, CAPTION_PT = 11, 9  # font sizes (points)
+TITLE_LINE = 19  # pixels: one line of the title (11 pt at 100 dpi, matplotlib's 1.2 line spacing)
 
 
 def image_figure(images: np.ndarray, captions: Sequence[str], cols: int = 8, title: str = "") -> Figure:
@@ -48,8 +46,11 @@ def image_figure(images: np.ndarray, captions: Sequence[str], cols: int = 8, tit
     cell_w = max(tile_w, MIN_CELL) + 8
     lines = max((c.count("\n") + 1 for c in captions if c), default=0)
     gap = 8 + 15 * lines  # above each row: its captions
-    head = 36 + 16 * title.count("\n") if title else 0
-    width, height = max(cols * cell_w, 360), head + rows * (tile_h + gap) + 4
+    # As wide as the grid, or as its title up to MAX_WIDTH; the title wraps to that width.
+    width = max(cols * cell_w, 360, min(math.ceil(text_width(title, TITLE_PT)) + 2 * MARGIN, MAX_WIDTH))
+    shown = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    head = 18 + TITLE_LINE * (shown.count("\n") + 1) if title else 0
+    height = head + rows * (tile_h + gap) + 4
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, label=title or "images")
     # Axes of exactly tile_w x tile_h pixels: each image pixel becomes scale x scale figure pixels.
     side = (width - cols * cell_w + cell_w - tile_w) / 2
@@ -60,10 +61,10 @@ def image_figure(images: np.ndarray, captions: Sequence[str], cols: int = 8, tit
         if i < n:
             ax.imshow(images[i], interpolation="nearest")
             if captions[i]:
-                text = "\n".join(_shorten(part, cell_w) for part in captions[i].split("\n"))
-                ax.set_title(text, fontsize=9, pad=3)
+                text = "\n".join(shorten(part, cell_w - 4, CAPTION_PT) for part in captions[i].split("\n"))
+                ax.set_title(text, fontsize=CAPTION_PT, pad=3)
     if title:
-        fig.suptitle(title, fontsize=11)
+        fig.suptitle(shown, fontsize=TITLE_PT, y=1 - 6 / height, va="top")
     return fig
 
 

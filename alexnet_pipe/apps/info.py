@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from alexnet_pipe.dataset.layout import SHORT_SIDE_COUNTS_BELOW
 from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.dataset.mean import load_dataset_mean
 from alexnet_pipe.dataset.schema import copy_json
 from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.formats import get_format
 from alexnet_pipe.formats.lmdb import dir_size
-
-
-def plural(n: int, word: str, many: str | None = None) -> str:
-    """``"1 shard"``, ``"2 shards"``; ``many`` for irregular plurals (``plural(n, "class", "classes")``)."""
-    return f"{n} {word if n == 1 else many or word + 's'}"
+from alexnet_pipe.text import plural
 
 
 def _human(n: float) -> str:
@@ -31,13 +29,15 @@ def dataset_summary(ds: Dataset) -> dict:
         for s in split.shards:
             size = 0
             for fmt in ds.formats:
-                path = s.lmdb.path if fmt == "lmdb" else s.recordio.rec
+                path = get_format(fmt).data_path(s.files(fmt))
                 size += dir_size(ds.root / path) if (ds.root / path).exists() else 0
             shards.append({"name": s.name, "records": s.records, "bytes": size})
         splits[name] = {
             "records": split.records,
-            "skipped": split.skipped,
+            "skipped": m.skipped_in(name),  # counted from the list: also right for older conversions
             "layout": split.layout,
+            "source_short_side_counts": copy_json(split.source_short_side_counts),  # None: not recorded
+            "upscaled_over_2x": split.upscaled_over_2x,
             "shards": shards,
             "bytes": sum(s["bytes"] for s in shards),
         }
@@ -62,11 +62,24 @@ def dataset_summary(ds: Dataset) -> dict:
         "mean": mean_info,
         "mean_image": mean_image,
         "settings": m.settings.to_json(),
-        "skipped": copy_json(m.skipped),
+        "codecs": copy_json(m.codecs),
+        "skipped": [dict(copy_json(s), path=where) if isinstance(s, dict) else copy_json(s)
+                    for s, (where, _) in zip(m.skipped, m.skipped_shown())],
     }
 
 
-def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> str:
+def _originals(split: dict) -> list[str]:
+    """A line about the inputs' sizes before scaling (none for a conversion that did not record them)."""
+    counts, upscaled = split.get("source_short_side_counts"), split.get("upscaled_over_2x")
+    if not isinstance(counts, dict) or not isinstance(upscaled, int):
+        return []
+    sides = [int(k) for k in counts if str(k).isdigit()]
+    smallest = f"{min(sides)} px" if sides else f"{SHORT_SIDE_COUNTS_BELOW} px or more"
+    return [f"            originals: smallest short side {smallest}, {plural(upscaled, 'image')} scaled up more than "
+            "2x (convert --min-short-side N skips small inputs)"]
+
+
+def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10, max_skipped: int = 10) -> str:
     lines = [f"dataset   {info['root']}  ({info['created_by']}, format version {info['version']})"]
     if info.get("upgrade"):
         lines.append(f"upgrade   {info['upgrade']}")
@@ -86,6 +99,7 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> st
             lines.append(f"            {s['name']}  {plural(s['records'], 'record')}  {_human(s['bytes'])}")
         if len(split["shards"]) > max_shards:
             lines.append(f"            ... {plural(len(split['shards']) - max_shards, 'more shard', 'more shards')}")
+        lines.extend(_originals(split))
     lines.append(f"on disk   {_human(total)}")
     mean = info["mean"]
     if "error" in mean:
@@ -101,8 +115,13 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10) -> st
         over = plural(image["images"], "train image")
         lines.append(f"mean img  {image['size']}x{image['size']} over {over}: {files}")
     lines.append("settings  " + ", ".join(f"{k}={v}" for k, v in info["settings"].items()))
-    for s in info["skipped"][:10]:
-        lines.append(f"skipped   {s['split']}/{s['name']}: {s['reason']}")
-    if len(info["skipped"]) > 10:
-        lines.append(f"skipped   ... {len(info['skipped']) - 10} more (see manifest.json)")
+    codecs = info.get("codecs")
+    if isinstance(codecs, dict):  # a conversion from before they were recorded says nothing
+        lines.append("codecs    " + ", ".join(f"{k} {v}" for k, v in codecs.items())
+                     + "  (a resume, --part or --repair needs these same versions)")
+    for s in info["skipped"][:max_skipped]:
+        lines.append(f"skipped   {s.get('path')}: {s.get('reason')}" if isinstance(s, dict) else f"skipped   {s!r}")
+    if len(info["skipped"]) > max_skipped:
+        lines.append(f"skipped   ... {len(info['skipped']) - max_skipped} more (info --json, or manifest.json, "
+                     "lists them all)")
     return "\n".join(lines)

@@ -4,14 +4,20 @@ dataset's mean image. Both are drawn by :mod:`.image_grid` (matplotlib) as PNG, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alexnet_pipe.apps.figure_file import check_output
-from alexnet_pipe.apps.image_grid import denormalize, draw_grid, draw_image
+from alexnet_pipe.apps.figure_file import check_output, save_figure
+from alexnet_pipe.apps.image_grid import denormalize, draw_grid, image_figure
 from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.dataset.layout import MEAN_IMAGE_NPY
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.dataset.schema import ClassEntry, MeanImage
 from alexnet_pipe.errors import DatasetError
+from alexnet_pipe.text import plural
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def require_gpu(backend: str) -> None:
@@ -19,6 +25,14 @@ def require_gpu(backend: str) -> None:
     from alexnet_pipe.train.runtime import torch_device
 
     torch_device(backend)
+
+
+def _caption(c: ClassEntry) -> str:
+    """A class's name, or its id when the name is empty. A class with no name at all (a hand-made
+    manifest) raises KeyError, as it always has."""
+    if c.name is None:
+        raise KeyError("name")
+    return c.name or c.id
 
 
 def grid_title(root: Path, split: str, crop: int, normalize_std: bool, epoch: int, seed: int) -> str:
@@ -34,7 +48,7 @@ def inspect_batch(root: Path, out: Path, split: str, count: int, crop: int, seed
     them (train: that epoch's order, crops and flips; other splits: centre crops); return the path."""
     from alexnet_pipe.loading.open import epoch_loader
 
-    check_output(out)
+    check_output(out, "grid.png")
     require_gpu(backend)
     cfg = TrainConfig(data_dir=root, backend=backend, crop=crop, rng_seed=seed, normalize_std=normalize_std,
                       batch_size=count, data_threads=1, progress=False)
@@ -42,17 +56,22 @@ def inspect_batch(root: Path, out: Path, split: str, count: int, crop: int, seed
     batch = next(iter(loader))
     mean_rgb, std_rgb = load_dataset_mean(root).rgb()
     images = denormalize(batch.images.float().cpu().numpy(), mean_rgb, std_rgb if normalize_std else None, "NCHW")
-    names = [c["name"] or c["id"] for c in load_dataset(root).classes]
+    names = [_caption(c) for c in load_dataset(root).meta.classes]
     captions = ["flipped" if f else "" for f in batch.flipped.tolist()]
     return draw_grid(images, batch.labels.cpu().tolist(), names, out, captions=captions,
                      title=grid_title(root, split, crop, normalize_std, epoch, seed))
 
 
 def draw_mean_image(root: Path, out: Path) -> Path:
-    """Draw the dataset's mean image (``mean_image.npy``, H x W x 3 RGB float) under a title."""
+    """Draw the dataset's mean image (``mean_image.npy``, H x W x 3 RGB float) under a title into ``out``."""
+    check_output(out, "mean.png")
+    return save_figure(mean_figure(root), out)
+
+
+def mean_figure(root: Path) -> Figure:
+    """The figure of :func:`draw_mean_image`: the mean image at native size or larger, its title wrapped to fit."""
     import numpy as np
 
-    check_output(out)
     ds = load_dataset(root)  # a converted dataset, or one clear error
     path = root / MEAN_IMAGE_NPY
     if not path.is_file():
@@ -64,9 +83,9 @@ def draw_mean_image(root: Path, out: Path) -> Path:
         raise DatasetError(f"cannot read {path} ({exc})") from exc
     if mean.ndim != 3 or mean.shape[2] != 3 or 0 in mean.shape or not np.issubdtype(mean.dtype, np.number):
         raise DatasetError(f"{path} holds an array of shape {mean.shape} ({mean.dtype}), expected H x W x 3 numbers")
-    info = ds.manifest.get("mean_image")
-    images = info.get("images") if isinstance(info, dict) else None
-    over = f", over {images} train images" if isinstance(images, int) else ""
+    info = ds.meta.mean_image
+    images = info.images if isinstance(info, MeanImage) else None
+    over = f", over {plural(images, 'train image')}" if isinstance(images, int) else ""
     title = f"{Path(root).resolve().name}: mean image {mean.shape[0]}x{mean.shape[1]}{over}"
     pixels = np.clip(np.rint(np.nan_to_num(mean.astype(np.float64))), 0, 255).astype(np.uint8)
-    return draw_image(pixels, out, title)
+    return image_figure(pixels[None], [""], 1, title)

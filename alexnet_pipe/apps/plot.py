@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alexnet_pipe.apps.figure_file import check_output, save_figure
+from alexnet_pipe.apps.figure_text import wrap
 from alexnet_pipe.errors import FormatError, InputError
+from alexnet_pipe.text import plural
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -33,7 +35,7 @@ PANELS = (
     ("throughput", "img/s", (("img_per_s", "img/s"),)),
 )
 METRIC_KEYS = tuple(key for _, _, series in PANELS for key, _ in series)
-RESUME_EVENTS = ("resumed", "resume")  # a row {"event": "resumed", "after_epoch": N}
+RESUME_EVENTS = ("resumed", "resume")  # a row {"event": "resumed", "after_epoch": N, "after_step": S}
 RESUME_LABEL = "resumed"
 
 
@@ -123,7 +125,7 @@ def read_metrics(path: Path) -> list[dict]:
         except ValueError as e:
             raise FormatError(f"{path}:{lineno}: {e}; fix or delete that line") from None
     if not epochs:
-        what = f"only {others} other row(s), e.g. test results" if others else "no rows"
+        what = f"only {plural(others, 'other row')}, e.g. test results" if others else "no rows"
         raise FormatError(f"{path} has no per-epoch rows ({what}); pass the metrics log of a training run "
                           "that finished at least one epoch")
     return rows
@@ -137,16 +139,25 @@ def epoch_rows(rows: Sequence[dict]) -> tuple[list[dict], list[int]]:
     ahead (a log appended by a resumed run, or started anew by one), or a change of
     ``world_size`` / ``global_batch`` (a run keeps both from start to end).
 
+    A resume inside epoch N+1 (the marker's ``after_step`` S > 0) is drawn where it happened:
+    at N + S / (the epoch's steps, from its row's ``samples``, ``global_batch`` and ``world_size``).
+
     Example: epochs 1, 2, 3, 2, 3, 4 (appended after a resume from epoch 1) -> rows 1..4, [1].
     """
     by_epoch: dict[int, dict] = {}
-    resumes: set[int] = set()
+    resumes: set[float] = set()
+    mid_epoch: list[tuple[int, int]] = []  # (after_epoch, after_step) of resumes inside an epoch
     prev: dict | None = None
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise InputError(f"row {i} is {type(r).__name__}, expected a dict (read_metrics returns them)")
         if r.get("event") in RESUME_EVENTS:
-            resumes.add(_check_epoch(r.get("after_epoch"), f"row {i}: after_epoch"))
+            after = _check_epoch(r.get("after_epoch"), f"row {i}: after_epoch")
+            step = _check_epoch(r.get("after_step", 0) or 0, f"row {i}: after_step")
+            if step:
+                mid_epoch.append((after, step))
+            else:
+                resumes.add(after)
             continue
         if "epoch" not in r:
             raise InputError(f"row {i} has no 'epoch' key; pass the rows read_metrics returns")
@@ -162,7 +173,23 @@ def epoch_rows(rows: Sequence[dict]) -> tuple[list[dict], list[int]]:
         by_epoch[e] = prev = {**r, "epoch": e}
     if not by_epoch:
         raise InputError("no epoch rows to plot; train for at least one epoch first")
+    for after, step in mid_epoch:
+        resumes.discard(after)  # the same resume, seen in the epoch rows (a jump, a new rank count)
+        steps = _steps_in_epoch(by_epoch.get(after + 1)) or _steps_in_epoch(by_epoch.get(after))
+        resumes.add(after + (min(step / steps, 0.99) if steps else 0.5))
     return [by_epoch[e] for e in sorted(by_epoch)], sorted(resumes)
+
+
+def _steps_in_epoch(row: dict | None) -> int | None:
+    """Steps of the epoch ``row`` closes, from its samples and global batch (None: not in the row).
+
+    Each rank reads ceil(samples / ranks) samples in batches of global_batch / ranks, as the loader does."""
+    if row is None:
+        return None
+    samples, batch, ranks = row.get("samples"), row.get("global_batch"), row.get("world_size", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (samples, batch, ranks)):
+        return None
+    return math.ceil(math.ceil(samples / ranks) / max(batch // ranks, 1))
 
 
 # ---------------------------------------------------------------- curves
@@ -240,8 +267,8 @@ def curves_figure(rows: Sequence[dict], title: str = "") -> Figure:
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     _note_rank_changes(axes[1, 1], ordered, resumes)
-    if title:
-        fig.suptitle(title)
+    if title:  # a long path wraps to the figure's width
+        fig.suptitle(wrap(title, fig.bbox.width - 20, "large"), fontsize="large")
     if bad:
         fig.text(0.995, 0.995, f"values left out (NaN, inf, lr <= 0): {bad}", ha="right", va="top", color="#b41e1e",
                  fontsize="small")
@@ -251,14 +278,17 @@ def curves_figure(rows: Sequence[dict], title: str = "") -> Figure:
 def _note_rank_changes(ax: Axes, rows: list[dict], resumes: list[int]) -> None:
     """Beside each resume line on the img/s panel: the ranks and global batch the run went on with."""
     by_epoch = {r["epoch"]: r for r in rows}
+    lo, hi = ax.get_xlim()
     for x in resumes:
-        after = by_epoch.get(x + 1)
+        after = by_epoch.get(math.floor(x) + 1)
         if after and "world_size" in after:
-            text = f"{after['world_size']} rank{'s' if after['world_size'] != 1 else ''}"
+            text = plural(after["world_size"], "rank")
             if "global_batch" in after:
                 text += f", batch {after['global_batch']}"
-            ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                        textcoords="offset points", ha="left", va="top", fontsize="x-small", color="0.35")
+            right = x - lo > (hi - lo) / 2  # in the right half: written leftwards, so it stays in the panel
+            ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), xytext=(-3 if right else 3, -3),
+                        textcoords="offset points", ha="right" if right else "left", va="top", fontsize="x-small",
+                        color="0.35")
 
 
 def plot_curves(rows: Sequence[dict], out: Path, title: str = "") -> Path:

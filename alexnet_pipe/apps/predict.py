@@ -33,7 +33,7 @@ from alexnet_pipe.inputs.table import Source
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.model.inputspec import InputSpec
-from alexnet_pipe.train.runtime import torch_device
+from alexnet_pipe.train.runtime import padded_warning, torch_device
 
 log = logging.getLogger(__name__)
 
@@ -176,13 +176,19 @@ def stored_jpeg(path: str, settings: ImageSettings) -> bytes:
 
 def preprocess(path: str, spec: InputSpec) -> np.ndarray:
     """One image file -> its 3 x crop x crop network input (raises BadImage, OSError)."""
-    return centre_crop(decode_stored(stored_jpeg(path, image_settings(spec))), spec)
+    return _preprocess(path, spec)[0]
 
 
-def _prepare(path: str, spec: InputSpec) -> np.ndarray | str:
-    """``preprocess``, or the one-line reason the file cannot be used."""
+def _preprocess(path: str, spec: InputSpec) -> tuple[np.ndarray, int]:
+    """``preprocess``, and the short side of the image the crop is cut from."""
+    rgb = decode_stored(stored_jpeg(path, image_settings(spec)))
+    return centre_crop(rgb, spec), min(rgb.shape[:2])
+
+
+def _prepare(path: str, spec: InputSpec) -> tuple[np.ndarray, int] | str:
+    """``_preprocess``, or the one-line reason the file cannot be used."""
     try:
-        return preprocess(path, spec)
+        return _preprocess(path, spec)
     except BadImage as exc:
         return str(exc)
     except OSError as exc:
@@ -246,15 +252,27 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
              net.model.cfg.arch, len(net.classes), net.spec.crop, net.spec.short_side, net.spec.describe(), device)
     items, passed_over = expand_inputs(cfg.inputs)
     predictions: list[Prediction] = []
+    small = 0  # images whose short side is below the crop (padded)
     with ThreadPoolExecutor(cfg.workers) as pool:  # OpenCV and Pillow release the GIL while decoding
         for chunk in _chunks(items, cfg.batch_size):
             ready = list(pool.map(lambda item: item[1] or _prepare(item[0], net.spec), chunk))
             good = [k for k, r in enumerate(ready) if not isinstance(r, str)]
-            tops = top_classes(net, np.stack([ready[k] for k in good])) if good else []
+            tops = top_classes(net, np.stack([ready[k][0] for k in good])) if good else []
+            small += sum(ready[k][1] < net.spec.crop for k in good)
             answers = dict(zip(good, tops))
             predictions += [Prediction(path, answers[k]) if k in answers else Prediction(path, error=ready[k])
                             for k, (path, _) in enumerate(chunk)]
+    if small:
+        log.warning("%s", padded_warning(f"{small} of {len(predictions)} images", net.spec.crop, _small_fix(net.spec)))
     return PredictResult(predictions, net.spec, len(net.classes), device, passed_over)
+
+
+def _small_fix(spec: InputSpec) -> str:
+    """What predict can do about images below the crop: larger images, where it keeps their size."""
+    if spec.short_side == 0:  # the weights' data kept each image's size (convert --short-side 0)
+        return f"pass images at least {spec.crop} pixels on the short side"
+    return (f"the weights resize every image to short side {spec.short_side}, below their crop, as their training "
+            "data was")
 
 
 def format_table(result: PredictResult) -> str:

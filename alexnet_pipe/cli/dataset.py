@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -52,6 +55,9 @@ def _parse_part(ctx, param, value):
               help="Larger images are skipped as decompression bombs.")
 @click.option("--max-file-mb", type=click.IntRange(min=1), default=ImageSettings.max_file_mb, show_default=True,
               help="Larger input files (MiB) are skipped, with a reason, before they are read.")
+@click.option("--min-short-side", type=click.IntRange(min=0), default=ImageSettings.min_short_side,
+              show_default=True, help="Inputs whose original short side (pixels) is below this are skipped, with "
+                                      "a reason (as im2rec users filter thumbnails); 0 keeps every size.")
 @click.option("--no-passthrough", is_flag=True, help="Re-encode every image, even clean small JPEGs.")
 @click.option("--val-labels", type=EXISTING_FILE, default=None,
               help="Labels of a flat val/: LOC_val_solution.csv, Caffe val.txt, the devkit's "
@@ -80,8 +86,8 @@ def _parse_part(ctx, param, value):
                    "ones from RAW (byte-identical to a clean run; refused if the inputs changed).")
 @no_progress()
 def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard_size, workers, seed, max_pixels,
-            max_file_mb, no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run, force, part,
-            repair, no_progress):
+            max_file_mb, min_short_side, no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run,
+            force, part, repair, no_progress):
     """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
 
     Rerunning the same command after an interruption finishes the job.
@@ -97,7 +103,7 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
         formats=("lmdb", "recordio") if fmt == "both" else (fmt,),
         image=ImageSettings(short_side=short_side, quality=quality, max_pixels=max_pixels,
                             passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb,
-                            resize_filter=resize_filter),
+                            resize_filter=resize_filter, min_short_side=min_short_side),
         shard_size=shard_size, workers=workers, seed=seed, force=force,
         progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
         train_list=train_list, val_list=val_list, val_ratio=val_ratio, repair=repair,
@@ -105,7 +111,10 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
     if dry_run:
         from alexnet_pipe.convert.dryrun import format_plan, plan_convert
 
-        click.echo(format_plan(plan_convert(cfg)))
+        plan = plan_convert(cfg)
+        click.echo(format_plan(plan))
+        if plan.stops:  # the run would stop: so does its dry run, for scripts that check first
+            raise click.exceptions.Exit(1)
         return
     # numpy's OpenBLAS starts a thread per core at import, which spins ~0.1 s of CPU in every
     # process (this one, the forkserver): taken from the workers on a small machine. The
@@ -115,14 +124,16 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
         from alexnet_pipe.convert.supervisor import start_early
 
         start_early("alexnet_pipe.imaging.process")  # its imports overlap this process's
-    from alexnet_pipe.apps.info import plural
     from alexnet_pipe.convert.job import run_convert
+    from alexnet_pipe.text import plural
 
-    result = run_convert(cfg)
+    with _stop_resumably():
+        result = run_convert(cfg)
     if repair:
         _echo_repaired(result)
     if result.remaining_shards:
-        click.echo(f"part {part[0]}/{part[1]} done ({result.converted_now} images in {result.seconds:.1f} s); "
+        click.echo(f"part {part[0]}/{part[1]} done "
+                   f"({plural(result.converted_now, 'image')} in {result.seconds:.1f} s); "
                    f"{plural(result.remaining_shards, 'shard')} of other parts "
                    f"{'is' if result.remaining_shards == 1 else 'are'} not in {out} yet. "
                    "The run that completes the last part writes the manifest; or gather all "
@@ -130,12 +141,42 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
         return
     counts = ", ".join(f"{split} {n}" for split, n in result.records.items())
     click.echo(f"wrote {out}: {counts} records, {result.skipped} skipped "
-               f"({result.converted_now} images in {result.seconds:.1f} s, {result.images_per_second:.0f} img/s)")
+               f"({plural(result.converted_now, 'image')} in {result.seconds:.1f} s, "
+               f"{result.images_per_second:.0f} img/s)")
+    for where, why in result.skipped_shown:
+        click.echo(f"skipped   {where}: {why}")
+    if result.skipped:
+        more = result.skipped - len(result.skipped_shown)
+        click.echo(f"skipped   {f'... {more} more; ' if more else ''}`alexnet-pipe info {out}` lists every skipped "
+                   "input with its reason")
+
+
+@contextmanager
+def _stop_resumably() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM stop `convert` as an interruption it resumes from: the job's own
+    cleanup runs (its workers end, finished shards stay), then one line says that rerunning the same
+    command resumes, and the exit code is 130 or 143, as for `train`."""
+    received = [signal.SIGINT]
+
+    def on_sigterm(signum, frame):
+        received[0] = signal.Signals(signum)
+        raise KeyboardInterrupt  # the same path out as Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except KeyboardInterrupt:
+        name = received[0].name
+        click.echo(f"stopped by {name}{' (Ctrl-C)' if name == 'SIGINT' else ''}: the finished shards are kept; "
+                   "rerun the same command to resume", err=True)
+        raise click.exceptions.Exit(128 + received[0]) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _echo_repaired(result) -> None:
     """One line per shard that --repair rewrote."""
-    from alexnet_pipe.apps.info import plural
+    from alexnet_pipe.text import plural
 
     for name, why in result.repaired:
         click.echo(f"REPAIRED {name}: {why}")
@@ -163,9 +204,9 @@ def verify(root, workers, quick, repair, no_progress):
       alexnet-pipe verify batches/ --quick --workers 8     # no decoding: structure and checksums
       alexnet-pipe verify batches/ --repair                # rewrite damaged shards from the raw images
     """
-    from alexnet_pipe.apps.info import plural
     from alexnet_pipe.convert.verify import run_verify
     from alexnet_pipe.dataset.manifest import load_dataset
+    from alexnet_pipe.text import plural
 
     cfg = VerifyConfig(root, workers, not quick, not no_progress, repair=repair)
     if cfg.repair:
@@ -180,7 +221,7 @@ def verify(root, workers, quick, repair, no_progress):
     if not result.ok:
         raise click.ClickException(f"{plural(len(result.problems), 'problem')} in {root}")
     ds = load_dataset(root)
-    images = sum(ds.split(name)["records"] for name in ds.splits())
+    images = sum(ds.split_entry(name).records for name in ds.splits())
     click.echo(f"ok: {plural(images, 'image')} in {plural(len(ds.formats), 'format')} "
                f"({plural(result.records, 'record')} in {plural(result.shards, 'shard')}) match the manifest")
 
@@ -219,11 +260,15 @@ def upgrade(root):
 
 @click.command("update-mean")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
-@click.option("--into", type=DIR, default=None, help="Write mean.json into this dataset directory.")
+@click.option("--into", type=DIR, default=None,
+              help="Write mean.json into this dataset directory (one alexnet-pipe convert wrote; nothing is created). "
+                   "A mean.json there with a std is never replaced.")
 @click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default=None,
               help="Channel order of an .npy mean (default rgb).")
 def update_mean(path, into, channel_order):
     """Upgrade an old full-image mean (neon cache, mean.binaryproto, .npy) to per-channel mean.json.
+
+    A current mean.json with a std (convert's) is kept when the values agree, else the run is refused.
 
     \b
     Examples:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from alexnet_pipe.config import DATATYPES
+from alexnet_pipe.config import DATATYPES, MIN_CROP
 
 DIR = click.Path(path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -115,9 +115,10 @@ def rng_seed(default: int, hidden: bool = False):
 
 
 def crop(default: int | None, help: str | None = None, hidden: bool = False):
-    """--crop; a default of None leaves it to the weights (train, test)."""
+    """--crop, refused below MIN_CROP at parse time; a default of None leaves it to the weights (train, test)."""
     shown = {"show_default": True} if default is not None else {}
-    return click.option("--crop", type=click.IntRange(min=1), default=default, help=help, hidden=hidden, **shown)
+    return click.option("--crop", type=click.IntRange(min=MIN_CROP), default=default, help=help, hidden=hidden,
+                        **shown)
 
 
 def normalize_std(help: str | None = None, hidden: bool = False, from_weights: bool = True):

@@ -32,7 +32,7 @@ def plot(metrics, output):
     from alexnet_pipe.apps.figure_file import check_output
     from alexnet_pipe.apps.plot import plot_curves, read_metrics
 
-    check_output(output)
+    check_output(output, "curves.png")
     click.echo(f"wrote {plot_curves(read_metrics(metrics), output, title=str(metrics))}")
 
 
@@ -107,6 +107,10 @@ def benchmark(backend, device_id, batch_size, crop, datatype, iterations, throug
     from alexnet_pipe.apps.benchmark import format_rows, run_benchmark
     from alexnet_pipe.apps.step_timing import BenchConfig, check_device
 
+    if output is not None:
+        from alexnet_pipe.fsutil import check_output_file
+
+        check_output_file(output, "-o", "bench.jsonl")  # before the timing, not after it
     backend = resolve_backend(backend)
     cfg = BenchConfig(backend=backend, device_id=device_id, batch_size=batch_size, crop=crop,
                       datatype=resolve_datatype(datatype, backend), channels_last=not nchw,

@@ -18,11 +18,14 @@ import alexnet_pipe.cli.options as options
 from alexnet_pipe.cli.options import DIR, opt, verbose
 from alexnet_pipe.config import (
     FREEZE_CHOICES,
+    RUNS_DIR,
+    STOP_GRACE_S,
     TrainConfig,
     resolve_backend,
     run_save_path,
     threads_per_rank,
 )
+from alexnet_pipe.text import plural
 
 _TC = TrainConfig  # the defaults: TrainConfig's class attributes
 
@@ -72,8 +75,9 @@ _TRAIN_OPTIONS = [
     ("head_lr_mult", click.option("--head-lr-mult", type=click.FloatRange(min=0), default=_TC.head_lr_mult,
         show_default=True,
         help="With --finetune: a new fc8 learns at --lr x this.")),
-    ("init", click.option("--init", type=click.Choice(["neon", "kaiming"]), default=_TC.init, show_default=True,
-        help="Weight init: neon's model zoo, or torchvision's (learns faster on small data).")),
+    ("init", click.option("--init", type=click.Choice(["neon", "kaiming"]), default=_TC.init,
+        help="Weight init of a fresh network (or of --finetune's new fc8): neon's model zoo, or torchvision's "
+        "(learns faster on small data) [default: neon]; refused where --model-file gives every layer.")),
     ("reader", click.option("--reader", type=click.Choice(["auto", "lmdb", "recordio"]), default=_TC.reader,
         show_default=True)),
     ("compile_model", click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (GPU).")),
@@ -176,13 +180,29 @@ def _placement(kw: dict) -> dict:
     return placement
 
 
-def _launch(nproc: int, backend: str | None) -> None:
-    """`train --nproc N`: run this same command line as N torchrun ranks on this machine."""
+# Set by --nproc for the ranks it starts: rank 0's resume line launches as many ranks again.
+_NPROC_ENV = "ALEXNET_PIPE_NPROC"
+
+
+def _launch(nproc: int, backend: str | None, run: TrainConfig | None = None) -> None:
+    """`train --nproc N` (``run``: its TrainConfig) or `test --nproc N` (None): run this same command
+    line as N torchrun ranks on this machine. A training run without -s gets its default path here,
+    once for every rank.
+
+    Stopping: torchrun starts each rank in a session of its own, so Ctrl-C reaches this process
+    alone; torch's launcher forwards it (or a SIGTERM) to every rank and waits up to
+    ``STOP_GRACE_S``: each rank finishes its step, rank 0 checkpoints and prints the resume line,
+    and this process exits as they did, 130 or 143, adding nothing. A rank that dies otherwise
+    ends the job in one line naming the rank, how it ended and the last checkpoint."""
+    import time
     import uuid
 
     import torch
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from alexnet_pipe.train.preempt import EXIT_CODES
 
     if "RANK" in os.environ:
         raise click.UsageError("--nproc starts torchrun itself; under torchrun, drop it")
@@ -194,37 +214,72 @@ def _launch(nproc: int, backend: str | None) -> None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         limit = f" (CUDA_VISIBLE_DEVICES={visible} limits what it sees)" if visible is not None else ""
         raise click.UsageError(f"--nproc {nproc} runs one rank per GPU, and this machine has {gpus}{limit}; {fix}")
-    args = _argv_without("--nproc")
+    args = _argv_without("--nproc") + _default_save_args(run.save_path if run else None)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    os.environ[_NPROC_ENV] = str(nproc)
+    _quiet_torch_launcher()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1.0)
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1.0,
+                          shutdown_timeout=STOP_GRACE_S)
+    started = time.time()
     try:
         elastic_launch(config, sys.executable)("-m", "alexnet_pipe", *args)
+    except SignalException as exc:  # the ranks were sent the signal, stopped and said so
+        sys.exit(EXIT_CODES.get(exc.sigval, 128 + exc.sigval))
     except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        if set(codes.values()) <= set(EXIT_CODES.values()):  # a rank was sent SIGTERM/SIGINT: all stopped
+            sys.exit(codes.get(0, max(codes.values())))
         deaths = []
         for rank, failure in sorted(exc.failures.items()):
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
             deaths.append(f"rank {rank} ended with {how}")
         raise click.ClickException(f"the {nproc}-rank job failed: {'; '.join(deaths)} (each rank's own message is "
-                                   "above); resume from the last checkpoint with --model-file") from None
+                                   f"above); {_after_failure(run, started)}") from None
+
+
+def _quiet_torch_launcher() -> None:
+    """torch's launcher logs every signal it forwards and every rank that fails, in lines of its own;
+    `--nproc` says what happened once (-v keeps torch's lines)."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic") or name.startswith("torch.distributed.launcher"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _after_failure(run: TrainConfig | None, started: float) -> str:
+    """What to do after a failed --nproc job: the checkpoint it wrote last and the resume line."""
+    if run is None or run.test_only:
+        return "rerun the same command"
+    ckpt = run.resolved_checkpoint_path()
+    if ckpt is not None and ckpt.is_file() and ckpt.stat().st_mtime >= started:
+        return f"last checkpoint: {ckpt}; resume with: {_resume_command(ckpt, run.save_path, run.world_size)}"
+    if run.model_file is not None:
+        return f"it wrote no checkpoint: rerun the same command to start again from --model-file {run.model_file}"
+    return "it wrote no checkpoint (--serialize N or --checkpoint-minutes M write them): rerun the same command"
 
 
 def _run_training(cfg) -> None:
+    from alexnet_pipe.fsutil import check_output_file
     from alexnet_pipe.train.evaluate import run_test
     from alexnet_pipe.train.loop import fit
 
+    outputs = [(cfg.output_file, "-o", "metrics.jsonl"), (cfg.per_class_file, "--per-class", "per-class.json")]
+    if not cfg.test_only:
+        outputs += [(cfg.save_path, "-s", "alexnet.pt"),
+                    (cfg.resolved_checkpoint_path(), "--checkpoint", "alexnet.ckpt")]
+    for path, what, example in outputs:
+        if path is not None:  # before any work: a bad path must not cost a trained model
+            new_folders = 2 if path.parent.parent == RUNS_DIR else 1  # the default: alexnet-runs/<date-time>/
+            check_output_file(path, what, example, new_folders)
     if cfg.test_only:
         result = run_test(cfg)
         if cfg.rank == 0:  # every rank has the same figures; one prints them
             click.echo(result.neon_line())
         return
-    from alexnet_pipe.fsutil import check_output_file
     from alexnet_pipe.train.preempt import EXIT_CODES
 
-    for path, what in ((cfg.save_path, "-s"), (cfg.resolved_checkpoint_path(), "--checkpoint"),
-                       (cfg.output_file, "-o")):
-        if path is not None:
-            check_output_file(path, what)  # before any work: a bad path must not cost a trained model
     if cfg.rank == 0:
         logging.getLogger(__name__).info("weights will be written to %s, checkpoints to %s", cfg.save_path,
                                          cfg.resolved_checkpoint_path())
@@ -237,9 +292,10 @@ def _run_training(cfg) -> None:
         import signal
 
         name = signal.Signals(result.stopped_by).name
-        click.echo(f"stopped by {name} after {result.epochs_run} epochs; checkpoint: {result.checkpoint_path}",
+        click.echo(f"stopped by {name} after {plural(result.epochs_run, 'epoch')}; "
+                   f"checkpoint: {result.checkpoint_path}", err=True)
+        click.echo(f"resume with: {_resume_command(result.checkpoint_path, cfg.save_path, cfg.world_size)}",
                    err=True)
-        click.echo(f"resume with: {_resume_command(result.checkpoint_path)}", err=True)
         sys.exit(EXIT_CODES.get(result.stopped_by, 1))
     if result.final is not None:
         click.echo(result.final.neon_line())
@@ -247,11 +303,33 @@ def _run_training(cfg) -> None:
         click.echo(f"weights: {result.weights_path}")
 
 
-def _resume_command(ckpt) -> str:
-    """This process's command line with --model-file pointing at ``ckpt``."""
+def _resume_command(ckpt, save_path=None, world_size: int = 1) -> str:
+    """The command that continues this run from ``ckpt``: this process's command line with
+    --model-file pointing at it, -s where the run used the default path, and as many ranks: --nproc N
+    where --nproc started them, or a placeholder for the outside launcher (torchrun, srun)."""
     import shlex
 
-    return shlex.join(["alexnet-pipe", *_argv_without("--model_file", "--model-file"), "--model-file", str(ckpt)])
+    args = _argv_without("--model_file", "--model-file") + _default_save_args(save_path)
+    nproc = os.environ.get(_NPROC_ENV)
+    if nproc and not _given("--nproc"):
+        args += ["--nproc", nproc]
+    if world_size > 1 and not nproc:
+        return (f"<the same {world_size}-rank torchrun or srun launch of> "
+                f"{shlex.join(['-m', 'alexnet_pipe', *args, '--model-file', str(ckpt)])}")
+    return shlex.join(["alexnet-pipe", *args, "--model-file", str(ckpt)])
+
+
+def _default_save_args(save_path) -> list[str]:
+    """``-s PATH`` where a training run writes to the default path (no -s given): the launched ranks and
+    the resume line then use the same path, not one of their own."""
+    if save_path is None or _given("-s", "--save-path", "--save_path"):
+        return []
+    return ["-s", str(save_path)]
+
+
+def _given(*names: str) -> bool:
+    """Whether this process's command line holds one of the options ``names``."""
+    return any(arg in names or arg.startswith(tuple(f"{n}=" for n in names)) for arg in sys.argv[1:])
 
 
 def _argv_without(*names: str) -> list[str]:
@@ -293,7 +371,7 @@ def train(**kw):
     value range and mean/std they record. Weights of other classes need --finetune.
     """
     if kw["nproc"] > 1:
-        _launch(kw["nproc"], kw["backend"])
+        _launch(kw["nproc"], kw["backend"], train_config(kw, test_only=False))
         return
     _run_training(train_config(kw, test_only=False))
 

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alexnet_pipe.apps.info import plural
 from alexnet_pipe.config import ConvertConfig
 from alexnet_pipe.convert.job import find_inputs
-from alexnet_pipe.convert.output import check_output, describe_mismatch, output_identity
+from alexnet_pipe.convert.output import check_output, comparable_identity, describe_mismatch, output_identity
 from alexnet_pipe.convert.plan import ShardPlan
+from alexnet_pipe.dataset import parts
 from alexnet_pipe.dataset.layout import STATE_FILE
-from alexnet_pipe.dataset.parts import load_part
 from alexnet_pipe.errors import SettingsMismatchError
 from alexnet_pipe.inputs.table import ScanResult
+from alexnet_pipe.text import plural
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class ConvertPlan:
     found: ScanResult
     shard_size: int
     output: str  # what the run would do with OUT, in words
+    stops: bool = False  # the run would stop at OUT (the dry run then exits 1, as the run would)
 
 
 def shard_plan(n: int, size: int) -> str:
@@ -43,34 +44,36 @@ def shard_plan(n: int, size: int) -> str:
         return f"1 shard of {plural(n, 'record')}" if n else "no shard"
     last = n - (k - 1) * size
     if last == size:
-        return f"{k} shards of {size} records"
+        return f"{k} shards of {plural(size, 'record')}"
     return f"{k} shards: {k - 1} of {plural(size, 'record')}, the last of {last}"
 
 
-def _output(cfg: ConvertConfig, found: ScanResult, plans: dict[str, int]) -> str:
+def _output(cfg: ConvertConfig, found: ScanResult, plans: dict[str, int]) -> tuple[str, bool]:
+    """What the run would do with OUT, in words, and whether it would stop there."""
     dst = cfg.dst
     if not dst.exists():
-        return f"{dst} would be created"
+        return f"{dst} would be created", False
     try:
         check_output(dst, cfg.force)
     except SettingsMismatchError as exc:
-        return f"the run would stop: {exc}"
+        return f"the run would stop: {exc}", True
     state = dst / STATE_FILE
     if not state.is_file():
-        return f"{dst} exists; the conversion would be written into it"
+        return f"{dst} exists; the conversion would be written into it", False
     try:
         old = json.loads(state.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         old = f"unreadable ({exc})"
     if not isinstance(old, dict):
-        return f"{state} is not a convert state file: {old}; the run would stop"
-    identity = output_identity(cfg, found)
+        return f"{state} is not a convert state file: {old}; the run would stop", True
+    identity = comparable_identity(old, output_identity(cfg, found))  # codec versions: only when recorded
     if old != identity:
         fix = "--force: it would be discarded" if cfg.force else "the run would stop (--force discards it)"
-        return f"{dst} holds a conversion with other settings or input ({describe_mismatch(old, identity)}); {fix}"
+        return (f"{dst} holds a conversion with other settings or input ({describe_mismatch(old, identity)}); {fix}",
+                not cfg.force)
     shards = [ShardPlan(split, k, 0, ()) for split, n in plans.items() for k in range(n)]
-    done = sum(load_part(dst, shard) is not None for shard in shards)
-    return f"{dst} holds this conversion, {done} of {plural(len(shards), 'shard')} complete: the run resumes it"
+    done = sum(parts.load(dst, shard) is not None for shard in shards)
+    return f"{dst} holds this conversion, {done} of {plural(len(shards), 'shard')} complete: the run resumes it", False
 
 
 def plan_convert(cfg: ConvertConfig) -> ConvertPlan:
@@ -81,7 +84,7 @@ def plan_convert(cfg: ConvertConfig) -> ConvertPlan:
     """
     found = find_inputs(cfg, cache_dir=None)
     shards = {split: math.ceil(len(table) / cfg.shard_size) for split, table in found.splits.items()}
-    return ConvertPlan(found, cfg.shard_size, _output(cfg, found, shards))
+    return ConvertPlan(found, cfg.shard_size, *_output(cfg, found, shards))
 
 
 def format_plan(plan: ConvertPlan, max_classes: int = 10, max_skipped: int = 20) -> str:

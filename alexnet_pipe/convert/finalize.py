@@ -7,23 +7,34 @@ again (a --part run that ends just after another, or --repair) writes the same f
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 from alexnet_pipe import __version__
 from alexnet_pipe.config import ConvertConfig, ImageSettings
 from alexnet_pipe.convert.plan import ShardPlan
+from alexnet_pipe.dataset import parts
 from alexnet_pipe.dataset.layout import (
     MANIFEST_FILE,
     MEAN_FILE,
     MEAN_IMAGE_BINARYPROTO,
     MEAN_IMAGE_NPY,
     STAGING_DIR,
+    STATE_FILE,
     split_index_path,
 )
-from alexnet_pipe.dataset.manifest import DATASET_FORMAT, DATASET_VERSION
 from alexnet_pipe.dataset.mean import MeanImageSum, PixelStats, write_mean, write_mean_image
-from alexnet_pipe.dataset.parts import load_part
+from alexnet_pipe.dataset.schema import (
+    DATASET_FORMAT,
+    DATASET_VERSION,
+    ClassEntry,
+    Manifest,
+    MeanImage,
+    Settings,
+    ShardEntry,
+    SplitEntry,
+)
 from alexnet_pipe.errors import SettingsMismatchError
 from alexnet_pipe.formats import get_format
 from alexnet_pipe.fsutil import atomic_write_json, remove
@@ -45,12 +56,22 @@ def _resize_policy(image: ImageSettings) -> dict:
     return policy
 
 
+def _recorded_codecs(dst: Path) -> dict | None:
+    """The codec versions OUT's state file records (what wrote every shard: a resume, --part or --repair
+    with others is refused); None for a conversion begun before they were recorded."""
+    try:
+        codecs = json.loads((dst / STATE_FILE).read_text(encoding="utf-8")).get("codecs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return codecs if isinstance(codecs, dict) else None
+
+
 def id_width(found: ScanResult) -> int:
     """Digits in a record's key (zero-padded): at least 8, more for a split that needs them."""
     return max(8, len(str(max(len(s) for s in found.splits.values()))))
 
 
-def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]]) -> dict:
+def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPlan]]) -> Manifest:
     """Merge the shards' records into the manifest, mean.json and the mean image.
 
     Manifest fields about sizes, for readers that check crops:
@@ -62,74 +83,90 @@ def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardP
       N < 512); ``splits[split]["min_short_side"]``: the smallest stored short side (None when
       the split stored nothing). A training crop C needs padding for images with a short side
       below C: ``sum(n for side, n in counts.items() if int(side) < C)`` of them.
+    - ``splits[split]["source_short_side_counts"]``: the same histogram of the inputs' original
+      short sides (a 32x24 thumbnail counts at 24 however far it was scaled up), and
+      ``upscaled_over_2x``: how many stored images were scaled up more than 2x (both absent when
+      a shard was converted before they were recorded; ``--min-short-side N`` skips the smaller).
     - ``mean_image``: ``{"npy": ..., "binaryproto": ..., "size": S, "images": n}`` (None
       without training images); ``mean``: ``mean.json``, over the same pixels.
     """
     dst = cfg.dst
     splits, skipped = {}, [{"split": s.split, "name": s.name, "reason": s.reason} for s in found.skipped]
+    scan_skips = Counter(s.split for s in found.skipped)
     train_stats = PixelStats()
     train_mean = MeanImageSum(cfg.image.mean_size)
     for split, split_plans in plans.items():
         # One completion record at a time: memory stays flat however many shards there are.
-        labels, short_sides = Counter(), Counter()
-        records = passthrough = n_skipped = 0
+        labels, short_sides, source_sides = Counter(), Counter(), Counter()
+        records = passthrough = n_skipped = upscaled = 0
+        sources_known = True  # every completion record knows its inputs' original sizes
         mins, shards = [], []
         for plan in split_plans:
-            p = load_part(dst, plan)
+            p = parts.load(dst, plan)
             if p is None:  # checked under the lock just before: a shard vanished meanwhile
                 raise SettingsMismatchError(
                     f"shard {plan.name} of {dst} disappeared while finishing; rerun the command")
-            labels.update({int(k): v for k, v in p["labels"].items()})
-            short_sides.update({int(k): v for k, v in p["short_side_counts"].items()})
-            skipped.extend(p["skipped"])
-            records, passthrough, n_skipped = (records + p["records"], passthrough + p["passthrough"],
-                                               n_skipped + len(p["skipped"]))
-            if p["min_short_side"] is not None:
-                mins.append(p["min_short_side"])
+            labels.update({int(k): v for k, v in p.labels.items()})
+            short_sides.update({int(k): v for k, v in p.short_side_counts.items()})
+            if isinstance(p.source_short_side_counts, dict) and isinstance(p.upscaled_over_2x, int):
+                source_sides.update({int(k): v for k, v in p.source_short_side_counts.items()})
+                upscaled += p.upscaled_over_2x
+            else:
+                sources_known = False
+            skipped.extend(p.skipped)
+            records, passthrough, n_skipped = (records + p.records, passthrough + p.passthrough,
+                                               n_skipped + len(p.skipped))
+            if p.min_short_side is not None:
+                mins.append(p.min_short_side)
             if split == "train":
-                train_stats.merge(PixelStats.from_json(p["stats"]))
-                if p.get("mean_sums"):
-                    sums = MeanImageSum.from_bytes((dst / p["mean_sums"]).read_bytes(), p["mean_sums"])
+                train_stats.merge(PixelStats.from_json(p.stats))
+                if p.mean_sums:
+                    sums = MeanImageSum.from_bytes((dst / p.mean_sums).read_bytes(), p.mean_sums)
                     train_mean.add(sums.sum, sums.count)
-            if p["records"] > 0:  # an all-bad shard has no files
-                shards.append({k: p[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in p})
-        entry = {
-            "records": records,
-            "inputs": len(found.splits[split]),
-            "skipped": n_skipped,
-            "passthrough": passthrough,
-            "class_counts": [labels.get(i, 0) for i in range(len(found.classes))],
-            "short_side_counts": {str(k): v for k, v in sorted(short_sides.items())},
-            "min_short_side": min(mins) if mins else None,
-            "layout": found.layout[split],
-            "shards": shards,
-        }
+            if p.records > 0:  # an all-bad shard has no files
+                shards.append(ShardEntry(name=p.name, records=p.records, first_id=p.first_id, lmdb=p.lmdb,
+                                         recordio=p.recordio))
+        entry = SplitEntry(
+            records=records,
+            # The one skip count: the scan's skips of this split (a junk folder, a missing listed
+            # file) as well as the images that failed to convert, as the ``skipped`` list names them.
+            inputs=len(found.splits[split]) + scan_skips[split],
+            skipped=n_skipped + scan_skips[split],
+            passthrough=passthrough,
+            class_counts=tuple(labels.get(i, 0) for i in range(len(found.classes))),
+            short_side_counts={str(k): v for k, v in sorted(short_sides.items())},
+            min_short_side=min(mins) if mins else None,
+            source_short_side_counts={str(k): v for k, v in sorted(source_sides.items())} if sources_known else None,
+            upscaled_over_2x=upscaled if sources_known else None,
+            layout=found.layout[split],
+            shards=tuple(shards),
+        )
         if shards:  # the files a format keeps per split (RecordIO's combined index)
             for fmt in cfg.formats:
-                entry.update(get_format(fmt).finish_split(dst, split, shards))
+                entry = get_format(fmt).finish_split(dst, split, entry)
         splits[split] = entry
     mean_image = None
     if train_stats.pixels:
         size = cfg.image.mean_size
         source = f"train split: centre {size}x{size} of every image ({_resize_policy(cfg.image)['rule']})"
         write_mean(dst / MEAN_FILE, train_stats.to_mean(source))
-        mean_image = write_mean_image(dst, train_mean, train_stats.images)
-    manifest = {
-        "format": DATASET_FORMAT,
-        "version": DATASET_VERSION,
-        "created_by": f"alexnet-pipe {__version__}",
-        "settings": cfg.settings(),
-        "resize": _resize_policy(cfg.image),
-        "classes": [
-            {"index": i, "id": c, "name": found.class_names.get(c, "")} for i, c in enumerate(found.classes)
-        ],
-        "splits": splits,
-        "mean": MEAN_FILE if train_stats.pixels else None,
-        "mean_image": mean_image,
-        "record_id_width": id_width(found),
-        "skipped": skipped,
-    }
-    atomic_write_json(dst / MANIFEST_FILE, manifest)
+        mean_image = MeanImage.from_json(write_mean_image(dst, train_mean, train_stats.images))
+    manifest = Manifest(
+        format=DATASET_FORMAT,
+        version=DATASET_VERSION,
+        created_by=f"alexnet-pipe {__version__}",
+        settings=Settings(cfg.settings()),
+        resize=_resize_policy(cfg.image),
+        codecs=_recorded_codecs(dst),
+        classes=tuple(ClassEntry(index=i, id=c, name=found.class_names.get(c, ""))
+                      for i, c in enumerate(found.classes)),
+        splits=splits,
+        mean=MEAN_FILE if train_stats.pixels else None,
+        mean_image=mean_image,
+        record_id_width=id_width(found),
+        skipped=tuple(skipped),
+    )
+    atomic_write_json(dst / MANIFEST_FILE, manifest.to_json())
     remove(dst / STAGING_DIR)
     return manifest
 

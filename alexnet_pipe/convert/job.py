@@ -20,8 +20,7 @@ from pathlib import Path
 import lmdb
 from tqdm import tqdm
 
-from alexnet_pipe.apps.info import plural
-from alexnet_pipe.config import ConvertConfig
+from alexnet_pipe.config import SKIPPED_SHOWN, ConvertConfig
 from alexnet_pipe.convert.accumulate import ShardState, commit_shard
 from alexnet_pipe.convert.encode import chunks, encoded_chunks
 from alexnet_pipe.convert.finalize import finalize, finalized_files, id_width, read_or_none
@@ -35,12 +34,13 @@ from alexnet_pipe.convert.output import (
     run_lock,
 )
 from alexnet_pipe.convert.plan import ShardPlan, plan_shards
+from alexnet_pipe.dataset import parts
 from alexnet_pipe.dataset.layout import LOCK_FILE, PARTS_DIR, RECORDIO_DIR, SCAN_CACHE, STAGING_DIR, STATE_FILE
-from alexnet_pipe.dataset.parts import load_part
 from alexnet_pipe.errors import SettingsMismatchError
 from alexnet_pipe.fsutil import output_error, remove, remove_temps
 from alexnet_pipe.inputs.scan import scan
 from alexnet_pipe.inputs.table import ScanResult
+from alexnet_pipe.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class ConvertResult:
     remaining_shards: int = 0  # > 0 only after a --part run while other parts are unfinished
     repaired: tuple[tuple[str, str], ...] = ()  # --repair: (shard or file, what was done and why) per rewrite
     sums_added: int = 0  # --repair: intact shards that got their per-record checksums
+    skipped_shown: tuple[tuple[str, str], ...] = ()  # (where, why) of the first skipped inputs (SKIPPED_SHOWN)
 
     @property
     def images_per_second(self) -> float:
@@ -125,13 +126,13 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
     mine = [plan for k, plan in enumerate(all_plans) if cfg.part is None or k % cfg.part[1] == cfg.part[0]]
     mine_names = {plan.name for plan in mine}
     for plan in all_plans:
-        if load_part(cfg.dst, plan) is not None:
+        if parts.load(cfg.dst, plan) is not None:
             done.add(plan.name)
         elif plan.name in mine_names:
             if not cfg.repair:  # --repair replaces files only with identical ones (accumulate._check_same)
                 clear_shard(cfg.dst, plan)
             pending.append(plan)
-    expect: dict[str, dict] = {}  # --repair: the completion record each rewritten shard must match
+    expect: dict[str, parts.Part] = {}  # --repair: the completion record each rewritten shard must match
     repaired: list[tuple[str, str]] = []
     sums_added = 0
     if cfg.repair:
@@ -167,7 +168,7 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
         # Under the lock, and with the completion records read again: --part runs finishing at
         # the same time each see the other's shards: the last to take the lock writes the manifest (one
         # that ends just after the first may write it again, identically: every byte follows from OUT).
-        done.update(plan.name for plan in all_plans if plan.name not in done and load_part(cfg.dst, plan))
+        done.update(plan.name for plan in all_plans if plan.name not in done and parts.load(cfg.dst, plan))
         remaining = len(all_plans) - len(done)
         if remaining:  # only with --part: the other parts finish the job
             return ConvertResult(cfg.dst, {}, 0, todo, time.perf_counter() - started, remaining)
@@ -179,10 +180,11 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
                                  + (" (it was missing)" if old is None else "")))
     return ConvertResult(
         cfg.dst,
-        {s: e["records"] for s, e in manifest["splits"].items()},
-        len(manifest["skipped"]),
+        {s: e.records for s, e in manifest.splits.items()},
+        len(manifest.skipped),
         todo,
         time.perf_counter() - started,
         repaired=tuple(repaired),
         sums_added=sums_added,
+        skipped_shown=tuple(manifest.skipped_shown()[:SKIPPED_SHOWN]),
     )

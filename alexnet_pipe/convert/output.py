@@ -35,6 +35,7 @@ from alexnet_pipe.dataset.layout import (
 )
 from alexnet_pipe.errors import BusyError, SettingsMismatchError
 from alexnet_pipe.fsutil import atomic_write_json, remove
+from alexnet_pipe.imaging.codec_versions import codec_changes, codec_versions
 from alexnet_pipe.inputs.table import ScanResult
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,16 @@ def _plan_digest(found: ScanResult) -> str:
 
 
 def output_identity(cfg: ConvertConfig, found: ScanResult) -> dict:
-    """What OUT's state file records: a rerun resumes only a conversion with this same identity."""
-    return {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found)}
+    """What OUT's state file records: a rerun resumes only a conversion with this same identity,
+    codec versions included (they change the bytes written: imaging/codec_versions.py)."""
+    return {"tool": "alexnet-pipe convert", "settings": cfg.settings(), "plan": _plan_digest(found),
+            "codecs": codec_versions()}
+
+
+def comparable_identity(recorded: dict, identity: dict) -> dict:
+    """``identity`` as ``recorded`` can be compared with it: a conversion from before codec versions were
+    recorded resumes whatever they are (nothing says which wrote it)."""
+    return identity if "codecs" in recorded else {k: v for k, v in identity.items() if k != "codecs"}
 
 
 def describe_mismatch(old: dict, new: dict) -> str:
@@ -66,6 +75,8 @@ def describe_mismatch(old: dict, new: dict) -> str:
     ]
     if old.get("plan") != new["plan"]:
         diffs.append("the input files or their labels changed")
+    if codecs := codec_changes(old.get("codecs"), new.get("codecs", {})):
+        diffs.append(f"codec versions: {codecs}")
     return "; ".join(diffs) or "a different alexnet-pipe output version"
 
 
@@ -91,18 +102,20 @@ def prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False)
     state = dst / STATE_FILE
     if state.exists():
         old = json.loads(state.read_text(encoding="utf-8"))
-        if repair and old != identity:
+        same = comparable_identity(old, identity)
+        _check_codecs(dst, old, same, force, repair)
+        if repair and old != same:
             raise SettingsMismatchError(
-                f"the inputs or settings are not those {dst} was converted from ({describe_mismatch(old, identity)}); "
+                f"the inputs or settings are not those {dst} was converted from ({describe_mismatch(old, same)}); "
                 "--repair rewrites shards only from the very same inputs, so nothing was changed: restore the "
                 "inputs, or reconvert into a new directory")
-        if old == identity:
+        if old == same:
             for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):  # a user may have deleted one
                 (dst / name).mkdir(exist_ok=True)
             return
         if not force:
             raise SettingsMismatchError(
-                f"{dst} holds a conversion made with other settings or input ({describe_mismatch(old, identity)}); "
+                f"{dst} holds a conversion made with other settings or input ({describe_mismatch(old, same)}); "
                 "rerun with the same settings to resume it, choose another output directory, "
                 "or pass --force to discard it and start over"
             )
@@ -113,6 +126,24 @@ def prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False)
     atomic_write_json(state, identity)  # first: a concurrent --part run then sees OUT as ours
     for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
         (dst / name).mkdir(exist_ok=True)
+
+
+def _check_codecs(dst: Path, old: dict, identity: dict, force: bool, repair: bool) -> None:
+    """Refuse, in one line, to add to OUT with codec versions other than those that wrote it (when all
+    else is the same: other settings or inputs get describe_mismatch's line)."""
+    codecs = codec_changes(old.get("codecs"), identity.get("codecs", {}))
+    same_rest = {k: v for k, v in old.items() if k != "codecs"} == {k: v for k, v in identity.items() if k != "codecs"}
+    if not codecs or not same_rest or (force and not repair):
+        return
+    recorded = ", ".join(f"{k} {v}" for k, v in sorted(old["codecs"].items()))
+    if repair:
+        raise SettingsMismatchError(
+            f"{dst} was converted with other codec versions ({codecs}), so rewritten shards would not be "
+            f"byte-identical; nothing was changed: repair with the recorded versions ({recorded}), or reconvert "
+            "into a new directory")
+    raise SettingsMismatchError(
+        f"{dst} was converted with other codec versions ({codecs}), which write other bytes: convert with the "
+        f"recorded versions ({recorded}) to resume it or add a --part, or start a new output with --force")
 
 
 def clear_shard(dst: Path, plan: ShardPlan) -> None:

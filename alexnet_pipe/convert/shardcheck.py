@@ -10,16 +10,19 @@ other (convert imports this module only under --repair: it brings verify's reade
 
 from __future__ import annotations
 
+import dataclasses
 from array import array
 from pathlib import Path
 
 from alexnet_pipe.config import FORMATS, ConvertConfig
 from alexnet_pipe.convert.plan import ShardPlan
 from alexnet_pipe.convert.verify import Problem, _Task, check_shards
+from alexnet_pipe.dataset import parts as completion
 from alexnet_pipe.dataset.checksum import encode_record_sums
 from alexnet_pipe.dataset.layout import part_path, record_sums_path
 from alexnet_pipe.dataset.mean import MeanImageSum
-from alexnet_pipe.dataset.parts import part_files, read_part
+from alexnet_pipe.dataset.parts import Part
+from alexnet_pipe.dataset.schema import ShardEntry
 from alexnet_pipe.errors import AlexnetPipeError
 from alexnet_pipe.fsutil import atomic_write_bytes, atomic_write_json
 from alexnet_pipe.inputs.table import ScanResult
@@ -33,9 +36,9 @@ def _reason(problem: Problem) -> str:
     return text
 
 
-def _mean_sums_problem(dst: Path, part: dict) -> str | None:
+def _mean_sums_problem(dst: Path, part: Part) -> str | None:
     """Why a train shard's mean-image sums (``.parts/<shard>.mean.npz``) cannot be used, or None."""
-    rel = part.get("mean_sums")
+    rel = part.mean_sums
     if not rel:
         return None
     if not isinstance(rel, str):
@@ -58,13 +61,14 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
     """
     dst, damaged, tasks, parts = cfg.dst, {}, [], {}
     for plan in plans:
-        part = parts[plan.name] = read_part(dst, plan)
-        if not part["records"]:  # every input skipped: no files to check
+        part = parts[plan.name] = completion.read(dst, plan)
+        if not part.records:  # every input skipped: no files to check
             continue
         if (why := _mean_sums_problem(dst, part)) is not None:
             damaged[plan.name] = why
             continue
-        entry = {k: part[k] for k in ("name", "records", "first_id", "lmdb", "recordio") if k in part}
+        entry = ShardEntry(name=part.name, records=part.records, first_id=part.first_id, lmdb=part.lmdb,
+                           recordio=part.recordio)
         for fmt in cfg.formats:
             rel = record_sums_path(plan.name, fmt)
             # version 1: a map size is no damage (that is `upgrade`'s business)
@@ -73,48 +77,50 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
     outcomes = check_shards(tasks, cfg.workers, cfg.progress, "check")
     new_sums: dict[str, dict[str, array]] = {}
     for task, out in zip(tasks, outcomes):
-        name = task.entry["name"]
+        name = task.entry.name
         wrong = [p for p in out.problems if p.where != task.sums]
         if wrong:
             damaged.setdefault(name, _reason(wrong[0]))
-        elif task.sums is None or out.problems or "record_sums" not in parts[name]:
+        elif task.sums is None or out.problems or "record_sums" not in parts[name].key_order:  # as read
             new_sums.setdefault(name, {})[task.fmt] = out.crcs
     added = 0
     for name, by_fmt in new_sums.items():
         if name in damaged:  # rewritten whole, with its checksums
             continue
         part = parts[name]
-        part.pop("record_sums", None)  # re-added last, where a clean run has it
-        part["record_sums"] = {}
+        sums = {}
         for fmt in (f for f in FORMATS if f in cfg.formats):
-            rel = part["record_sums"][fmt] = record_sums_path(name, fmt)
+            rel = sums[fmt] = record_sums_path(name, fmt)
             if fmt in by_fmt:
                 atomic_write_bytes(dst / rel, encode_record_sums(by_fmt[fmt]))
-        atomic_write_json(dst / part_path(name), part)
+        # written last, where a clean run has it: out of the key order as read
+        part = dataclasses.replace(part, record_sums=sums,
+                                   key_order=tuple(k for k in part.key_order if k != "record_sums"))
+        atomic_write_json(dst / part_path(name), part.to_json())
         added += 1
     return damaged, added
 
 
 def plan_repair(cfg: ConvertConfig, found: ScanResult, all_plans: list[ShardPlan], done: set[str],
-                pending: list[ShardPlan], expect: dict[str, dict], repaired: list[tuple[str, str]]
+                pending: list[ShardPlan], expect: dict[str, Part], repaired: list[tuple[str, str]]
                 ) -> tuple[list[ShardPlan], int]:
     """--repair: check every finished shard against its recorded checksum; the damaged ones join
     ``pending`` (and leave ``done``), each expected to come out as its completion record says.
     Returns the new pending list and how many intact shards got per-record checksums."""
     for plan in pending:  # not finished: a file of it is gone, or it was never written
-        old = read_part(cfg.dst, plan)
+        old = completion.read(cfg.dst, plan)
         if old is None:
             repaired.append((plan.name, "written from the raw inputs (the conversion had not finished it)"))
             continue
         expect[plan.name] = old
-        gone = [f for f in part_files(old) if not (cfg.dst / f).exists()]
+        gone = [f for f in old.files() if not (cfg.dst / f).exists()]
         repaired.append((plan.name, f"rewritten from the raw inputs ({', '.join(gone) or 'a file'} missing)"))
     finished = [plan for plan in all_plans if plan.name in done]
     damaged, sums_added = check_finished(cfg, finished, len(found.classes))
     for plan in finished:
         if plan.name in damaged:
             done.discard(plan.name)
-            expect[plan.name] = read_part(cfg.dst, plan)
+            expect[plan.name] = completion.read(cfg.dst, plan)
             repaired.append((plan.name, f"rewritten from the raw inputs ({damaged[plan.name]})"))
             pending.append(plan)
     order = {plan.name: k for k, plan in enumerate(all_plans)}

@@ -77,10 +77,17 @@ def describe_death(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def ignore_sigint() -> None:
+    """A worker's first act: Ctrl-C reaches the terminal's whole process group, and the parent alone
+    acts on it (it ends its workers and says how to resume); a worker would print a trace of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # ---------------------------------------------------------------- one task, one process
 
 
 def _send_result(conn, fn: Callable, args: tuple) -> None:
+    ignore_sigint()
     try:
         conn.send(fn(*args))
     finally:
@@ -119,7 +126,7 @@ def ordered_results(tasks: Iterable, fn: Callable, args: Callable[[Any], tuple],
         for task in tasks:
             yield task, fn(*args(task))
         return
-    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=ignore_sigint)
     window: deque = deque()
     tasks = iter(tasks)
     try:
@@ -141,7 +148,7 @@ def ordered_results(tasks: Iterable, fn: Callable, args: Callable[[Any], tuple],
                             "process of its own", sum(not ok for _, ok, _ in redo))
                 for task, ok, done in redo:
                     yield task, (done.result() if ok else rerun(task))
-                pool = ProcessPoolExecutor(workers, mp_context=ctx)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=ignore_sigint)
                 continue
             yield head, result
     finally:
@@ -167,7 +174,7 @@ class Ticker:
 def _serve(conn, fn: Callable) -> None:
     """A queued worker: take (number, task) from ``conn`` until None; answer ticks and one
     ("done", number, ``fn(task, tick)``) each."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends its workers
+    ignore_sigint()
     faulthandler.disable()  # a death by signal is reported by the parent, not dumped here
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))

@@ -12,12 +12,15 @@ safe to kill and rerun: each shard file is swapped atomically, and the manifest 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from alexnet_pipe.dataset.layout import MANIFEST_FILE, part_path
 from alexnet_pipe.dataset.manifest import DATASET_VERSION, Dataset, load_dataset
+from alexnet_pipe.dataset.parts import Part
+from alexnet_pipe.dataset.schema import Settings
 from alexnet_pipe.formats import get_format
 from alexnet_pipe.fsutil import atomic_write_json
 
@@ -38,14 +41,14 @@ class UpgradeResult:
 def _update_part(root: Path, name: str, fmt: str, size: int) -> None:
     """The shard's completion record gets its new size too: a convert rerun (or --repair) rebuilds
     the manifest from the completion records."""
-    part = root / part_path(name)
+    path = root / part_path(name)
     try:
-        record = json.loads(part.read_text(encoding="utf-8"))
+        part = Part.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError):
         return  # none, or damaged: convert redoes a shard without a readable completion record
-    if isinstance(record.get(fmt), dict) and record[fmt].get("bytes") != size:
-        record[fmt]["bytes"] = size
-        atomic_write_json(part, record)
+    entry = getattr(part, fmt)
+    if entry is not None and entry.bytes != size:
+        atomic_write_json(path, dataclasses.replace(part, **{fmt: dataclasses.replace(entry, bytes=size)}).to_json())
 
 
 def run_upgrade(root: Path) -> UpgradeResult:
@@ -58,21 +61,25 @@ def run_upgrade(root: Path) -> UpgradeResult:
     version = ds.version
     if version == DATASET_VERSION:
         return UpgradeResult(root, version, 0)
-    manifest = json.loads(json.dumps(ds.manifest))  # a copy to edit
+    splits = dict(ds.meta.splits)
     rewritten = 0
     for fmt in map(get_format, ds.formats):
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                entry = shard[fmt.name]
-                rewrote = fmt.upgrade(root, entry)
-                if rewrote is None:  # nothing to upgrade in this format
+        for name, split in splits.items():
+            shards = list(split.shards)
+            for k, shard in enumerate(shards):
+                upgraded = fmt.upgrade(root, shard.files(fmt.name))
+                if upgraded is None:  # nothing to upgrade in this format
                     continue
+                rewrote, entry = upgraded
                 rewritten += rewrote
+                shards[k] = dataclasses.replace(shard, **{fmt.name: entry})
                 # the completion record named as the shard's files are (a checked path, unlike "name")
-                _update_part(root, Path(fmt.data_path(entry)).name, fmt.name, entry["bytes"])
+                _update_part(root, Path(fmt.data_path(entry)).name, fmt.name, entry.bytes)
+            splits[name] = dataclasses.replace(split, shards=tuple(shards))
     # Version 1 never upscaled: record that, so training knows small images were kept small.
-    manifest["settings"].setdefault("upscale", False)
-    manifest["version"] = DATASET_VERSION
-    manifest["upgraded_from"] = version
-    atomic_write_json(root / MANIFEST_FILE, manifest)
+    settings = dict(ds.meta.settings.values)
+    settings.setdefault("upscale", False)
+    manifest = dataclasses.replace(ds.meta, version=DATASET_VERSION, upgraded_from=version, settings=Settings(settings),
+                                   splits=splits)
+    atomic_write_json(root / MANIFEST_FILE, manifest.to_json())
     return UpgradeResult(root, version, rewritten)

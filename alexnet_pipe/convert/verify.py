@@ -40,9 +40,11 @@ from alexnet_pipe.dataset.layout import (
     record_sums_path,
 )
 from alexnet_pipe.dataset.manifest import load_dataset
+from alexnet_pipe.dataset.schema import ShardEntry
 from alexnet_pipe.errors import AlexnetPipeError
 from alexnet_pipe.formats import get_format
 from alexnet_pipe.formats.base import Scanned
+from alexnet_pipe.text import plural
 
 MAX_PROBLEMS_PER_SHARD = 50
 EXTRA_RECORDS = 1000  # read at most this many records past the manifest's count (a loop in corrupt data ends)
@@ -68,7 +70,7 @@ class _Task:
     root: Path
     split: str
     fmt: str  # the format's name (formats.get_format)
-    entry: dict  # the shard's manifest entry
+    entry: ShardEntry  # the shard's entry (in the manifest, or as its completion record has it)
     num_classes: int
     decode: bool
     version: int
@@ -77,10 +79,10 @@ class _Task:
 
     @property
     def where(self) -> str:
-        return get_format(self.fmt).data_path(self.entry[self.fmt])
+        return get_format(self.fmt).data_path(self.entry.files(self.fmt))
 
     def files(self) -> list[str]:
-        return get_format(self.fmt).files(self.entry[self.fmt])
+        return get_format(self.fmt).files(self.entry.files(self.fmt))
 
 
 @dataclass
@@ -126,12 +128,12 @@ def _verify_shard(task: _Task, tick: _Ticker) -> _Outcome:
     digest = RecordDigest()
     sums = _load_sums(task, out)
     named: list[Problem] = []
-    scan = get_format(task.fmt).scanner(task.root, task.entry[task.fmt], task.version, _repair(task))
+    scan = get_format(task.fmt).scanner(task.root, task.entry.files(task.fmt), task.version, _repair(task))
     found, readable = scan.open()
     out.problems += [Problem(where, None, message) for where, message in found]
     if not readable:
         return out
-    limit = task.entry["records"] + EXTRA_RECORDS
+    limit = task.entry.records + EXTRA_RECORDS
     records = scan.records()
     try:
         for raw in records:
@@ -139,7 +141,7 @@ def _verify_shard(task: _Task, tick: _Ticker) -> _Outcome:
             tick(out.records)
             if out.records > limit:
                 out.problems.append(Problem(task.where, None, f"holds more than {limit - 1} records (stopped "
-                                                              f"reading); the manifest says {task.entry['records']}"))
+                                                              f"reading); the manifest says {task.entry.records}"))
                 break
             record = scan.parse(raw)
             digest.update(record.key, record.value)
@@ -148,12 +150,12 @@ def _verify_shard(task: _Task, tick: _Ticker) -> _Outcome:
             if msg:
                 out.problems.append(Problem(task.where, record.name, msg))
     except (OSError, AlexnetPipeError) as exc:
-        out.problems.append(Problem(task.where, None, f"unreadable after {out.records} records ({exc}); "
+        out.problems.append(Problem(task.where, None, f"unreadable after {plural(out.records, 'record')} ({exc}); "
                                                       f"{_repair(task)}"))
     finally:
         records.close()
     out.problems += [Problem(where, None, message) for where, message in scan.end(out.records)]
-    _finish(task, out, digest, task.entry[task.fmt]["checksum"], sums, named)
+    _finish(task, out, digest, task.entry.files(task.fmt).checksum, sums, named)
     return out
 
 
@@ -180,8 +182,8 @@ def _load_sums(task: _Task, out: _Outcome):
         return None
     try:
         with open(task.root / task.sums, "rb") as f:  # a regular file (``_sums_file``)
-            data = f.read(4 * task.entry["records"] + 17)  # one byte more than it should hold
-        return decode_record_sums(data, task.entry["records"], task.sums)
+            data = f.read(4 * task.entry.records + 17)  # one byte more than it should hold
+        return decode_record_sums(data, task.entry.records, task.sums)
     except (OSError, AlexnetPipeError) as exc:
         out.problems.append(Problem(task.sums, None, f"cannot be used ({exc}); run alexnet-pipe verify {task.root} "
                                                      "--repair to rewrite it"))
@@ -202,8 +204,9 @@ def _finish(task: _Task, out: _Outcome, digest: RecordDigest, expected: str, sum
     file is wrong, not the records. Without per-record sums, a checksum that differs names no record.
     """
     count, entry = out.records, task.entry
-    if count != entry["records"]:
-        out.problems.append(Problem(task.where, None, f"holds {count} records, the manifest says {entry['records']}"))
+    if count != entry.records:
+        out.problems.append(Problem(task.where, None,
+                                    f"holds {plural(count, 'record')}, the manifest says {entry.records}"))
     intact = "sha256:" + digest.hexdigest() == expected
     if intact and named:
         out.problems.append(Problem(task.sums, None, f"does not match the records of {task.where} (whose checksum "
@@ -255,11 +258,11 @@ def check_shards(tasks: list[_Task], workers: int, progress: bool, desc: str,
                 if exitcode is None else f"the checker died ({describe_death(exitcode)}) while reading it")
         return _Outcome(records, [Problem(task.where, None, f"{what}: the shard is corrupt; {_repair(task)}")], None)
 
-    bar = tqdm(total=sum(t.entry["records"] for t in tasks), unit="rec", desc=desc, disable=not progress,
+    bar = tqdm(total=sum(t.entry.records for t in tasks), unit="rec", desc=desc, disable=not progress,
                dynamic_ncols=True)
     try:
         return run_queued(tasks, _verify_task, worker_context("alexnet_pipe.convert.verify"), workers,
-                          units=lambda task: task.entry["records"], stall_seconds=stall_seconds,
+                          units=lambda task: task.entry.records, stall_seconds=stall_seconds,
                           on_progress=lambda n: bar.update(max(0, n)), on_lost=lost,
                           cannot_start="verify cannot start its checker processes")
     finally:
@@ -277,19 +280,19 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     if (hint := ds.upgrade_hint()) is not None:
         result.notes.append(hint)
     result.problems += verify_fields(ds)
-    if ds.manifest.get("mean"):
+    if ds.meta.mean:
         result.problems += verify_mean(ds)
     result.problems += verify_mean_image(ds)
     tasks = []
     for split in ds.splits():
-        for entry in ds.shards(split):
+        for entry in ds.shard_entries(split):
             tasks += [_Task(cfg.root, split, fmt, entry, ds.num_classes, cfg.decode, ds.version,
                             _sums_file(cfg.root, entry, fmt))
                       for fmt in ds.formats]
-        if ds.shards(split):  # the files a format keeps per split (RecordIO's combined index)
+        if ds.shard_entries(split):  # the files a format keeps per split (RecordIO's combined index)
             for fmt in ds.formats:
-                result.problems += [Problem(where, None, message)
-                                    for where, message in get_format(fmt).check_split(cfg.root, ds.split(split))]
+                result.problems += [Problem(where, None, message) for where, message
+                                    in get_format(fmt).check_split(cfg.root, ds.split_entry(split))]
     outcomes = check_shards(tasks, cfg.workers, cfg.progress, "verify", stall_seconds)
     for outcome in outcomes:
         result.records += outcome.records
@@ -305,7 +308,7 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
     return result
 
 
-def _sums_file(root: Path, entry: dict, fmt: str) -> str | None:
+def _sums_file(root: Path, entry: ShardEntry, fmt: str) -> str | None:
     """The shard's per-record CRC file, if convert wrote one (datasets converted before it did have none)."""
-    rel = record_sums_path(entry["name"], fmt)
+    rel = record_sums_path(entry.name, fmt)
     return rel if rel is not None and (root / rel).is_file() else None

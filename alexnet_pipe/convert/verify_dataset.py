@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from alexnet_pipe.dataset.layout import MANIFEST_FILE, MEAN_FILE, PARTS_DIR
-from alexnet_pipe.dataset.manifest import Dataset, unknown_fields
+from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.dataset.mean import ChannelMean, PixelStats, load_dataset_mean
+from alexnet_pipe.dataset.parts import Part
 from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.text import plural
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,17 @@ def _train_part_stats(ds: Dataset) -> PixelStats | None:
         for path in sorted(parts.glob("train-*.json")):
             if not path.is_file():
                 return None
-            part = json.loads(path.read_text(encoding="utf-8"))
-            if part["split"] != "train":
+            part = Part.from_json(json.loads(path.read_text(encoding="utf-8")))  # ValueError: not a record
+            if "split" not in part.key_order:  # a record without one describes no known shard
+                return None
+            if part.split != "train":
                 continue
-            stats.merge(PixelStats.from_json(part["stats"]))
-            if part["records"]:
-                names.add((part["name"], part["records"]))
+            stats.merge(PixelStats.from_json(part.stats))
+            if part.records:
+                names.add((part.name, part.records))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    if names != {(s["name"], s["records"]) for s in ds.shards("train")}:
+    if names != {(s.name, s.records) for s in ds.shard_entries("train")}:
         return None
     return stats
 
@@ -65,10 +69,10 @@ def verify_mean(ds: Dataset) -> list[Problem]:
     if not mean.images:  # an upgraded old mean (update-mean): nothing here to check it against
         return []
     problems = []
-    train = ds.split("train")["records"] if "train" in ds.splits() else 0
+    train = ds.split_entry("train").records if "train" in ds.splits() else 0
     if mean.images != train:
-        problems.append(Problem(MEAN_FILE, None, f"says it averages {mean.images} images, the train split holds "
-                                                 f"{train} records"))
+        problems.append(Problem(MEAN_FILE, None, f"says it averages {plural(mean.images, 'image')}, the train "
+                                                 f"split holds {plural(train, 'record')}"))
     stats = _train_part_stats(ds)
     if stats is not None and stats.pixels:
         expected = stats.to_mean(mean.source)
@@ -97,13 +101,13 @@ def verify_counts(ds: Dataset, tasks: list, outcomes: list) -> list[Problem]:
     its checker died)."""
     problems = []
     for split in ds.splits():
-        entry = ds.split(split)
+        entry = ds.split_entry(split)
         for fmt in ds.formats:
             outs = _split_totals(tasks, outcomes, split, fmt)
             if outs is None:
                 continue
             found = [sum(col) for col in zip(*(out.labels for out in outs))] if outs else [0] * ds.num_classes
-            stated = entry["class_counts"]
+            stated = list(entry.class_counts)
             if found != stated:
                 diff = [f"class {i}: {a} stated, {b} read" for i, (a, b) in enumerate(zip(stated, found)) if a != b]
                 problems.append(Problem(f"manifest {split}", None, (
@@ -113,31 +117,32 @@ def verify_counts(ds: Dataset, tasks: list, outcomes: list) -> list[Problem]:
             for out in outs:
                 for side, n in out.sides.items():
                     sides[str(side)] = sides.get(str(side), 0) + n
-            if ("short_side_counts" in entry
-                    and entry["short_side_counts"] != dict(sorted(sides.items(), key=lambda kv: int(kv[0])))):
+            if (entry.short_side_counts is not None
+                    and entry.short_side_counts != dict(sorted(sides.items(), key=lambda kv: int(kv[0])))):
                 problems.append(Problem(f"manifest {split}", None, (
-                    f"short_side_counts {entry['short_side_counts']} do not match the images in the {fmt} shards "
+                    f"short_side_counts {entry.short_side_counts} do not match the images in the {fmt} shards "
                     f"({dict(sorted(sides.items(), key=lambda kv: int(kv[0])))})")[:500]))
             smallest = min((out.min_side for out in outs if out.min_side is not None), default=None)
-            if "min_short_side" in entry and entry["min_short_side"] != smallest:
-                problems.append(Problem(f"manifest {split}", None, f"min_short_side is {entry['min_short_side']}, the "
+            # recorded (null included: a split that stored nothing), unless the conversion predates it
+            if "min_short_side" in entry.key_order and entry.min_short_side != smallest:
+                problems.append(Problem(f"manifest {split}", None, f"min_short_side is {entry.min_short_side}, the "
                                                                    f"smallest image in the {fmt} shards is {smallest}"))
     return problems
 
 
 def verify_mean_image(ds: Dataset) -> list[Problem]:
     """The mean image files the manifest lists are there, the .npy with the shape it should have."""
-    entry = ds.manifest.get("mean_image")
-    if not entry:
+    entry = ds.meta.mean_image
+    if entry is None:
         return []
     problems = []
-    size = entry.get("size")
-    for key in ("npy", "binaryproto"):
-        path = ds.root / entry[key]
+    size = entry.size
+    for rel in (entry.npy, entry.binaryproto):
+        path = ds.root / rel
         if not path.is_file():
-            problems.append(Problem(entry[key], None, f"is missing (the manifest lists it as the mean image); rerun "
-                                                      f"the alexnet-pipe convert command that made {ds.root}"))
-    npy = ds.root / entry["npy"]
+            problems.append(Problem(rel, None, f"is missing (the manifest lists it as the mean image); rerun "
+                                               f"the alexnet-pipe convert command that made {ds.root}"))
+    npy = ds.root / entry.npy
     if size is not None and npy.is_file():
         try:
             with open(npy, "rb") as f:
@@ -149,15 +154,15 @@ def verify_mean_image(ds: Dataset) -> list[Problem]:
                 data_at = f.tell()
             want = (size, size, 3)
             if shape != want or dtype != np.float32 or fortran or npy.stat().st_size != data_at + 4 * 3 * size * size:
-                problems.append(Problem(entry["npy"], None, f"holds {dtype} {shape} in {npy.stat().st_size} bytes; "
-                                                            f"expected float32 {want}"))
+                problems.append(Problem(entry.npy, None, f"holds {dtype} {shape} in {npy.stat().st_size} bytes; "
+                                                         f"expected float32 {want}"))
         except (OSError, ValueError, SyntaxError, TypeError) as exc:
-            problems.append(Problem(entry["npy"], None, f"is not a readable .npy ({exc})"))
+            problems.append(Problem(entry.npy, None, f"is not a readable .npy ({exc})"))
     return problems
 
 
 def verify_fields(ds: Dataset) -> list[Problem]:
-    unknown = unknown_fields(ds.manifest)
+    unknown = ds.meta.unknown_fields()
     return [Problem(MANIFEST_FILE, None,
                     f"has fields this alexnet-pipe never writes ({', '.join(map(repr, unknown[:5]))}"
                     f"{', ...' if len(unknown) > 5 else ''}): the manifest was edited or damaged; "

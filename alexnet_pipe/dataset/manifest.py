@@ -30,9 +30,11 @@ __all__ = ["DATASET_FORMAT", "DATASET_VERSION", "READABLE_VERSIONS", "Dataset", 
 class Dataset:
     """A loaded manifest plus the directory it describes.
 
-    ``meta`` is the typed manifest; ``manifest`` the same as JSON (a dict, key for key as in
-    manifest.json), as are what ``classes``, ``split()`` and ``shards()`` return: the public API
-    (docs/API.md) and the readers not yet moved to ``meta``. Treat them as read-only.
+    ``meta`` is the typed manifest (schema.py), ``split_entry`` and ``shard_entries`` its parts:
+    what the package reads. ``manifest`` is the same as JSON (a dict, key for key as in
+    manifest.json), as are what ``classes``, ``split()`` and ``shards()`` return: kept as public
+    API (docs/API.md) for scripts that index the JSON; no module of the package uses them. Treat
+    them as read-only.
     """
 
     root: Path

@@ -130,6 +130,12 @@ def _channels(value, name: str, top: float, where: str) -> tuple[float, float, f
     return tuple(float(v) for v in value)
 
 
+def newer_version(obj) -> int | None:
+    """The version of an alexnet-pipe mean.json object newer than this code reads, else None."""
+    version = obj.get("version") if isinstance(obj, dict) and obj.get("format") == MEAN_FORMAT else None
+    return version if type(version) is int and version > MEAN_VERSION else None
+
+
 def parse_mean(obj: dict, where: str) -> ChannelMean:
     """Validate a mean.json object; a full-image or unknown mean raises OldMeanFormatError,
     a mean.json with values that are not numbers in range (NaN, inf, booleans, strings, the wrong
@@ -162,7 +168,8 @@ def read_mean_file(path: Path) -> ChannelMean:
     """Read and validate a mean.json (see ``parse_mean``).
 
     Raises:
-        DatasetError: unreadable, or values that are not a usable mean (the message names the fix).
+        DatasetError: unreadable, a newer format version, or values that are not a usable mean (the
+            message names the fix).
         OldMeanFormatError: not our mean format.
     """
     try:
@@ -171,6 +178,9 @@ def read_mean_file(path: Path) -> ChannelMean:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
         raise DatasetError(f"cannot read {path} ({str(exc)[:200]}); {MEAN_FIX}") from exc
+    if newer_version(obj) is not None:  # not an old format: update-mean would be the wrong advice
+        raise DatasetError(f"{path} has mean format version {newer_version(obj)}, newer than this alexnet-pipe "
+                           f"reads ({MEAN_VERSION}); use a newer alexnet-pipe")
     try:
         return parse_mean(obj, str(path))
     except OldMeanFormatError:
@@ -182,6 +192,20 @@ def read_mean_file(path: Path) -> ChannelMean:
 # What repairs a damaged mean.json of a converted dataset: convert's last step writes it.
 MEAN_FIX = ("rerun the alexnet-pipe convert command that made the dataset (it rewrites mean.json from the shards' "
             "pixel sums), or run alexnet-pipe update-mean on the old mean file it came from")
+
+
+def missing_std_fix(root: Path) -> str:
+    """What gives ``root/mean.json`` back its std (for ``--normalize-std``): a backup that holds one
+    (an older update-mean replaced convert's mean.json by a mean without std), else a convert rerun."""
+    path = root / MEAN_FILE
+    for backup in sorted(root.glob(f"{MEAN_FILE}.bak*")):
+        try:
+            if read_mean_file(backup).std is not None:
+                return f"its backup {backup} has one: mv {backup} {path}"
+        except (DatasetError, OldMeanFormatError):
+            continue
+    return ("rerun the alexnet-pipe convert command that made the dataset (it writes mean.json with the std), "
+            "or drop --normalize-std")
 
 
 def load_dataset_mean(root: Path) -> ChannelMean:

@@ -1,6 +1,6 @@
 """A shard's completion record (``.parts/<shard>.json``): its typed record (``Part``), reading it,
 listing its files, telling whether the shard is complete. convert writes these records; convert,
-its --repair check, dryrun and upgrade read them.
+its --repair check, dryrun, upgrade and verify's check of mean.json read them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,11 @@ class _Named(Protocol):
     """A shard by name: convert's shard plan (``convert/plan.py``) is the usual one."""
 
     name: str
+
+
+# Fields about the inputs' original sizes: absent in records from before they were kept (--repair
+# rewrites such a shard all the same; the manifest then leaves them out for its split).
+SOURCE_SIZE_FIELDS = ("source_short_side_counts", "upscaled_over_2x")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +52,8 @@ class Part(JsonRecord):
     stats: dict | None = None
     short_side_counts: dict[str, int] | None = None
     min_short_side: int | None = None
+    source_short_side_counts: dict[str, int] | None = None  # the inputs' short sides before scaling (same rule)
+    upscaled_over_2x: int | None = None  # images scaled up more than 2x
     skipped: list[dict] | None = None
     mean_sums: str | None = None
     lmdb: LmdbFiles | None = None
@@ -96,20 +103,3 @@ def load(dst: Path, plan: _Named) -> Part | None:
         return part
     return None  # a file vanished since: redo the shard
 
-
-# The same as JSON, for the readers not yet moved to ``Part``.
-def read_part(dst: Path, plan: _Named) -> dict | None:
-    """``read`` as JSON."""
-    part = read(dst, plan)
-    return None if part is None else part.to_json()
-
-
-def part_files(part: dict) -> list[str]:
-    """``Part.files`` of a record as JSON."""
-    return Part.from_json(part).files()
-
-
-def load_part(dst: Path, plan: _Named) -> dict | None:
-    """``load`` as JSON."""
-    part = load(dst, plan)
-    return None if part is None else part.to_json()

@@ -57,18 +57,19 @@ def record_table(ds: Dataset, split: str, kind: str) -> RecordTable:
     Raises:
         DatasetError: a shard is missing or does not match the manifest.
     """
-    shards = ds.shards(split)
+    shards = ds.shard_entries(split)
     if not shards:
         raise DatasetError(f"the {split} split of {ds.root} has no records")
-    starts = tuple(int(n) for n in np.cumsum([0] + [s["records"] for s in shards[:-1]]))
+    starts = tuple(int(n) for n in np.cumsum([0] + [s.records for s in shards[:-1]]))
     located = get_format(kind).locate(ds, split)
+    width = ds.meta.record_id_width  # absent in manifests from before it was recorded: 8, as then
     lengths = [shard.lengths for shard in located if shard.lengths is not None]
     return RecordTable(
         kind, str(ds.root), tuple(shard.path for shard in located),
-        np.concatenate([np.full(entry["records"], k, np.int32) for k, entry in enumerate(shards)]),
+        np.concatenate([np.full(entry.records, k, np.int32) for k, entry in enumerate(shards)]),
         np.concatenate([shard.refs for shard in located]),
-        np.concatenate(lengths) if lengths else None, int(ds.manifest.get("record_id_width", 8)),
-        split, tuple(s["name"] for s in shards), starts,
+        np.concatenate(lengths) if lengths else None, 8 if width is None else int(width),
+        split, tuple(s.name for s in shards), starts,
     )
 
 
@@ -155,3 +156,23 @@ class RecordReader:
         for shard in self._open.values():
             shard.close()
         self._open.clear()
+
+    def key(self, i: int) -> str:
+        """The key record ``i`` is stored under in its shard (read, and CRC-checked, to find it)."""
+        self.read(i)
+        k = int(self.table.shard[i])
+        return self._open[k].key(int(self.table.ref[i]), i - self.table.starts[k])
+
+
+def source_names(ds: Dataset, split: str, numbers: list[int]) -> list[str] | None:
+    """The input file each of records ``numbers`` of ``split`` was converted from, relative to the
+    split's folder (``"n01440764/n01440764_10026.JPEG"``), from the LMDB keys (``%08d_<name>``,
+    ``formats/lmdb.py``: ``lmdb_key``); None where the dataset has no LMDB shards (RecordIO keeps
+    no names, only the record's number). A name longer than LMDB's key limit comes back cut."""
+    if "lmdb" not in ds.formats:
+        return None
+    reader = RecordReader(record_table(ds, split, "lmdb"))
+    try:
+        return [reader.key(int(i)).split("_", 1)[-1] for i in numbers]
+    finally:
+        reader.close()

@@ -32,6 +32,18 @@ DATASET_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 _RECORD_ONLY = ("extra", "key_order")  # a record's fields that are not JSON keys
+# What a list-file split's ``layout`` holds (inputs/listfile.py): its names, skipped ones included,
+# are paths relative to RAW, not to a split folder.
+PATHS_UNDER_RAW = "paths under RAW"
+
+
+def skipped_path(entry: Any, layout: str | None) -> str:
+    """Where a ``skipped`` entry's input is, as a user finds it: ``split/name`` (the name is relative to
+    the split's folder or archive), or the name alone for a list-file split (already relative to RAW)."""
+    if not isinstance(entry, dict):
+        return repr(entry)
+    name = str(entry.get("name"))
+    return name if PATHS_UNDER_RAW in (layout or "") else f"{entry.get('split')}/{name}"
 
 
 def copy_json(value: Any) -> Any:
@@ -77,6 +89,12 @@ class JsonRecord:
     def json_keys(cls) -> tuple[str, ...]:
         """The keys this version writes, in the writer's order."""
         return _json_keys(cls)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        """The record of the JSON object ``data``, every key kept as read (records with typed parts
+        override this)."""
+        return cls._read(data)
 
     @classmethod
     def _read(cls, data: dict, **typed: Any):
@@ -125,10 +143,6 @@ class LmdbFiles(JsonRecord):
     extra: dict = field(default_factory=dict)
     key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
-    @classmethod
-    def from_json(cls, data: dict) -> LmdbFiles:
-        return cls._read(data)
-
 
 @dataclass(**_RECORD)
 class RecordioFiles(JsonRecord):
@@ -141,10 +155,6 @@ class RecordioFiles(JsonRecord):
     bytes: int | None = None
     extra: dict = field(default_factory=dict)
     key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
-
-    @classmethod
-    def from_json(cls, data: dict) -> RecordioFiles:
-        return cls._read(data)
 
 
 @dataclass(**_RECORD)
@@ -178,6 +188,8 @@ class SplitEntry(JsonRecord):
     ``short_side_counts``: ``{"<side>": images}`` for every stored short side below 512 pixels;
     ``min_short_side``: the smallest (None when nothing was stored). Both are absent in
     conversions from before they were recorded, and so are ``inputs`` and ``passthrough``.
+    ``records + skipped == inputs``; ``skipped`` counts the manifest's ``skipped`` entries of the
+    split (older conversions left out what the scan skipped: ``Manifest.skipped_in`` counts those too).
     """
 
     NULLABLE = frozenset({"min_short_side"})
@@ -189,6 +201,8 @@ class SplitEntry(JsonRecord):
     class_counts: tuple[int, ...]
     short_side_counts: dict[str, int] | None = None
     min_short_side: int | None = None
+    source_short_side_counts: dict[str, int] | None = None  # the inputs' short sides before scaling, same rule
+    upscaled_over_2x: int | None = None  # stored images scaled up more than 2x
     layout: str
     shards: tuple[ShardEntry, ...]
     recordio_index: str | None = None
@@ -216,10 +230,6 @@ class ClassEntry(JsonRecord):
     extra: dict = field(default_factory=dict)
     key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
-    @classmethod
-    def from_json(cls, data: dict) -> ClassEntry:
-        return cls._read(data)
-
 
 @dataclass(**_RECORD)
 class MeanImage(JsonRecord):
@@ -232,10 +242,6 @@ class MeanImage(JsonRecord):
     images: int | None = None
     extra: dict = field(default_factory=dict)
     key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
-
-    @classmethod
-    def from_json(cls, data: dict) -> MeanImage:
-        return cls._read(data)
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,9 @@ class Manifest(JsonRecord):
     created_by: str | None = None
     settings: Settings
     resize: dict | None = None
+    # The libraries that wrote the bytes (imaging/codec_versions.py): {"opencv": ..., "simplejpeg": ...,
+    # "pillow": ..., "numpy": ...}; absent in conversions from before they were recorded.
+    codecs: dict | None = None
     classes: tuple[ClassEntry, ...]
     splits: dict[str, SplitEntry]
     mean: str | None = None
@@ -322,6 +331,20 @@ class Manifest(JsonRecord):
             skipped=tuple(copy_json(data["skipped"])),
             **({"mean_image": _record(MeanImage, data["mean_image"])} if "mean_image" in data else {}),
         )
+
+    def skipped_in(self, split: str) -> int:
+        """How many inputs of ``split`` the ``skipped`` list names: the one skip count (convert's summary,
+        ``info``), also for conversions whose per-split count left out inputs the scan skipped."""
+        return sum(1 for s in self.skipped if isinstance(s, dict) and s.get("split") == split)
+
+    def skipped_shown(self) -> list[tuple[str, str]]:
+        """(where, reason) of every skipped input, in the list's order (see ``skipped_path``)."""
+        def layout(entry: Any) -> str | None:
+            split = self.splits.get(entry.get("split")) if isinstance(entry, dict) else None
+            return split.layout if isinstance(split, SplitEntry) and isinstance(split.layout, str) else None
+
+        return [(skipped_path(s, layout(s)), str(s.get("reason")) if isinstance(s, dict) else "")
+                for s in self.skipped]
 
     def unknown_fields(self) -> list[str]:
         """Fields this version never writes, as dotted paths (``splits.train.shards[3].lmdb.x``)."""

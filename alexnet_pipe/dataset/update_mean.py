@@ -8,13 +8,16 @@ Old formats, all full mean images:
 - Caffe's ``mean.binaryproto``: a BlobProto, 1 x C x H x W, BGR.
 - ``mean.npy``: H x W x 3 (or 3 x H x W), RGB unless told otherwise.
 
-Each also gets a ``mean.json`` (RGB) that our own tools read. Anything overwritten is backed
-up first (``name.bak``, ``name.bak1``, ...).
+Each also gets a ``mean.json`` (RGB) that our own tools read, beside it or in ``--into``, a
+dataset directory convert wrote. Anything overwritten is backed up first (``name.bak``,
+``name.bak1``, ...), but a current ``mean.json`` is never replaced by one with less in it: convert's
+(with its std and counts) is kept when the values agree, and otherwise the run is refused.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import operator
 import pickle
 import pickletools
@@ -27,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet_pipe.config import UpdateMeanConfig
-from alexnet_pipe.dataset.layout import MEAN_FILE, OLD_MEAN_FILES
-from alexnet_pipe.dataset.mean import ChannelMean, read_mean_file, write_mean
+from alexnet_pipe.dataset.layout import MANIFEST_FILE, MEAN_FILE, OLD_MEAN_FILES
+from alexnet_pipe.dataset.mean import MEAN_VERSION, ChannelMean, newer_version, read_mean_file, write_mean
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, UnsafePickleError
 from alexnet_pipe.formats.blobproto import decode_blobproto
 from alexnet_pipe.fsutil import atomic_write_bytes, backup_path
@@ -39,6 +42,8 @@ NEON_CACHE_PROTOCOL = 2  # what neon's save_obj wrote; the highest a Python 2 ne
 # A 1024x1024 float64 mean image is 24 MiB; anything much larger is not a mean file.
 MAX_MEAN_FILE_BYTES = 256 << 20
 NPY_MAX_HEADER = 10_000  # numpy's own limit for a header it will parse
+# A mean image's plane means (float32 pixels) agree with convert's exact mean.json to ~1e-5 of 0..255.
+SAME_MEAN_ATOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -270,27 +275,63 @@ def _backup(path: Path, data: bytes | None = None) -> Path:
     return dst
 
 
+def _held(mean: ChannelMean) -> str:
+    """What a mean carries beyond the three values, in words: "its std, 18 images" (or "")."""
+    return ", ".join(([] if mean.std is None else ["its std"]) + ([f"{mean.images:,} images"] if mean.images else []))
+
+
+def _newer_version(path: Path) -> int | None:
+    """The version of an alexnet-pipe mean.json newer than this code reads (else None)."""
+    try:
+        return newer_version(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _plan_mean_json(out: Path, mean: ChannelMean, src: Path) -> tuple[bool, tuple[str, ...]]:
+    """Whether ``out`` needs writing, and notes for the user. A current mean.json is never replaced
+    by one with less in it (update-mean's means carry no std and no counts): with the same values
+    it is kept, with others refused; a newer format is refused. Runs before anything is written."""
+    if not out.exists():
+        return True, ()
+    newer = _newer_version(out)
+    if newer is not None:
+        raise DatasetError(f"{out} has mean format version {newer}, newer than this alexnet-pipe reads "
+                           f"({MEAN_VERSION}); nothing changed: use a newer alexnet-pipe")
+    try:
+        old = read_mean_file(out)
+    except AlexnetPipeError:
+        return True, ()  # unreadable or old format: replace it (after a backup)
+    if _held(old) and not _held(mean):
+        if np.allclose(old.rgb()[0], mean.rgb()[0], rtol=0, atol=SAME_MEAN_ATOL):  # e.g. the dataset's own mean image
+            return False, (f"kept {out}: it holds this mean and {_held(old)}",)
+        rgb = "  ".join(f"{c}={v:.3f}" for c, v in zip("RGB", mean.rgb()[0]))
+        raise DatasetError(f"{out} already holds a per-channel mean with {_held(old)}; {src.name} gives another "
+                           f"({rgb}) with no std, and update-mean never replaces a mean with less: nothing changed "
+                           f"(to use it anyway, move the current one aside first: mv {out} {out}.own)")
+    # Same values already there (a rerun): keep the file; other values replace it, after a backup.
+    return not np.allclose(old.rgb()[0], mean.rgb()[0], rtol=0, atol=1e-9), ()
+
+
 def _write_mean_json(out: Path, mean: ChannelMean, written: list[Path], backups: list[Path]) -> None:
-    """Write ``out`` unless it already holds these values; back up whatever it replaces."""
+    """Write ``out`` (where ``_plan_mean_json`` said to); back up whatever it replaces."""
     if out.exists():
-        try:
-            old = read_mean_file(out)
-        except AlexnetPipeError:
-            old = None  # unreadable or old format: replace it (after a backup)
-        # Same values already there (a rerun): keep the file, and any std it carries.
-        if old is not None and np.allclose(old.rgb()[0], mean.mean, rtol=0, atol=1e-9):
-            return
         backups.append(_backup(out))
     write_mean(out, mean)
     written.append(out)
 
 
 def _out_dir(cfg: UpdateMeanConfig, default: Path) -> Path:
+    """Where mean.json goes: beside the mean file, or ``--into``, a dataset that convert wrote
+    (nothing is created: a mean.json alone in a folder is read by nothing)."""
     if cfg.into is None:
         return default
-    if cfg.into.exists() and not cfg.into.is_dir():
-        raise AlexnetPipeError(f"--into {cfg.into} is a file; expected a directory to write {MEAN_FILE} into")
-    cfg.into.mkdir(parents=True, exist_ok=True)
+    fix = f"give the directory alexnet-pipe convert wrote, or leave out --into to write {MEAN_FILE} beside {cfg.path}"
+    if not cfg.into.is_dir():
+        raise DatasetError(f"--into {cfg.into} {'is not a directory' if cfg.into.exists() else 'does not exist'}; "
+                           f"{fix}")
+    if not (cfg.into / MANIFEST_FILE).is_file():
+        raise DatasetError(f"--into {cfg.into} is not an alexnet-pipe dataset (no {MANIFEST_FILE}); {fix}")
     return cfg.into
 
 
@@ -306,6 +347,11 @@ def _update_neon_cache(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
     except FormatError as exc:
         raise FormatError(f"{path}: {exc}; expected neon's dataset_cache.pkl") from exc
     bgr, what, current = _neon_bgr_mean(cache, path)
+    rgb = bgr[::-1]
+    source = f"upgraded from {path.name} ({what})" if not current else f"from {path.name} ({what})"
+    mean = ChannelMean(tuple(float(v) for v in rgb), None, "RGB", 0, 0, source)
+    out = _out_dir(cfg, path.parent) / MEAN_FILE
+    write_json, kept = _plan_mean_json(out, mean, path)  # refusals come before the cache is rewritten
     written: list[Path] = []
     backups: list[Path] = []
     if not current:
@@ -318,12 +364,10 @@ def _update_neon_cache(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
         backups.append(_backup(path, raw))  # the very bytes that were read
         atomic_write_bytes(path, data)
         written.append(path)
-    rgb = bgr[::-1]
-    source = f"upgraded from {path.name} ({what})" if not current else f"from {path.name} ({what})"
-    mean = ChannelMean(tuple(float(v) for v in rgb), None, "RGB", 0, 0, source)
-    _write_mean_json(_out_dir(cfg, path.parent) / MEAN_FILE, mean, written, backups)
+    if write_json:
+        _write_mean_json(out, mean, written, backups)
     read = f"{path} ({what}, {'BGR (3, 1): already current' if current else 'RGB planar'})"
-    return UpdateMeanResult(mean, written, backups, not written, read, _scale_notes(rgb))
+    return UpdateMeanResult(mean, written, backups, not written, read, kept + _scale_notes(rgb))
 
 
 def _update_mean_file(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
@@ -333,6 +377,9 @@ def _update_mean_file(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
         return _update_neon_cache(path, cfg)
     if suffix == ".json":
         mean = read_mean_file(path)
+        if cfg.into is not None:
+            raise AlexnetPipeError(f"{path} is already a current {MEAN_FILE}: --into applies to old mean files "
+                                   f"(to use this mean for {cfg.into}, copy it there)")
         return UpdateMeanResult(mean, [], [], True, f"{path} (current {MEAN_FILE} format)")
     if suffix == ".binaryproto":
         decoded = _read_binaryproto(path, cfg.channel_order)
@@ -344,10 +391,13 @@ def _update_mean_file(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
     prefix = "from" if decoded.what == "per-channel mean" else "upgraded from"
     mean = ChannelMean(tuple(float(v) for v in decoded.rgb), None, "RGB", 0, 0,
                        f"{prefix} {path.name} ({decoded.what})")
+    out = _out_dir(cfg, path.parent) / MEAN_FILE
+    write_json, kept = _plan_mean_json(out, mean, path)
     written: list[Path] = []
     backups: list[Path] = []
-    _write_mean_json(_out_dir(cfg, path.parent) / MEAN_FILE, mean, written, backups)
-    return UpdateMeanResult(mean, written, backups, not written, decoded.read, decoded.notes)
+    if write_json:
+        _write_mean_json(out, mean, written, backups)
+    return UpdateMeanResult(mean, written, backups, not written, decoded.read, kept + decoded.notes)
 
 
 def run_update_mean(cfg: UpdateMeanConfig) -> UpdateMeanResult:
@@ -355,12 +405,14 @@ def run_update_mean(cfg: UpdateMeanConfig) -> UpdateMeanResult:
 
     Args:
         cfg: ``path`` is a dataset directory or one old mean file; ``into`` a directory for
-            ``mean.json`` (default: beside the file); ``channel_order`` the order of an .npy mean.
+            ``mean.json`` (default: beside the file), an existing dataset (with ``manifest.json``);
+            ``channel_order`` the order of an .npy mean.
     Returns:
         what was read, written and backed up. A directory that already holds a valid
         ``mean.json`` is reported as current and left alone.
     Raises:
-        AlexnetPipeError: nothing to upgrade, unreadable or malformed input, unsafe pickle.
+        AlexnetPipeError: nothing to upgrade, unreadable or malformed input, unsafe pickle, an
+            ``--into`` that is not a dataset, a current mean.json that would lose its std or counts.
     """
     path = cfg.path
     if not path.exists():

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from alexnet_pipe.dataset.schema import LmdbFiles, RecordioFiles, SplitEntry
 from alexnet_pipe.errors import DatasetError
 
 Finding = tuple[str, str]  # a shard-level problem: (the file it is about, relative to the root; what is wrong)
+Files = LmdbFiles | RecordioFiles  # a shard's entry for one format (``ShardEntry.files(name)``)
 
 
 class ShardFormatWriter(ABC):
@@ -43,12 +45,13 @@ class ShardFormatWriter(ABC):
         """One record, in record-id order (from a sorting writer's ``close``)."""
 
     @abstractmethod
-    def close(self, followers: list[ShardFormatWriter]) -> tuple[dict, array]:
+    def close(self, followers: list[ShardFormatWriter]) -> tuple[Files, array]:
         """Finish the files (a sorting writer first passes its records to ``followers``).
 
         Returns:
-            (the shard's manifest entry for this format, paths relative to the dataset root;
-            each record's CRC-32 in stored order, see dataset/checksum.py).
+            (the shard's entry for this format, paths relative to the dataset root: what its
+            completion record and the manifest hold; each record's CRC-32 in stored order, see
+            dataset/checksum.py).
         """
 
 
@@ -129,11 +132,11 @@ class Format(ABC):
     size_rank: int  # lower: a shard's bytes are closer to its JPEG bytes (what shm.py estimates from)
 
     @abstractmethod
-    def files(self, entry: dict) -> list[str]:
+    def files(self, entry: Files) -> list[str]:
         """A shard's files, relative to the dataset root, from its entry for this format; the first
         is the file or folder a reader opens."""
 
-    def data_path(self, entry: dict) -> str:
+    def data_path(self, entry: Files) -> str:
         return self.files(entry)[0]
 
     @abstractmethod
@@ -157,25 +160,27 @@ class Format(ABC):
         """(JPEG bytes, label) of a record's stored bytes (``ShardReader.read``)."""
 
     @abstractmethod
-    def scanner(self, root: Path, entry: dict, version: int, repair: str) -> ShardScanner:
+    def scanner(self, root: Path, entry: Files, version: int, repair: str) -> ShardScanner:
         """A scanner of the shard whose entry for this format is ``entry``, in a dataset of format
         ``version``; ``repair`` is the advice that ends a problem that a rewrite repairs."""
 
-    def finish_split(self, dst: Path, split: str, shards: list[dict]) -> dict:
-        """Files this format keeps per split, written once all of ``split``'s ``shards`` are;
-        returns the fields they add to the split's manifest entry."""
-        return {}
+    def finish_split(self, dst: Path, name: str, split: SplitEntry) -> SplitEntry:
+        """Files this format keeps per split, written once all the shards of split ``name`` are;
+        returns its entry ``split`` with the fields they add."""
+        return split
 
-    def check_split(self, root: Path, split: dict) -> list[Finding]:
+    def check_split(self, root: Path, split: SplitEntry) -> list[Finding]:
         """verify's check of the files ``finish_split`` wrote."""
         return []
 
-    def upgrade(self, root: Path, entry: dict) -> bool | None:
-        """Bring a shard converted by an older alexnet-pipe to the current version in place,
-        updating ``entry`` (its entry for this format) to match.
+    def upgrade(self, root: Path, entry: Files) -> tuple[bool, Files] | None:
+        """Bring a shard converted by an older alexnet-pipe to the current version in place.
 
+        Args:
+            entry: the shard's entry for this format.
         Returns:
-            whether its files were rewritten; None when this format has nothing to upgrade.
+            (whether its files were rewritten, ``entry`` updated to match them); None when this
+            format has nothing to upgrade.
         """
         return None
 

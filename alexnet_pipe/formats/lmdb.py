@@ -10,6 +10,7 @@ would spread the key and map-size rules it shares with the readers over two modu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from array import array
@@ -21,6 +22,7 @@ import numpy as np
 
 from alexnet_pipe.dataset.checksum import RecordDigest
 from alexnet_pipe.dataset.layout import LMDB_DATA_FILE, LMDB_LOCK_FILE, shard_paths
+from alexnet_pipe.dataset.schema import LmdbFiles
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError
 from alexnet_pipe.formats.base import (
     Finding,
@@ -213,13 +215,13 @@ class _Writer(ShardFormatWriter):
         for key, value in self._pending:
             self._txn.put(key, value, overwrite=False)
 
-    def close(self, followers: list[ShardFormatWriter]) -> tuple[dict, array]:
+    def close(self, followers: list[ShardFormatWriter]) -> tuple[LmdbFiles, array]:
         try:
             return self._close(followers)
         except lmdb.Error as exc:
             raise os_error(exc, self._scratch) from exc
 
-    def _close(self, followers: list[ShardFormatWriter]) -> tuple[dict, array]:
+    def _close(self, followers: list[ShardFormatWriter]) -> tuple[LmdbFiles, array]:
         """The shard's LMDB, compacted from the scratch database, whose key-ordered records also
         feed ``followers``."""
         self._commit(begin_next=False)
@@ -235,11 +237,8 @@ class _Writer(ShardFormatWriter):
                         writer.add_sorted(record_id, label, jpeg)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         compact_lmdb(self._scratch, self.path)
-        entry = {
-            "path": shard_paths(self.shard)["lmdb"],
-            "checksum": "sha256:" + digest.hexdigest(),
-            "bytes": dir_size(self.path),
-        }
+        entry = LmdbFiles(path=shard_paths(self.shard)["lmdb"], checksum="sha256:" + digest.hexdigest(),
+                          bytes=dir_size(self.path))
         shutil.rmtree(self._scratch)
         return entry, digest.crcs
 
@@ -342,8 +341,8 @@ class _Reader(ShardReader):
 
 
 class _Scanner(ShardScanner):
-    def __init__(self, root: Path, entry: dict, version: int, repair: str):
-        self.root, self.where, self.version, self.repair = root, entry["path"], version, repair
+    def __init__(self, root: Path, entry: LmdbFiles, version: int, repair: str):
+        self.root, self.where, self.version, self.repair = root, entry.path, version, repair
         self._env: lmdb.Environment | None = None
 
     def open(self) -> tuple[list[Finding], bool]:
@@ -397,8 +396,8 @@ class LmdbFormat(Format):
     name = "lmdb"
     size_rank = 1  # the JPEG in a Datum, plus the B-tree
 
-    def files(self, entry: dict) -> list[str]:
-        return [entry["path"]]
+    def files(self, entry: LmdbFiles) -> list[str]:
+        return [entry.path]
 
     def writer(self, staging: Path, shard: str, id_width: int) -> ShardFormatWriter:
         return _Writer(staging, shard, id_width)
@@ -407,8 +406,8 @@ class LmdbFormat(Format):
         """The record ids in each shard, read once from the keys alone."""
         dirs = ds.lmdb_paths(split)
         check_exist(dirs)
-        return [Located(str(path), _record_ids(path, entry["records"]), None)
-                for entry, path in zip(ds.shards(split), dirs)]
+        return [Located(str(path), _record_ids(path, entry.records), None)
+                for entry, path in zip(ds.shard_entries(split), dirs)]
 
     def open_shard(self, path: str, id_width: int) -> ShardReader:
         return _Reader(path, id_width)
@@ -416,17 +415,16 @@ class LmdbFormat(Format):
     def image_and_label(self, value: bytes | memoryview) -> tuple[bytes, int]:
         return datum_image_and_label(value)
 
-    def scanner(self, root: Path, entry: dict, version: int, repair: str) -> ShardScanner:
+    def scanner(self, root: Path, entry: LmdbFiles, version: int, repair: str) -> ShardScanner:
         return _Scanner(root, entry, version, repair)
 
-    def upgrade(self, root: Path, entry: dict) -> bool:
+    def upgrade(self, root: Path, entry: LmdbFiles) -> tuple[bool, LmdbFiles]:
         """Version 1 stored a map size of 1 TiB: the shard's data.mdb becomes a compacted copy that
-        stores its data's size (records, keys and checksums unchanged)."""
-        path = root / entry["path"]
+        stores its data's size (records, keys and checksums unchanged); the entry gets its size."""
+        path = root / entry.path
         if not (path / LMDB_DATA_FILE).is_file():
             raise DatasetError(f"{path} is missing; the dataset cannot be upgraded, only reconverted")
         rewrite = reserves_too_much(path)
         if rewrite:
             _compact_in_place(path)
-        entry["bytes"] = dir_size(path)
-        return rewrite
+        return rewrite, dataclasses.replace(entry, bytes=dir_size(path))

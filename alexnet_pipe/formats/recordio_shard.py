@@ -9,6 +9,7 @@ combined index. The byte-level codec (framing, IRHeader, .idx) is formats/record
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import warnings
@@ -20,6 +21,7 @@ import numpy as np
 
 from alexnet_pipe.dataset.checksum import record_crc
 from alexnet_pipe.dataset.layout import shard_paths, split_index_path
+from alexnet_pipe.dataset.schema import RecordioFiles, ShardEntry, SplitEntry
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError
 from alexnet_pipe.formats.base import (
     Finding,
@@ -76,18 +78,14 @@ class _Writer(ShardFormatWriter):
             self._rec = RecordIOWriter(self.rec_path, self.idx_path)
         return self._rec
 
-    def close(self, followers: list[ShardFormatWriter]) -> tuple[dict, array]:
+    def close(self, followers: list[ShardFormatWriter]) -> tuple[RecordioFiles, array]:
         rec = self._writer()
         if self._arrivals is not None:
             self._arrivals.copy_to(rec)
             self._arrivals.remove()
         rec.close()
-        entry = {
-            "rec": self.rel["rec"],
-            "idx": self.rel["idx"],
-            "checksum": "sha256:" + rec.digest.hexdigest(),
-            "bytes": os.path.getsize(self.rec_path),
-        }
+        entry = RecordioFiles(rec=self.rel["rec"], idx=self.rel["idx"], checksum="sha256:" + rec.digest.hexdigest(),
+                              bytes=os.path.getsize(self.rec_path))
         return entry, rec.digest.crcs
 
 
@@ -126,15 +124,15 @@ class _ArrivalFile:
         self.path.unlink(missing_ok=True)
 
 
-def _write_combined_index(dst: Path, split: str, shards: list[dict]) -> str:
+def _write_combined_index(dst: Path, split: str, shards: tuple[ShardEntry, ...]) -> str:
     """One .idx over all of a split's .rec files: DALI takes exactly one index, with offsets
     global over the files concatenated in the order they are passed."""
     lines, base = [], 0
     for shard in shards:
-        rec = shard["recordio"]
-        for key, offset in read_index(dst / rec["idx"]):
+        rec = shard.recordio
+        for key, offset in read_index(dst / rec.idx):
             lines.append(f"{key}\t{base + offset}\n")
-        base += rec["bytes"]
+        base += rec.bytes
     rel = split_index_path(split)
     atomic_write_bytes(dst / rel, "".join(lines).encode("ascii"))
     return rel
@@ -197,8 +195,8 @@ def _jpeg_size(jpeg: bytes) -> tuple[int, int] | None:
 
 
 class _Scanner(ShardScanner):
-    def __init__(self, root: Path, entry: dict, version: int, repair: str):
-        self.root, self.entry, self.where, self.repair = root, entry, entry["rec"], repair
+    def __init__(self, root: Path, entry: RecordioFiles, version: int, repair: str):
+        self.root, self.entry, self.where, self.repair = root, entry, entry.rec, repair
         self.index: list[tuple[int, int]] | None = None
 
     def open(self) -> tuple[list[Finding], bool]:
@@ -207,13 +205,13 @@ class _Scanner(ShardScanner):
         except OSError as exc:
             return [(self.where, f"cannot read it ({exc}); {self.repair}")], False
         found: list[Finding] = []
-        if "bytes" in self.entry and size != self.entry["bytes"]:
-            found.append((self.where, f"is {size} bytes, the manifest says {self.entry['bytes']} (cut short or "
+        if self.entry.bytes is not None and size != self.entry.bytes:
+            found.append((self.where, f"is {size} bytes, the manifest says {self.entry.bytes} (cut short or "
                                       f"appended to); {self.repair}"))
         try:
-            self.index = read_index(self.root / self.entry["idx"], size)
+            self.index = read_index(self.root / self.entry.idx, size)
         except (OSError, AlexnetPipeError) as exc:
-            found.append((self.entry["idx"], f"cannot read index ({exc}); {self.repair}"))
+            found.append((self.entry.idx, f"cannot read index ({exc}); {self.repair}"))
         return found, True
 
     def records(self) -> Iterator[tuple[int, int, bytes]]:
@@ -236,7 +234,7 @@ class _Scanner(ShardScanner):
 
     def end(self, records: int) -> list[Finding]:
         if self.index is not None and len(self.index) != records:
-            return [(self.entry["idx"], f"index has {len(self.index)} entries for {records} records")]
+            return [(self.entry.idx, f"index has {len(self.index)} entries for {records} records")]
         return []
 
 
@@ -244,8 +242,8 @@ class RecordIOFormat(Format):
     name = "recordio"
     size_rank = 0  # the JPEG plus a 24-byte frame
 
-    def files(self, entry: dict) -> list[str]:
-        return [entry["rec"], entry["idx"]]
+    def files(self, entry: RecordioFiles) -> list[str]:
+        return [entry.rec, entry.idx]
 
     def writer(self, staging: Path, shard: str, id_width: int) -> ShardFormatWriter:
         return _Writer(staging, shard, id_width)
@@ -253,10 +251,10 @@ class RecordIOFormat(Format):
     def locate(self, ds, split: str) -> list[Located]:
         """Each record's byte offset and framed length, from its shard's ``.idx``."""
         recs, _ = ds.recordio_paths(split)
-        shards = ds.shards(split)
-        idxs = [ds.root / s[self.name]["idx"] for s in shards]
+        shards = ds.shard_entries(split)
+        idxs = [ds.root / s.recordio.idx for s in shards]
         check_exist(recs + idxs)
-        return [Located(str(rec), *_offsets(idx, rec, entry["records"])) for entry, rec, idx in zip(shards, recs, idxs)]
+        return [Located(str(rec), *_offsets(idx, rec, entry.records)) for entry, rec, idx in zip(shards, recs, idxs)]
 
     def open_shard(self, path: str, id_width: int) -> ShardReader:
         return _Reader(path)
@@ -266,27 +264,28 @@ class RecordIOFormat(Format):
         label = header.label[0] if isinstance(header.label, tuple) else header.label
         return jpeg, int(label)
 
-    def scanner(self, root: Path, entry: dict, version: int, repair: str) -> ShardScanner:
+    def scanner(self, root: Path, entry: RecordioFiles, version: int, repair: str) -> ShardScanner:
         return _Scanner(root, entry, version, repair)
 
-    def finish_split(self, dst: Path, split: str, shards: list[dict]) -> dict:
-        return {"recordio_index": _write_combined_index(dst, split, shards)}
+    def finish_split(self, dst: Path, name: str, split: SplitEntry) -> SplitEntry:
+        return dataclasses.replace(split, recordio_index=_write_combined_index(dst, name, split.shards))
 
-    def check_split(self, root: Path, split: dict) -> list[Finding]:
+    def check_split(self, root: Path, split: SplitEntry) -> list[Finding]:
         """The combined index is the shards' indices, concatenated with offsets made global."""
         expected, base = [], 0
+        index = split.recordio_index
         try:
-            for entry in split["shards"]:
-                rec = entry[self.name]
-                size = (root / rec["rec"]).stat().st_size
-                expected += [(k, base + off) for k, off in read_index(root / rec["idx"], size)]
+            for entry in split.shards:
+                rec = entry.recordio
+                size = (root / rec.rec).stat().st_size
+                expected += [(k, base + off) for k, off in read_index(root / rec.idx, size)]
                 base += size
         except (OSError, AlexnetPipeError) as exc:
-            return [(split["recordio_index"], f"cannot rebuild the combined index ({exc})")]
+            return [(index, f"cannot rebuild the combined index ({exc})")]
         try:
-            actual = read_index(root / split["recordio_index"], base)
+            actual = read_index(root / index, base)
         except (OSError, AlexnetPipeError) as exc:
-            return [(split["recordio_index"], f"cannot read combined index ({exc})")]
+            return [(index, f"cannot read combined index ({exc})")]
         if actual != expected:
-            return [(split["recordio_index"], "combined index does not match the shards' indices")]
+            return [(index, "combined index does not match the shards' indices")]
         return []

@@ -15,6 +15,7 @@ from array import array
 from pathlib import Path
 
 from alexnet_pipe.formats import FORMATS
+from alexnet_pipe.formats.base import Files
 
 
 class ShardWriter:
@@ -36,8 +37,8 @@ class ShardWriter:
             writer.add(record_id, source.name, source.label, image.jpeg, image.height, image.width)
         self.count += 1
 
-    def close(self) -> dict:
-        """Finish every format; return the per-format manifest entries (paths relative to root)."""
+    def close(self) -> dict[str, Files]:
+        """Finish every format; return the shard's entry per format (paths relative to root)."""
         done = {}
         if self._lead is not None:
             followers = [w for w in self._writers.values() if w is not self._lead]

@@ -33,6 +33,7 @@ class Encoded:
     width: int
     height: int
     passthrough: bool  # the input's own bytes were kept
+    source_short_side: int | None = None  # the input's short side before scaling
 
 
 def passes_through(data: bytes, head: JpegHeader, target: tuple[int, int], passthrough: bool) -> bool:

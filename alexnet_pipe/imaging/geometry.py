@@ -92,7 +92,11 @@ def target_size(width: int, height: int, short_side: int, upscale: bool = True) 
 
 
 def target_within_limit(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
-    """The stored size; a sliver scaled up to the short side must not become a memory bomb."""
+    """The stored size; a sliver scaled up to the short side must not become a memory bomb, and an
+    input below ``--min-short-side`` is skipped."""
+    if min(width, height) < settings.min_short_side:
+        raise BadImage(f"its short side, {min(width, height)} px ({width}x{height}), is below --min-short-side "
+                       f"{settings.min_short_side}")
     tw, th = target_size(width, height, settings.short_side, settings.upscale)
     if tw * th > settings.max_pixels:
         raise BadImage(

@@ -77,19 +77,21 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
         passthrough = passes_through(data, head, target, settings.passthrough)
         bgr = decode_jpeg(data, head, None if passthrough else target)
         if passthrough:
-            return Encoded(data, bgr.shape[1], bgr.shape[0], True), bgr
+            return Encoded(data, bgr.shape[1], bgr.shape[0], True, min(head.width, head.height)), bgr
         bgr = upright(bgr, orientation)
+        source = min(head.width, head.height)
     else:
         with warnings.catch_warnings():
             # We apply our own pixel limit; Pillow's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = open_image(data, settings)
             target = target_within_limit(*im.size, settings)
+            source = min(im.size)
             bgr, orientation = _decode_with_pillow(im, target, notes)
     # The target of the full-size input (not of the DCT-scaled one: rounding differs), turned
     # with the image when the orientation swaps its sides.
     bgr = resize(bgr, target[::-1] if orientation in (5, 6, 7, 8) else target, settings.resize_filter)
-    return Encoded(encode_jpeg(bgr, settings.quality), bgr.shape[1], bgr.shape[0], False), bgr
+    return Encoded(encode_jpeg(bgr, settings.quality), bgr.shape[1], bgr.shape[0], False, source), bgr
 
 
 def process(data: bytes, settings: ImageSettings) -> Encoded:

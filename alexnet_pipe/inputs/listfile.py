@@ -34,10 +34,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from alexnet_pipe.dataset.schema import PATHS_UNDER_RAW
 from alexnet_pipe.errors import LayoutError
 from alexnet_pipe.inputs.devkit import is_archive, read_synsets
 from alexnet_pipe.inputs.entries import not_a_file, some_names
 from alexnet_pipe.inputs.table import ScanResult, Skip, SourceTableBuilder
+from alexnet_pipe.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +199,7 @@ def _resolve(raw: str, list_path: Path, split: str, entries: Iterator[_Entry],
     if not names:
         why = skipped[0].reason.split(": ", 1)[1]
         hint = "; RAW must be the folder the listed paths are relative to" if "no such file" in why else ""
-        raise LayoutError(f"none of the {count} images listed in {list_path} can be converted (line "
+        raise LayoutError(f"none of the {plural(count, 'image')} listed in {list_path} can be converted (line "
                           f"{first.line}, {first.path!r}: {why}){hint}")
     # Every listed label counts for the class count, kept or not: a missing file must not shrink
     # the label space (and with it the model's output layer).
@@ -242,7 +244,7 @@ def scan_lists(raw: Path, train_list: Path, val_list: Path | None = None, synset
     for split, path in lists.items():
         kind, entries = read_list(path)
         fields = "index, label, path" if kind == IM2REC else "path label"
-        layout[split] = f"{kind} {path.name} ({fields}), paths under RAW"
+        layout[split] = f"{kind} {path.name} ({fields}), {PATHS_UNDER_RAW}"
         train = splits.get("train")
         splits[split] = _resolve(root, path, split, entries, train.names if train else {}, train_list.name)
     top, split = max((s.top, split) for split, s in splits.items())

@@ -51,6 +51,7 @@ from alexnet_pipe.inputs.folders import class_dirs, folder_table, list_dir
 from alexnet_pipe.inputs.scan_cache import cached_members
 from alexnet_pipe.inputs.table import ScanResult, Skip, SourceTableBuilder
 from alexnet_pipe.inputs.val_labels import CSV_LABELS, GT_LABELS, flat_labels
+from alexnet_pipe.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -271,14 +272,15 @@ def scan(
             result.warnings.append(
                 f"val ({flat.where}): {len(unlabelled)} of {len(files)} files have no label in {label_source}"
                 + (f" (listed as skipped: {some_names(unlabelled)})" if unlabelled else "")
-                + f"; {len(no_file)} labelled images have no file" + (f" ({some_names(no_file)})" if no_file else "")
+                + f"; {plural(len(no_file), 'labelled image')} {'has' if len(no_file) == 1 else 'have'} no file"
+                + (f" ({some_names(no_file)})" if no_file else "")
             )
     for split in list(result.splits):
         if not len(result.splits[split]):
             gone = [f"{s.name}: {s.reason}" for s in result.skipped if s.split == split]
             raise LayoutError(
                 f"the {split} split of {raw} ({layout[split]}) has no image to convert"
-                + (f": all {len(gone)} inputs found are skipped ({some_names(gone, 3)})" if gone else "")
+                + (f": {plural(len(gone), 'input')} found, all skipped ({some_names(gone, 3)})" if gone else "")
             )
     for warning in result.warnings:
         log.warning("%s", warning)

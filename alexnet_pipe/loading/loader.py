@@ -22,6 +22,7 @@ from alexnet_pipe.errors import DatasetError, InputError, TrainingError
 from alexnet_pipe.loading.epoch_source import EpochSource, raise_reader_error
 from alexnet_pipe.loading.order import OrderConfig
 from alexnet_pipe.loading.pipeline import LoaderConfig, _reader_kind, build_pipeline
+from alexnet_pipe.text import plural
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Loader:
         self.epoch = epoch  # the epoch the next pass yields
         self.start_step = start_step  # the step the next pass starts at (a run resumed mid-epoch)
         if start_step * cfg.batch_size >= max(self.samples, 1):
-            raise InputError(f"step {start_step} is past the end of an epoch of {len(self)} steps")
+            raise InputError(f"step {start_step} is past the end of an epoch of {plural(len(self), 'step')}")
         try:
             self._pipe = build_pipeline(self.source, cfg)
             self._pipe.build()

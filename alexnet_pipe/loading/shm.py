@@ -67,17 +67,17 @@ def mean_record_bytes(ds: Dataset, split: str) -> float:
     bytes are closest to the JPEGs first, ``Format.size_rank``: RecordIO's records are the JPEG plus
     a 24-byte frame; an LMDB file also holds its B-tree), else the files' sizes on disk, over the
     split's records. An upper bound of the JPEG bytes a reader passes on."""
-    shards = ds.shards(split)
-    records = sum(s["records"] for s in shards)
+    shards = ds.shard_entries(split)
+    records = sum(s.records for s in shards)
     if not records:
         return 0.0
     formats = sorted(map(get_format, ds.formats), key=lambda f: f.size_rank)  # the closest to the JPEGs first
     for fmt in formats:
-        if all("bytes" in s.get(fmt.name, {}) for s in shards):
-            return sum(s[fmt.name]["bytes"] for s in shards) / records
+        if all(s.files(fmt.name).bytes is not None for s in shards):
+            return sum(s.files(fmt.name).bytes for s in shards) / records
     total = 0
     for s in shards:
-        path = Path(ds.root) / formats[0].data_path(s[formats[0].name])
+        path = Path(ds.root) / formats[0].data_path(s.files(formats[0].name))
         files = [path] if path.is_file() else list(path.glob("*")) if path.is_dir() else []
         total += sum(f.stat().st_size for f in files if f.is_file())
     return total / records

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alexnet_pipe.config import MIN_CROP  # 67: the smallest crop for which pool5 is at least 1x1
 from alexnet_pipe.errors import InputError
 from alexnet_pipe.model.lrn import LRN
 
@@ -111,14 +112,6 @@ def pool5_size(crop: int) -> int:
     return s
 
 
-def _smallest_crop() -> int:
-    crop = 1
-    while pool5_size(crop) < 1:
-        crop += 1
-    return crop
-
-
-MIN_CROP = _smallest_crop()  # 67: the smallest crop for which pool5 is at least 1x1
 
 
 def fc6_in_features(crop: int) -> int:

@@ -174,5 +174,5 @@ def _check_finite(mean_loss: float, epoch: int, lr: float) -> None:
     if not math.isfinite(mean_loss):
         raise TrainingError(
             f"the loss became {mean_loss} in epoch {epoch + 1}; the learning rate {lr:g} is too high "
-            "for this data: try --lr 0.001 (small data sets) or check the mean file"
+            "for this data: try a --lr ten times smaller than this run's, or check the mean file"
         )

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alexnet_pipe.config import TrainConfig
+from alexnet_pipe.dataset.records import source_names
 from alexnet_pipe.errors import DatasetError
 from alexnet_pipe.loading.loader import Loader
 from alexnet_pipe.train import start as warmstart
@@ -59,11 +60,15 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
     count = torch.zeros((), dtype=torch.int64, device=rt.device)
     confusion = torch.zeros(classes * classes if per_class else 0, dtype=torch.int64, device=rt.device)
     top5_hits = torch.zeros(classes if per_class else 0, dtype=torch.int64, device=rt.device)
+    answers: list[torch.Tensor] = []  # per_class: per batch, each sample's (label, prediction, its probability)
     with torch.inference_mode():
         for batch in tqdm(loader, desc="eval", unit="batch", disable=not (progress and rt.dist.is_main), leave=False):
             with rt.autocast():
                 logits = model(batch.images)
             logits, labels = logits.float(), batch.labels
+            if per_class:  # padding too: it keeps each sample at its place in the split (see _by_record)
+                score, predicted = logits.softmax(1).max(1)
+                answers.append(torch.stack([labels.double(), predicted.double(), score.double()], 1))
             if batch.valid is not None:
                 logits, labels = logits[batch.valid], labels[batch.valid]
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -81,8 +86,23 @@ def evaluate(model: torch.nn.Module, loader: Loader, rt: Runtime, progress: bool
     top1, top5 = (100.0 * h / n for h in hits.tolist())
     table = None
     if per_class:
-        table = PerClass(confusion.cpu().numpy().reshape(classes, classes), top5_hits.cpu().numpy())
+        samples = _by_record(answers, rt, n)
+        table = PerClass(confusion.cpu().numpy().reshape(classes, classes), top5_hits.cpu().numpy(),
+                         samples[:, 0].astype("int64"), samples[:, 1].astype("int64"), samples[:, 2])
     return EvalResult(loss_sum.item() / n, top1, top5 if classes > 5 else None, n, table)
+
+
+def _by_record(answers: list[torch.Tensor], rt: Runtime, n: int):
+    """Every rank's (label, prediction, probability) rows as one array in record order (n x 3).
+
+    Validation reads the split in stored order, dealt round-robin: rank r's i-th sample is record
+    r + i * ranks, and the padding that evens out the ranks comes last. Each rank puts its rows at
+    their places in a zeroed array and one sum over the ranks fills it."""
+    mine = torch.cat(answers) if answers else torch.zeros(0, 3, dtype=torch.float64, device=rt.device)
+    every = torch.zeros(len(mine) * rt.dist.world_size, 3, dtype=torch.float64, device=rt.device)
+    every[rt.dist.rank::rt.dist.world_size] = mine
+    rt.dist.sum_(every)
+    return every[:n].cpu().numpy()
 
 
 def run_test(cfg: TrainConfig) -> EvalResult:
@@ -94,15 +114,18 @@ def run_test(cfg: TrainConfig) -> EvalResult:
         start = warmstart.decide_start(cfg, rt.ds, testing=True)
         rt.cfg = start.cfg
         rt.use_input(start.spec)
-        rt.warn_small_images()
+        rt.warn_small_images(("val",), crop_option=False)  # test reads val; its crop is the weights'
         model = warmstart.build(start, rt.device, cfg.rng_seed, cfg.init)
         if rt.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loader = rt.loader("val", False, 0)
         result = evaluate(model, loader, rt, cfg.progress, per_class=cfg.per_class_file is not None)
         if rt.dist.is_main and cfg.per_class_file is not None:
-            for path in write_per_class(result.per_class, [c["id"] for c in rt.ds.classes],
-                                        [c.get("name", "") for c in rt.ds.classes], cfg.per_class_file):
+            classes = rt.ds.meta.classes
+            wrong = result.per_class.misclassified()
+            files = source_names(rt.ds, "val", wrong.tolist())
+            for path in write_per_class(result.per_class, [c.id for c in classes], [c.name or "" for c in classes],
+                                        cfg.per_class_file, files=files):
                 log.info("wrote %s", path)
         if rt.dist.is_main:
             MetricsLog(cfg.output_file).write({

@@ -22,6 +22,7 @@ from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.errors import CheckpointError
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.params import param_groups
+from alexnet_pipe.text import plural
 from alexnet_pipe.train import start as warmstart
 from alexnet_pipe.train import state as train_state
 from alexnet_pipe.train.epoch import train_one_epoch
@@ -53,12 +54,15 @@ def _global_settings(rt: Runtime) -> dict:
     from alexnet_pipe.loading.order import OrderConfig, epoch_order
 
     cfg = rt.cfg
-    records = rt.ds.split("train")["records"]
+    records = rt.ds.split_entry("train").records
     order = epoch_order(OrderConfig(records, True, cfg.rng_seed, subset_pct=cfg.subset_pct), 0)[0]
+    # No alexnet-pipe writes a "created" field (read as it always was: the dataset's path, unless an
+    # edited manifest adds one, which is then an unknown field, in ``extra``).
+    dataset = rt.ds.meta.extra.get("created", str(rt.ds.root))
     return {"world_size": rt.dist.world_size, "lr": rt.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
             "crop": cfg.crop, "seed": cfg.rng_seed, "datatype": cfg.datatype, "train_records": records,
             "classes": rt.ds.num_classes, "epoch0_order_head": order[:16].tolist(),
-            "model_file": str(cfg.model_file), "dataset": rt.ds.manifest.get("created", str(rt.ds.root))}
+            "model_file": str(cfg.model_file), "dataset": dataset}
 
 
 def _resume_step(restored: train_state.Restored, body: dict, rt: Runtime, path: Path) -> train_state.Partial:
@@ -92,7 +96,8 @@ def fit(cfg: TrainConfig) -> FitResult:
         start = warmstart.decide_start(cfg, ds)  # crop and normalisation may come from --model-file
         rt.cfg = cfg = start.cfg
         rt.use_input(start.spec)
-        rt.warn_small_images()
+        reads = ("train", "val") if cfg.eval_freq else ("train",)  # the splits this run reads
+        rt.warn_small_images(reads, crop_option=start.spec is None or start.model_config.arch == "torchvision")
         rt.dist.check_same(_global_settings(rt))
         if "val" not in ds.splits() and cfg.eval_freq and main:
             log.warning("%s has no val split: training without evaluation", cfg.data_dir)
@@ -114,7 +119,7 @@ def fit(cfg: TrainConfig) -> FitResult:
             body, source = start.body, start.source
             restored = train_state.restore(body, opt, scaler)
             restored.partial = _resume_step(restored, body, rt, source)
-            changes = train_state.resume_changes(body, cfg, source)
+            changes = {**train_state.resume_changes(body, cfg, source), **train_state.scale_changes(body, rt)}
             train_state.apply_hyperparameters(opt, rt.lr, cfg)
             if changes and main:
                 log.info("resuming with changed settings: %s",
@@ -123,7 +128,8 @@ def fit(cfg: TrainConfig) -> FitResult:
                 log.info("resuming %s after epoch %d%s", source, restored.start_epoch,
                          f", step {restored.partial.step}" if restored.partial.step else "")
             if restored.start_epoch >= cfg.epochs and main:
-                log.warning("%s already has %d epochs; nothing to train (raise -e)", source, restored.start_epoch)
+                log.warning("%s already has %s; nothing to train (raise -e)", source,
+                            plural(restored.start_epoch, "epoch"))
         start_epoch, history, partial = restored.start_epoch, restored.history, restored.partial
         if start_epoch < cfg.epochs:  # one pipeline serves every epoch: its source knows each epoch's order
             train_loader = rt.loader("train", True, start_epoch, start_step=partial.step)
@@ -179,10 +185,10 @@ def fit(cfg: TrainConfig) -> FitResult:
                     record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
                     if main:
                         log.info("epoch %d: %s", epoch + 1, final.neon_line())
-                _warn_at_chance(rt, epoch, run.mean_loss)
+                _warn_at_chance(rt, start, epoch, run.mean_loss)
                 history.append(record)
                 metrics.write(record)
-                stopping = preemption.signal is not None
+                stopping = preemption.stop_after_epoch()  # every rank, the same answer
                 if cfg.serialize and ((epoch + 1) % cfg.serialize == 0 or last) or stopping:
                     save_checkpoint(epoch + 1)
                     preemption.checkpointed()
@@ -210,9 +216,12 @@ def fit(cfg: TrainConfig) -> FitResult:
         rt.close()
 
 
-def _warn_at_chance(rt: Runtime, epoch: int, train_loss: float) -> None:
+def _warn_at_chance(rt: Runtime, start: warmstart.Start, epoch: int, train_loss: float) -> None:
+    """A loss stuck at ln(classes), with advice that fits this run: a tenth of its --lr, and
+    --init kaiming only where neon's init drew the whole network (not from --model-file's weights)."""
     classes = rt.ds.num_classes
     if rt.dist.is_main and epoch >= 1 and classes > 1 and abs(train_loss - math.log(classes)) < 0.01:
-        log.warning("train loss %.3f sits at chance (ln %d): the learning rate may be too high for this "
-                    "data (try --lr 0.001), or, on a small data set, neon's init is slow to start "
-                    "(try --init kaiming)", train_loss, classes)
+        advice = f"the learning rate may be too high for this data (try --lr {rt.cfg.lr / 10:g})"
+        if start.body is None and rt.cfg.init != "kaiming":
+            advice += ", or, on a small data set, neon's init is slow to start (try --init kaiming)"
+        log.warning("train loss %.3f sits at chance (ln %d): %s", train_loss, classes, advice)

@@ -63,21 +63,30 @@ class Preemption:
 
     def poll(self, steps_done: int) -> Action:
         """What to do after a step (``steps_done`` counts the epoch's steps so far)."""
-        stop = self.signal is not None
-        due = self.period_s is not None and time.monotonic() - self._last >= self.period_s
-        if self.dist.active:
-            if steps_done % self.sync_every:
-                return Action.GO_ON
-            votes = torch.tensor([int(stop), int(due)], device=self.dist.device)
-            self.dist.sum_(votes)
-            stop, due = (bool(v) for v in votes.tolist())
-            if stop and self.signal is None:
-                self.signal = signal.SIGTERM  # another rank was told to stop: stop with it
+        if self.dist.active and steps_done % self.sync_every:
+            return Action.GO_ON
+        stop, due = self._agree(self.period_s is not None and time.monotonic() - self._last >= self.period_s)
         if stop:
             return Action.STOP
         if due:
             return Action.CHECKPOINT
         return Action.GO_ON
+
+    def stop_after_epoch(self) -> bool:
+        """Whether the run stops after the epoch it just finished, agreed by every rank (a signal
+        that reached one rank only stops them all; each rank must call it)."""
+        return self._agree(False)[0]
+
+    def _agree(self, due: bool) -> tuple[bool, bool]:
+        """(stop, checkpoint due) over every rank: true where any rank says so."""
+        stop = self.signal is not None
+        if self.dist.active:
+            votes = torch.tensor([int(stop), int(due)], device=self.dist.device)
+            self.dist.sum_(votes)
+            stop, due = (bool(v) for v in votes.tolist())
+            if stop and self.signal is None:
+                self.signal = signal.SIGTERM  # another rank was told to stop: stop with it
+        return stop, due
 
     def checkpointed(self) -> None:
         self._last = time.monotonic()

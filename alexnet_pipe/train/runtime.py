@@ -13,9 +13,9 @@ from contextlib import nullcontext
 
 import torch
 
-from alexnet_pipe.config import TrainConfig
+from alexnet_pipe.config import MIN_CROP, TrainConfig
 from alexnet_pipe.dataset.manifest import Dataset, load_dataset
-from alexnet_pipe.dataset.mean import ChannelMean, load_dataset_mean
+from alexnet_pipe.dataset.mean import ChannelMean, load_dataset_mean, missing_std_fix
 from alexnet_pipe.errors import DatasetError, TrainingError
 from alexnet_pipe.loading.loader import Loader
 from alexnet_pipe.loading.pipeline import LoaderConfig
@@ -71,9 +71,10 @@ class Runtime:
         if self._input is None:
             mean_rgb, std_rgb = self.mean.rgb()
             if self.cfg.normalize_std and std_rgb is None:
-                raise DatasetError(f"{self.ds.root}/mean.json has no std (an upgraded old mean); drop --normalize-std")
+                fix = missing_std_fix(self.ds.root)
+                raise DatasetError(f"{self.ds.root}/mean.json has no std (an upgraded old mean); {fix}")
             self._input = InputSpec(self.cfg.crop, tuple(mean_rgb), tuple(std_rgb) if self.cfg.normalize_std else None,
-                                    short_side=int(self.ds.manifest["settings"].get("short_side", 256)))
+                                    short_side=self.ds.meta.settings.short_side)
         return self._input
 
     def use_input(self, spec: InputSpec | None) -> None:
@@ -120,24 +121,40 @@ class Runtime:
 
     def data_meta(self) -> dict:
         """Data settings that travel with the weights: the classes and the input (``InputSpec``)."""
-        return {"classes": [c["id"] for c in self.ds.classes],
-                "class_names": [c.get("name", "") for c in self.ds.classes], **self.input.to_data()}
+        classes = self.ds.meta.classes
+        return {"classes": [c.id for c in classes], "class_names": [c.name or "" for c in classes],
+                **self.input.to_data()}
 
-    def warn_small_images(self) -> None:
-        if self.dist.is_main and (warning := small_image_warning(self.ds, self.input.crop)) is not None:
-            log.warning("%s", warning)
+    def warn_small_images(self, splits: tuple[str, ...] | None = None, crop_option: bool = True) -> None:
+        """Warn about the stored images of ``splits`` (None: all) smaller than the crop; ``crop_option``:
+        the command can take a smaller --crop (not when the crop comes from the weights)."""
+        if self.dist.is_main:
+            warning = small_image_warning(self.ds, self.input.crop, splits, crop_option)
+            if warning is not None:
+                log.warning("%s", warning)
 
     def close(self) -> None:
         self.dist.close()
 
 
-def small_image_warning(ds: Dataset, crop: int) -> str | None:
-    """Which stored images are smaller than the crop (their crops get mean-coloured borders), or None."""
-    found = [f"{n} of {ds.split(name)['records']} {name} images" for name, n in ds.smaller_than(crop).items()]
+def small_image_warning(ds: Dataset, crop: int, splits: tuple[str, ...] | None = None,
+                        crop_option: bool = True) -> str | None:
+    """Which stored images of ``splits`` (None: all) are smaller than the crop, or None; the fix offers
+    a smaller --crop only where the command takes one (``crop_option``) and one exists (MIN_CROP)."""
+    found = [f"{n} of {ds.split_entry(name).records} {name} images" for name, n in ds.smaller_than(crop).items()
+             if splits is None or name in splits]
     if not found:
         return None
-    return (f"{' and '.join(found)} have a short side below the crop {crop}: their crops are padded with the mean "
-            f"colour; reconvert with --short-side {max(crop, 256)} (without --no-upscale) or pass a smaller --crop")
+    fix = f"reconvert with --short-side {max(crop, 256)} (without --no-upscale)"
+    if crop_option and crop > MIN_CROP:
+        fix += f" or pass a smaller --crop (at least {MIN_CROP})"
+    return padded_warning(" and ".join(found), crop, fix)
+
+
+def padded_warning(found: str, crop: int, fix: str) -> str:
+    """The one rule, in the words train, test and predict all use: ``found`` (e.g. "3 of 8 val images")
+    have a short side below the crop, so their crops are padded with the mean colour; ``fix``."""
+    return f"{found} have a short side below the crop {crop}: their crops are padded with the mean colour; {fix}"
 
 
 def open_run(cfg: TrainConfig, join: bool = False) -> Runtime:

@@ -77,6 +77,7 @@ def decide_start(cfg: TrainConfig, ds: Dataset, testing: bool = False) -> Start:
         start.resume = body["kind"] == "checkpoint" and not testing \
             and (not cfg.finetune or bool((body.get("train_config") or {}).get("finetune")))
         start.new_head = bool((body.get("start") or {}).get("new_head")) if start.resume else False
+        _check_init(cfg, start)
         return start
     if testing or not cfg.finetune:
         hint = "" if testing else f"; to train a new fc8 for this dataset's {ds.num_classes} classes, add --finetune"
@@ -89,6 +90,22 @@ def decide_start(cfg: TrainConfig, ds: Dataset, testing: bool = False) -> Start:
     start.notes.append(f"fine-tuning {source.name}: a new fc8 for {ds.num_classes} classes "
                        f"(it had {mc.num_classes})")
     return start
+
+
+def _check_init(cfg: TrainConfig, start: Start) -> None:
+    """Refuse --init where every layer comes from the file (it would be silently ignored); a resume
+    may repeat the run's own --init (the printed resume line does)."""
+    if cfg.init is None:
+        return
+    if start.resume:
+        drawn = (start.body.get("train_config") or {}).get("init") or "neon"
+        if drawn == cfg.init:
+            return
+        raise CheckpointError(f"{start.source} was started with --init {drawn}, this run asks for --init {cfg.init}; "
+                              "a resumed run keeps its weights: drop --init")
+    raise CheckpointError(f"--init {cfg.init} draws fresh weights, but this run starts from {start.source}, which "
+                          "gives every layer; drop --init (it applies to a fresh run, and to the new fc8 of "
+                          "--finetune onto other classes)")
 
 
 def _resolve_flags(cfg: TrainConfig, spec: InputSpec, source: Path, any_crop: bool) -> tuple[TrainConfig, InputSpec]:
@@ -110,7 +127,7 @@ def _resolve_flags(cfg: TrainConfig, spec: InputSpec, source: Path, any_crop: bo
 
 def _same_classes(body: dict, ds: Dataset) -> str | None:
     """None when the weights' classes are the dataset's, else the difference as a phrase."""
-    mc, here = body["model_config"], [c["id"] for c in ds.classes]
+    mc, here = body["model_config"], [c.id for c in ds.meta.classes]
     trained = body["data"].get("classes")
     if mc.get("num_classes") != len(here):
         return f"has {mc.get('num_classes')} classes; {ds.root} has {len(here)}"
@@ -127,11 +144,11 @@ def _numbered(body: dict) -> bool:
     return classes == [str(i) for i in range(len(classes))]
 
 
-def build(start: Start, device: torch.device, seed: int, init: str) -> torch.nn.Module:
+def build(start: Start, device: torch.device, seed: int, init: str | None) -> torch.nn.Module:
     """The network, with the start's weights loaded (a new fc8 drawn from ``seed``), frozen layers
     set, on ``device``. The same ``seed`` gives the same weights on every rank."""
     gen = torch.Generator().manual_seed(seed)
-    model = build_model(start.model_config, generator=gen, init=init)
+    model = build_model(start.model_config, generator=gen, init=init or "neon")  # None: not chosen
     if start.body is not None:
         state = start.body["model"]
         if start.new_head and not start.resume:  # a resumed fine-tuning run has its trained fc8

@@ -9,6 +9,7 @@ data of the remaining steps, but other dropout masks).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
 
 # Resuming: what a resumed run must keep (it defines the run's data), and what it may change.
 # Changes are applied, logged, and recorded in the -o file's "resumed" row.
-_KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "init": "--init",
-                   "freeze": "--freeze"}
+# --init: start.py's _check_init (not given on resume: the checkpoint's weights, whatever drew them)
+_KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "freeze": "--freeze"}
 _CHANGEABLE = ("epochs", "lr", "lr_scale", "lr_step", "lr_gamma", "momentum", "weight_decay", "bias_lr_mult",
                "head_lr_mult", "batch_size", "subset_pct", "eval_freq", "serialize", "datatype", "backend")
 
@@ -69,6 +70,18 @@ def resume_changes(body: dict, cfg, path: Path) -> dict[str, list]:
                 f"{path} was trained with {flag} {before[key]}, this run asks for {getattr(cfg, key)}; a resumed run "
                 f"keeps it (pass {flag} {before[key]}), or start a new run from its weights with --finetune")
     return {k: [before[k], getattr(cfg, k)] for k in _CHANGEABLE if k in before and before[k] != getattr(cfg, k)}
+
+
+def scale_changes(body: dict, rt: Runtime) -> dict[str, list]:
+    """{what: [before, now]} for the run's scale against the checkpoint it resumes: the rank count
+    (``world_size``), the global batch (-z x ranks) and the weights' base lr used (``lr_used``, which
+    --lr-scale linear ties to the global batch); what did not change, or the checkpoint lacks, is left out."""
+    before = {"world_size": body.get("world_size"), "global_batch": body.get("global_batch"),
+              "lr_used": next((g.get("lr0") for g in (body.get("optimizer") or {}).get("param_groups", [])
+                               if g.get("name", "weights") == "weights"), None)}
+    now = {"world_size": rt.dist.world_size, "global_batch": rt.global_batch, "lr_used": rt.lr}
+    return {k: [before[k], now[k]] for k in now
+            if before[k] is not None and not math.isclose(before[k], now[k], rel_tol=1e-9)}
 
 
 def apply_hyperparameters(opt, lr: float, cfg) -> None:

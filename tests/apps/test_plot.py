@@ -123,6 +123,26 @@ def test_metrics_log_marks_a_resume_that_plot_reads(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and resumes == [2, 4]
 
 
+def test_a_mid_epoch_resume_is_drawn_where_it_happened(tmp_path):
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.start(None)
+    recs = [dict(r, samples=1280) for r in epoch_records(3)]  # 10 steps of 128 an epoch
+    for r in recs[:2]:
+        log.write(r)
+    log.write({"epoch": 3, "step": 4, "train_loss": 2.0, "lr": 0.01})
+    log.start(2, 4)  # stopped after 4 of epoch 3's 10 steps, then resumed there
+    assert epoch_rows(read_metrics(tmp_path / "m.jsonl"))[1] == [pytest.approx(2.4)]  # not yet an epoch 3 row
+    log.write(recs[2])
+    rows, resumes = epoch_rows(read_metrics(tmp_path / "m.jsonl"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and resumes == [pytest.approx(2.4)]
+    fig = curves_figure(read_metrics(tmp_path / "m.jsonl"))
+    marks = [ln for ln in panel(fig, "loss").get_lines() if ln.get_label() == RESUME_LABEL]
+    assert list(marks[0].get_xdata()) == [pytest.approx(2.4)] * 2
+    on_two = [dict(r, samples=1280, world_size=2, global_batch=256) for r in epoch_records(1, first=3)]
+    resumed = recs[:2] + [{"event": "resumed", "after_epoch": 2, "after_step": 2}] + on_two
+    assert epoch_rows(resumed)[1] == [pytest.approx(2.4)]  # 5 steps of 2 x 128: step 2 is 40% in
+
+
 # ---------------------------------------------------------------- curves
 
 

@@ -9,10 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import main
-from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert.job import run_convert
+from tests.helpers.datasets import shapes_dataset, train_one_epoch
 
 NEON = ["--data_dir", "--save_path", "--model_file", "--test_only", "-eval", "--eval_freq", "--device_id",
         "--rng_seed", "--batch_size", "--subset_pct", "--output_file", "--no_progress_bar"]
@@ -20,11 +18,7 @@ NEON = ["--data_dir", "--save_path", "--model_file", "--test_only", "-eval", "--
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("flags")
-    make_image_tree(SynthConfig(root / "raw", 4, 2, (96, 72), ("circle", "square"), seed=2))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
-                              progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(tmp_path_factory.mktemp("flags"), short_side=72)
 
 
 def test_help_shows_hyphenated_names_only():
@@ -91,9 +85,7 @@ def test_mistakes_give_one_line_with_what_to_do(data, tmp_path):
 
 def test_per_class_results_agree_with_the_overall_figures(data, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "--no-progress",
-                               "--data-threads", "1", "-e", "1", "--eval-freq", "0", "-s", str(tmp_path / "w.pt")])
-    assert res.exit_code == 0, res.output
+    train_one_epoch(data, tmp_path / "w.pt")
     res = runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file", str(tmp_path / "w.pt"),
                                "--no-progress", "--data-threads", "1", "-o", str(tmp_path / "t.jsonl"),
                                "--per-class", str(tmp_path / "pc.json")])
@@ -138,9 +130,7 @@ def test_bgr_and_unit_range_weights_are_fed_what_they_expect(data, tmp_path):
     from alexnet_pipe.model import checkpoint
 
     runner = CliRunner()
-    res = runner.invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "-z", "4", "--no-progress",
-                               "--data-threads", "1", "-e", "1", "--eval-freq", "0", "-s", str(tmp_path / "w.pt")])
-    assert res.exit_code == 0, res.output
+    train_one_epoch(data, tmp_path / "w.pt")
     body = {k: v for k, v in checkpoint.load(tmp_path / "w.pt").items() if k not in ("format", "version", "created_by")}
     bgr = {**body, "model": dict(body["model"]), "data": {**body["data"], "channel_order": "BGR"}}
     bgr["model"]["conv1.weight"] = body["model"]["conv1.weight"].flip(1)  # input channels B, G, R

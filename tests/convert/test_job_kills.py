@@ -126,6 +126,36 @@ def test_killed_as_finalization_starts(clean, tmp_path):
     assert killed.running and killed.records == SHARDS and not killed.manifest
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_in_one_line_and_the_same_command_resumes(clean, tmp_path, sig):
+    out = tmp_path / "out"
+    cmd = command(clean.raw, out)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while completion_records(out) < 1:  # under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the conversion ended before a shard"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGSTOP)  # held mid-run: the signal cannot land after the end
+        assert completion_records(out) < SHARDS
+        # Ctrl-C reaches the terminal's whole group (converter, fork server, workers); `kill PID` the converter.
+        (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
+        os.killpg(proc.pid, signal.SIGCONT)
+        err = proc.communicate(timeout=TIMEOUT)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err[-3000:]
+    [line] = [line for line in err.splitlines() if not line.startswith("INFO ")]
+    assert line.startswith(f"stopped by {sig.name}") and line.endswith("rerun the same command to resume")
+    assert_nothing_half_written(out, clean)
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tree_bytes(out) == clean.tree  # as if never stopped
+
+
 def moment(seed: int) -> tuple[int, float]:
     """(k, delay): kill ``delay`` seconds after k completion records exist; k = 0: ``delay`` is a
     fraction of the uninterrupted run's time, after the start (start-up, the scan, the first shard:

@@ -247,7 +247,7 @@ def test_a_bad_mean_json_fails_verify_and_is_refused_by_readers(data, case):
 
 def test_a_bad_mean_json_stops_training_with_one_line(data):
     set_json(data / "mean.json", lambda m: m["mean"].__setitem__(0, float("nan")))  # json writes NaN
-    res = CliRunner().invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "32", "--no_progress_bar"])
+    res = CliRunner().invoke(main, ["train", "-w", str(data), "-b", "cpu", "--crop", "67", "--no_progress_bar"])
     assert res.exit_code == 1 and "mean.json: mean[0] is nan" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
 
@@ -261,7 +261,7 @@ def test_an_edited_mean_value_disagrees_with_the_recorded_pixel_sums(data):
     assert ok.returncode == 0, ok.stderr
     set_json(data / "mean.json", lambda m: m.__setitem__("images", m["images"] + 1))
     assert_reported(verify_cli(data, "--workers", "1", "--quick"),
-                    "says it averages 19 images, the train split holds 18")
+                    "says it averages 19 images, the train split holds 18 records")
 
 
 # ---------------------------------------------------------------- manifest
@@ -388,7 +388,7 @@ def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
         raise MemoryError("a hostile length")
 
     monkeypatch.setattr(lmdb_format, "decode_datum", broken)
-    entry = load_dataset(data).shards("train")[0]
+    entry = load_dataset(data).shard_entries("train")[0]
     out = verify._verify_task(verify._Task(data, "train", "lmdb", entry, 3, False, 2), verify._Ticker())
     assert out.labels is None and len(out.problems) == 1
     assert str(out.problems[0]).startswith("lmdb/train-00000: the checker failed (MemoryError: a hostile length); "

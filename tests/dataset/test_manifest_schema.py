@@ -132,20 +132,19 @@ def test_completion_records_are_read_as_before(converted, tmp_path):
     plan = SimpleNamespace(name="val-00000")  # a ShardPlan: only its name is read
     path = root / PARTS_DIR / f"{plan.name}.json"
     good = json.loads(path.read_text())
-    assert same_json(parts.read_part(root, plan), good) and parts.load(root, plan) == Part.from_json(good)
-    assert parts.part_files(good) == Part.from_json(good).files()
+    assert same_json(parts.read(root, plan).to_json(), good) and parts.load(root, plan) == Part.from_json(good)
     for damaged in ([], {**good, "name": "val-00001"}, {**good, "records": True}, {**good, "records": "5"},
                     {**good, "lmdb": None}, {**good, "recordio": []}, {k: v for k, v in good.items() if k != "name"}):
         path.write_text(json.dumps(damaged))
-        assert parts.read(root, plan) is None and parts.read_part(root, plan) is None
+        assert parts.read(root, plan) is None and parts.load(root, plan) is None
     path.write_text("{")
     assert parts.read(root, plan) is None
     lenient = {"name": "val-00000", "records": 0, "odd": [1], "labels": "x"}  # redone only when unreadable
     path.write_text(json.dumps(lenient))
-    assert same_json(parts.read_part(root, plan), lenient) and parts.load(root, plan).extra == {"odd": [1]}
+    assert same_json(parts.read(root, plan).to_json(), lenient) and parts.load(root, plan).extra == {"odd": [1]}
     path.write_text(json.dumps(good))
     shutil.rmtree(root / good["lmdb"]["path"])
-    assert parts.read(root, plan) is not None and parts.load(root, plan) is None and parts.load_part(root, plan) is None
+    assert parts.read(root, plan) is not None and parts.load(root, plan) is None
 
 
 def _edited(data: Path, edit) -> dict:

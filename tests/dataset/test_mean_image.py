@@ -244,8 +244,9 @@ def test_our_binaryproto_gives_back_mean_json(raw_tree, tmp_path):
     assert load_dataset_mean(out).mean == ours.mean
     again = run_update_mean(UpdateMeanConfig(out))
     assert again.already_current and again.written == []
-    result = run_update_mean(UpdateMeanConfig(out / "mean.binaryproto", into=tmp_path / "caffe"))
+    result = run_update_mean(UpdateMeanConfig(out / "mean.binaryproto"))  # keeps mean.json: it has the std
     assert result.mean.mean == pytest.approx(ours.mean, rel=1e-6)
+    assert result.already_current and result.written == [] and read_mean_file(out / "mean.json") == ours
     # Only the binaryproto left: it reads as an old full-image mean, and update-mean restores mean.json.
     (out / "mean.json").unlink()
     with pytest.raises(OldMeanFormatError, match="update-mean"):

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import pickletools
+import shutil
 import struct
 import subprocess
 import sys
@@ -19,12 +20,14 @@ import pytest
 from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
-from alexnet_pipe.config import UpdateMeanConfig
-from alexnet_pipe.dataset.mean import load_dataset_mean, read_mean_file
+from alexnet_pipe.config import ConvertConfig, ImageSettings, UpdateMeanConfig
+from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.dataset.mean import ChannelMean, load_dataset_mean, missing_std_fix, read_mean_file, write_mean
 from alexnet_pipe.dataset.update_mean import MAX_MEAN_FILE_BYTES, run_update_mean
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, OldMeanFormatError, UnsafePickleError
 from alexnet_pipe.formats import protobuf as pb
 from alexnet_pipe.formats.blobproto import decode_blobproto, encode_blobproto
+from tests.helpers.images import make_tree
 from tests.helpers.pickle_samples import attack_pickles, full_mean_image, neon_cache, py2_pickle
 
 # ---------------------------------------------------------------- helpers
@@ -48,6 +51,32 @@ def blob_with_shape_field(arr: np.ndarray, data_encoding: str) -> bytes:
     else:
         data = pb.bytes_field(8, flat.astype("<f8").tobytes())
     return pb.bytes_field(7, pb.bytes_field(1, dims)) + data
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    """A real converted dataset: 3 classes x (6 train + 2 val) images, its own mean.json (with std)
+    and mean.binaryproto."""
+    base = tmp_path_factory.mktemp("converted")
+    make_tree(base / "raw", {"train": 6, "val": 2})
+    run_convert(ConvertConfig(src=base / "raw", dst=base / "data", image=ImageSettings(short_side=64),
+                              workers=1, progress=False))
+    return base / "data"
+
+
+def dataset_copy(converted: Path, dst: Path) -> Path:
+    shutil.copytree(converted, dst, symlinks=True)
+    return dst
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(*args: str):
+    """update-mean through click's runner: (exit code, stdout, stderr lines)."""
+    res = CliRunner().invoke(main, ["update-mean", *args])
+    return res.exit_code, res.stdout, res.stderr.splitlines()
 
 
 # ---------------------------------------------------------------- neon dataset_cache.pkl
@@ -273,11 +302,12 @@ def test_binaryproto_with_shape_field_through_the_job(tmp_path):
     assert read_mean_file(tmp_path / "mean.json").mean == pytest.approx((3.0, 2.0, 1.0))
 
 
-def test_into_writes_elsewhere(tmp_path):
+def test_into_writes_elsewhere(tmp_path, converted):
     src = tmp_path / "old" / "mean.binaryproto"
     src.parent.mkdir()
     src.write_bytes(encode_blobproto(full_mean_image((104.0, 117.0, 123.0))))
-    out = tmp_path / "new"
+    out = dataset_copy(converted, tmp_path / "new")
+    (out / "mean.json").unlink()  # a dataset without a mean of its own (e.g. a val-only conversion)
 
     result = run_update_mean(UpdateMeanConfig(src, into=out))
 
@@ -482,3 +512,135 @@ def test_channel_order_is_refused_for_caffe_means(tmp_path):
     src.write_bytes(encode_blobproto(full_mean_image((1.0, 2.0, 3.0))))
     with pytest.raises(AlexnetPipeError, match="--channel-order applies to .npy"):
         run_update_mean(UpdateMeanConfig(src, channel_order="rgb"))
+
+
+# ---------------------------------------------------------------- a current mean is never replaced with less
+
+def test_dataset_own_binaryproto_keeps_its_mean_json(tmp_path, converted):
+    """Issue 21.3: update-mean DATASET/mean.binaryproto wrote std null, images 0 over convert's mean.json."""
+    data = dataset_copy(converted, tmp_path / "data")
+    before = files_of(data)
+    own = read_mean_file(data / "mean.json")
+    assert own.std is not None and own.images == 18
+
+    rc, out, err = cli(str(data / "mean.binaryproto"))
+
+    assert rc == 0 and err == [], err
+    assert "already current" in out and "kept" in out and "std" in out
+    assert files_of(data) == before  # no downgrade, no .bak
+    info = CliRunner().invoke(main, ["info", str(data)])
+    assert info.exit_code == 0 and "std unknown" not in info.stdout
+
+
+@pytest.mark.parametrize("how", ["into", "beside"])
+def test_other_mean_is_refused_over_a_richer_mean_json(tmp_path, converted, how):
+    data = dataset_copy(converted, tmp_path / "data")
+    other = full_mean_image((104.0, 117.0, 123.0))
+    if how == "into":
+        src = tmp_path / "imagenet_mean.binaryproto"
+        src.write_bytes(encode_blobproto(other))
+        args = [str(src), "--into", str(data)]
+    else:  # the dataset's own mean.binaryproto replaced by another one
+        src = data / "mean.binaryproto"
+        src.write_bytes(encode_blobproto(other))
+        args = [str(src)]
+    before = files_of(data)
+
+    rc, out, err = cli(*args)
+
+    assert rc == 1 and out == "" and len(err) == 1, err
+    assert err[0].startswith(f"Error: {data / 'mean.json'} already holds") and "std" in err[0], err
+    assert "nothing changed" in err[0] and f"mv {data / 'mean.json'}" in err[0], err
+    assert files_of(data) == before
+
+
+def test_neon_cache_is_left_alone_when_its_mean_json_would_lose(tmp_path):
+    """The refusal comes before anything is written: the cache is not rewritten either."""
+    richer = ChannelMean((50.0, 60.0, 70.0), (40.0, 41.0, 42.0), "RGB", 100, 6400, "convert")
+    write_mean(tmp_path / "mean.json", richer)
+    cache_path = tmp_path / "dataset_cache.pkl"
+    cache_path.write_bytes(py2_pickle(neon_cache()))
+    before = files_of(tmp_path)
+
+    with pytest.raises(AlexnetPipeError, match="already holds a per-channel mean with its std"):
+        run_update_mean(UpdateMeanConfig(cache_path))
+
+    assert files_of(tmp_path) == before
+
+
+def test_rerun_with_other_channel_order_replaces_an_equal_mean(tmp_path):
+    """A mean.json update-mean wrote itself (no std) is no richer: the corrected rerun replaces it."""
+    src = tmp_path / "mean.npy"
+    np.save(src, full_mean_image((104.0, 117.0, 123.0)))  # Caffe's 3 x H x W BGR
+    run_update_mean(UpdateMeanConfig(src))
+    assert read_mean_file(tmp_path / "mean.json").mean == pytest.approx((104.0, 117.0, 123.0))
+
+    result = run_update_mean(UpdateMeanConfig(src, channel_order="bgr"))
+
+    assert result.written == [tmp_path / "mean.json"] and result.backups == [tmp_path / "mean.json.bak"]
+    assert read_mean_file(tmp_path / "mean.json").mean == pytest.approx((123.0, 117.0, 104.0))
+
+
+def test_newer_mean_format_is_not_replaced(tmp_path):
+    newer = json.dumps({"format": "alexnet-pipe-mean", "version": 2, "mean": [1, 2, 3], "more": "things"})
+    (tmp_path / "mean.json").write_text(newer)
+    np.save(tmp_path / "mean.npy", np.full((2, 2, 3), 50.0))
+
+    rc, out, err = cli(str(tmp_path))
+
+    assert rc == 1 and len(err) == 1 and "version 2" in err[0] and "newer alexnet-pipe" in err[0], err
+    assert (tmp_path / "mean.json").read_text() == newer and not (tmp_path / "mean.json.bak").exists()
+    # Readers say the same: not "an old format; run update-mean", which would be refused.
+    with pytest.raises(DatasetError, match="version 2, newer than this alexnet-pipe reads") as caught:
+        load_dataset_mean(tmp_path)
+    assert "update-mean" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- --into
+
+@pytest.mark.parametrize("kind", ["missing", "empty-dir", "file"])
+def test_into_must_be_a_converted_dataset(tmp_path, kind):
+    src = tmp_path / "old" / "mean.binaryproto"
+    src.parent.mkdir()
+    src.write_bytes(encode_blobproto(full_mean_image((104.0, 117.0, 123.0))))
+    into = tmp_path / "new" / "deeper"
+    if kind == "empty-dir":
+        into.mkdir(parents=True)
+    elif kind == "file":
+        into.parent.mkdir()
+        into.write_text("x")
+    before = files_of(tmp_path)
+
+    rc, out, err = cli(str(src), "--into", str(into))
+
+    assert rc == 1 and out == "" and len(err) == 1, err
+    assert err[0].startswith(f"Error: --into {into} ") and "alexnet-pipe convert" in err[0], err
+    assert "leave out --into" in err[0], err
+    assert files_of(tmp_path) == before
+    assert (tmp_path / "new").exists() == (kind != "missing")  # nothing created
+
+
+def test_into_with_a_current_mean_json_is_refused(tmp_path, converted):
+    data = dataset_copy(converted, tmp_path / "data")
+    src = tmp_path / "mine" / "mean.json"
+    src.parent.mkdir()
+    write_mean(src, ChannelMean((1.0, 2.0, 3.0)))
+    before = files_of(data)
+
+    rc, out, err = cli(str(src), "--into", str(data))
+
+    assert rc == 1 and len(err) == 1 and "already a current mean.json" in err[0], err
+    assert files_of(data) == before
+
+
+# ---------------------------------------------------------------- what --normalize-std needs
+
+def test_missing_std_names_the_backup_that_has_it(tmp_path):
+    """A dataset downgraded by an older update-mean: the fix names the backup holding the std."""
+    write_mean(tmp_path / "mean.json.bak", ChannelMean((50.0, 60.0, 70.0), (40.0, 41.0, 42.0), "RGB", 9, 90, "x"))
+    write_mean(tmp_path / "mean.json", ChannelMean((50.0, 60.0, 70.0)))
+    assert missing_std_fix(tmp_path) == (f"its backup {tmp_path / 'mean.json.bak'} has one: "
+                                         f"mv {tmp_path / 'mean.json.bak'} {tmp_path / 'mean.json'}")
+    (tmp_path / "mean.json.bak").unlink()
+    fix = missing_std_fix(tmp_path)
+    assert "rerun the alexnet-pipe convert command" in fix and "drop --normalize-std" in fix

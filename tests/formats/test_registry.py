@@ -114,11 +114,11 @@ def test_every_format_reads_back_every_record_of_a_converted_dataset(converted):
     assert preferred_format(ds.formats) == NAMES[0]
     for name in NAMES:  # and each scans clean, every record counted
         fmt = get_format(name)
-        for shard in ds.shards("train"):
-            scanner = fmt.scanner(ds.root, shard[name], ds.version, "repair")
+        for shard in ds.shard_entries("train"):
+            scanner = fmt.scanner(ds.root, shard.files(name), ds.version, "repair")
             found, readable = scanner.open()
             records = [scanner.parse(raw) for raw in scanner.records()]
-            assert readable and found == [] and scanner.end(len(records)) == [] and len(records) == shard["records"]
+            assert readable and found == [] and scanner.end(len(records)) == [] and len(records) == shard.records
 
 
 def test_an_unknown_format_name_is_one_clear_error(converted):

@@ -344,7 +344,7 @@ def _check_by_number(found, truth: dict[str, str], gone: str) -> None:
     assert [(s.name, s.reason.split(" + ")[0]) for s in found.skipped] == [("Thumbs.db", f"no label in {GT}")]
     assert len(found.warnings) == 1
     assert "1 of 6 files have no label" in found.warnings[0] and "Thumbs.db" in found.warnings[0]
-    assert f"1 labelled images have no file ({gone})" in found.warnings[0]
+    assert f"1 labelled image has no file ({gone})" in found.warnings[0]
 
 
 def test_flat_val_folder_labels_follow_the_image_number(flat_val, caplog):

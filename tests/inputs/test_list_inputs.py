@@ -263,7 +263,19 @@ def test_dry_run_reports_and_writes_nothing(images, tmp_path):
     assert "holds this conversion, 5 of 5 shards complete: the run resumes it" in res.output
     res = runner.invoke(main, ["convert", str(images), str(out), "--dry-run", "--shard-size", "4"])
     assert "holds a conversion with other settings or input (shard_size: 5 -> 4); the run would stop" in res.output
+    assert res.exit_code == 1  # as the run would: a script that checks first stops here
+    res = runner.invoke(main, ["convert", str(images), str(out), "--dry-run", "--shard-size", "4", "--force"])
+    assert "--force: it would be discarded" in res.output and res.exit_code == 0
     assert snapshot(tmp_path) == before
+
+
+def test_dry_run_into_the_input_itself_exits_1_as_the_run_would(images):
+    before = snapshot(images)
+    res = runner.invoke(main, ["convert", str(images), str(images), "--dry-run"])
+    assert "output    the run would stop: " in res.output
+    assert res.exit_code == 1
+    real = runner.invoke(main, ["convert", str(images), str(images)])
+    assert real.exit_code == 1 and snapshot(images) == before
 
 
 def test_dry_run_with_lists_and_val_ratio_caps_the_skipped_listing(images, tmp_path):

@@ -471,3 +471,27 @@ def test_format_is_told_by_content_not_suffix(tmp_path):
     assert detect_format(path.read_bytes()[:16]) is None
     with pytest.raises(FormatError, match="not a neon pickle, a caffemodel or a torch"):
         import_weights(path, ImportConfig(output=tmp_path / "w.pt"))
+
+
+@pytest.mark.parametrize("kind", ["weights", "checkpoint", "older-file"])
+def test_own_file_is_named_as_ours(tv_file, tmp_path, kind):
+    """Issue 21.12: a file alexnet-pipe wrote got "not a state_dict"; it needs no import."""
+    src, _ = tv_file
+    ours = tmp_path / "w.pt"
+    import_weights(src, ImportConfig(output=ours))
+    body = {k: v for k, v in checkpoint.load(ours).items() if k not in ("format", "version", "created_by")}
+    if kind == "checkpoint":
+        ours = tmp_path / "alexnet.ckpt"
+        checkpoint.save(ours, dict(body, kind="checkpoint"))
+    elif kind == "older-file":  # written before the SHA-256 trailer existed
+        ours = tmp_path / "old.pt"
+        torch.save(dict(body, format=checkpoint.FORMAT, version=checkpoint.VERSION), ours)
+    expected = "checkpoint" if kind == "checkpoint" else "weights"
+
+    for extra in ([], ["--format", "torchvision"]):
+        res = CliRunner().invoke(main, ["import-weights", str(ours), "-o", str(tmp_path / "again.pt"), *extra])
+        lines = res.stderr.splitlines()
+        assert res.exit_code == 1 and len(lines) == 1, res.output
+        assert f"{ours} is already an alexnet-pipe {expected} file" in lines[0], lines
+        assert f"--model-file {ours}" in lines[0] and "state_dict" not in lines[0], lines
+        assert not (tmp_path / "again.pt").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -115,6 +116,12 @@ def test_checkpoints_move_between_rank_counts_and_only_rank_0_writes(data, tmp_p
     res = cli("train", "-w", str(data), *COMMON, "-e", "2", "--model_file", str(ckpt2), "--serialize", "1",
               "--checkpoint", str(ckpt1), "-o", str(metrics), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    # Half the ranks: half the global batch and, by --lr-scale linear, half the lr: said, and recorded.
+    assert "world_size 2 -> 1, global_batch 14 -> 7, lr_used 0.000109375 -> 5.46875e-05" in res.stderr
+    [resumed] = [r for r in rows(metrics) if r.get("event") == "resumed"]
+    assert {k: resumed["changed"][k] for k in ("world_size", "global_batch")} == {"world_size": [2, 1],
+                                                                                 "global_batch": [14, 7]}
+    assert resumed["changed"]["lr_used"] == pytest.approx([0.001 * 14 / 128, 0.001 * 7 / 128])
     res = cli("train", "-w", str(data), *COMMON, "-e", "3", "--model_file", str(ckpt1), "--serialize", "1",
               "--checkpoint", str(ckpt2), "-o", str(metrics), "--nproc", "2", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -133,27 +140,96 @@ def test_ranks_that_disagree_refuse_to_start(data, tmp_path):
     assert "rank 1 disagrees with rank 0 on lr (0.02 vs 0.01)" in res.stderr
 
 
-def test_a_killed_rank_ends_the_job_with_a_message(data, tmp_path):
+def start_job(data: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    """`train --nproc 2` for 500 epochs (it is stopped long before), weights to cwd/w.pt."""
     cmd = [sys.executable, "-m", "alexnet_pipe", "train", "-w", str(data), *COMMON, "-e", "500", "--nproc", "2",
-           "-o", str(tmp_path / "m.jsonl")]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+           "-s", "w.pt", "-o", "m.jsonl", *extra]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def wait_for(proc: subprocess.Popen, path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the job did not get there"
+        time.sleep(0.2)
+
+
+def end_job(proc: subprocess.Popen, timeout: float = 90) -> str:
+    """The job's stderr once it ends; a job still running after ``timeout`` s is killed, ranks too
+    (they run in sessions of their own), and the test fails."""
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "m.jsonl").exists():  # training is under way once an epoch is logged
-            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start"
-            time.sleep(0.2)
-        victim = _rank_pid(proc.pid, rank=1)
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        ended = time.monotonic() - killed
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
-    assert ended < 60
-    assert "rank 1 ended with signal SIGKILL" in err
-    assert "Traceback" not in err.splitlines()[-1]
+        return proc.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        for pid in [*_children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the job did not end") from None
+
+
+def resume_args(err: str) -> list[str]:
+    line = next(line for line in err.splitlines() if "resume with: " in line)
+    return shlex.split(line.split("resume with: ", 1)[1])[1:]
+
+
+def test_a_killed_rank_ends_the_job_with_a_message(data, tmp_path):
+    proc = start_job(data, tmp_path, "--serialize", "1")
+    wait_for(proc, tmp_path / "w.ckpt")  # training is under way once an epoch is checkpointed
+    os.kill(_rank_pid(proc.pid, rank=1), signal.SIGKILL)
+    killed = time.monotonic()
+    err = end_job(proc)
+    assert proc.returncode == 1
+    assert time.monotonic() - killed < 60
+    last = err.splitlines()[-1]
+    assert "rank 1 ended with signal SIGKILL" in last and "last checkpoint: w.ckpt" in last
+    args = resume_args(last)  # the same job again, from that checkpoint
+    assert args[args.index("--nproc") + 1] == "2" and args[args.index("--model-file") + 1] == "w.ckpt"
+
+
+def test_sigterm_to_one_rank_stops_every_rank(data, tmp_path):
+    proc = start_job(data, tmp_path)
+    wait_for(proc, tmp_path / "m.jsonl")
+    os.kill(_rank_pid(proc.pid, rank=1), signal.SIGTERM)  # as a scheduler preempting one process would
+    err = end_job(proc)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM" in err and "failed" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_on_the_launcher_stops_in_one_message_and_resumes_on_as_many_ranks(data, tmp_path, sig):
+    proc = start_job(data, tmp_path)
+    wait_for(proc, tmp_path / "m.jsonl")
+    proc.send_signal(sig)  # Ctrl-C reaches the launcher only: torchrun starts each rank in its own session
+    err = end_job(proc)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err[-3000:]
+    said = [line for line in err.splitlines() if not line.startswith(("INFO ", "WARNING "))]  # our log lines
+    assert len(said) == 2, err[-3000:]  # no traceback, no launcher chatter
+    assert said[0].startswith(f"stopped by {sig.name} after ") and said[0].endswith("checkpoint: w.ckpt")
+    args = resume_args(said[1])
+    assert args[args.index("--nproc") + 1] == "2"
+    if sig == signal.SIGTERM:
+        return
+    body = torch.load(tmp_path / "w.ckpt", weights_only=True)
+    args[args.index("-e") + 1] = str(body["epoch"] + 1)  # one more epoch, not 500
+    res = subprocess.run([sys.executable, "-m", "alexnet_pipe", *args], env=ENV, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    [resumed] = [r for r in rows(tmp_path / "m.jsonl") if r.get("event") == "resumed"]
+    assert "world_size" not in resumed["changed"] and "global_batch" not in resumed["changed"]
+    assert rows(tmp_path / "m.jsonl")[-1]["world_size"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if _descends(ppid, pid):
+                found.append(int(entry))
+    return found
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

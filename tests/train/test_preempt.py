@@ -100,6 +100,8 @@ def test_sigterm_at_a_random_step_then_resume_gives_identical_weights(data, refe
     assert "stopped by SIGTERM" in res.stderr and "Traceback" not in res.stderr
     body = torch.load(tmp_path / "w.ckpt", weights_only=True)
     assert body["epoch"] * 6 + body["partial"]["step"] >= at  # the step in flight was finished, not lost
+    epochs = {1: "1 epoch;"}.get(body["epoch"], f"{body['epoch']} epochs;")  # seed 0 stops at step 7: "1 epoch"
+    assert f"stopped by SIGTERM after {epochs}" in res.stderr
     assert not (tmp_path / "w.pt").exists()  # no final weights from a stopped run
     resume = next(line for line in res.stderr.splitlines() if line.startswith("resume with: "))
     args = shlex.split(resume.removeprefix("resume with: "))[1:]
@@ -155,6 +157,17 @@ def test_output_paths_are_checked_before_training(data, tmp_path):
         assert res.returncode == 1
         assert f"{flag} {tmp_path / 'adir'} is a directory" in res.stderr
         assert "Traceback" not in res.stderr and "epoch 1" not in res.stderr  # refused before any step
+
+
+def test_an_output_path_under_a_missing_folder_is_refused_not_built(data, tmp_path):
+    for flag in ("-s", "-o"):
+        res = run(data, tmp_path, flag, str(tmp_path / "typo" / "dir" / "x.pt"))
+        assert res.returncode == 1
+        assert f"{tmp_path / 'typo'} does not exist; create it first" in res.stderr.splitlines()[-1]
+        assert not (tmp_path / "typo").exists()
+    res = run(data, tmp_path, "-e", "1", "-s", str(tmp_path / "new" / "w.pt"))  # the file's own folder is made
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "new" / "w.pt").is_file()
 
 
 def test_without_s_the_weights_go_to_a_printed_default_path(data, tmp_path):

@@ -400,7 +400,8 @@ def test_resume_applies_a_changed_lr_records_it_and_refuses_a_changed_seed(tiny,
     assert [r["lr"] for r in res.history] == pytest.approx([0.001, 0.002])  # applied, not silently ignored
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     [marker] = [r for r in rows if r.get("event") == "resumed"]
-    assert marker["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.002], "serialize": [1, 0]}
+    assert marker["changed"] == {"epochs": [1, 2], "lr": [0.001, 0.002], "serialize": [1, 0],
+                                 "lr_used": [0.001, 0.002]}  # the rate the steps use, after any scaling
     with pytest.raises(CheckpointError, match=r"trained with -r/--rng-seed 0, this run asks for 7"):
         fit(tcfg(tiny, epochs=2, eval_freq=0, model_file=ckpt, rng_seed=7))
     with pytest.raises(CheckpointError, match=r"takes input not divided by the std, this run asks for --normalize-std"):

@@ -3,7 +3,8 @@
 ``import_weights(src, cfg)`` tells the format by the file's first bytes (not its suffix), maps
 the arrays onto ``AlexNet`` (neon, Caffe) or ``TorchvisionAlexNet``, and writes a ``kind:
 weights`` file (``checkpoint.save``) recording the input the network expects: crop, channel
-order, value range, mean/std and the class list.
+order, value range, mean/std and the class list. A weights or checkpoint file this project wrote
+is refused as already one (use it with ``--model-file``), not read as a foreign state_dict.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet_pipe.errors import ConfigError, FormatError
+from alexnet_pipe.errors import CheckpointError, ConfigError, FormatError
 from alexnet_pipe.fsutil import check_output_file
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.weights import caffe, neon, torchvision
@@ -142,13 +143,13 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
     """
     if not src.is_file():
         raise FormatError(f"{src} is not a file")
-    check_output_file(cfg.output, "-o")
+    check_output_file(cfg.output, "-o", "alexnet.pt")
     if cfg.output.resolve() == src.resolve():
         raise ConfigError(f"-o {cfg.output} is the source file; write the weights elsewhere")
+    with open(src, "rb") as f:
+        head = f.read(16)
     fmt = cfg.fmt
     if fmt == "auto":
-        with open(src, "rb") as f:
-            head = f.read(16)
         fmt = detect_format(head)
         if fmt is None:
             raise FormatError(f"{src} is not a neon pickle, a caffemodel or a torch .pth file (it starts with "
@@ -157,6 +158,10 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
         imp = _read(src, fmt)
         ids, names, order = _classes(imp, cfg.synsets)
     except FormatError as exc:
+        kind = _written_here(src) if detect_format(head) == "torchvision" else None
+        if kind is not None:
+            raise FormatError(f"{src} is already an alexnet-pipe {kind} file: nothing to import; use it as it is "
+                              f"(--model-file {src} with train, test or predict)") from None
         msg = str(exc)
         raise FormatError(msg if msg.startswith(str(src)) else f"{src}: {msg}") from None
     mean = cfg.mean if cfg.mean is not None else imp.mean_rgb
@@ -185,6 +190,16 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
                           "class_order": order, "notes": notes},
     })
     return ImportResult(cfg.output, imp.source_format, imp.network, mc.arch, mc.num_classes, mc.crop, order, notes)
+
+
+def _written_here(src: Path) -> str | None:
+    """``weights`` or ``checkpoint`` when ``src`` is a file alexnet-pipe itself wrote (told by its
+    content: a torch file whose body names this project's format), else None."""
+    try:
+        kind = checkpoint.load(src).get("kind")
+    except CheckpointError:
+        return None
+    return kind if kind in checkpoint.KINDS else "weights"
 
 
 def _fmt(values) -> str:

@@ -1,0 +1,31 @@
+"""Tiny converted datasets and trained weights, made through the real converter and CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
+from alexnet_pipe.cli import main
+from alexnet_pipe.config import ConvertConfig, ImageSettings
+from alexnet_pipe.convert.job import run_convert
+
+# One quick CPU epoch at the network's smallest crop.
+TRAIN_FAST = ["-b", "cpu", "--crop", "67", "-z", "4", "--no-progress", "--data-threads", "1", "-e", "1",
+              "--eval-freq", "0"]
+
+
+def shapes_dataset(root: Path, short_side: int) -> Path:
+    """2 classes of drawn shapes (circle, square), 4 train / 2 val each, LMDB, stored at ``short_side``."""
+    make_image_tree(SynthConfig(root / "raw", 4, 2, (96, 72), ("circle", "square"), seed=2))
+    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
+                              progress=False, image=ImageSettings(short_side=short_side)))
+    return root / "data"
+
+
+def train_one_epoch(data: Path, weights: Path) -> Path:
+    """``alexnet-pipe train`` for one quick epoch on ``data``; the weights file written."""
+    res = CliRunner().invoke(main, ["train", "-w", str(data), *TRAIN_FAST, "-s", str(weights)])
+    assert res.exit_code == 0, res.output
+    return weights
