@@ -99,8 +99,13 @@ def threads_per_rank(nproc: int) -> int:
 # to an antialiased Lanczos resize), or OpenCV's plain "cubic", "linear" (im2rec's and Caffe's
 # default) and "area" (FFCV's) interpolation. Measured in benchmarks/convert.md.
 RESIZE_FILTERS = ("antialias", "cubic", "linear", "area")
+# How the stored size is chosen: "short-side" (im2rec --resize: the short side becomes --short-side,
+# aspect kept) or "squash" (Caffe's convert_imageset --resize_height/--resize_width, used by its
+# ImageNet recipe at 256x256: every image becomes exactly H x W, aspect ratio ignored).
+RESIZE_MODES = ("short-side", "squash")
 # How many skipped inputs convert's summary names, with their reasons (`info` lists them all).
 SKIPPED_SHOWN = 3
+PROGRESS_EVERY_S = 30.0  # plain progress (stderr is not a terminal): at most one log line this often
 
 
 @dataclass(frozen=True)
@@ -115,12 +120,16 @@ class ImageSettings:
     max_file_mb: int = 64  # larger input files (MiB) are skipped before they are read into memory
     resize_filter: str = "antialias"  # one of RESIZE_FILTERS: how images are scaled
     min_short_side: int = 0  # inputs whose original short side is below this are skipped (0: none)
+    resize: str = "short-side"  # one of RESIZE_MODES: keep the aspect (short side) or squash to H x W
+    resize_height: int = 0  # squash: the stored height (0 with resize_width 0: short_side, squared)
+    resize_width: int = 0  # squash: the stored width
 
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
             raise ConfigError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {self.resize_filter!r}")
         if self.short_side < 0:
             raise ConfigError(f"short side must be >= 0 (0 keeps the size), got {self.short_side}")
+        self._resolve_squash()
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"JPEG quality must be in 1..100, got {self.quality}")
         if self.max_pixels < 1:
@@ -129,6 +138,36 @@ class ImageSettings:
             raise ConfigError(f"max file size must be >= 1 MiB, got {self.max_file_mb}")
         if self.min_short_side < 0:
             raise ConfigError(f"min short side must be >= 0 (0 keeps every size), got {self.min_short_side}")
+
+    def _resolve_squash(self) -> None:
+        """Squash alone is short_side x short_side; with both sides given the short side recorded (and
+        the mean image's side) is the smaller of them, the side every stored image then has."""
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        h, w = self.resize_height, self.resize_width
+        if h < 0 or w < 0 or (h == 0) != (w == 0):
+            raise ConfigError(f"--resize-height and --resize-width go together, both > 0 (as convert_imageset's), "
+                              f"got {h} and {w}")
+        if self.resize == "short-side":
+            if h:
+                raise ConfigError("--resize-height/--resize-width squash every image to that size: they need "
+                                  "--resize squash, not short-side")
+            return
+        if not h:
+            if self.short_side == 0:
+                raise ConfigError("--resize squash needs a size: --short-side N (N x N) or --resize-height and "
+                                  "--resize-width, not --short-side 0")
+            h = w = self.short_side
+        if not self.upscale:
+            raise ConfigError("--resize squash gives every image the same size, so it scales small ones up: "
+                              "drop --no-upscale")
+        for name, value in (("resize_height", h), ("resize_width", w), ("short_side", min(h, w))):
+            object.__setattr__(self, name, value)  # frozen: resolved once, here
+
+    @property
+    def squash(self) -> tuple[int, int] | None:
+        """(height, width) every image is squashed to (``resize`` "squash"), or None (short side)."""
+        return (self.resize_height, self.resize_width) if self.resize == "squash" else None
 
     @property
     def mean_size(self) -> int:
@@ -186,7 +225,7 @@ class ConvertConfig:
     def settings(self) -> dict:
         """The settings that define the output bytes (recorded in the manifest)."""
         image = asdict(self.image)
-        for key in ("max_file_mb", "resize_filter", "min_short_side"):
+        for key in ("max_file_mb", "resize_filter", "min_short_side", "resize", "resize_height", "resize_width"):
             if image[key] == getattr(ImageSettings, key):
                 del image[key]  # the default: conversions from before the option still resume
         return {
@@ -236,6 +275,8 @@ DEFAULT_CROP = 224  # the network's input side unless the weights or --crop say 
 # tests/model/test_model.py holds them together). Here, so that --crop is checked at parse time without torch.
 MIN_CROP = 67
 FREEZE_CHOICES = ("none", "conv", "features")
+# train --lr-schedule: step (neon's Schedule(lr_step, lr_gamma), per epoch) or cosine (SGDR, per step).
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass(frozen=True)
@@ -262,6 +303,9 @@ class TrainConfig:
     model_file: Path | None = None  # weights to start from, or a checkpoint to resume
     test_only: bool = False
     per_class_file: Path | None = None  # test: per-class results (.json, and a .png beside it)
+    # also evaluate on ten views per image (corners + centre, mirrored; Krizhevsky et al. 2012): test,
+    # and train's last epoch (--eval-ten-crop)
+    ten_crop: bool = False
     # take (crop, normalize_std) from model_file; set by _resolve for a crop / normalize_std of None
     settings_from_weights: tuple[bool, bool] = (False, False)
     eval_freq: int = 1
@@ -311,6 +355,10 @@ class TrainConfig:
     finetune: bool = False  # start a new run from model_file's weights, a new fc8 when the classes differ
     freeze: str = "none"  # fine-tuning: none, conv (conv1..conv5) or features (everything but fc8)
     head_lr_mult: float = 10.0  # fine-tuning: a new fc8 learns at lr x this (Caffe's fine-tuning practice)
+    # Large batches (Goyal et al. 2017): per step, linear from lr/k to the scheduled lr over N epochs,
+    # k = max(1, global batch / 128) (train/loop.py lr_at); 0: off.
+    warmup_epochs: int = 0
+    lr_schedule: str = "step"  # step: neon's rule (lr_step, lr_gamma); cosine: per step down to 0 (SGDR)
 
     def __post_init__(self) -> None:
         self._resolve()
@@ -368,9 +416,14 @@ class TrainConfig:
             (not (self.finetune and self.model_file is None),
              "--finetune needs --model-file (the weights to start from)"),
             (not (self.finetune and self.test_only), "--finetune trains; drop it to test"),
+            (not (self.ten_crop and not self.test_only and not self.eval_freq),
+             "--eval-ten-crop evaluates the last epoch, which --eval-freq 0 turns off: drop one of them"),
             (self.freeze in FREEZE_CHOICES, f"--freeze must be one of {FREEZE_CHOICES}, got {self.freeze}"),
             (self.freeze == "none" or self.finetune, f"--freeze {self.freeze} is for fine-tuning: add --finetune"),
             (self.head_lr_mult >= 0, f"--head-lr-mult must be >= 0, got {self.head_lr_mult}"),
+            (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -388,10 +441,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """JSON-able form, stored in checkpoints and weight files (under the file format's names,
-        ``_STORED_AS``)."""
-        return {_STORED_AS.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        ``_STORED_AS``). Fields in ``STORED_WHEN_SET`` are left out at their "off" value, so a run
+        without them writes the bytes it wrote before they existed (an absent key reads as off)."""
+        return {_STORED_AS.get(k, k): (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()
+                if k not in STORED_WHEN_SET or v != STORED_WHEN_SET[k]}
 
 
 # Fields stored under another name: the names checkpoints and weight files have always held (the
 # fields were renamed, the files were not).
 _STORED_AS = {"rank": "shard_id", "world_size": "num_shards"}
+# Options added after checkpoints existed, stored only when on: {field: its off value}. A stored
+# train_config without the key had the option off (train/state.py reads it so).
+STORED_WHEN_SET = {"warmup_epochs": 0, "lr_schedule": "step", "ten_crop": False}

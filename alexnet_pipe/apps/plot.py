@@ -211,11 +211,37 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float], int]:
     return xs, ys, bad
 
 
+def _lr_within_epochs(rows: list[dict]) -> tuple[list[float], list[float], int]:
+    """The lr as a line through each epoch: its first step's (``lr``) at the epoch's start, its last
+    step's (``lr_last``, written where warm-up or cosine vary it; else ``lr`` again) at its end; a
+    drop between epochs shows as a vertical jump. Returns xs, ys and how many values were left out."""
+    xs, ys, bad = [], [], 0
+    for r in rows:
+        first = _check_number(r.get("lr"), f"epoch {r['epoch']}: lr")
+        if first is None:
+            continue
+        last = _check_number(r.get("lr_last", first), f"epoch {r['epoch']}: lr_last")
+        for x, v in ((r["epoch"] - 1, first), (r["epoch"], last)):
+            if not math.isfinite(v) or v <= 0:
+                bad += 1
+                v = math.nan
+            xs.append(x)
+            ys.append(v)
+    return xs, ys, bad
+
+
 def _draw_panel(ax: Axes, rows: list[dict], panel: tuple, resumes: list[int], marker_size: float) -> int:
     """One panel of :func:`curves_figure`; returns the number of values left out (NaN, inf, lr <= 0)."""
     name, ylabel, series = panel
     bad, drawn = 0, 0
     for key, label in series:
+        if key == "lr" and any("lr_last" in r for r in rows):  # warm-up or cosine: the lr within each epoch
+            xs, ys, n_bad = _lr_within_epochs(rows)
+            bad += n_bad
+            if any(math.isfinite(y) for y in ys):
+                drawn += 1
+                ax.plot(xs, ys, linewidth=1.5, label="lr (first to last step of each epoch)")
+            continue
         xs, ys, n_bad = _series(rows, key)
         bad += n_bad
         if not any(math.isfinite(y) for y in ys):
@@ -262,6 +288,8 @@ def curves_figure(rows: Sequence[dict], title: str = "") -> Figure:
     marker_size = 5.0 if len(epochs) <= 40 else 2.5 if len(epochs) <= 150 else 0.0
     bad = sum(_draw_panel(ax, ordered, panel, resumes, marker_size) for ax, panel in zip(axes.flat, PANELS))
     lo, hi = min(epochs + resumes), max(epochs)
+    if any("lr_last" in r for r in ordered):  # the lr line starts where the first epoch does
+        lo = min(lo, epochs[0] - 1)
     axes[0, 0].set_xlim(lo - 0.5, hi + 0.5)
     axes[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     for ax in axes[1]:

@@ -2,8 +2,9 @@
 
 Every image takes the path a validation image takes into the network: the converter's own
 ``imaging.process`` (allowed decoders only, EXIF rotation, ICC to sRGB, short side to the
-weights' ``short_side``, JPEG at the converter's default quality, or the file's own bytes where
-the converter keeps them), then what the DALI validation pipeline does to the stored JPEG:
+weights' ``short_side`` or squashed to their ``squash`` H x W, JPEG at the converter's default
+quality, or the file's own bytes where the converter keeps them), then what the DALI validation
+pipeline does to the stored JPEG:
 libjpeg-turbo decoding (OpenCV's, which gives DALI's CPU decoder's pixels), a centre crop placed
 as DALI places it, and the weights' channel order, mean and std (``InputSpec``). So a converted
 image and the same file given to ``predict`` reach the network as the same tensor
@@ -135,7 +136,9 @@ def expand_inputs(inputs: Iterable[Path]) -> tuple[list[tuple[str, str | None]],
 
 
 def image_settings(spec: InputSpec) -> ImageSettings:
-    """The converter's settings for the weights' short side (its defaults otherwise)."""
+    """The converter's settings for the weights' short side, or their squash (its defaults otherwise)."""
+    if spec.squash is not None:
+        return ImageSettings(resize="squash", resize_height=spec.squash[0], resize_width=spec.squash[1])
     return ImageSettings(short_side=spec.short_side)
 
 
@@ -248,8 +251,8 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     """Predict every image of ``cfg.inputs``; unreadable inputs get their error, the others a top-5."""
     net = load_network(cfg.model_file, torch_device(cfg.backend, cfg.device_id))
     device = str(net.device) if net.device.type == "cpu" else torch.cuda.get_device_name(net.device)
-    log.info("%s: %s network, %d classes, crop %d of short side %d, input %s; on %s", cfg.model_file,
-             net.model.cfg.arch, len(net.classes), net.spec.crop, net.spec.short_side, net.spec.describe(), device)
+    log.info("%s: %s network, %d classes, crop %d of the image %s, input %s; on %s", cfg.model_file,
+             net.model.cfg.arch, len(net.classes), net.spec.crop, net.spec.geometry(), net.spec.describe(), device)
     items, passed_over = expand_inputs(cfg.inputs)
     predictions: list[Prediction] = []
     small = 0  # images whose short side is below the crop (padded)
@@ -269,6 +272,9 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
 
 def _small_fix(spec: InputSpec) -> str:
     """What predict can do about images below the crop: larger images, where it keeps their size."""
+    if spec.squash is not None:
+        return (f"the weights squash every image to {spec.squash[1]}x{spec.squash[0]}, below their crop, as their "
+                "training data was")
     if spec.short_side == 0:  # the weights' data kept each image's size (convert --short-side 0)
         return f"pass images at least {spec.crop} pixels on the short side"
     return (f"the weights resize every image to short side {spec.short_side}, below their crop, as their training "

@@ -1,11 +1,12 @@
 """Command line: parse -> build a config -> call the job -> map errors to exit codes.
 
 This module owns the click group ``main`` (the console script ``alexnet_pipe.cli:main``), -v,
-and the error mapping: an AlexnetPipeError becomes one line and exit code 1, anything else is a
-bug that keeps its traceback with -v. The commands live by what they work on: dataset.py
-(convert, verify, info, upgrade, update-mean), training.py (train, test), tools.py (benchmark,
-inspect, plot, predict, import-weights); options.py declares the options they share. No command
-decides a default: config.py does, for the CLI and the library alike.
+and the error mapping: an AlexnetPipeError becomes one line and exit code 1, Ctrl-C one line and
+130 (cli/signals.py), anything else is a bug that keeps its traceback with -v. The commands live
+by what they work on: dataset.py (convert, verify, info, upgrade, update-mean), training.py (train,
+test), tools.py (benchmark, inspect, plot, predict, import-weights); options.py declares the
+options they share. No command decides a default: config.py does, for the CLI and the library
+alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import click
 from alexnet_pipe import __version__
 from alexnet_pipe.cli.dataset import convert, info, update_mean, upgrade, verify
 from alexnet_pipe.cli.options import VERBOSE
+from alexnet_pipe.cli.signals import stopped_by_signal
 from alexnet_pipe.cli.tools import benchmark, import_weights_cmd, inspect, plot, predict
 from alexnet_pipe.cli.training import test_cmd, train, train_config
 from alexnet_pipe.errors import AlexnetPipeError
@@ -37,7 +39,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with stopped_by_signal(lambda: f"`{ctx.invoked_subcommand}` did not finish; rerun it", sigterm=False):
+                return super().invoke(ctx)
         except AlexnetPipeError as exc:
             raise click.ClickException(str(exc)) from exc
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):

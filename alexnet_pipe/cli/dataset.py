@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from alexnet_pipe.cli.options import DIR, EXISTING_DIR, EXISTING_FILE, dataset, json_flag, no_progress, verbose, workers
-from alexnet_pipe.config import RESIZE_FILTERS, ConvertConfig, ImageSettings, UpdateMeanConfig, VerifyConfig
+from alexnet_pipe.cli.signals import stopped_by_signal
+from alexnet_pipe.config import (
+    RESIZE_FILTERS,
+    RESIZE_MODES,
+    ConvertConfig,
+    ImageSettings,
+    UpdateMeanConfig,
+    VerifyConfig,
+)
+from alexnet_pipe.errors import ConfigError
 
 
 def _parse_part(ctx, param, value):
@@ -40,6 +48,14 @@ def _parse_part(ctx, param, value):
               help="Scale every image, up or down, so its shorter side is exactly this (as im2rec --resize); "
                    "0 keeps the size.")
 @click.option("--no-upscale", is_flag=True, help="Never scale up: images with a shorter short side keep their size.")
+@click.option("--resize", "resize_mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="short-side: scale so the short side is --short-side, aspect kept (im2rec --resize) [default]; "
+                   "squash: every image to exactly --short-side x --short-side, or --resize-height x --resize-width, "
+                   "aspect ignored (Caffe's convert_imageset, 256x256 in its ImageNet recipe).")
+@click.option("--resize-height", type=click.IntRange(min=1), default=None,
+              help="With --resize-width: squash every image to this height (convert_imageset --resize_height).")
+@click.option("--resize-width", type=click.IntRange(min=1), default=None,
+              help="With --resize-height: squash every image to this width (convert_imageset --resize_width).")
 @click.option("--resize-filter", type=click.Choice(RESIZE_FILTERS), default=ImageSettings.resize_filter,
               show_default=True,
               help="How images are scaled: antialias (Gaussian pre-blur + bicubic, the closest to a Lanczos "
@@ -85,7 +101,8 @@ def _parse_part(ctx, param, value):
               help="Re-check every finished shard in OUT against its recorded checksum and rewrite the damaged "
                    "ones from RAW (byte-identical to a clean run; refused if the inputs changed).")
 @no_progress()
-def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard_size, workers, seed, max_pixels,
+def convert(raw, out, fmt, short_side, no_upscale, resize_mode, resize_height, resize_width, resize_filter, quality,
+            shard_size, workers, seed, max_pixels,
             max_file_mb, min_short_side, no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run,
             force, part, repair, no_progress):
     """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
@@ -98,14 +115,19 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
       alexnet-pipe convert images/ batches/ --list train.txt --list-val val.txt --synsets synset_words.txt
       alexnet-pipe convert flowers/ batches/ --val-ratio 0.05 --dry-run
     """
+    sized = resize_height is not None or resize_width is not None
+    if sized and click.get_current_context().get_parameter_source("short_side") == ParameterSource.COMMANDLINE:
+        raise ConfigError("--short-side sizes the squash only without --resize-height/--resize-width: use one of them")
     cfg = ConvertConfig(
         src=raw, dst=out,
         formats=("lmdb", "recordio") if fmt == "both" else (fmt,),
         image=ImageSettings(short_side=short_side, quality=quality, max_pixels=max_pixels,
                             passthrough=not no_passthrough, upscale=not no_upscale, max_file_mb=max_file_mb,
-                            resize_filter=resize_filter, min_short_side=min_short_side),
+                            resize_filter=resize_filter, min_short_side=min_short_side,
+                            resize=resize_mode or ("squash" if sized else ImageSettings.resize),
+                            resize_height=resize_height or 0, resize_width=resize_width or 0),
         shard_size=shard_size, workers=workers, seed=seed, force=force,
-        progress=not no_progress, val_labels=val_labels, synsets=synsets, part=part,
+        progress=not no_progress, progress_bar=sys.stderr.isatty(), val_labels=val_labels, synsets=synsets, part=part,
         train_list=train_list, val_list=val_list, val_ratio=val_ratio, repair=repair,
     )
     if dry_run:
@@ -127,7 +149,7 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
     from alexnet_pipe.convert.job import run_convert
     from alexnet_pipe.text import plural
 
-    with _stop_resumably():
+    with stopped_by_signal("the finished shards are kept; rerun the same command to resume"):
         result = run_convert(cfg)
     if repair:
         _echo_repaired(result)
@@ -149,29 +171,6 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_filter, quality, shard
         more = result.skipped - len(result.skipped_shown)
         click.echo(f"skipped   {f'... {more} more; ' if more else ''}`alexnet-pipe info {out}` lists every skipped "
                    "input with its reason")
-
-
-@contextmanager
-def _stop_resumably() -> Iterator[None]:
-    """Ctrl-C (SIGINT) or SIGTERM stop `convert` as an interruption it resumes from: the job's own
-    cleanup runs (its workers end, finished shards stay), then one line says that rerunning the same
-    command resumes, and the exit code is 130 or 143, as for `train`."""
-    received = [signal.SIGINT]
-
-    def on_sigterm(signum, frame):
-        received[0] = signal.Signals(signum)
-        raise KeyboardInterrupt  # the same path out as Ctrl-C
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    except KeyboardInterrupt:
-        name = received[0].name
-        click.echo(f"stopped by {name}{' (Ctrl-C)' if name == 'SIGINT' else ''}: the finished shards are kept; "
-                   "rerun the same command to resume", err=True)
-        raise click.exceptions.Exit(128 + received[0]) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _echo_repaired(result) -> None:
@@ -208,12 +207,16 @@ def verify(root, workers, quick, repair, no_progress):
     from alexnet_pipe.dataset.manifest import load_dataset
     from alexnet_pipe.text import plural
 
-    cfg = VerifyConfig(root, workers, not quick, not no_progress, repair=repair)
+    cfg = VerifyConfig(root, workers, not quick, not no_progress, progress_bar=sys.stderr.isatty(), repair=repair)
     if cfg.repair:
         from alexnet_pipe.convert.repair import run_repair
 
-        _echo_repaired(run_repair(cfg))
-    result = run_verify(cfg)
+        with stopped_by_signal("the shards repaired so far are kept (the damaged ones not yet rewritten are "
+                               "untouched); rerun the same command to continue"):
+            _echo_repaired(run_repair(cfg))
+    with stopped_by_signal("nothing was changed" + (" by the check; the repairs above are kept" if repair else "")
+                           + "; rerun to verify again"):
+        result = run_verify(cfg)
     for note in result.notes:
         click.echo(f"NOTE {note}", err=True)
     for problem in result.problems:

@@ -18,6 +18,7 @@ import alexnet_pipe.cli.options as options
 from alexnet_pipe.cli.options import DIR, opt, verbose
 from alexnet_pipe.config import (
     FREEZE_CHOICES,
+    LR_SCHEDULES,
     RUNS_DIR,
     STOP_GRACE_S,
     TrainConfig,
@@ -44,6 +45,9 @@ _TRAIN_OPTIONS = [
         help="Only evaluate --model-file on the validation split.")),
     ("eval_freq", opt("--eval-freq", "-eval", "--eval_freq", "eval_freq", type=click.IntRange(min=0),
         default=_TC.eval_freq, show_default=True, help="Evaluate every N epochs and after the last (0: never).")),
+    ("ten_crop", click.option("--eval-ten-crop", "ten_crop", is_flag=True, default=_TC.ten_crop,
+        help="Also evaluate the last epoch on ten crops per image (corners and centre, mirrored; softmax "
+        "averaged: Krizhevsky et al. 2012).")),
     ("backend", options.backend(help="Default: gpu when one is present.")),
     ("device_id", options.device_id(_TC.device_id)),
     ("rng_seed", options.rng_seed(_TC.rng_seed)),
@@ -62,6 +66,13 @@ _TRAIN_OPTIONS = [
         show_default=True, help="linear: the lr used is --lr x (-z x ranks) / 128; none: --lr as given.")),
     ("lr_step", click.option("--lr-step", type=click.IntRange(min=1), default=_TC.lr_step, show_default=True,
         help="lr x0.1 every N epochs.")),
+    ("lr_schedule", click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=_TC.lr_schedule,
+        show_default=True, help="step: neon's (--lr-step); cosine: per step from the lr down to 0 at the last "
+        "epoch, after any warm-up (Loshchilov & Hutter, SGDR).")),
+    ("warmup_epochs", click.option("--warmup-epochs", type=click.IntRange(min=0), default=_TC.warmup_epochs,
+        show_default=True, help="Large batches: raise the lr per step, linearly from lr/k to the scheduled lr, over "
+        "N epochs; k = max(1, (-z x ranks) / 128), so with --lr-scale linear it starts at --lr (Goyal et al. "
+        "2017). 0: off.")),
     ("momentum", click.option("--momentum", type=float, default=_TC.momentum, show_default=True)),
     ("weight_decay", click.option("--weight-decay", type=float, default=_TC.weight_decay, show_default=True)),
     ("normalize_std", options.normalize_std(
@@ -130,6 +141,10 @@ def _test_options(fn):
     """`test`: the dataset, the weights and how to run; crop and normalisation come from the weights."""
     own = [
         options.model_file("Weights or checkpoint to evaluate.", required=True),
+        click.option("--ten-crop", "ten_crop", is_flag=True, default=_TC.ten_crop,
+                     help="Also evaluate on ten crops per image: the four corners and the centre of the stored "
+                          "image, each mirrored too, softmax averaged (Krizhevsky et al. 2012; Caffe's "
+                          "multi-view test). Printed after the single-crop line."),
         click.option("--per-class", "per_class_file", type=DIR, default=None,
                      help="Write per-class top-1/top-5 and the confusion matrix to this .json, and a drawing of "
                           "the worst classes and most confused pairs beside it (.png)."),
@@ -276,7 +291,8 @@ def _run_training(cfg) -> None:
     if cfg.test_only:
         result = run_test(cfg)
         if cfg.rank == 0:  # every rank has the same figures; one prints them
-            click.echo(result.neon_line())
+            for line in result.lines():
+                click.echo(line)
         return
     from alexnet_pipe.train.preempt import EXIT_CODES
 
@@ -298,7 +314,8 @@ def _run_training(cfg) -> None:
                    err=True)
         sys.exit(EXIT_CODES.get(result.stopped_by, 1))
     if result.final is not None:
-        click.echo(result.final.neon_line())
+        for line in result.final.lines():
+            click.echo(line)
     if result.weights_path is not None:
         click.echo(f"weights: {result.weights_path}")
 
@@ -356,7 +373,8 @@ def train(**kw):
     -m alexnet_pipe train ...), with the same flags. Each rank reads its share of every
     epoch's global order. Batch and lr rule: -z is per rank, so a step sees -z x ranks
     images; --lr is neon's rate for 128 images and, with --lr-scale linear (the default),
-    the rate used is --lr x (-z x ranks) / 128.
+    the rate used is --lr x (-z x ranks) / 128. Large batches: --warmup-epochs 5 rises per
+    step from that rate / k to it, k = max(1, (-z x ranks) / 128) (Goyal et al. 2017).
 
     \b
     Examples:

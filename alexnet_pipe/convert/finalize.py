@@ -44,6 +44,14 @@ from alexnet_pipe.inputs.table import ScanResult
 def _resize_policy(image: ImageSettings) -> dict:
     """The manifest's ``resize`` entry: the size rule in numbers and in words."""
     n = image.short_side
+    if image.squash is not None:
+        h, w = image.squash
+        policy = {"squash": {"height": h, "width": w}, "short_side": n, "upscale": image.upscale,
+                  "rule": f"squashed to exactly {w}x{h} (width x height), aspect ratio ignored, as Caffe's "
+                          f"convert_imageset --resize_height {h} --resize_width {w}"}
+        if image.resize_filter != ImageSettings.resize_filter:
+            policy["filter"] = image.resize_filter
+        return policy
     if n == 0:
         rule = "sizes kept"
     elif image.upscale:
@@ -77,7 +85,8 @@ def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardP
     Manifest fields about sizes, for readers that check crops:
 
     - ``resize``: ``{"short_side": N, "upscale": bool, "rule": "<the rule in words>"}``, and
-      ``"filter"`` when not the default antialias (config.RESIZE_FILTERS).
+      ``"filter"`` when not the default antialias (config.RESIZE_FILTERS); with ``--resize squash``
+      also ``"squash": {"height": H, "width": W}`` (every image stored at exactly W x H).
     - ``splits[split]["short_side_counts"]``: ``{"<side>": images}`` for every stored short
       side below 512 pixels (a compact histogram: with upscaling on, only ``{"N": all}`` when
       N < 512); ``splits[split]["min_short_side"]``: the smallest stored short side (None when

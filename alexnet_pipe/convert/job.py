@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
-from tqdm import tqdm
 
 from alexnet_pipe.config import SKIPPED_SHOWN, ConvertConfig
 from alexnet_pipe.convert.accumulate import ShardState, commit_shard
@@ -40,6 +39,7 @@ from alexnet_pipe.errors import SettingsMismatchError
 from alexnet_pipe.fsutil import output_error, remove, remove_temps
 from alexnet_pipe.inputs.scan import scan
 from alexnet_pipe.inputs.table import ScanResult
+from alexnet_pipe.progress import Progress
 from alexnet_pipe.text import plural
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,8 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
                  plural(len(done), "shard"), len(pending))
 
     width = id_width(found)
-    bar = tqdm(total=total, initial=total - todo, unit="img", desc="convert", disable=not cfg.progress,
-               dynamic_ncols=True, smoothing=0.05)
+    bar = Progress(total, "convert", "img", enabled=cfg.progress, bar=cfg.progress_bar, initial=total - todo,
+                   smoothing=0.05)
     current: ShardState | None = None
     n_skipped = 0
     try:

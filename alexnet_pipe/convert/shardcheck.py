@@ -74,7 +74,7 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
             # version 1: a map size is no damage (that is `upgrade`'s business)
             tasks.append(_Task(dst, plan.split, fmt, entry, num_classes, False, 1,
                                rel if (dst / rel).is_file() else None, want_crcs=True))
-    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "check")
+    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "check", progress_bar=cfg.progress_bar)
     new_sums: dict[str, dict[str, array]] = {}
     for task, out in zip(tasks, outcomes):
         name = task.entry.name

@@ -244,13 +244,13 @@ def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:
 
 
 def check_shards(tasks: list[_Task], workers: int, progress: bool, desc: str,
-                 stall_seconds: float = STALL_SECONDS) -> list[_Outcome]:
-    """Each task's outcome, in task order, with a progress bar over the records. Every task runs in
+                 stall_seconds: float = STALL_SECONDS, progress_bar: bool = True) -> list[_Outcome]:
+    """Each task's outcome, in task order, with progress over the records (``progress.Progress``). Every task runs in
     a checker process (supervisor.run_queued, see the module docstring): a checker that dies or
     stalls on a shard makes that shard's outcome a problem, and the other shards are still checked.
     Checkers are forked from a server that imported this module once (cheap to replace after a
     death), never from this process (which may hold threads, e.g. torch's in tests)."""
-    from tqdm import tqdm
+    from alexnet_pipe.progress import Progress
 
     def lost(number: int, records: int, exitcode: int | None) -> _Outcome:
         task = tasks[number]
@@ -258,8 +258,7 @@ def check_shards(tasks: list[_Task], workers: int, progress: bool, desc: str,
                 if exitcode is None else f"the checker died ({describe_death(exitcode)}) while reading it")
         return _Outcome(records, [Problem(task.where, None, f"{what}: the shard is corrupt; {_repair(task)}")], None)
 
-    bar = tqdm(total=sum(t.entry.records for t in tasks), unit="rec", desc=desc, disable=not progress,
-               dynamic_ncols=True)
+    bar = Progress(sum(t.entry.records for t in tasks), desc, "rec", enabled=progress, bar=progress_bar)
     try:
         return run_queued(tasks, _verify_task, worker_context("alexnet_pipe.convert.verify"), workers,
                           units=lambda task: task.entry.records, stall_seconds=stall_seconds,
@@ -293,7 +292,7 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
             for fmt in ds.formats:
                 result.problems += [Problem(where, None, message) for where, message
                                     in get_format(fmt).check_split(cfg.root, ds.split_entry(split))]
-    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "verify", stall_seconds)
+    outcomes = check_shards(tasks, cfg.workers, cfg.progress, "verify", stall_seconds, cfg.progress_bar)
     for outcome in outcomes:
         result.records += outcome.records
         result.shards += 1

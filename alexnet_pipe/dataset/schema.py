@@ -272,6 +272,14 @@ class Settings:
         return self.values.get("shard_size")
 
     @property
+    def squash(self) -> tuple[int, int] | None:
+        """(height, width) every image was squashed to (``convert --resize squash``), or None: the short
+        side rule (not recorded: conversions without the option)."""
+        if self.values.get("resize", "short-side") != "squash":
+            return None
+        return int(self.values["resize_height"]), int(self.values["resize_width"])
+
+    @property
     def upscale(self) -> Any:
         """Whether small images were scaled up, as recorded; True when not recorded (only a
         version 1 manifest that was not upgraded lacks it: ``upgrade`` records False)."""

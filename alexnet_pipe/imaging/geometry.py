@@ -2,7 +2,9 @@
 
 The orientation is read from the EXIF block (of a JPEG's header, or of what Pillow decoded) and
 applied to the pixels, as Pillow's ``ImageOps.exif_transpose`` would. The stored size follows
-``im2rec --resize``: the short side becomes ``ImageSettings.short_side``. Pixels are BGR.
+``im2rec --resize``: the short side becomes ``ImageSettings.short_side``; or, with ``--resize squash``,
+Caffe's ``convert_imageset --resize_height H --resize_width W``: every image becomes exactly W x H
+(upright), its aspect ratio ignored. Pixels are BGR.
 """
 
 from __future__ import annotations
@@ -97,13 +99,39 @@ def target_within_limit(width: int, height: int, settings: ImageSettings) -> tup
     if min(width, height) < settings.min_short_side:
         raise BadImage(f"its short side, {min(width, height)} px ({width}x{height}), is below --min-short-side "
                        f"{settings.min_short_side}")
-    tw, th = target_size(width, height, settings.short_side, settings.upscale)
+    if settings.squash is not None:  # the upright stored size: see decode_target and upright_target
+        th, tw = settings.squash
+        to = f"squashing {width}x{height} to {tw}x{th} gives"
+    else:
+        tw, th = target_size(width, height, settings.short_side, settings.upscale)
+        to = f"scaling {width}x{height} to short side {settings.short_side} gives {tw}x{th} ="
     if tw * th > settings.max_pixels:
-        raise BadImage(
-            f"scaling {width}x{height} to short side {settings.short_side} gives {tw}x{th} = {tw * th} pixels, "
-            f"over the limit of {settings.max_pixels}"
-        )
+        raise BadImage(f"{to} {tw * th} pixels, over the limit of {settings.max_pixels}")
     return tw, th
+
+
+_SIDES_SWAPPED = (5, 6, 7, 8)  # EXIF orientations that turn the image a quarter
+
+
+def decode_target(target: tuple[int, int], settings: ImageSettings, orientation: int | None) -> tuple[int, int]:
+    """The size a decoder scales towards (staying >= it), in the input's own orientation, for the
+    ``target_within_limit`` of its size. That target is already in the input's orientation for a short
+    side; a squash target is upright, so it is turned back, or, with the orientation not yet known
+    (None), made square on its long side, right either way."""
+    if settings.squash is None or target[0] == target[1]:
+        return target
+    if orientation is None:
+        return max(target), max(target)
+    return target[::-1] if orientation in _SIDES_SWAPPED else target
+
+
+def upright_target(target: tuple[int, int], settings: ImageSettings, orientation: int) -> tuple[int, int]:
+    """The size the upright pixels are resized to: a short-side target turned with the image when the
+    orientation swaps its sides (the target of the full-size input, not of the DCT-scaled one: rounding
+    differs); a squash target as it is."""
+    if settings.squash is None and orientation in _SIDES_SWAPPED:
+        return target[::-1]
+    return target
 
 
 _INTERPOLATION = {"cubic": cv2.INTER_CUBIC, "linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}

@@ -34,7 +34,14 @@ from alexnet_pipe.imaging.centre_sums import CentreSums
 from alexnet_pipe.imaging.colour import icc_is_srgb, to_srgb
 from alexnet_pipe.imaging.decode import check_pixels, decode_jpeg, jpeg_header, load_with_pillow, open_image
 from alexnet_pipe.imaging.encode import Encoded, encode_jpeg, passes_through
-from alexnet_pipe.imaging.geometry import image_orientation, resize, target_within_limit, upright
+from alexnet_pipe.imaging.geometry import (
+    decode_target,
+    image_orientation,
+    resize,
+    target_within_limit,
+    upright,
+    upright_target,
+)
 from alexnet_pipe.imaging.read import read_source
 from alexnet_pipe.imaging.reasons import BadImage, one_line
 from alexnet_pipe.inputs.table import Source
@@ -75,7 +82,7 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
         target = target_within_limit(head.width, head.height, settings)
         orientation = head.orientation
         passthrough = passes_through(data, head, target, settings.passthrough)
-        bgr = decode_jpeg(data, head, None if passthrough else target)
+        bgr = decode_jpeg(data, head, None if passthrough else decode_target(target, settings, orientation))
         if passthrough:
             return Encoded(data, bgr.shape[1], bgr.shape[0], True, min(head.width, head.height)), bgr
         bgr = upright(bgr, orientation)
@@ -87,10 +94,9 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
             im = open_image(data, settings)
             target = target_within_limit(*im.size, settings)
             source = min(im.size)
-            bgr, orientation = _decode_with_pillow(im, target, notes)
-    # The target of the full-size input (not of the DCT-scaled one: rounding differs), turned
-    # with the image when the orientation swaps its sides.
-    bgr = resize(bgr, target[::-1] if orientation in (5, 6, 7, 8) else target, settings.resize_filter)
+            bgr, orientation = _decode_with_pillow(im, decode_target(target, settings, None), notes)
+    # The target of the full-size input (not of the DCT-scaled one: rounding differs), upright.
+    bgr = resize(bgr, upright_target(target, settings, orientation), settings.resize_filter)
     return Encoded(encode_jpeg(bgr, settings.quality), bgr.shape[1], bgr.shape[0], False, source), bgr
 
 

@@ -37,6 +37,7 @@ class Batch:
     valid: torch.Tensor | None = None  # N, bool, on the images' device; None: no padding in this batch
     real_total: int = 0  # real (non-padding) samples in this step over all ranks: the loss's divisor
     step: int = 0  # this batch's step within its epoch
+    views: int = 1  # images per sample: 10 with ten crops (``images`` holds N x views rows, a sample's together)
 
 
 class Loader:
@@ -99,13 +100,17 @@ class Loader:
         try:
             for k, (out,) in enumerate(self._it, start=self.start_step):
                 images = out["images"]
+                views = 1
+                if self.cfg.ten_crop:  # N x 10 x (C, H, W or H, W, C) -> N*10 rows, each sample's views together
+                    views = images.shape[1]
+                    images = images.reshape(-1, *images.shape[2:])
                 if self.cfg.channels_last:
                     images = images.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: channels_last
                 flipped = torch.from_numpy(share.mirror[k * b : (k + 1) * b]).bool()
                 valid = share.valid[k * b : (k + 1) * b]
                 yield Batch(images, out["labels"].reshape(-1).long(), flipped,
                             None if valid.all() else torch.from_numpy(valid).to(images.device),
-                            self.source.order.step_total(k, b), k)
+                            self.source.order.step_total(k, b), k, views)
         except RuntimeError as exc:
             _raise_record_error(exc, self._root, self.cfg.split)
         except Exception as exc:  # DALI's reader processes pass errors on as plain Exceptions

@@ -4,10 +4,11 @@ Records reach DALI through an external source (``epoch_source.EpochSource``) tha
 each epoch's own global order (``order.py``) with each sample's crop position and flip; DALI
 decodes, crops, flips and normalises. Train: a random crop of the short-side-N image, random
 horizontal flip, per-channel mean subtraction (division by std optional), the neon recipe. Val:
-centre crop, no flip, stored order. The same graph runs on the GPU (``device="mixed"`` decoding,
-crop/flip/normalize on the device, fp16 output in the model's layout) and on the CPU
-(``device_id=None``). ``loader.py`` runs the graph and hands its output to torch; nvidia.dali is
-imported only in these two modules, inside the functions that use it.
+centre crop, no flip, stored order (or ten views per image: ``LoaderConfig.ten_crop``). The
+same graph runs on the GPU (``device="mixed"`` decoding, crop/flip/normalize on the device, fp16
+output in the model's layout) and on the CPU (``device_id=None``). ``loader.py`` runs the graph
+and hands its output to torch; nvidia.dali is imported only in these two modules, inside the
+functions that use it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class LoaderConfig:
     # window past the image: Loader turns it off for a split with images smaller than the crop.
     roi_decode: bool = True
     pad_channels: bool = False  # emit a 4th, zero channel (crop_mirror_normalize's pad_output)
+    # Val only: each image's ten views (TEN_CROP_VIEWS), N x 10 x C x H x W (test --ten-crop); the
+    # whole stored image is decoded (roi_decode does not apply) and each view is cut from it.
+    ten_crop: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -71,6 +75,8 @@ class LoaderConfig:
             raise ConfigError(f"prefetch depth must be >= 1, got {self.prefetch}")
         if self.channel_order not in ("RGB", "BGR"):
             raise ConfigError(f"channel order must be RGB or BGR, got {self.channel_order}")
+        if self.ten_crop and self.train:
+            raise ConfigError("ten crops are a test-time view of the val split, not a training augmentation")
 
 
     def knobs(self) -> dict:
@@ -79,6 +85,14 @@ class LoaderConfig:
                 "source_queue": source_queue_depth(self) if self.read_workers else 0,
                 "hw_decoder_load": self.hw_decoder_load, "jpeg_fancy_upsampling": self.jpeg_fancy_upsampling,
                 "roi_decode": self.roi_decode, "device": "cpu" if self.device_id is None else f"cuda:{self.device_id}"}
+
+
+# The ten views of Krizhevsky et al. 2012 (and Caffe's classic multi-view test), in the order the
+# pipeline stacks them: (crop_pos_x, crop_pos_y, mirror) for the centre and the four corners of the
+# stored image, each as it is and mirrored. Anchors are DALI's: 0 the left/top edge, 1 the
+# right/bottom one, 0.5 the single-crop centre.
+TEN_CROP_ANCHORS = ((0.5, 0.5), (0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
+TEN_CROP_VIEWS = tuple((x, y, mirror) for x, y in TEN_CROP_ANCHORS for mirror in (0, 1))
 
 
 def _reader_kind(ds: Dataset, cfg: LoaderConfig) -> str:
@@ -131,7 +145,19 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
             source=source, num_outputs=5, batch=True, batch_info=True,
             dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32], **source_options(cfg),
         )
-        if cfg.roi_decode:
+        if cfg.ten_crop:
+            # Ten views of the whole stored image, stacked per sample, padded like the single crop
+            # below. The centre pair takes the source's window and flip (val: 0.5, 0.5, none), so
+            # the first view is the single-crop pass's very crop.
+            images = fn.decoders.image(jpegs, **decoder)
+            views = []
+            for x, y, flip in TEN_CROP_VIEWS:
+                if (x, y) == (0.5, 0.5):
+                    x, y, flip = pos_x, pos_y, (1 - mirror if flip else mirror)
+                views.append(fn.crop_mirror_normalize(images, **crop, crop_pos_x=x, crop_pos_y=y, mirror=flip,
+                                                      out_of_bounds_policy="pad", fill_values=0.0, **normalize))
+            images = fn.stack(*views, axis=0)
+        elif cfg.roi_decode:
             # The decoder places the window exactly as crop_mirror_normalize would (same crop
             # arguments, same rounding), so the pixels are the same as decoding whole, then cropping.
             images = fn.decoders.image_crop(jpegs, **crop, crop_pos_x=pos_x, crop_pos_y=pos_y, **decoder)

@@ -31,6 +31,9 @@ class InputSpec:
     channel_order: str = "RGB"
     value_range: tuple[float, float] = (0.0, 255.0)
     short_side: int = 256  # the short side the validation images are resized to before the centre crop
+    # (height, width) every image is squashed to instead, aspect ignored (convert --resize squash, Caffe's
+    # 256x256); None: the short side rule. Not recorded when None: files from before read as None.
+    squash: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.channel_order not in CHANNEL_ORDERS:
@@ -41,6 +44,8 @@ class InputSpec:
             raise InputError("mean and std need three values each (R, G, B)")
         if self.std_rgb is not None and min(self.std_rgb) <= 0:
             raise InputError(f"std values must be > 0, got {self.std_rgb}")
+        if self.squash is not None and (len(self.squash) != 2 or min(self.squash) < 1):
+            raise InputError(f"squash must be a height and a width >= 1, got {self.squash}")
 
     @classmethod
     def from_data(cls, data: Mapping, crop: int) -> InputSpec:
@@ -55,6 +60,7 @@ class InputSpec:
             value_range=tuple(float(v) for v in data.get("value_range", (0, 255))),
             # 0: the dataset kept every image at its own size (convert --short-side 0)
             short_side=256 if data.get("short_side") is None else int(data["short_side"]),
+            squash=None if data.get("squash") is None else tuple(int(v) for v in data["squash"]),
         )
 
     def to_data(self) -> dict:
@@ -64,7 +70,14 @@ class InputSpec:
             "std_rgb": None if self.std_rgb is None else [float(v) for v in self.std_rgb],
             "crop": self.crop, "short_side": self.short_side, "channel_order": self.channel_order,
             "value_range": [v if v != int(v) else int(v) for v in self.value_range],
+            **({"squash": list(self.squash)} if self.squash is not None else {}),  # only when set: files as before
         }
+
+    def geometry(self) -> str:
+        """How an image is sized before the centre crop, in words: ``short side 256``, ``squashed to 256x256``."""
+        if self.squash is not None:
+            return f"squashed to {self.squash[1]}x{self.squash[0]}"
+        return f"short side {self.short_side}" if self.short_side else "size kept"
 
     @property
     def native(self) -> bool:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.errors import TrainingError
 from alexnet_pipe.loading.loader import Batch, Loader
+from alexnet_pipe.progress import Progress
 from alexnet_pipe.train import state as train_state
 from alexnet_pipe.train.preempt import Action, Preemption
 from alexnet_pipe.train.runtime import Runtime
@@ -76,12 +76,14 @@ class EpochRun:
 def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int, lr: float,
                     start: train_state.Partial | None = None, preemption: Preemption | None = None,
                     on_checkpoint: Callable[[train_state.Partial], None] | None = None,
-                    on_log: Callable[[train_state.Partial], None] | None = None) -> EpochRun:
+                    on_log: Callable[[train_state.Partial], None] | None = None,
+                    set_lr: Callable[[int], float] | None = None) -> EpochRun:
     """One pass over the loader (epoch ``epoch``), from step ``start.step`` when resuming.
 
     After each step ``preemption`` may ask for a checkpoint (``on_checkpoint`` gets the progress)
     or for a stop: the pass then ends early with ``finished`` False. ``on_log`` gets the progress
-    every ``log_every`` steps. Losses are summed on the
+    every ``log_every`` steps. ``set_lr`` (warm-up, cosine) sets the optimizer's lr before each step
+    from the step's number and returns it (None: ``lr`` for the whole epoch). Losses are summed on the
     device and read back only every ``log_every`` steps: a host sync per step would stall the GPU
     queue. Every rank syncs at the same steps.
     """
@@ -92,11 +94,9 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
                            f"expected {epoch + 1} step {start.step}")
     model.train()
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, samples, data wait (this rank, call)
-    bar = tqdm(total=loader.samples * rt.dist.world_size, initial=start.samples, unit="img",
-               desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and cfg.progress_bar and rt.dist.is_main),
-               dynamic_ncols=True, smoothing=0.1)
-    plain = _PlainProgress(cfg, rt, epoch, len(loader)) if cfg.progress and not cfg.progress_bar else None
+    bar = Progress(loader.samples * rt.dist.world_size, f"epoch {epoch + 1}/{cfg.epochs}", "img",
+                   enabled=cfg.progress and rt.dist.is_main, bar=cfg.progress_bar, initial=start.samples,
+                   lines=False, smoothing=0.1)  # plain: the line below, and fit's line after each epoch
     started = time.perf_counter()
 
     def progress(steps_done: int) -> train_state.Partial:
@@ -115,6 +115,8 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
             break
         sums[2] += time.perf_counter() - waited
         train_state.seed_step(cfg.rng_seed, epoch, batch.step, rt.dist.rank)
+        if set_lr is not None:  # warm-up or cosine: this step's lr, a function of (epoch, step) alone
+            lr = set_lr(batch.step)
         with rt.autocast():
             logits = model(batch.images)
             loss, total, count = step_loss(logits, batch, rt.dist.world_size)
@@ -129,8 +131,8 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
             bar.set_postfix(loss=f"{now.loss_sum / max(now.samples, 1):.3f}", lr=f"{lr:g}", refresh=False)
             if on_log is not None:
                 on_log(now)
-            if plain is not None:
-                plain.maybe_log(now, lr)
+            if bar.due():
+                _log_progress(cfg, epoch, len(loader), now, lr)
         action = preemption.poll(steps_done) if preemption is not None else Action.GO_ON
         if action is not Action.GO_ON and steps_done < len(loader):
             if rt.device.type == "cuda":
@@ -148,26 +150,15 @@ def train_one_epoch(model, loader: Loader, opt, scaler, rt: Runtime, epoch: int,
     return result
 
 
-class _PlainProgress:
-    """Progress as log lines (stderr is not a terminal: batch jobs, CI, | tee): at most one
-    every 30 s, with img/s, the share of time waiting for data and the epoch's ETA."""
-
-    EVERY_S = 30.0
-
-    def __init__(self, cfg: TrainConfig, rt: Runtime, epoch: int, steps: int):
-        self.cfg, self.main, self.epoch, self.steps = cfg, rt.dist.is_main, epoch, steps
-        self._last = time.monotonic()
-
-    def maybe_log(self, now: train_state.Partial, lr: float) -> None:
-        if not self.main or time.monotonic() - self._last < self.EVERY_S:
-            return
-        self._last = time.monotonic()
-        rate = now.step / now.seconds if now.seconds else 0.0
-        eta = (self.steps - now.step) / rate if rate else 0.0
-        log.info("epoch %d/%d step %d/%d: loss %.4f, lr %g, %.0f img/s, data wait %.0f%%, epoch ETA %dm%02ds",
-                 self.epoch + 1, self.cfg.epochs, now.step, self.steps, now.loss_sum / max(now.samples, 1), lr,
-                 now.samples / now.seconds if now.seconds else 0.0,
-                 100 * now.data_wait_s / now.seconds if now.seconds else 0.0, eta // 60, eta % 60)
+def _log_progress(cfg: TrainConfig, epoch: int, steps: int, now: train_state.Partial, lr: float) -> None:
+    """The plain progress line (stderr is not a terminal): img/s, the share of time waiting for
+    data and the epoch's ETA."""
+    rate = now.step / now.seconds if now.seconds else 0.0
+    eta = (steps - now.step) / rate if rate else 0.0
+    log.info("epoch %d/%d step %d/%d: loss %.4f, lr %g, %.0f img/s, data wait %.0f%%, epoch ETA %dm%02ds",
+             epoch + 1, cfg.epochs, now.step, steps, now.loss_sum / max(now.samples, 1), lr,
+             now.samples / now.seconds if now.seconds else 0.0,
+             100 * now.data_wait_s / now.seconds if now.seconds else 0.0, eta // 60, eta % 60)
 
 
 def _check_finite(mean_loss: float, epoch: int, lr: float) -> None:

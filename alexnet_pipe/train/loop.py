@@ -1,6 +1,7 @@
 """Training: ``fit(cfg)``, the neon AlexNet recipe on DALI-fed PyTorch, epoch after epoch.
 
-``fit`` trains (resuming from a checkpoint when given one): the step lr schedule, one pass over
+``fit`` trains (resuming from a checkpoint when given one): the lr schedule (``lr_at``: neon's step
+rule per epoch; warm-up and cosine per step, a pure function of epoch and step), one pass over
 the train loader per epoch (``epoch.py``), evaluation every ``eval_freq`` epochs
 (``evaluate.py``), checkpoints and the final weights. The data of epoch e (order, crops, flips)
 and its dropout masks follow from (seed, e, rank) alone, so a run resumed from a checkpoint
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,17 +27,57 @@ from alexnet_pipe.text import plural
 from alexnet_pipe.train import start as warmstart
 from alexnet_pipe.train import state as train_state
 from alexnet_pipe.train.epoch import train_one_epoch
-from alexnet_pipe.train.evaluate import EvalResult, evaluate
+from alexnet_pipe.train.evaluate import EvalResult, evaluate, evaluate_ten_crop
 from alexnet_pipe.train.loggers import Loggers, MetricsLog, TensorBoardLog
 from alexnet_pipe.train.preempt import Preemption
-from alexnet_pipe.train.runtime import Runtime, open_run
+from alexnet_pipe.train.runtime import BASE_BATCH, Runtime, open_run
 
 log = logging.getLogger(__name__)
 
 
-def lr_at(epoch: int, lr0: float, step: int = 20, gamma: float = 0.1) -> float:
-    """neon's Schedule(step, gamma) for 0-based ``epoch``: ``lr0 * gamma ** floor((epoch + 1) / step)``."""
-    return lr0 * gamma ** math.floor((epoch + 1) / step)
+def lr_at(epoch: int, lr0: float, step: int = 20, gamma: float = 0.1, *, batch_step: int = 0,
+          steps_per_epoch: int = 1, schedule: str = "step", epochs: int = 1, warmup_epochs: int = 0,
+          warmup_k: float = 1.0) -> float:
+    """The lr of step ``batch_step`` (0-based, of ``steps_per_epoch``) of 0-based ``epoch``: a pure function.
+
+    - ``schedule`` "step": neon's Schedule(step, gamma), ``lr0 * gamma ** floor((epoch + 1) / step)``
+      for the whole epoch (the default, unchanged);
+    - "cosine" (Loshchilov & Hutter, SGDR, without restarts): per step, at t = epoch + batch_step /
+      steps_per_epoch epochs, ``lr0 * (1 + cos(pi * (t - W) / (epochs - W))) / 2`` after the warm-up:
+      from lr0 down to 0 at the end of the run's ``epochs``;
+    - ``warmup_epochs`` W > 0 (Goyal et al. 2017, gradual warm-up): while t < W the lr the schedule
+      gives (lr0 for cosine) times ``1/k + (1 - 1/k) * t / W``: linear per step from lr/k to it,
+      with ``warmup_k`` k = max(1, global batch / 128) (``warmup_factor``).
+    """
+    t = epoch + batch_step / steps_per_epoch
+    if schedule == "cosine":
+        done = 0.0 if t < warmup_epochs else (t - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+        lr = lr0 * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
+    else:
+        lr = lr0 * gamma ** math.floor((epoch + 1) / step)
+    if t < warmup_epochs:
+        k = max(warmup_k, 1.0)
+        lr *= 1.0 / k + (1.0 - 1.0 / k) * t / warmup_epochs
+    return lr
+
+
+def warmup_factor(global_batch: int) -> float:
+    """Warm-up's k: the linear-scaling factor from neon's 128 images per step to ``global_batch``, at
+    least 1 (a smaller batch's scaled lr is below neon's: nothing to warm up from)."""
+    return max(1.0, global_batch / BASE_BATCH)
+
+
+def schedule_of(cfg: TrainConfig, global_batch: int, steps_per_epoch: int):
+    """``lr_at`` for this run, as f(epoch, batch_step, lr0); None where the lr is constant within every
+    epoch (neon's step rule without warm-up: fit sets it once per epoch, as it always has)."""
+    if cfg.lr_schedule == "step" and not cfg.warmup_epochs:
+        return None
+    k = warmup_factor(global_batch)
+
+    def at(epoch: int, batch_step: int, lr0: float) -> float:
+        return lr_at(epoch, lr0, cfg.lr_step, cfg.lr_gamma, batch_step=batch_step, steps_per_epoch=steps_per_epoch,
+                     schedule=cfg.lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs, warmup_k=k)
+    return at
 
 
 @dataclass(frozen=True)
@@ -134,6 +175,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         if start_epoch < cfg.epochs:  # one pipeline serves every epoch: its source knows each epoch's order
             train_loader = rt.loader("train", True, start_epoch, start_step=partial.step)
         steps_per_epoch = len(train_loader) if train_loader is not None else 1
+        schedule = schedule_of(cfg, rt.global_batch, steps_per_epoch)
         metrics = Loggers(MetricsLog(cfg.output_file, enabled=main),
                           TensorBoardLog(cfg.tensorboard_dir, steps_per_epoch)
                           if main and cfg.tensorboard_dir else None)
@@ -161,17 +203,26 @@ def fit(cfg: TrainConfig) -> FitResult:
             for epoch in range(start_epoch, cfg.epochs):
                 for group in opt.param_groups:
                     group["lr"] = lr_at(epoch, group["lr0"], cfg.lr_step, cfg.lr_gamma)
+                set_lr = None
+                if schedule is not None:  # warm-up or cosine: the lr of every step, set before it
+                    def set_lr(batch_step: int, e=epoch) -> float:
+                        for group in opt.param_groups:
+                            group["lr"] = schedule(e, batch_step, group["lr0"])
+                        return opt.param_groups[0]["lr"]
+                    set_lr(0)  # the epoch's first step (the row's lr)
                 lr = opt.param_groups[0]["lr"]
                 run = train_one_epoch(train_model, train_loader, opt, scaler, rt, epoch, lr, partial, preemption,
                                       on_checkpoint=lambda progress, e=epoch: save_checkpoint(e, progress),
-                                      on_log=lambda progress, e=epoch, lr=lr: metrics.write_step(e + 1, lr,
-                                                                                                  progress))
+                                      on_log=lambda progress, e=epoch: metrics.write_step(
+                                          e + 1, opt.param_groups[0]["lr"], progress), set_lr=set_lr)
                 partial = train_state.Partial()
                 if not run.finished:
                     stopped_by = preemption.signal
                     break
                 seen, seconds = run.partial.samples, run.partial.seconds
-                record = {"epoch": epoch + 1, "lr": lr, "train_loss": run.mean_loss, "samples": seen,
+                record = {"epoch": epoch + 1, "lr": lr, **_lr_detail(cfg, schedule, epoch, steps_per_epoch,
+                                                                    opt.param_groups[0]["lr0"]),
+                          "train_loss": run.mean_loss, "samples": seen,
                           "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds,
                           "world_size": rt.dist.world_size, "global_batch": rt.global_batch,
                           "loader": train_loader.cfg.knobs()}
@@ -183,8 +234,12 @@ def fit(cfg: TrainConfig) -> FitResult:
                         val_loader = rt.loader("val", False, 0)
                     final = evaluate(train_model, val_loader, rt)
                     record.update(val_loss=final.loss, val_top1=final.top1, val_top5=final.top5)
+                    if last and cfg.ten_crop:  # --eval-ten-crop: the plain model (10 x -z rows: no fixed-batch graph)
+                        final = replace(final, ten_crop=evaluate_ten_crop(model, rt))
+                        record.update(final.metrics())
                     if main:
-                        log.info("epoch %d: %s", epoch + 1, final.neon_line())
+                        for line in final.lines():
+                            log.info("epoch %d: %s", epoch + 1, line)
                 _warn_at_chance(rt, start, epoch, run.mean_loss)
                 history.append(record)
                 metrics.write(record)
@@ -214,6 +269,15 @@ def fit(cfg: TrainConfig) -> FitResult:
         if metrics is not None:
             metrics.close()
         rt.close()
+
+
+def _lr_detail(cfg: TrainConfig, schedule, epoch: int, steps: int, lr0: float) -> dict:
+    """What an epoch row adds where the lr varies within the epoch: the last step's lr (``lr`` is the
+    first's) and the options that make it vary; nothing (the row as before) without them."""
+    if schedule is None:
+        return {}
+    return {"lr_last": schedule(epoch, steps - 1, lr0), "lr_schedule": cfg.lr_schedule,
+            "warmup_epochs": cfg.warmup_epochs}
 
 
 def _warn_at_chance(rt: Runtime, start: warmstart.Start, epoch: int, train_loss: float) -> None:

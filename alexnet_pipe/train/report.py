@@ -61,12 +61,17 @@ class PerClass:
 
 
 def write_per_class(per_class: PerClass, ids: list[str], names: list[str], out: Path, worst: int = 20,
-                    files: list[str] | None = None) -> list[Path]:
+                    files: list[str] | None = None, ten_crop: PerClass | None = None) -> list[Path]:
     """``out`` (.json): the table, the confusion matrix (``confusion_rows``: the true class,
     ``confusion_cols``: the predicted one) and every misclassified record, surest first, with
     ``files`` (the source file of each, in ``per_class.misclassified()`` order; None: not stored);
-    beside it ``<stem>.png``: the drawing."""
+    beside it ``<stem>.png``: the drawing. ``ten_crop`` (test --ten-crop): each class's row also
+    holds ``ten_crop_top1`` / ``ten_crop_top5`` and the body ``ten_crop_confusion``, from the
+    ten-crop predictions; everything else is the single crop's."""
     table = per_class.table(ids, names)
+    if ten_crop is not None:
+        for row, other in zip(table, ten_crop.table(ids, names)):
+            row.update(ten_crop_top1=other["top1"], ten_crop_top5=other["top5"])
     pairs = per_class.confused_pairs(worst)
     wrong = per_class.misclassified()
     body = {"classes": table,
@@ -77,6 +82,8 @@ def write_per_class(per_class: PerClass, ids: list[str], names: list[str], out: 
             "misclassified": [{"record": int(r), "file": files[k] if files is not None else None,
                                "true": ids[per_class.true[r]], "predicted": ids[per_class.predicted[r]],
                                "score": round(float(per_class.score[r]), 6)} for k, r in enumerate(wrong)]}
+    if ten_crop is not None:
+        body["ten_crop_confusion"] = ten_crop.confusion.tolist()
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, json.dumps(body).encode())
     drawing = out.with_suffix(".png")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -74,7 +75,8 @@ class Runtime:
                 fix = missing_std_fix(self.ds.root)
                 raise DatasetError(f"{self.ds.root}/mean.json has no std (an upgraded old mean); {fix}")
             self._input = InputSpec(self.cfg.crop, tuple(mean_rgb), tuple(std_rgb) if self.cfg.normalize_std else None,
-                                    short_side=self.ds.meta.settings.short_side)
+                                    short_side=self.ds.meta.settings.short_side,
+                                    squash=self.ds.meta.settings.squash)
         return self._input
 
     def use_input(self, spec: InputSpec | None) -> None:
@@ -113,8 +115,12 @@ class Runtime:
             prefetch=cfg.prefetch, roi_decode=cfg.roi_decode,
         )
 
-    def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0) -> Loader:
+    def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0,
+               ten_crop: bool = False) -> Loader:
+        """``ten_crop``: ten views per image (val; ``LoaderConfig.ten_crop``)."""
         cfg = self.loader_config(split, train, batch_size)
+        if ten_crop:
+            cfg = replace(cfg, ten_crop=True)
         if cfg.read_workers:  # reader processes hand batches over in /dev/shm: refuse now, not by SIGBUS later
             check_loader_shm(self.ds, cfg, ranks=local_ranks(os.environ, self.cfg.world_size))
         return Loader(self.ds, cfg, epoch, start_step)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alexnet_pipe.config import STORED_WHEN_SET
 from alexnet_pipe.errors import CheckpointError
 from alexnet_pipe.model.params import group_lr_mult
 from alexnet_pipe.train.runtime import Runtime
@@ -57,13 +58,15 @@ def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
 # --init: start.py's _check_init (not given on resume: the checkpoint's weights, whatever drew them)
 _KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "freeze": "--freeze"}
 _CHANGEABLE = ("epochs", "lr", "lr_scale", "lr_step", "lr_gamma", "momentum", "weight_decay", "bias_lr_mult",
-               "head_lr_mult", "batch_size", "subset_pct", "eval_freq", "serialize", "datatype", "backend")
+               "head_lr_mult", "batch_size", "subset_pct", "eval_freq", "ten_crop", "serialize", "datatype", "backend",
+               "warmup_epochs", "lr_schedule")
 
 
 def resume_changes(body: dict, cfg, path: Path) -> dict[str, list]:
     """{setting: [before, now]} for what this run changes against the checkpoint it resumes;
     refuses a change of a setting the run must keep, naming both values."""
-    before = body.get("train_config") or {}
+    # an option stored only when on (config.STORED_WHEN_SET) was off where the key is absent
+    before = {**STORED_WHEN_SET, **(body.get("train_config") or {})}
     for key, flag in _KEPT_ON_RESUME.items():
         if key in before and before[key] != getattr(cfg, key):
             raise CheckpointError(

@@ -110,3 +110,40 @@ def test_crop_below_the_network_minimum_is_refused_when_parsing(small, tmp_path,
     assert f"{MIN_CROP - 1} is not in the range x>={MIN_CROP}" in res.output
     if command[0] != "test":  # test's --crop is hidden: it comes from the weights
         assert f"x>={MIN_CROP}" in CliRunner().invoke(main, [command[0], "--help"]).output
+
+
+def test_a_loss_at_chance_advises_a_tenth_of_the_lr_in_use_and_no_init_the_run_ignores(tmp_path):
+    """Item 4 through the CLI. Every class holds the same uniform grey image, which is also the
+    dataset's mean: every input is zeros, so with --init kaiming (zero biases) every activation is 0,
+    the logits are fc8's bias and the train loss sits at ln(2) by construction (only fc8's bias learns,
+    by a hair). The advice names a tenth of the --lr in use, never that value, and never --init kaiming:
+    not on a kaiming run, nor on a run that starts from --model-file's weights (its init draws nothing).
+    (A fresh neon run is the case that suggests it; its dropout noise keeps it from sitting provably at
+    chance on such data.)"""
+    import numpy as np
+
+    from alexnet_pipe.config import ConvertConfig, ImageSettings
+    from alexnet_pipe.convert.job import run_convert
+    from tests.helpers.images import write_jpeg
+
+    grey = np.full((72, 96, 3), 120, np.uint8)
+    for cls in ("a", "b"):
+        for i in range(4):
+            write_jpeg(tmp_path / "raw" / "train" / cls / f"{i}.jpg", grey)
+    data = tmp_path / "data"
+    run_convert(ConvertConfig(src=tmp_path / "raw", dst=data, formats=("lmdb",), workers=1, progress=False,
+                              image=ImageSettings(short_side=72)))
+
+    def chance_lines(*extra: str) -> list[str]:
+        res = subprocess.run([sys.executable, "-m", "alexnet_pipe", "train", "-w", str(data), *FAST, "--crop", "67",
+                              "-e", "2", "-eval", "0", "--lr", "0.0002", *extra],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "epoch 2: train loss 0.6931" in res.stderr, res.stderr[-3000:]  # ln 2 = 0.69315
+        return [line for line in res.stderr.splitlines() if "sits at chance (ln 2)" in line]
+
+    for extra in (["--init", "kaiming", "-s", str(tmp_path / "w.pt")],  # fresh, kaiming already
+                  ["--model-file", str(tmp_path / "w.pt"), "-s", str(tmp_path / "w2.pt")]):  # from weights
+        [line] = chance_lines(*extra)  # epoch 2 only: the warning waits for a second epoch
+        assert "try --lr 2e-05" in line and "--lr 0.0002" not in line, line
+        assert "--init" not in line, line

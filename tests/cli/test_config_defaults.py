@@ -162,12 +162,13 @@ def test_convert_and_verify_build_the_configs_python_gets(tmp_path, monkeypatch,
     (tmp_path / "raw").mkdir()
     seen = _capture(monkeypatch, alexnet_pipe.convert.dryrun, "plan_convert")
     _invoke(["convert", str(tmp_path / "raw"), str(tmp_path / "out"), "--dry-run"])
-    assert seen["args"] == (ConvertConfig(src=tmp_path / "raw", dst=tmp_path / "out"),)
+    # progress_bar follows the terminal (CLI_ONLY): CliRunner's stderr is not one
+    assert seen["args"] == (ConvertConfig(src=tmp_path / "raw", dst=tmp_path / "out", progress_bar=False),)
     seen = _capture(monkeypatch, alexnet_pipe.convert.verify, "run_verify")
     _invoke(["verify", str(tmp_path / "raw")])
-    assert seen["args"] == (VerifyConfig(tmp_path / "raw"),)
+    assert seen["args"] == (VerifyConfig(tmp_path / "raw", progress_bar=False),)
     _invoke(["verify", str(tmp_path / "raw"), "--workers", "3", "--quick"])
-    assert seen["args"] == (VerifyConfig(tmp_path / "raw", workers=3, decode=False),)
+    assert seen["args"] == (VerifyConfig(tmp_path / "raw", workers=3, decode=False, progress_bar=False),)
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["no-gpu", "gpu"])

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -401,3 +402,55 @@ def test_the_pristine_dataset_passes(data):
     assert (res.returncode == 0 and res.stderr == ""
             and "ok: 24 images in 2 formats (48 records in 12 shards)" in res.stdout)
     assert not math.isnan(load_dataset_mean(data).mean[0])
+
+
+def _checkers(pid: int) -> list[int]:
+    """The grandchildren of ``pid``: verify's checker processes (forked by its checker server)."""
+    def children(of: int) -> list[int]:
+        try:
+            return [int(c) for c in Path(f"/proc/{of}/task/{of}/children").read_text().split()]
+        except OSError:  # it ended meanwhile
+            return []
+    return [g for c in children(pid) for g in children(c)]
+
+
+def _verify_stopped_by(data: Path, sig: signal.Signals) -> tuple[int, str, str] | None:
+    """verify held (SIGSTOP, the whole group) once a checker runs, sent ``sig``, released; None when it
+    finished before it could be held (a fast machine: try again)."""
+    proc = subprocess.Popen([sys.executable, "-m", "alexnet_pipe", "verify", str(data), "--workers", "1",
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _checkers(proc.pid):  # a checker runs: verify is in its check
+            if proc.poll() is not None:
+                return None
+            assert time.monotonic() < deadline, "no checker started"
+            time.sleep(0.001)
+        os.killpg(proc.pid, signal.SIGSTOP)  # held mid-run: the signal cannot land after the end
+        # Ctrl-C reaches the terminal's whole group (verify and its checkers); `kill PID` verify alone.
+        (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
+        os.killpg(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode == 0:  # it had finished its check as it was held
+        return None
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_verify_in_one_line(data, sig):
+    """Issue 21: Ctrl-C printed click's "Aborted!" and exit 1. Now one line, 130 (143 for SIGTERM)."""
+    for _ in range(5):
+        if (run := _verify_stopped_by(data, sig)) is not None:
+            break
+    else:
+        pytest.fail("verify finished before it could be held, 5 times")
+    code, out, err = run
+    assert code == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], (out, err[-3000:])
+    assert out == "" and err.splitlines() == [
+        f"stopped by {sig.name}{' (Ctrl-C)' if sig == signal.SIGINT else ''}: nothing was changed; "
+        "rerun to verify again"], err[-3000:]

@@ -15,6 +15,7 @@ from alexnet_pipe.errors import FormatError, UnsafePickleError
 from alexnet_pipe.formats.blobproto import encode_blobproto
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
+from alexnet_pipe.model.inputspec import InputSpec
 from alexnet_pipe.model.weights import ImportConfig, caffe, detect_format, import_weights, neon
 from alexnet_pipe.model.weights.caffe import read_layers
 from alexnet_pipe.model.weights.neon import read_params
@@ -311,6 +312,9 @@ def test_caffe_import_matches_grouped_caffenet(caffe_full, tmp_path):
     body, model = load(tmp_path / "w.pt")
     assert body["data"]["channel_order"] == "BGR" and body["data"]["crop"] == 227
     assert body["data"]["mean_rgb"] == [120.0, 110.0, 100.0]
+    # Caffe's ImageNet recipe squashed every image to 256x256: predict does too, and the summary says so
+    assert body["data"]["squash"] == [256, 256] and InputSpec.from_data(body["data"], 227).squash == (256, 256)
+    assert "crop 227 of every image squashed to 256x256" in result.summary().splitlines()[0]
     # the ungrouped conv2 computes what Caffe's grouped one did
     y = torch.randn(2, 96, 27, 27, generator=torch.Generator().manual_seed(2))
     a, b = (torch.from_numpy(v) for v in caffe_full["conv2"])

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from alexnet_pipe import progress
 from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
-from alexnet_pipe.train import epoch as train_epoch
 from alexnet_pipe.train import loop as train
 
 
@@ -51,7 +51,7 @@ def test_tensorboard_gets_step_and_epoch_scalars(data, tmp_path):
 
 
 def test_plain_progress_lines_when_not_on_a_terminal(data, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train_epoch._PlainProgress, "EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     with caplog.at_level(logging.INFO, logger="alexnet_pipe.train"):
         train.fit(cfg(data, epochs=1, progress=True, progress_bar=False, eval_freq=0))
     lines = [r.getMessage() for r in caplog.records if "ETA" in r.getMessage()]

@@ -63,10 +63,12 @@ class ImportResult:
     crop: int
     class_order: str
     notes: list[str] = field(default_factory=list)
+    squash: tuple[int, int] | None = None  # (height, width) predict squashes images to; None: short side
 
     def summary(self) -> str:
+        geometry = "" if self.squash is None else f" of every image squashed to {self.squash[1]}x{self.squash[0]}"
         lines = [f"wrote {self.output}: {self.network} from a {self.source_format}, arch {self.arch}, "
-                 f"{self.num_classes} classes, crop {self.crop}", f"classes: {self.class_order}"]
+                 f"{self.num_classes} classes, crop {self.crop}{geometry}", f"classes: {self.class_order}"]
         return "\n".join(lines + self.notes)
 
 
@@ -178,6 +180,7 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
         "mean_rgb": [float(v) for v in mean], "std_rgb": None if std is None else [float(v) for v in std],
         "crop": mc.crop, "short_side": SHORT_SIDE, "channel_order": imp.channel_order,
         "value_range": list(imp.value_range),
+        **({"squash": list(imp.squash)} if imp.squash is not None else {}),  # InputSpec.squash
     }
     notes = list(imp.notes)
     scale = "0..1" if imp.value_range[1] == 1.0 else "0..255"
@@ -189,7 +192,8 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
         "imported_from": {"format": imp.source_format, "network": imp.network, "file": src.name,
                           "class_order": order, "notes": notes},
     })
-    return ImportResult(cfg.output, imp.source_format, imp.network, mc.arch, mc.num_classes, mc.crop, order, notes)
+    return ImportResult(cfg.output, imp.source_format, imp.network, mc.arch, mc.num_classes, mc.crop, order, notes,
+                        imp.squash)
 
 
 def _written_here(src: Path) -> str | None:

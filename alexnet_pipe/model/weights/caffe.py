@@ -20,7 +20,7 @@ from alexnet_pipe.errors import FormatError
 from alexnet_pipe.formats import protobuf as pb
 from alexnet_pipe.formats.blobproto import decode_blobproto
 from alexnet_pipe.model.alexnet import AlexNetConfig
-from alexnet_pipe.model.weights.common import Imported, check_numeric, expect_shape, tensor
+from alexnet_pipe.model.weights.common import SHORT_SIDE, Imported, check_numeric, expect_shape, tensor
 
 # (name, K, C, R=S) of the ungrouped CaffeNet at crop 227
 _CONVS = (("conv1", 96, 3, 11), ("conv2", 256, 96, 5), ("conv3", 384, 256, 3), ("conv4", 384, 384, 3),
@@ -161,4 +161,7 @@ def convert(net_name: str, layers: list[CaffeLayer]) -> Imported:
         state_dict=sd, channel_order="BGR", value_range=(0.0, 255.0), mean_rgb=MEAN_RGB, std_rgb=None,
         source_class_order="the source's order (Caffe's synsets.txt: sorted wnids)",
         notes=notes,
+        # Caffe's ImageNet recipe (examples/imagenet/create_imagenet.sh: convert_imageset with
+        # RESIZE_HEIGHT=256 RESIZE_WIDTH=256) squashed every image to 256x256: predict does the same.
+        squash=(SHORT_SIDE, SHORT_SIDE),
     )

@@ -31,6 +31,8 @@ class Imported:
     std_rgb: tuple[float, float, float] | None
     source_class_order: str  # what the source's fc8 rows are ordered by, for the notes
     notes: list[str] = field(default_factory=list)
+    # (height, width) the source squashed every image to, aspect ignored (Caffe); None: the short side
+    squash: tuple[int, int] | None = None
 
 
 def expect_shape(what: str, arr: np.ndarray, shape: tuple[int, ...], hint: str = "") -> None:
