@@ -12,6 +12,7 @@ lines: the configs and the defaults they resolve are read together, and TrainCon
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -359,6 +360,9 @@ class TrainConfig:
     # k = max(1, global batch / 128) (train/loop.py lr_at); 0: off.
     warmup_epochs: int = 0
     lr_schedule: str = "step"  # step: neon's rule (lr_step, lr_gamma); cosine: per step down to 0 (SGDR)
+    # PCA lighting (Krizhevsky et al. 2012, section 4.1): the std of each image's alphas over the
+    # dataset's RGB eigenvectors (mean.json); 0: off.
+    lighting: float = 0.0
 
     def __post_init__(self) -> None:
         self._resolve()
@@ -422,6 +426,7 @@ class TrainConfig:
             (self.freeze == "none" or self.finetune, f"--freeze {self.freeze} is for fine-tuning: add --finetune"),
             (self.head_lr_mult >= 0, f"--head-lr-mult must be >= 0, got {self.head_lr_mult}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
+            (math.isfinite(self.lighting) and self.lighting >= 0, f"--lighting must be >= 0, got {self.lighting}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule}"),
         ]
@@ -452,4 +457,4 @@ class TrainConfig:
 _STORED_AS = {"rank": "shard_id", "world_size": "num_shards"}
 # Options added after checkpoints existed, stored only when on: {field: its off value}. A stored
 # train_config without the key had the option off (train/state.py reads it so).
-STORED_WHEN_SET = {"warmup_epochs": 0, "lr_schedule": "step", "ten_crop": False}
+STORED_WHEN_SET = {"warmup_epochs": 0, "lr_schedule": "step", "ten_crop": False, "lighting": 0.0}

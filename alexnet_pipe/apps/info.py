@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alexnet_pipe.dataset.layout import SHORT_SIDE_COUNTS_BELOW
 from alexnet_pipe.dataset.manifest import Dataset
-from alexnet_pipe.dataset.mean import load_dataset_mean
+from alexnet_pipe.dataset.mean import eigen, load_dataset_mean
 from alexnet_pipe.dataset.schema import copy_json
 from alexnet_pipe.errors import AlexnetPipeError
 from alexnet_pipe.formats import get_format
@@ -44,6 +44,10 @@ def dataset_summary(ds: Dataset) -> dict:
     try:
         mean = load_dataset_mean(ds.root)
         mean_info = {"channel_order": mean.channel_order, "mean": mean.mean, "std": mean.std, "source": mean.source}
+        cov = mean.rgb_covariance()
+        if cov is not None:  # RGB, as the lighting augmentation uses it (absent: converted before it was recorded)
+            values, vectors = eigen(cov)
+            mean_info |= {"covariance_rgb": cov.tolist(), "eigenvalues": values, "eigenvectors": vectors}
     except AlexnetPipeError as exc:
         mean_info = {"error": str(exc)}
     mean_image = None
@@ -108,6 +112,13 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10, max_s
         fmt = lambda v: "(" + ", ".join(f"{x:.2f}" for x in v) + ")"  # noqa: E731
         std = fmt(mean["std"]) if mean["std"] else "unknown"
         lines.append(f"mean      {mean['channel_order']} {fmt(mean['mean'])}  std {std}  [{mean['source']}]")
+        if "covariance_rgb" in mean:
+            lines.append("covar     RGB " + " ".join(fmt(row) for row in mean["covariance_rgb"]))
+            lines.append("eigen     " + "  ".join(f"{value:.2f} x {fmt(vector)}" for value, vector
+                                              in zip(mean["eigenvalues"], mean["eigenvectors"]))
+                         + "  (PCA lighting, Krizhevsky et al. 2012)")
+        else:
+            lines.append("covar     not recorded (converted before it was; reconvert to record it)")
     image = info.get("mean_image")
     if image:
         files = ", ".join(f"{f['path']} ({'missing' if f['bytes'] is None else _human(f['bytes'])})"

@@ -73,6 +73,10 @@ _TRAIN_OPTIONS = [
         show_default=True, help="Large batches: raise the lr per step, linearly from lr/k to the scheduled lr, over "
         "N epochs; k = max(1, (-z x ranks) / 128), so with --lr-scale linear it starts at --lr (Goyal et al. "
         "2017). 0: off.")),
+    ("lighting", click.option("--lighting", type=click.FloatRange(min=0), default=_TC.lighting, show_default=True,
+        help="PCA colour augmentation (Krizhevsky et al. 2012, section 4.1): add sum_i alpha_i lambda_i p_i to "
+        "every pixel, p_i/lambda_i the dataset's RGB eigenvectors/values (mean.json), alpha_i ~ N(0, SIGMA) per "
+        "image and epoch; the paper's is 0.1. 0: off.")),
     ("momentum", click.option("--momentum", type=float, default=_TC.momentum, show_default=True)),
     ("weight_decay", click.option("--weight-decay", type=float, default=_TC.weight_decay, show_default=True)),
     ("normalize_std", options.normalize_std(

@@ -84,6 +84,11 @@ def verify_mean(ds: Dataset) -> list[Problem]:
                 f"pixel sums convert recorded in {PARTS_DIR}/ give: {list(expected.mean)} (std {list(expected.std)}, "
                 f"{expected.pixels} pixels); the file was edited or damaged: rerun the alexnet-pipe convert command "
                 f"that made {ds.root} to rewrite it")))
+        elif expected.covariance is not None and mean.covariance != expected.covariance:
+            problems.append(Problem(MEAN_FILE, None, (
+                f"covariance {mean.covariance and [list(r) for r in mean.covariance]} is not what the pixel sums "
+                f"convert recorded in {PARTS_DIR}/ give: {[list(r) for r in expected.covariance]}; the file was "
+                f"edited or damaged: rerun the alexnet-pipe convert command that made {ds.root} to rewrite it")))
     return problems
 
 

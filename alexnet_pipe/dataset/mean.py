@@ -48,12 +48,24 @@ class ChannelMean:
     images: int = 0
     pixels: int = 0
     source: str = ""
+    # The 3 x 3 covariance of the pixel values (in ``channel_order``; population, 0..255 scale) or
+    # None (a mean converted before it was recorded, or an update-mean of an old mean file).
+    covariance: tuple[tuple[float, float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.channel_order not in ("RGB", "BGR"):
             raise InputError(f"channel order must be RGB or BGR, got {self.channel_order}")
         if len(self.mean) != 3 or (self.std is not None and len(self.std) != 3):
             raise InputError("mean and std need exactly three channels")
+        if self.covariance is not None and (len(self.covariance) != 3 or any(len(r) != 3 for r in self.covariance)):
+            raise InputError("the covariance needs 3 x 3 values")
+
+    def rgb_covariance(self) -> np.ndarray | None:
+        """The 3 x 3 covariance in RGB order (float64), or None when not recorded."""
+        if self.covariance is None:
+            return None
+        cov = np.array(self.covariance, np.float64)
+        return cov if self.channel_order == "RGB" else cov[::-1, ::-1].copy()
 
     def rgb(self) -> tuple[tuple[float, ...], tuple[float, ...] | None]:
         """(mean, std) in RGB order, the order DALI decodes to."""
@@ -72,7 +84,28 @@ class ChannelMean:
             "images": self.images,
             "pixels": self.pixels,
             "source": self.source,
-        }
+        } | ({} if self.covariance is None else covariance_json(self.covariance))
+
+
+def eigen(covariance) -> tuple[list[float], list[list[float]]]:
+    """(eigenvalues, eigenvectors) of a 3 x 3 covariance: numpy.linalg.eigh in float64, eigenvalues
+    descending, ``eigenvectors[i]`` the unit vector of ``eigenvalues[i]``, its sign fixed so that its
+    largest-magnitude component (the first of equals) is positive. The PCA colour augmentation of
+    Krizhevsky et al. 2012, section 4.1 adds sum_i alpha_i * eigenvalues[i] * eigenvectors[i]."""
+    values, vectors = np.linalg.eigh(np.asarray(covariance, np.float64))
+    order = np.argsort(-values, kind="stable")
+    out = []
+    for i in order:
+        v = vectors[:, i]
+        out.append([float(x) for x in (v if v[int(np.argmax(np.abs(v)))] > 0 else -v)])
+    return [float(values[i]) for i in order], out
+
+
+def covariance_json(covariance) -> dict:
+    """mean.json's covariance fields: the matrix and its eigen-decomposition (``eigen``)."""
+    values, vectors = eigen(covariance)
+    return {"covariance": [[float(v) for v in row] for row in covariance], "eigenvalues": values,
+            "eigenvectors": vectors}
 
 
 @dataclass
@@ -86,6 +119,9 @@ class PixelStats:
     pixels: int = 0
     sums: list[int] = field(default_factory=lambda: [0, 0, 0])
     sq_sums: list[int] = field(default_factory=lambda: [0, 0, 0])
+    # Sums of products of different channels over the same pixels: [r*g, r*b, g*b]. None: not
+    # known (a completion record from before they were recorded), and then nothing merged with it is.
+    cross_sums: list[int] | None = field(default_factory=lambda: [0, 0, 0])
 
     def merge(self, other: PixelStats) -> None:
         self.images += other.images
@@ -93,13 +129,30 @@ class PixelStats:
         for c in range(3):
             self.sums[c] += other.sums[c]
             self.sq_sums[c] += other.sq_sums[c]
+        if self.cross_sums is None or other.cross_sums is None:
+            self.cross_sums = None
+        else:
+            self.cross_sums = [a + b for a, b in zip(self.cross_sums, other.cross_sums)]
 
     def to_json(self) -> dict:
-        return {"images": self.images, "pixels": self.pixels, "sums": self.sums, "sq_sums": self.sq_sums}
+        out = {"images": self.images, "pixels": self.pixels, "sums": self.sums, "sq_sums": self.sq_sums}
+        return out if self.cross_sums is None else out | {"cross_sums": self.cross_sums}
 
     @classmethod
     def from_json(cls, obj: dict) -> PixelStats:
-        return cls(obj["images"], obj["pixels"], list(obj["sums"]), list(obj["sq_sums"]))
+        cross = obj.get("cross_sums")
+        return cls(obj["images"], obj["pixels"], list(obj["sums"]), list(obj["sq_sums"]),
+                   None if cross is None else [int(v) for v in cross])
+
+    def covariance(self) -> tuple[tuple[float, float, float], ...] | None:
+        """The RGB covariance (population: divided by the pixel count) from the exact sums, or None."""
+        if self.cross_sums is None or not self.pixels:
+            return None
+        n, s = self.pixels, self.sums
+        rg, rb, gb = self.cross_sums
+        products = [[self.sq_sums[0], rg, rb], [rg, self.sq_sums[1], gb], [rb, gb, self.sq_sums[2]]]
+        # n * sum(x y) - sum(x) sum(y) is an exact integer: one rounding, in the final division.
+        return tuple(tuple((n * products[i][j] - s[i] * s[j]) / (n * n) for j in range(3)) for i in range(3))
 
     def to_mean(self, source: str) -> ChannelMean:
         if not self.pixels:
@@ -108,7 +161,7 @@ class PixelStats:
         mean = tuple(s / n for s in self.sums)
         # Var = E[x^2] - E[x]^2 computed from exact integers: no catastrophic cancellation.
         std = tuple(math.sqrt(max(0, q * n - s * s)) / n for s, q in zip(self.sums, self.sq_sums))
-        return ChannelMean(mean, std, "RGB", self.images, self.pixels, source)
+        return ChannelMean(mean, std, "RGB", self.images, self.pixels, source, self.covariance())
 
 
 def write_mean(path: Path, mean: ChannelMean) -> None:
@@ -161,7 +214,21 @@ def parse_mean(obj: dict, where: str) -> ChannelMean:
     source = obj.get("source", "")
     if not isinstance(source, str):
         raise DatasetError(f"{where}: source is {source!r}, expected a string")
-    return ChannelMean(mean, std, order, counts[0], counts[1], source)
+    covariance = None if obj.get("covariance") is None else _covariance(obj["covariance"], where)
+    return ChannelMean(mean, std, order, counts[0], counts[1], source, covariance)
+
+
+def _covariance(value, where: str) -> tuple[tuple[float, float, float], ...]:
+    """A symmetric 3 x 3 of finite numbers no larger than a 0..255 variance can be."""
+    if not isinstance(value, list) or len(value) != 3 or any(not isinstance(r, list) or len(r) != 3 for r in value):
+        raise DatasetError(f"{where}: covariance is {json.dumps(value)[:60]}, expected 3 x 3 numbers")
+    for i, row in enumerate(value):
+        for j, v in enumerate(row):
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or abs(v) > STD_MAX * STD_MAX or v != value[j][i]):
+                raise DatasetError(f"{where}: covariance[{i}][{j}] is {v!r}, expected a finite number of at most "
+                                   f"{STD_MAX * STD_MAX:g} equal to covariance[{j}][{i}]")
+    return tuple(tuple(float(v) for v in row) for row in value)
 
 
 def read_mean_file(path: Path) -> ChannelMean:

@@ -10,10 +10,13 @@ import numpy as np
 
 from alexnet_pipe.dataset.mean import PixelStats, centre_box
 
+_NEXT = [1, 2, 0]  # each BGR channel's partner in the cross products
+
 
 class CentreSums:
     """The centre boxes of a chunk's images summed on an S x S canvas: per-pixel sums (the mean
-    image), sums of squares (the channel std) and how many images covered each pixel.
+    image), sums of squares (the channel std), sums of cross-channel products (with the squares:
+    the RGB covariance) and how many images covered each pixel.
 
     OpenCV's accumulate/accumulateSquare add a box in one vectorised pass each (2-3x faster
     than three histograms per image plus a numpy add). The canvases are float32 while every sum
@@ -26,6 +29,8 @@ class CentreSums:
         dtype = np.float32 if images * 255 * 255 < 1 << 24 else np.float64
         self._sum = np.zeros((size, size, 3), dtype)  # BGR, as the pixels inside this module
         self._sq = np.zeros((size, size, 3), dtype)
+        # Products of each channel with the next (B*G, G*R, R*B): the covariance's off-diagonal sums
+        self._cross = np.zeros((size, size, 3), dtype)
         self._count = np.zeros((size, size), np.uint16 if images <= np.iinfo(np.uint16).max else np.uint32)
         self._narrow = np.uint16 if images * 255 <= np.iinfo(np.uint16).max else np.uint32
         self.images = 0
@@ -36,6 +41,7 @@ class CentreSums:
         dst = (slice(box.canvas_y, box.canvas_y + box.height), slice(box.canvas_x, box.canvas_x + box.width))
         cv2.accumulate(src, self._sum[dst])  # views: OpenCV writes through a numpy slice's strides
         cv2.accumulateSquare(src, self._sq[dst])
+        cv2.accumulateProduct(src, np.ascontiguousarray(src[..., _NEXT]), self._cross[dst])
         self._count[dst] += 1
         self.images += 1
 
@@ -43,8 +49,9 @@ class CentreSums:
         """The channel sums (RGB) over every box added: exact integers."""
         # OpenCV sums float canvases in double precision (numpy's float32 -> float64 sum is 40x slower)
         sums, sq_sums = cv2.sumElems(self._sum)[2::-1], cv2.sumElems(self._sq)[2::-1]
+        bg, gr, rb = cv2.sumElems(self._cross)[:3]
         return PixelStats(self.images, int(self._count.sum(dtype=np.int64)), [int(v) for v in sums],
-                          [int(v) for v in sq_sums])
+                          [int(v) for v in sq_sums], [int(gr), int(rb), int(bg)])
 
     def mean_sum(self) -> np.ndarray:
         """(S, S, 3) RGB per-pixel sums, uint16 where no sum can pass 65535 (a quarter of the

@@ -20,9 +20,14 @@ class EpochSource:
     """Batch ``k`` of epoch ``first_epoch + epoch_idx``, for one rank. The first epoch starts at
     batch ``first_step`` (a run resumed mid-epoch); later ones at batch 0."""
 
-    def __init__(self, table: RecordTable, order: OrderConfig, batch_size: int, first_epoch: int, first_step: int = 0):
+    def __init__(self, table: RecordTable, order: OrderConfig, batch_size: int, first_epoch: int, first_step: int = 0,
+                 lighting: tuple[np.ndarray, np.ndarray] | None = None):
+        """``lighting``: (mean, rows) in the decoded channel order, with ``order.lighting`` > 0: each
+        sample's normalisation mean is ``mean - alpha @ rows`` (rows[i] = eigenvalue_i * eigenvector_i),
+        a sixth output; that subtracts the mean and adds the PCA lighting offset in one step."""
         self.table, self.order, self.batch_size, self.first_epoch = table, order, batch_size, first_epoch
         self.first_step = first_step
+        self.lighting = lighting
         self._reader: RecordReader | None = None
         self._share: tuple[int, EpochShare] | None = None
 
@@ -45,7 +50,11 @@ class EpochSource:
         for j, i in enumerate(share.indices[start:end]):
             data, labels[j] = self._reader.read(int(i))
             jpegs.append(np.frombuffer(data, np.uint8))
-        return jpegs, labels, share.crop_x[start:end], share.crop_y[start:end], share.mirror[start:end]
+        out = (jpegs, labels, share.crop_x[start:end], share.crop_y[start:end], share.mirror[start:end])
+        if self.lighting is None:
+            return out
+        mean, rows = self.lighting
+        return (*out, (mean[None, :] - share.alpha[start:end] @ rows).astype(np.float32))
 
     def close(self) -> None:
         """Close the shard files this process opened (reader processes close theirs on exit)."""

@@ -21,7 +21,7 @@ from alexnet_pipe.dataset.records import record_table
 from alexnet_pipe.errors import DatasetError, InputError, TrainingError
 from alexnet_pipe.loading.epoch_source import EpochSource, raise_reader_error
 from alexnet_pipe.loading.order import OrderConfig
-from alexnet_pipe.loading.pipeline import LoaderConfig, _reader_kind, build_pipeline
+from alexnet_pipe.loading.pipeline import LoaderConfig, _reader_kind, build_pipeline, lighting_rows
 from alexnet_pipe.text import plural
 
 
@@ -56,8 +56,8 @@ class Loader:
             cfg = replace(cfg, roi_decode=False)  # the ROI decoder cannot pad a window past the image
         self.cfg, self._root = cfg, ds.root
         table = record_table(ds, cfg.split, _reader_kind(ds, cfg))
-        order = OrderConfig(len(table), cfg.train, cfg.seed, cfg.rank, cfg.world_size, cfg.subset_pct)
-        self.source = EpochSource(table, order, cfg.batch_size, epoch, start_step)
+        order = OrderConfig(len(table), cfg.train, cfg.seed, cfg.rank, cfg.world_size, cfg.subset_pct, cfg.lighting)
+        self.source = EpochSource(table, order, cfg.batch_size, epoch, start_step, lighting_rows(cfg))
         self.samples = order.per_rank  # samples this rank reads per epoch (padding included)
         self.epoch = epoch  # the epoch the next pass yields
         self.start_step = start_step  # the step the next pass starts at (a run resumed mid-epoch)

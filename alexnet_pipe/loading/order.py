@@ -27,6 +27,7 @@ import numpy as np
 from alexnet_pipe.errors import ConfigError
 
 _STREAM = 0xA1E7  # separates this random stream from any other use of the run's seed
+_LIGHTING_STREAM = 0x11E7  # the PCA lighting alphas: their own stream, so lighting 0 changes no other draw
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ class OrderConfig:
     rank: int = 0  # this process (torchrun rank)
     world_size: int = 1  # processes sharing the split
     subset_pct: float = 100.0  # train only: the first ceil(pct% of records) of each epoch's order
+    lighting: float = 0.0  # train only: the std of the PCA lighting alphas (Krizhevsky et al. 2012); 0: none
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.lighting) and self.lighting >= 0):
+            raise ConfigError(f"lighting must be a number >= 0, got {self.lighting}")
         if self.records < 1:
             raise ConfigError("a split needs at least one record")
         if not 0 <= self.rank < self.world_size:
@@ -77,6 +81,7 @@ class EpochShare:
     crop_x: np.ndarray  # float32 in [0, 1): crop window position, left .. right
     crop_y: np.ndarray  # float32 in [0, 1): top .. bottom
     mirror: np.ndarray  # int32 0/1: flip horizontally
+    alpha: np.ndarray | None = None  # (n, 3) float64 PCA lighting alphas; None: no lighting
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -96,6 +101,15 @@ def epoch_order(cfg: OrderConfig, epoch: int) -> tuple[np.ndarray, np.ndarray, n
     return order, crop_x, crop_y, mirror
 
 
+def epoch_alphas(cfg: OrderConfig, epoch: int) -> np.ndarray | None:
+    """The global epoch's PCA lighting alphas, (epoch_records, 3) float64 ~ N(0, lighting), one
+    triple per epoch position from (seed, epoch) alone; None without lighting (or for val)."""
+    if not cfg.train or not cfg.lighting:
+        return None
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed % 2**63, epoch, _LIGHTING_STREAM])))
+    return rng.standard_normal((cfg.epoch_records, 3)) * cfg.lighting
+
+
 def epoch_share(cfg: OrderConfig, epoch: int) -> EpochShare:
     """This rank's share of ``epoch`` (see the module docstring for the padding rule)."""
     order, crop_x, crop_y, mirror = epoch_order(cfg, epoch)
@@ -103,4 +117,6 @@ def epoch_share(cfg: OrderConfig, epoch: int) -> EpochShare:
     positions = np.arange(cfg.rank, cfg.per_rank * cfg.world_size, cfg.world_size)
     valid = positions < m
     positions = positions % m
-    return EpochShare(order[positions], valid, crop_x[positions], crop_y[positions], mirror[positions])
+    alpha = epoch_alphas(cfg, epoch)
+    return EpochShare(order[positions], valid, crop_x[positions], crop_y[positions], mirror[positions],
+                      None if alpha is None else alpha[positions])

@@ -13,6 +13,7 @@ functions that use it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +60,18 @@ class LoaderConfig:
     # Val only: each image's ten views (TEN_CROP_VIEWS), N x 10 x C x H x W (test --ten-crop); the
     # whole stored image is decoded (roi_decode does not apply) and each view is cut from it.
     ten_crop: bool = False
+    # Train only: PCA lighting (Krizhevsky et al. 2012, section 4.1): each image gets
+    # sum_i alpha_i * eigenvalues[i] * eigenvectors[i] added, alpha_i ~ N(0, lighting) drawn per
+    # (seed, epoch, sample) in order.py; ``eigen`` = (eigenvalues, eigenvectors) of the dataset's
+    # RGB covariance on the 0..255 scale (mean.json). 0: off, the graph is today's.
+    lighting: float = 0.0
+    eigen: tuple[tuple[float, ...], tuple[tuple[float, ...], ...]] | None = None
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.lighting) and self.lighting >= 0):
+            raise ConfigError(f"lighting must be a number >= 0, got {self.lighting}")
+        if self.lighting and (not self.train or self.eigen is None):
+            raise ConfigError("lighting is a training augmentation and needs the dataset's colour eigenvectors")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if not 0 <= self.rank < self.world_size:
@@ -120,6 +131,18 @@ def pipeline_options(cfg: LoaderConfig) -> dict:
             "prefetch_queue_depth": cfg.prefetch, **extra}
 
 
+def lighting_rows(cfg: LoaderConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """EpochSource's ``lighting``: (the normalisation mean, rows[i] = eigenvalues[i] * eigenvectors[i])
+    in the decoded channel order, float64; None when lighting is off."""
+    if not cfg.lighting:
+        return None
+    values, vectors = cfg.eigen
+    rows = np.asarray(values, np.float64)[:, None] * np.asarray(vectors, np.float64)  # RGB columns
+    if cfg.channel_order == "BGR":
+        rows = rows[:, ::-1]
+    return np.asarray(cfg.mean, np.float64), np.ascontiguousarray(rows)
+
+
 def build_pipeline(source: EpochSource, cfg: LoaderConfig):
     """Build (not yet run) the DALI graph fed by ``source``."""
     from nvidia.dali import fn, pipeline_def, types
@@ -141,10 +164,14 @@ def build_pipeline(source: EpochSource, cfg: LoaderConfig):
 
     @pipeline_def(enable_conditionals=False)
     def graph():
-        jpegs, labels, pos_x, pos_y, mirror = fn.external_source(
-            source=source, num_outputs=5, batch=True, batch_info=True,
-            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32], **source_options(cfg),
+        lit = bool(cfg.lighting)
+        jpegs, labels, pos_x, pos_y, mirror, *means = fn.external_source(
+            source=source, num_outputs=6 if lit else 5, batch=True, batch_info=True,
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.INT32] + [types.FLOAT] * lit,
+            **source_options(cfg),
         )
+        if lit:  # each sample's own mean: the dataset's minus its lighting offset (EpochSource)
+            normalize["mean"] = means[0]
         if cfg.ten_crop:
             # Ten views of the whole stored image, stacked per sample, padded like the single crop
             # below. The centre pair takes the source's window and flip (val: 0.5, 0.5, none), so

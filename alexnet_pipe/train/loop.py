@@ -222,6 +222,7 @@ def fit(cfg: TrainConfig) -> FitResult:
                 seen, seconds = run.partial.samples, run.partial.seconds
                 record = {"epoch": epoch + 1, "lr": lr, **_lr_detail(cfg, schedule, epoch, steps_per_epoch,
                                                                     opt.param_groups[0]["lr0"]),
+                          **({"lighting": cfg.lighting} if cfg.lighting else {}),
                           "train_loss": run.mean_loss, "samples": seen,
                           "img_per_s": seen / seconds if seconds else 0.0, "seconds": seconds,
                           "world_size": rt.dist.world_size, "global_batch": rt.global_batch,

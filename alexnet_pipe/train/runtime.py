@@ -16,7 +16,7 @@ import torch
 
 from alexnet_pipe.config import MIN_CROP, TrainConfig
 from alexnet_pipe.dataset.manifest import Dataset, load_dataset
-from alexnet_pipe.dataset.mean import ChannelMean, load_dataset_mean, missing_std_fix
+from alexnet_pipe.dataset.mean import ChannelMean, eigen, load_dataset_mean, missing_std_fix
 from alexnet_pipe.errors import DatasetError, TrainingError
 from alexnet_pipe.loading.loader import Loader
 from alexnet_pipe.loading.pipeline import LoaderConfig
@@ -112,8 +112,19 @@ class Runtime:
             read_workers=cfg.read_workers, fp16=gpu and self.amp_dtype is not None,
             channels_last=cfg.channels_last, mean=mean, std=std, channel_order=self.input.channel_order,
             reader=cfg.reader, hw_decoder_load=cfg.hw_decoder_load, jpeg_fancy_upsampling=cfg.jpeg_fancy_upsampling,
-            prefetch=cfg.prefetch, roi_decode=cfg.roi_decode,
+            prefetch=cfg.prefetch, roi_decode=cfg.roi_decode, **(self._lighting() if train else {}),
         )
+
+    def _lighting(self) -> dict:
+        """--lighting's loader settings: the sigma and the dataset's RGB eigen-decomposition."""
+        if not self.cfg.lighting:
+            return {}
+        cov = self.mean.rgb_covariance()
+        if cov is None:
+            raise DatasetError(f"--lighting needs the RGB covariance in {self.ds.root}/mean.json, which was converted "
+                               "before convert recorded it: rerun the alexnet-pipe convert command that made it")
+        values, vectors = eigen(cov)
+        return {"lighting": self.cfg.lighting, "eigen": (tuple(values), tuple(map(tuple, vectors)))}
 
     def loader(self, split: str, train: bool, epoch: int, batch_size: int | None = None, start_step: int = 0,
                ten_crop: bool = False) -> Loader:

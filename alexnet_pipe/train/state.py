@@ -59,7 +59,7 @@ def seed_step(seed: int, epoch: int, step: int, rank: int) -> None:
 _KEPT_ON_RESUME = {"normalize_std": "--normalize-std", "rng_seed": "-r/--rng-seed", "freeze": "--freeze"}
 _CHANGEABLE = ("epochs", "lr", "lr_scale", "lr_step", "lr_gamma", "momentum", "weight_decay", "bias_lr_mult",
                "head_lr_mult", "batch_size", "subset_pct", "eval_freq", "ten_crop", "serialize", "datatype", "backend",
-               "warmup_epochs", "lr_schedule")
+               "warmup_epochs", "lr_schedule", "lighting")
 
 
 def resume_changes(body: dict, cfg, path: Path) -> dict[str, list]:
