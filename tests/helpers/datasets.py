@@ -16,10 +16,11 @@ TRAIN_FAST = ["-b", "cpu", "--crop", "67", "-z", "4", "--no-progress", "--data-t
               "--eval-freq", "0"]
 
 
-def shapes_dataset(root: Path, short_side: int) -> Path:
-    """2 classes of drawn shapes (circle, square), 4 train / 2 val each, LMDB, stored at ``short_side``."""
-    make_image_tree(SynthConfig(root / "raw", 4, 2, (96, 72), ("circle", "square"), seed=2))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
+def shapes_dataset(root: Path, short_side: int = 72, classes: tuple[str, ...] = ("circle", "square"), train: int = 4,
+                   val: int = 2, seed: int = 2, formats: tuple[str, ...] = ("lmdb",), shard_size: int = 10) -> Path:
+    """Drawn shapes (``train`` / ``val`` per class) in ``root/raw``, converted to ``root/data`` at ``short_side``."""
+    make_image_tree(SynthConfig(root / "raw", train, val, (96, 72), classes, seed=seed))
+    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=formats, shard_size=shard_size, workers=1,
                               progress=False, image=ImageSettings(short_side=short_side)))
     return root / "data"
 

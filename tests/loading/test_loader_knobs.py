@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import train as train_cmd
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
@@ -27,6 +26,8 @@ from tests.helpers.images import make_tree
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import dali_sweep
 
+from tests.helpers.datasets import shapes_dataset
+
 CROP = 67
 
 
@@ -34,10 +35,8 @@ CROP = 67
 def shapes(tmp_path_factory) -> Path:
     """4 classes of drawn shapes, 6 train / 2 val each, stored at short side 72 (and 96 on the long side)."""
     root = tmp_path_factory.mktemp("knobs")
-    make_image_tree(SynthConfig(root / "raw", 6, 2, (96, 72), ("circle", "square", "hstripes", "vstripes"), seed=5))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb", "recordio"), shard_size=10,
-                              workers=1, progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(root, classes=("circle", "square", "hstripes", "vstripes"), train=6, val=2, seed=5,
+                          formats=("lmdb", "recordio"))
 
 
 def _batches(ds, cfg: LoaderConfig, epoch: int = 0) -> list:

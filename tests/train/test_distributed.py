@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert.job import run_convert
+from tests.helpers.datasets import shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -35,10 +33,7 @@ TEST = ["-b", "cpu", "-z", "7", "--no-progress", "--data-threads", "1"]  # `test
 def data(tmp_path_factory) -> Path:
     """3 classes of drawn shapes, 5 train / 3 val each (15 and 9 records), 4 records per shard."""
     root = tmp_path_factory.mktemp("dist")
-    make_image_tree(SynthConfig(root / "raw", 5, 3, (96, 72), ("circle", "square", "hstripes"), seed=3))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=4, workers=1,
-                              progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(root, classes=("circle", "square", "hstripes"), train=5, val=3, seed=3, shard_size=4)
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -9,19 +9,15 @@ from pathlib import Path
 import pytest
 
 from alexnet_pipe import progress
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.train import loop as train
+from tests.helpers.datasets import shapes_dataset
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("loggers")
-    make_image_tree(SynthConfig(root / "raw", 6, 2, (96, 72), ("circle", "square", "hstripes"), seed=4))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
-                              progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(root, classes=("circle", "square", "hstripes"), train=6, val=2, seed=4)
 
 
 def cfg(data: Path, **kw) -> TrainConfig:

@@ -15,22 +15,18 @@ import torch
 from click.testing import CliRunner
 
 from alexnet_pipe.apps.plot import curves_figure
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import main
-from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
-from alexnet_pipe.convert.job import run_convert
+from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.train.loop import fit, lr_at, warmup_factor
+from tests.helpers.datasets import shapes_dataset
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """4 classes x 6 train images: 3 steps per epoch at -z 8, one at -z 256."""
     root = tmp_path_factory.mktemp("lrs")
-    make_image_tree(SynthConfig(root / "raw", 6, 1, (96, 72), ("circle", "square", "hstripes", "vstripes"), seed=5))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
-                              progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(root, classes=("circle", "square", "hstripes", "vstripes"), train=6, val=1, seed=5)
 
 
 def tcfg(data: Path, **kw) -> TrainConfig:

@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
-from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.errors import CheckpointError
 from alexnet_pipe.model import checkpoint
+from tests.helpers.datasets import shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -33,10 +31,7 @@ FLAGS = ["-b", "cpu", "--crop", "67", "-z", "4", "--no_progress_bar", "--data-th
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("preempt")
-    make_image_tree(SynthConfig(root / "raw", 6, 1, (96, 72), ("circle", "square", "hstripes", "vstripes"), seed=5))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb",), shard_size=10, workers=1,
-                              progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(root, classes=("circle", "square", "hstripes", "vstripes"), train=6, val=1, seed=5)
 
 
 @pytest.fixture(scope="module")

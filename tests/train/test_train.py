@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from alexnet_pipe.apps.synthetic import SynthConfig, make_image_tree
 from alexnet_pipe.cli import main
 from alexnet_pipe.config import ConvertConfig, ImageSettings, TrainConfig
 from alexnet_pipe.convert.job import run_convert
@@ -32,6 +31,7 @@ from alexnet_pipe.model.params import param_groups
 from alexnet_pipe.train.evaluate import EvalResult, run_test, topk_correct
 from alexnet_pipe.train.loop import fit, lr_at
 from alexnet_pipe.train.runtime import Runtime
+from tests.helpers.datasets import shapes_dataset
 from tests.helpers.images import make_tree
 from tests.helpers.pixels import find_block
 
@@ -42,10 +42,8 @@ CROP = 67  # the smallest crop the network takes: fast CPU steps
 def tiny(tmp_path_factory) -> Path:
     """4 classes of drawn shapes, 6 train / 2 val each, stored at short side 72."""
     root = tmp_path_factory.mktemp("tiny")
-    make_image_tree(SynthConfig(root / "raw", 6, 2, (96, 72), ("circle", "square", "hstripes", "vstripes"), seed=3))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", formats=("lmdb", "recordio"), shard_size=10,
-                              workers=1, progress=False, image=ImageSettings(short_side=72)))
-    return root / "data"
+    return shapes_dataset(root, classes=("circle", "square", "hstripes", "vstripes"), train=6, val=2, seed=3,
+                          formats=("lmdb", "recordio"))
 
 
 def tcfg(data: Path, **kw) -> TrainConfig:
