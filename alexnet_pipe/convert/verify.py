@@ -24,8 +24,12 @@ from pathlib import Path
 from PIL import Image
 
 from alexnet_pipe.config import VerifyConfig
-from alexnet_pipe.convert.supervisor import Ticker as _Ticker  # a checker's progress (the readers take a tick)
-from alexnet_pipe.convert.supervisor import describe_death, run_queued, worker_context
+from alexnet_pipe.convert.supervisor import (
+    Ticker,  # a checker's progress (the readers take a tick)
+    describe_death,
+    run_queued,
+    worker_context,
+)
 from alexnet_pipe.convert.verify_dataset import (
     Problem,
     verify_counts,
@@ -122,7 +126,7 @@ def _check_image(jpeg: bytes, width: int | None, height: int | None) -> str | No
     return None
 
 
-def _verify_shard(task: _Task, tick: _Ticker) -> _Outcome:
+def _verify_shard(task: _Task, tick: Ticker) -> _Outcome:
     """Every record of one shard in one format, walked by the format's scanner (``Format.scanner``)."""
     out = _Outcome(0, [], [0] * task.num_classes, {})
     digest = RecordDigest()
@@ -230,7 +234,7 @@ def _repair(task: _Task) -> str:
             f"alexnet-pipe convert command that made {task.root})")
 
 
-def _verify_task(task: _Task, tick: _Ticker) -> _Outcome:
+def _verify_task(task: _Task, tick: Ticker) -> _Outcome:
     try:
         out = _verify_shard(task, tick)
     except Exception as exc:  # anything a damaged shard makes our readers raise is that shard's problem

@@ -390,7 +390,7 @@ def test_a_checker_exception_is_a_problem_of_its_shard(data, monkeypatch):
 
     monkeypatch.setattr(lmdb_format, "decode_datum", broken)
     entry = load_dataset(data).shard_entries("train")[0]
-    out = verify._verify_task(verify._Task(data, "train", "lmdb", entry, 3, False, 2), verify._Ticker())
+    out = verify._verify_task(verify._Task(data, "train", "lmdb", entry, 3, False, 2), verify.Ticker())
     assert out.labels is None and len(out.problems) == 1
     assert str(out.problems[0]).startswith("lmdb/train-00000: the checker failed (MemoryError: a hostile length); "
                                            f"to repair it, run alexnet-pipe verify {data} --repair (or delete "
