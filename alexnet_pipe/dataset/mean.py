@@ -91,7 +91,8 @@ def eigen(covariance) -> tuple[list[float], list[list[float]]]:
     """(eigenvalues, eigenvectors) of a 3 x 3 covariance: numpy.linalg.eigh in float64, eigenvalues
     descending, ``eigenvectors[i]`` the unit vector of ``eigenvalues[i]``, its sign fixed so that its
     largest-magnitude component (the first of equals) is positive. The PCA colour augmentation of
-    Krizhevsky et al. 2012, section 4.1 adds sum_i alpha_i * eigenvalues[i] * eigenvectors[i]."""
+    Krizhevsky et al. 2012, section 4.1 adds sum_i alpha_i * lambda_i * p_i, the lambdas those of 0..1
+    pixel values (these / 255^2; loading/pipeline.py's lighting_rows)."""
     values, vectors = np.linalg.eigh(np.asarray(covariance, np.float64))
     order = np.argsort(-values, kind="stable")
     out = []

@@ -61,9 +61,10 @@ class LoaderConfig:
     # whole stored image is decoded (roi_decode does not apply) and each view is cut from it.
     ten_crop: bool = False
     # Train only: PCA lighting (Krizhevsky et al. 2012, section 4.1): each image gets
-    # sum_i alpha_i * eigenvalues[i] * eigenvectors[i] added, alpha_i ~ N(0, lighting) drawn per
-    # (seed, epoch, sample) in order.py; ``eigen`` = (eigenvalues, eigenvectors) of the dataset's
-    # RGB covariance on the 0..255 scale (mean.json). 0: off, the graph is today's.
+    # sum_i alpha_i * eigenvalues[i] / 255 * eigenvectors[i] added (lighting_rows says why / 255),
+    # alpha_i ~ N(0, lighting) drawn per (seed, epoch, sample) in order.py; ``eigen`` = (eigenvalues,
+    # eigenvectors) of the dataset's RGB covariance on the 0..255 scale (mean.json). 0: off, the graph
+    # is today's.
     lighting: float = 0.0
     eigen: tuple[tuple[float, ...], tuple[tuple[float, ...], ...]] | None = None
 
@@ -132,12 +133,19 @@ def pipeline_options(cfg: LoaderConfig) -> dict:
 
 
 def lighting_rows(cfg: LoaderConfig) -> tuple[np.ndarray, np.ndarray] | None:
-    """EpochSource's ``lighting``: (the normalisation mean, rows[i] = eigenvalues[i] * eigenvectors[i])
-    in the decoded channel order, float64; None when lighting is off."""
+    """EpochSource's ``lighting``: (the normalisation mean, rows[i] = eigenvalues[i] / 255 *
+    eigenvectors[i]) in the decoded channel order, float64; None when lighting is off.
+
+    The paper's offset ``sum_i alpha_i * lambda_i * p_i`` is not scale-free: its lambdas are those of
+    pixel values on the 0..1 scale, as the published implementations read it (fb.resnet.torch's
+    eigval 0.2175, 0.0188, 0.0045; MXNet's pca_noise the same x 255). mean.json holds the
+    covariance on the 0..255 scale, whose eigenvalues are 255^2 times those; the offset in 0..255
+    units is 255 * alpha * (lambda_255 / 255^2) * p = alpha * lambda_255 / 255 * p. Taking
+    lambda_255 as it is would add offsets of about 1,400 grey levels at sigma 0.1."""
     if not cfg.lighting:
         return None
     values, vectors = cfg.eigen
-    rows = np.asarray(values, np.float64)[:, None] * np.asarray(vectors, np.float64)  # RGB columns
+    rows = np.asarray(values, np.float64)[:, None] / 255.0 * np.asarray(vectors, np.float64)  # RGB columns
     if cfg.channel_order == "BGR":
         rows = rows[:, ::-1]
     return np.asarray(cfg.mean, np.float64), np.ascontiguousarray(rows)

@@ -76,8 +76,10 @@ def test_lit_batch_minus_plain_batch_is_each_samples_offset(shapes, order, roi, 
     plain = _batches(ds, base, epoch)
     lit = _batches(ds, replace(base, lighting=sigma, eigen=(tuple(values), tuple(map(tuple, vectors)))), epoch)
     alpha = epoch_share(OrderConfig(15, True, seed, lighting=sigma), epoch).alpha  # 3 classes x 5
-    # The paper's offset, written out: sum_i alpha_i * lambda_i * p_i, in RGB; then in the decoded order.
-    offset = np.stack([sum(a[i] * values[i] * np.array(vectors[i]) for i in range(3)) for a in alpha])
+    # The paper's offset, written out: sum_i alpha_i * lambda_i * p_i with the lambdas of 0..1 pixel values
+    # (mean.json's 0..255 ones / 255^2), times 255 for 0..255 pixels, in RGB; then in the decoded order.
+    lam01 = np.array(values) / 255.0**2
+    offset = 255.0 * np.stack([sum(a[i] * lam01[i] * np.array(vectors[i]) for i in range(3)) for a in alpha])
     if order == "BGR":
         offset = offset[:, ::-1]
     offset = offset / np.array(std or (1.0, 1.0, 1.0))
