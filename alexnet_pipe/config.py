@@ -301,7 +301,9 @@ class TrainConfig:
     save_path: Path | None = None  # final weights (model + config + data settings)
     checkpoint_path: Path | None = None  # where --serialize writes (default: beside save_path)
     serialize: int = 0  # checkpoint every N epochs (0: only at the end, if a path is known)
-    model_file: Path | None = None  # weights to start from, or a checkpoint to resume
+    model_file: Path | None = None  # weights to start from (ours, or neon/Caffe/torchvision), or a checkpoint to resume
+    # a neon/Caffe/torchvision model_file's class list in the order of its fc8 rows (model/model_file.py)
+    synsets: Path | None = None
     test_only: bool = False
     per_class_file: Path | None = None  # test: per-class results (.json, and a .png beside it)
     # also evaluate on ten views per image (corners + centre, mirrored; Krizhevsky et al. 2012): test,
@@ -417,6 +419,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.dist_timeout_s > 0, f"the distributed timeout must be > 0, got {self.dist_timeout_s}"),
             (not (self.test_only and self.model_file is None), "--test-only needs --model-file (the weights to test)"),
+            (not (self.synsets is not None and self.model_file is None),
+             "--synsets names the classes of a --model-file from neon, Caffe or torchvision; give --model-file"),
             (not (self.finetune and self.model_file is None),
              "--finetune needs --model-file (the weights to start from)"),
             (not (self.finetune and self.test_only), "--finetune trains; drop it to test"),
@@ -457,4 +461,4 @@ class TrainConfig:
 _STORED_AS = {"rank": "shard_id", "world_size": "num_shards"}
 # Options added after checkpoints existed, stored only when on: {field: its off value}. A stored
 # train_config without the key had the option off (train/state.py reads it so).
-STORED_WHEN_SET = {"warmup_epochs": 0, "lr_schedule": "step", "ten_crop": False, "lighting": 0.0}
+STORED_WHEN_SET = {"warmup_epochs": 0, "lr_schedule": "step", "ten_crop": False, "lighting": 0.0, "synsets": None}

@@ -31,9 +31,9 @@ from alexnet_pipe.imaging.process import process
 from alexnet_pipe.imaging.read import read_source
 from alexnet_pipe.imaging.reasons import BadImage
 from alexnet_pipe.inputs.table import Source
-from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.model.inputspec import InputSpec
+from alexnet_pipe.model.model_file import open_model_file
 from alexnet_pipe.train.runtime import padded_warning, torch_device
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", "
 class PredictConfig:
     """Inputs of the `predict` job."""
 
-    model_file: Path
+    model_file: Path  # this project's weights or checkpoint, or a neon/Caffe/torchvision file (model_file.py)
     inputs: tuple[Path, ...]  # image files and folders, in the order given
     batch_size: int = 64
     backend: str = "cpu"  # "gpu" or "cpu"; the CLI picks gpu when one is present
     device_id: int = 0
     workers: int = field(default_factory=lambda: min(8, default_workers()))  # threads preparing images
+    synsets: Path | None = None  # a foreign model_file's class list, in the order of its fc8 rows
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -212,9 +213,10 @@ class Network:
     device: torch.device
 
 
-def load_network(path: Path, device: torch.device) -> Network:
-    """The model and input spec a weights or checkpoint file describes, in eval mode on ``device``."""
-    body = checkpoint.load(path)
+def load_network(path: Path, device: torch.device, synsets: Path | None = None) -> Network:
+    """The model and input spec a weights or checkpoint file describes (another tool's weights
+    imported in memory, their classes from ``synsets``), in eval mode on ``device``."""
+    body = open_model_file(path, synsets=synsets).body
     try:
         cfg = AlexNetConfig.from_dict(body["model_config"])
         spec = InputSpec.from_data(body["data"], cfg.crop)
@@ -249,7 +251,7 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def run_predict(cfg: PredictConfig) -> PredictResult:
     """Predict every image of ``cfg.inputs``; unreadable inputs get their error, the others a top-5."""
-    net = load_network(cfg.model_file, torch_device(cfg.backend, cfg.device_id))
+    net = load_network(cfg.model_file, torch_device(cfg.backend, cfg.device_id), cfg.synsets)
     device = str(net.device) if net.device.type == "cpu" else torch.cuda.get_device_name(net.device)
     log.info("%s: %s network, %d classes, crop %d of the image %s, input %s; on %s", cfg.model_file,
              net.model.cfg.arch, len(net.classes), net.spec.crop, net.spec.geometry(), net.spec.describe(), device)

@@ -129,7 +129,17 @@ def normalize_std(help: str | None = None, hidden: bool = False, from_weights: b
 
 def model_file(help: str, required: bool = False):
     return opt("--model-file", "--model_file", "model_file", type=EXISTING_FILE, required=required,
-               **({} if required else {"default": None}), help=help)
+               **({} if required else {"default": None}),
+               help=help + " neon (alexnet.p), Caffe (.caffemodel) and torchvision (.pth) weights are imported in "
+                           "memory, told by content.")
+
+
+def synsets():
+    """--synsets of train, test and predict: a foreign --model-file's class order (model/model_file.py)."""
+    return click.option("--synsets", type=EXISTING_FILE, default=None,
+                        help="For neon, Caffe or torchvision --model-file weights: their class list, one 'wnid "
+                             "[name]' a line in the order of fc8's rows (Caffe's synset_words.txt; neon: the devkit's "
+                             "meta.mat order, known without this for a dataset converted with the devkit).")
 
 
 def drawing(default: str):

@@ -173,13 +173,14 @@ def import_weights_cmd(src, output, fmt, synsets, mean, std, mean_file):
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @options.model_file("Weights or a checkpoint: from alexnet-pipe train or import-weights.", required=True)
+@options.synsets()
 @options.batch_size(64, help="Images per forward pass.")  # PredictConfig's, as benchmark's above
 @options.backend()
 @options.device_id(0)
 @options.json_flag(
               help="One JSON list, an object per image in input order: path and top5 (index, id, name, prob), "
                    "or path and error.")
-def predict(images, model_file, batch_size, backend, device_id, as_json):
+def predict(images, model_file, synsets, batch_size, backend, device_id, as_json):
     """Top-5 classes of IMAGES (files, or folders of them, searched recursively) with --model-file,
     through the validation preprocessing: the converter's resize of the short side, the centre
     crop, the weights' channel order, mean and std. Exit code 1 when any input could not be read
@@ -190,11 +191,12 @@ def predict(images, model_file, batch_size, backend, device_id, as_json):
       alexnet-pipe predict --model-file alexnet.pt cat.jpg dog.png
       alexnet-pipe predict --model-file caffenet.pt photos/ --json > predictions.json
       alexnet-pipe predict --model-file alexnet.ckpt -b cpu -z 16 photos/
+      alexnet-pipe predict --model-file bvlc_reference_caffenet.caffemodel --synsets synset_words.txt cat.jpg
     """
     from alexnet_pipe.apps.predict import PredictConfig, format_table, run_predict
 
     result = run_predict(PredictConfig(model_file=model_file, inputs=tuple(images), batch_size=batch_size,
-                                       backend=resolve_backend(backend), device_id=device_id))
+                                       backend=resolve_backend(backend), device_id=device_id, synsets=synsets))
     if result.passed_over:
         shown = ", ".join(result.passed_over[:3]) + (", ..." if len(result.passed_over) > 3 else "")
         click.echo(f"passed over {len(result.passed_over)} file(s) in the folders that are not images by their "

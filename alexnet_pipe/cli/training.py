@@ -41,6 +41,7 @@ _TRAIN_OPTIONS = [
     ("checkpoint_path", click.option("--checkpoint", "checkpoint_path", type=DIR, default=None,
         help="Checkpoint file for --serialize.")),
     ("model_file", options.model_file("Weights to start from or test, or a checkpoint to resume.")),
+    ("synsets", options.synsets()),
     ("test_only", opt("--test-only", "--test_only", "test_only", is_flag=True,
         help="Only evaluate --model-file on the validation split.")),
     ("eval_freq", opt("--eval-freq", "-eval", "--eval_freq", "eval_freq", type=click.IntRange(min=0),
@@ -129,9 +130,9 @@ _TRAIN_OPTIONS = [
         default=_TC.dist_timeout_s,
         show_default=True, help="Seconds a rank waits for the others before the job ends.")),
 ]
-_TEST_OPTIONS = {"data_dir", "backend", "device_id", "datatype", "batch_size", "output_file", "no_progress", "reader",
-                 "data_threads", "read_workers", "nproc", "dist_timeout_s", "hw_decoder_load", "jpeg_fancy_upsampling",
-                 "prefetch", "roi_decode"}
+_TEST_OPTIONS = {"data_dir", "synsets", "backend", "device_id", "datatype", "batch_size", "output_file", "no_progress",
+                 "reader", "data_threads", "read_workers", "nproc", "dist_timeout_s", "hw_decoder_load",
+                 "jpeg_fancy_upsampling", "prefetch", "roi_decode"}
 
 
 def _train_options(fn):

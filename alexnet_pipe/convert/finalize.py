@@ -167,7 +167,7 @@ def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardP
         settings=Settings(cfg.settings()),
         resize=_resize_policy(cfg.image),
         codecs=_recorded_codecs(dst),
-        classes=tuple(ClassEntry(index=i, id=c, name=found.class_names.get(c, ""))
+        classes=tuple(ClassEntry(index=i, id=c, name=found.class_names.get(c, ""), devkit_id=found.devkit_ids.get(c))
                       for i, c in enumerate(found.classes)),
         splits=splits,
         mean=MEAN_FILE if train_stats.pixels else None,

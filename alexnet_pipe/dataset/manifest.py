@@ -60,6 +60,14 @@ class Dataset:
     def classes(self) -> list[dict]:
         return self.manifest["classes"]
 
+    def devkit_order(self) -> list[str] | None:
+        """The class ids in ILSVRC devkit id order (the order of neon's fc8 rows), when the dataset
+        was converted with the devkit (each class has a distinct ``devkit_id``), else None."""
+        ids = [c.devkit_id for c in self.meta.classes]
+        if None in ids or len(set(ids)) != len(ids):
+            return None
+        return [c.id for c in sorted(self.meta.classes, key=lambda c: c.devkit_id)]
+
     @property
     def num_classes(self) -> int:
         return len(self.meta.classes)

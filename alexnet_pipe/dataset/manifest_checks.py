@@ -104,6 +104,8 @@ class ManifestChecker:
             self.want_str(c.get("id"), f"classes[{i}].id")
             if "name" in c:
                 self.want_str(c["name"], f"classes[{i}].name")
+            if "devkit_id" in c:
+                self.want_int(c["devkit_id"], f"classes[{i}].devkit_id", 1)
         splits = self.want_object(m.get("splits"), "splits")
         for name, split in splits.items():
             self.split(name, self.want_object(split, f"splits.{name}"), formats, len(classes))

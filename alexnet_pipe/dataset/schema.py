@@ -221,12 +221,14 @@ class SplitEntry(JsonRecord):
 
 @dataclass(**_RECORD)
 class ClassEntry(JsonRecord):
-    """A class: its label (``index``), its id (the folder or synset name) and a readable name
-    (``""`` when none is known; absent in hand-made manifests)."""
+    """A class: its label (``index``), its id (the folder or synset name), a readable name
+    (``""`` when none is known; absent in hand-made manifests) and, for a dataset converted with
+    the ILSVRC devkit, its devkit id (``data/meta.mat``'s ILSVRC2012_ID: the row of neon's fc8)."""
 
     index: int
     id: str
     name: str | None = None
+    devkit_id: int | None = None
     extra: dict = field(default_factory=dict)
     key_order: tuple[str, ...] = field(default=(), compare=False, repr=False)
 

@@ -255,3 +255,23 @@ def find_id_map(raw: Path, near: Path | None = None, archives: tuple[Path, ...] 
         if found is not None:
             return found
     return None
+
+
+def devkit_ids(raw: Path, classes: list[str], synsets: Path | None = None,
+               val_labels: Path | None = None) -> dict[str, int]:
+    """Each class's devkit id (``meta.mat``'s ILSVRC2012_ID: neon's label, the row of its fc8),
+    when the devkit itself is at hand: --synsets naming it (its archive,
+    meta.mat or map_clsloc.txt), else the devkit beside --val-labels or in RAW. A plain synset list
+    is never taken for the devkit's order here (a guess would mislabel imported weights silently).
+    Empty when the devkit is not found or does not list every class."""
+    if synsets is not None:
+        found = _read_order_file(synsets)
+        id_map = found if isinstance(found, IdMap) else None
+    else:
+        near = val_labels.parent if val_labels is not None and not is_archive(val_labels) else None
+        first = val_labels if val_labels is not None and is_archive(val_labels) else None
+        id_map = find_id_map(raw, near, tuple(devkit_archives(raw, None, first)))
+    if id_map is None:
+        return {}
+    id_of = {wnid: class_id for class_id, wnid in id_map.wnid_of.items()}
+    return {c: id_of[c] for c in classes} if all(c in id_of for c in classes) else {}

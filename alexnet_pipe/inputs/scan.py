@@ -43,6 +43,7 @@ from alexnet_pipe.inputs.devkit import (
     NAME_LISTS,
     SYNSET_LISTS,
     class_list,
+    devkit_ids,
     find_id_map,
     read_synsets,
 )
@@ -243,6 +244,7 @@ def scan(
     index = {c: i for i, c in enumerate(classes)}
 
     result = ScanResult(layout, classes, class_names, {}, not_classes)
+    result.devkit_ids = devkit_ids(raw, classes, synsets, val_labels)
     for split, folders in trees.items():
         # Inputs are listed one class folder at a time, straight into compact columns.
         split_dir = raw if layout[split].endswith("(train only)") else raw / split

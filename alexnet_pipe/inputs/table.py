@@ -158,3 +158,4 @@ class ScanResult:
     splits: dict[str, SourceTable]  # inputs of each split, sorted by name
     skipped: list[Skip] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # also logged: e.g. labels that have no file
+    devkit_ids: dict[str, int] = field(default_factory=dict)  # class -> ILSVRC devkit id, when the devkit is known

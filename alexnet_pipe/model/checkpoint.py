@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -98,6 +99,23 @@ def rotated(path: Path, k: int) -> Path:
     return path if k == 0 else path.with_name(f"{path.name}.{k}")
 
 
+def written_here(path: Path) -> bool:
+    """Whether ``path`` is a file this project wrote (damaged or not), told cheaply by its content:
+    the SHA-256 trailer, or, in a file from before the trailer, this format's name in the torch
+    zip's pickle. Lets ``--model-file`` tell its own files from torchvision's before reading them."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TRAILER_LEN))
+            if f.read().startswith(TRAILER):
+                return True
+        with zipfile.ZipFile(path) as z:
+            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl") and i.file_size < (64 << 20)]
+            return any(FORMAT.encode() in z.read(i) for i in pickles[:1])
+    except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError, EOFError):
+        return False
+
+
 def _verify(path: Path) -> None:
     """Check the SHA-256 trailer (files written before it existed have none and pass)."""
     size = path.stat().st_size
@@ -153,12 +171,13 @@ def load(path: Path) -> dict:
         # wrong for a file we do not trust, so only the error's type is shown
         raise CheckpointError(f"{path} is not an alexnet-pipe weights file "
                               f"(torch cannot read it: {type(exc).__name__}); "
-                              "pass a file written by alexnet-pipe train, or convert other weights with "
-                              "alexnet-pipe import-weights") from exc
+                              "pass a file written by alexnet-pipe train or import-weights, or a neon pickle, "
+                              "Caffe .caffemodel or torchvision .pth") from exc
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not an alexnet-pipe weights/checkpoint file "
-            "(neon, Caffe and torchvision weights: convert them with alexnet-pipe import-weights first)"
+            "(neon, Caffe and torchvision weights: pass them to --model-file as they are, or convert them "
+            "with alexnet-pipe import-weights)"
         )
     if body.get("version") != VERSION:
         raise CheckpointError(f"{path} has format version {body.get('version')}; this alexnet-pipe reads {VERSION}")

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from alexnet_pipe.config import TrainConfig
+from alexnet_pipe.dataset.layout import MANIFEST_FILE
 from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.errors import CheckpointError
-from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.model.inputspec import InputSpec
+from alexnet_pipe.model.model_file import open_model_file
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,10 @@ def decide_start(cfg: TrainConfig, ds: Dataset, testing: bool = False) -> Start:
     """
     if cfg.model_file is None:
         return Start(cfg, AlexNetConfig(num_classes=ds.num_classes, crop=cfg.crop), None)
-    if testing:
-        body, source = checkpoint.load(cfg.model_file), cfg.model_file
-    else:
-        body, source = checkpoint.load_newest_good(cfg.model_file)
+    opened = open_model_file(cfg.model_file, synsets=cfg.synsets, devkit_order=ds.devkit_order(),
+                             dataset=str(ds.root / MANIFEST_FILE), need_classes=not cfg.finetune,
+                             newest_good=not testing)
+    body, source = opened.body, opened.source
     mc = AlexNetConfig.from_dict(body["model_config"])
     cfg, spec = _resolve_flags(cfg, InputSpec.from_data(body["data"], mc.crop), source, mc.arch == "torchvision")
     mc = replace(mc, crop=spec.crop)

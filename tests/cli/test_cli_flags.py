@@ -75,7 +75,7 @@ def test_mistakes_give_one_line_with_what_to_do(data, tmp_path):
     for bad in ("random.pt", "notes.txt"):
         line = _one_line_error(runner.invoke(main, ["test", "-w", str(data), "-b", "cpu", "--model-file",
                                                     str(tmp_path / bad)]))
-        assert "alexnet-pipe import-weights" in line
+        assert "written by alexnet-pipe train or import-weights, or a neon pickle" in line
         assert "weights_only=False" not in line and "KeyError: 101" not in line  # torch's advice stays out
     raw = tmp_path / "raw"
     (raw / "train" / "cat").mkdir(parents=True)

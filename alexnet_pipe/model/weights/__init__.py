@@ -5,6 +5,9 @@ the arrays onto ``AlexNet`` (neon, Caffe) or ``TorchvisionAlexNet``, and writes 
 weights`` file (``checkpoint.save``) recording the input the network expects: crop, channel
 order, value range, mean/std and the class list. A weights or checkpoint file this project wrote
 is refused as already one (use it with ``--model-file``), not read as a foreign state_dict.
+
+``read_foreign`` + ``weights_body`` are the same import without the file: ``--model-file``
+(model/model_file.py) uses them to take a neon, Caffe or torchvision file as it is.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from alexnet_pipe.model.weights import caffe, neon, torchvision
 from alexnet_pipe.model.weights.common import SHORT_SIDE, Imported
 from alexnet_pipe.safe_pickle import load_file, read_capped
 
-__all__ = ["FORMATS", "ImportConfig", "ImportResult", "detect_format", "import_weights", "read_synsets"]
+__all__ = ["FORMATS", "ClassListing", "ImportConfig", "ImportResult", "detect_format", "import_weights",
+           "read_foreign", "read_synsets", "weights_body"]
 
 FORMATS = ("neon", "caffe", "torchvision")
 MAX_BYTES = 2 << 30  # AlexNet with momentum buffers is about 0.5 GB; protobuf itself stops at 2 GiB
@@ -117,23 +121,89 @@ def _read(src: Path, fmt: str) -> Imported:
     return torchvision.convert(torchvision.load_state_dict(src))
 
 
-def _classes(imp: Imported, synsets: Path | None) -> tuple[list[str], list[str], str]:
+@dataclass(frozen=True)
+class ClassListing:
+    """The source's classes in the order of its fc8 rows, and where that order came from."""
+
+    ids: list[str]
+    names: list[str]
+    origin: str  # e.g. "synset_words.txt", "the devkit order recorded in batches/manifest.json"
+
+    @classmethod
+    def read(cls, path: Path) -> ClassListing:
+        return cls(*read_synsets(path), path.name)
+
+
+def _classes(imp: Imported, listing: ClassListing | None) -> tuple[list[str], list[str], str]:
     """Class ids, names and a line about their order; fc8's rows permuted to sorted-id order."""
     n = imp.model_config.num_classes
-    if synsets is None:
+    if listing is None:
         return ([str(i) for i in range(n)], [""] * n,
                 f"numbered 0..{n - 1} in {imp.source_class_order}; pass --synsets to name them")
-    ids, names = read_synsets(synsets)
+    ids, names = listing.ids, listing.names
     if len(ids) != n:
-        raise FormatError(f"{synsets} lists {len(ids)} classes; the weights have {n} outputs")
+        raise FormatError(f"{listing.origin} lists {len(ids)} classes; the weights have {n} outputs")
     perm = sorted(range(n), key=lambda i: ids[i])
     if perm == list(range(n)):
-        return ids, names, f"{n} classes from {synsets.name}, already in sorted-id order (this project's)"
+        return ids, names, f"{n} classes from {listing.origin}, already in sorted-id order (this project's)"
     index = torch.tensor(perm)
     for key in ("fc8.weight", "fc8.bias"):
         imp.state_dict[key] = imp.state_dict[key][index].contiguous()
     return ([ids[i] for i in perm], [names[i] for i in perm],
-            f"{n} classes, fc8's rows permuted from {synsets.name}'s order to sorted-id order (this project's)")
+            f"{n} classes, fc8's rows permuted from {listing.origin}'s order to sorted-id order (this project's)")
+
+
+def read_foreign(src: Path, fmt: str = "auto") -> Imported:
+    """A neon pickle, caffemodel or torch .pth (``fmt`` "auto": told by content) in this project's
+    layout, in memory, with every bound of the importers (size caps, the safe unpickler).
+
+    Raises:
+        FormatError, UnsafePickleError: one line starting with ``src``.
+    """
+    if not src.is_file():
+        raise FormatError(f"{src} is not a file")
+    with open(src, "rb") as f:
+        head = f.read(16)
+    if fmt == "auto":
+        fmt = detect_format(head)
+        if fmt is None:
+            raise FormatError(f"{src} is not a neon pickle, a caffemodel or a torch .pth file (it starts with "
+                              f"{head[:8].hex(' ')}); pass --format if it is one")
+    try:
+        return _read(src, fmt)
+    except FormatError as exc:
+        kind = _written_here(src) if detect_format(head) == "torchvision" else None
+        if kind is not None:
+            raise FormatError(f"{src} is already an alexnet-pipe {kind} file: nothing to import; use it as it is "
+                              f"(--model-file {src} with train, test or predict)") from None
+        msg = str(exc)
+        raise FormatError(msg if msg.startswith(str(src)) else f"{src}: {msg}") from None
+
+
+def weights_body(imp: Imported, src: Path, listing: ClassListing | None,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None, given: bool = False) -> dict:
+    """The ``kind: weights`` body of an imported network (what ``checkpoint.save`` writes and
+    ``--model-file`` reads); fc8's rows permuted to sorted-id order. ``mean``/``std``: None, the
+    source's own; ``given``: they were given by the user (the notes say so)."""
+    ids, names, order = _classes(imp, listing)
+    mean = mean if mean is not None else imp.mean_rgb
+    std = std if std is not None else imp.std_rgb
+    mc = imp.model_config
+    data = {
+        "classes": ids, "class_names": names,
+        "mean_rgb": [float(v) for v in mean], "std_rgb": None if std is None else [float(v) for v in std],
+        "crop": mc.crop, "short_side": SHORT_SIDE, "channel_order": imp.channel_order,
+        "value_range": list(imp.value_range),
+        **({"squash": list(imp.squash)} if imp.squash is not None else {}),  # InputSpec.squash
+    }
+    notes = list(imp.notes)
+    scale = "0..1" if imp.value_range[1] == 1.0 else "0..255"
+    notes.append(f"input: {imp.channel_order}, values {scale}, mean R,G,B {_fmt(mean)}"
+                 + (f", std {_fmt(std)}" if std is not None else "") + (" (given)" if given else ""))
+    return {"kind": "weights", "model": imp.state_dict, "model_config": mc.to_dict(), "data": data,
+            "imported_from": {"format": imp.source_format, "network": imp.network, "file": src.name,
+                              "class_order": order, "notes": notes}}
 
 
 def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
@@ -148,52 +218,26 @@ def import_weights(src: Path, cfg: ImportConfig) -> ImportResult:
     check_output_file(cfg.output, "-o", "alexnet.pt")
     if cfg.output.resolve() == src.resolve():
         raise ConfigError(f"-o {cfg.output} is the source file; write the weights elsewhere")
-    with open(src, "rb") as f:
-        head = f.read(16)
-    fmt = cfg.fmt
-    if fmt == "auto":
-        fmt = detect_format(head)
-        if fmt is None:
-            raise FormatError(f"{src} is not a neon pickle, a caffemodel or a torch .pth file (it starts with "
-                              f"{head[:8].hex(' ')}); pass --format if it is one")
-    try:
-        imp = _read(src, fmt)
-        ids, names, order = _classes(imp, cfg.synsets)
-    except FormatError as exc:
-        kind = _written_here(src) if detect_format(head) == "torchvision" else None
-        if kind is not None:
-            raise FormatError(f"{src} is already an alexnet-pipe {kind} file: nothing to import; use it as it is "
-                              f"(--model-file {src} with train, test or predict)") from None
-        msg = str(exc)
-        raise FormatError(msg if msg.startswith(str(src)) else f"{src}: {msg}") from None
-    mean = cfg.mean if cfg.mean is not None else imp.mean_rgb
+    imp = read_foreign(src, cfg.fmt)
+    mean = cfg.mean
     if cfg.mean_file is not None:
         if imp.value_range[1] != 255.0:
             raise ConfigError("--mean-file gives a 0..255 mean; these weights take 0..1 input: use --mean")
         from alexnet_pipe.dataset.update_mean import _read_binaryproto  # the Caffe mean reader of update-mean
 
         mean = tuple(float(v) for v in _read_binaryproto(cfg.mean_file, None).rgb)
-    std = cfg.std if cfg.std is not None else imp.std_rgb
+    given = cfg.mean is not None or cfg.std is not None or cfg.mean_file is not None
+    try:
+        listing = ClassListing.read(cfg.synsets) if cfg.synsets is not None else None
+        body = weights_body(imp, src, listing, mean, cfg.std, given)
+    except FormatError as exc:
+        msg = str(exc)
+        raise FormatError(msg if msg.startswith(str(src)) else f"{src}: {msg}") from None
+    checkpoint.save(cfg.output, body)
+    info = body["imported_from"]
     mc = imp.model_config
-    data = {
-        "classes": ids, "class_names": names,
-        "mean_rgb": [float(v) for v in mean], "std_rgb": None if std is None else [float(v) for v in std],
-        "crop": mc.crop, "short_side": SHORT_SIDE, "channel_order": imp.channel_order,
-        "value_range": list(imp.value_range),
-        **({"squash": list(imp.squash)} if imp.squash is not None else {}),  # InputSpec.squash
-    }
-    notes = list(imp.notes)
-    scale = "0..1" if imp.value_range[1] == 1.0 else "0..255"
-    notes.append(f"input: {imp.channel_order}, values {scale}, mean R,G,B {_fmt(mean)}"
-                 + (f", std {_fmt(std)}" if std is not None else "")
-                 + (" (given)" if cfg.mean is not None or cfg.std is not None or cfg.mean_file else ""))
-    checkpoint.save(cfg.output, {
-        "kind": "weights", "model": imp.state_dict, "model_config": mc.to_dict(), "data": data,
-        "imported_from": {"format": imp.source_format, "network": imp.network, "file": src.name,
-                          "class_order": order, "notes": notes},
-    })
-    return ImportResult(cfg.output, imp.source_format, imp.network, mc.arch, mc.num_classes, mc.crop, order, notes,
-                        imp.squash)
+    return ImportResult(cfg.output, imp.source_format, imp.network, mc.arch, mc.num_classes, mc.crop,
+                        info["class_order"], info["notes"], imp.squash)
 
 
 def _written_here(src: Path) -> str | None:

@@ -28,8 +28,10 @@ def load_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or hostile file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise FormatError(f"not a readable torch file ({type(exc).__name__}: {first[:200]})") from None
+        # torch's first sentence only: the rest is advice (weights_only=False) wrong for an untrusted file
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else ""
+        said = f": {first[:200]}" if first and "weights_only" not in first else ""
+        raise FormatError(f"not a readable torch file ({type(exc).__name__}{said})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
