@@ -24,6 +24,7 @@ import torch
 from alexnet_pipe import __version__
 from alexnet_pipe.errors import CheckpointError
 from alexnet_pipe.fsutil import fsync_dir, output_error, remove_temps, temp_path
+from alexnet_pipe.model import torchfile
 
 FORMAT = "alexnet-pipe-model"
 VERSION = 1
@@ -165,6 +166,9 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; pass a file written by alexnet-pipe train -s or --serialize")
     _verify(path)
+    why = torchfile.problem(path)
+    if why is not None:
+        raise CheckpointError(f"{path} is refused: {why}")
     try:
         body = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; its advice (weights_only=False) is

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alexnet_pipe.errors import FormatError
+from alexnet_pipe.model import torchfile
 from alexnet_pipe.model.alexnet import AlexNetConfig
 from alexnet_pipe.model.weights.common import Imported, check_numeric, expect_shape, tensor
 
@@ -24,7 +25,11 @@ STD_RGB = (0.229, 0.224, 0.225)
 
 
 def load_state_dict(path: Path) -> dict:
-    """The file's tensors, read with weights_only=True (no code from the file runs)."""
+    """The file's tensors, read with weights_only=True (no code from the file runs), once its zip
+    is within torchfile's bounds (nothing is inflated before)."""
+    why = torchfile.problem(path)
+    if why is not None:
+        raise FormatError(f"refused: {why}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad or hostile file
