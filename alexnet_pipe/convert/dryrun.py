@@ -54,7 +54,7 @@ def _output(cfg: ConvertConfig, found: ScanResult, plans: dict[str, int]) -> tup
     if not dst.exists():
         return f"{dst} would be created", False
     try:
-        check_output(dst, cfg.force)
+        check_output(dst, cfg.force, cfg.src)
     except SettingsMismatchError as exc:
         return f"the run would stop: {exc}", True
     state = dst / STATE_FILE

@@ -69,7 +69,7 @@ def find_inputs(cfg: ConvertConfig, cache_dir: Path | None) -> ScanResult:
 
         found = scan_lists(cfg.src, cfg.train_list, cfg.val_list, cfg.synsets)
     else:
-        found = scan(cfg.src, cfg.val_labels, cfg.synsets, cache_dir=cache_dir)
+        found = scan(cfg.src, cfg.val_labels, cfg.synsets, cache_dir=cache_dir, out=cfg.dst)
     if cfg.val_ratio is not None:
         from alexnet_pipe.inputs.holdout import carve_val
 
@@ -87,7 +87,7 @@ def run_convert(cfg: ConvertConfig) -> ConvertResult:
         SettingsMismatchError: OUT holds a different conversion (use --force).
     """
     started = time.perf_counter()
-    check_output(cfg.dst, cfg.force)
+    check_output(cfg.dst, cfg.force, cfg.src)
     if cfg.repair and not (cfg.dst / STATE_FILE).is_file():
         raise SettingsMismatchError(f"{cfg.dst} holds no conversion to repair (no {STATE_FILE}); run the convert "
                                     "command without --repair")

@@ -80,10 +80,17 @@ def describe_mismatch(old: dict, new: dict) -> str:
     return "; ".join(diffs) or "a different alexnet-pipe output version"
 
 
-def check_output(dst: Path, force: bool) -> None:
-    """Before any work: OUT must be new, empty, or written by alexnet-pipe convert."""
+def check_output(dst: Path, force: bool, src: Path | None = None) -> None:
+    """Before any work: OUT must be new, empty, or written by alexnet-pipe convert, and neither RAW
+    (``src``) nor a folder holding it (--force would then write into, or clear, the inputs)."""
     if dst.exists() and not dst.is_dir():
         raise SettingsMismatchError(f"{dst} exists and is not a directory")
+    if src is not None:
+        out, raw = Path(os.path.realpath(dst)), Path(os.path.realpath(src))
+        if out == raw or out in raw.parents:
+            raise SettingsMismatchError(
+                f"OUT {dst} {'is' if out == raw else 'holds'} RAW {src}: the converted data must go to a directory "
+                "outside the inputs (a folder inside RAW is fine: it is never read as input)")
     # Ours even before the state file exists: the scan cache, and the state file being written by
     # a concurrent --part run into the same new directory.
     ours = (SCAN_CACHE, f".{STATE_FILE}.tmp-", RUN_LOCK)

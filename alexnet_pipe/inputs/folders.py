@@ -95,13 +95,17 @@ def _has_files(folder: str) -> bool:
     return any(_has_files(d) for d in subdirs)
 
 
-def class_dirs(split_dir: Path, split: str) -> tuple[dict[str, Path], list[Skip]]:
+def class_dirs(split_dir: Path, split: str,
+               exclude: frozenset[str] = frozenset()) -> tuple[dict[str, Path], list[Skip]]:
     """class name -> folder, for the class folders of a split (their files are listed later,
     one class at a time, straight into a SourceTable); and the folders that are no class:
-    hidden, system (``__MACOSX``, ``lost+found``, ...) and empty ones, as skipped."""
+    hidden, system (``__MACOSX``, ``lost+found``, ...) and empty ones, as skipped. Folders in
+    ``exclude`` (real paths: convert's OUT inside RAW) are passed over silently: what the tool
+    writes is never an input, and listing them would make the first run and a rerun differ."""
     classes, skipped = {}, []
     with os.scandir(split_dir) as it:
-        entries = sorted((e for e in it if e.is_dir()), key=lambda e: e.name)
+        entries = sorted((e for e in it if e.is_dir() and os.path.realpath(e.path) not in exclude),
+                         key=lambda e: e.name)
     for d in entries:
         what = system_folder(d.name)
         if what is None and not _has_files(d.path):

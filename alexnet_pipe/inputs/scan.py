@@ -91,13 +91,13 @@ class _FlatVal:
     skipped: list[Skip]  # folders (of a folder) or members (of a tar) that are not read
 
 
-def _flat_val_files(raw: Path, cache_dir: Path | None) -> _FlatVal | None:
+def _flat_val_files(raw: Path, cache_dir: Path | None, exclude: frozenset[str]) -> _FlatVal | None:
     """The files of a flat validation set (a val/ folder of files and no class folder, or the
     val tar), sorted by name; None if there is none."""
     val_dir = raw / "val"
     if val_dir.is_dir():
         _, files, other = list_dir(val_dir)
-        folders, not_classes = class_dirs(val_dir, "val")
+        folders, not_classes = class_dirs(val_dir, "val", exclude)
         if files and not folders:
             unread = [Skip("val", e.name, why) for e, why in other]
             return _FlatVal([_FlatFile(f.name, f.path) for f in files], "flat val/ folder", not_classes + unread)
@@ -169,7 +169,8 @@ def _classes(raw: Path, trees: dict, tar_tree: Members | None, val_labels: Path 
 
 
 def scan(
-    raw: Path, val_labels: Path | None = None, synsets: Path | None = None, cache_dir: Path | None = None
+    raw: Path, val_labels: Path | None = None, synsets: Path | None = None, cache_dir: Path | None = None,
+    out: Path | None = None,
 ) -> ScanResult:
     """Find every input image of ``raw`` and its label.
 
@@ -182,6 +183,7 @@ def scan(
             is looked for in ``raw``; a sorted synset list is never used for the ids.
         cache_dir: keep the member lists of the tar archives here (created if missing), so the
             next scan of an unchanged archive does not read it again.
+        out: convert's OUT: when it lies inside ``raw``, its folder is never taken for a class.
     Returns:
         A ScanResult whose splits hold their inputs (SourceTable) sorted by name.
     Raises:
@@ -192,13 +194,14 @@ def scan(
     for given in (val_labels, synsets):
         if given is not None and not given.is_file():
             raise LayoutError(f"{given} does not exist or is not a file")
+    exclude = frozenset([os.path.realpath(out)] if out is not None else [])
     trees: dict[str, dict[str, Path]] = {}  # split -> class -> folder
     layout: dict[str, str] = {}
     not_classes: list[Skip] = []  # folders that are no class, members that are not read
     tar_tree: Members | None = None
     train_tar = _find(raw, TRAIN_TARS)
     if (raw / "train").is_dir():
-        trees["train"], skipped = class_dirs(raw / "train", "train")
+        trees["train"], skipped = class_dirs(raw / "train", "train", exclude)
         if not trees["train"]:
             raise LayoutError(
                 f"{raw / 'train'} has no class folders{_with_images(skipped)}; expected "
@@ -210,9 +213,9 @@ def scan(
         tar_tree = cached_members(train_tar, "tar of per-class tars", train_tar_members, cache_dir)
         layout["train"] = f"{train_tar.name} (tar of per-class tars)"
         not_classes += [Skip("train", name, why) for name, why in tar_tree.skipped]
-    flat = _flat_val_files(raw, cache_dir)
+    flat = _flat_val_files(raw, cache_dir, exclude)
     if flat is None and (raw / "val").is_dir():
-        trees["val"], skipped = class_dirs(raw / "val", "val")
+        trees["val"], skipped = class_dirs(raw / "val", "val", exclude)
         if not trees["val"]:
             raise LayoutError(
                 f"{raw / 'val'} holds no images{_with_images(skipped, ' (')}; expected "
@@ -225,7 +228,7 @@ def scan(
     elif flat is not None:
         not_classes += flat.skipped
     if not trees and tar_tree is None and flat is None:
-        folders, skipped = class_dirs(raw, "train")
+        folders, skipped = class_dirs(raw, "train", exclude)
         if not folders:
             raise LayoutError(
                 f"{raw} has no class folders{_with_images(skipped)}; expected {raw}/train/<class>/<image>.JPEG "
