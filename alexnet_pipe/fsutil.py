@@ -186,6 +186,9 @@ def check_output_file(path: Path, option: str, example: str, new_folders: int = 
     inside a directory given."""
     if path.is_dir():
         raise AlexnetPipeError(f"{option} {path} is a directory; give a file name, e.g. {path / example}")
+    if path.exists() and not path.is_file():  # a device or FIFO: never kept aside (renamed) or replaced
+        raise AlexnetPipeError(f"{option} {path} is not a regular file (a device, FIFO or socket); give a file "
+                               f"name, e.g. {example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise AlexnetPipeError(f"{option} {path} is not writable; choose another path")
     ancestor, missing = path.absolute().parent, []

@@ -10,11 +10,13 @@ the resume for ``plot``: ``{"event": "resumed", "after_epoch": N, "after_step": 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
 
+from alexnet_pipe.errors import AlexnetPipeError
 from alexnet_pipe.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ class MetricsLog:
         of epoch N+1): keep the rows up to there, then a "resumed" row with the settings changed."""
         if self.path is None:
             return
+        if self.path.exists() and not self.path.is_file():  # /dev/null as -o must never be renamed aside
+            raise AlexnetPipeError(f"-o {self.path} is not a regular file (a device, FIFO or socket); give a file name")
         if resumed_epoch is None:
             if self.path.exists():
                 n = 1
@@ -46,8 +50,8 @@ class MetricsLog:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
+            except (ValueError, RecursionError):
+                continue  # a line cut short by a crash (or nested past the parser's depth: not a row of ours)
             if not isinstance(row, dict):
                 continue
             if row.get("event") == "resumed" and isinstance(row.get("after_epoch"), int) \
@@ -79,10 +83,16 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            if durable:
+            end = f.tell()
+            try:
+                f.write(json.dumps(record) + "\n")
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
+            except OSError:  # a full disk: no half row left for the next one to be glued to
+                with contextlib.suppress(OSError):
+                    f.truncate(end)
+                raise
 
     def close(self) -> None:
         pass
@@ -131,10 +141,25 @@ class TensorBoardLog:
 
 
 class Loggers:
-    """Several loggers behind one set of calls."""
+    """Several loggers behind one set of calls. A row that cannot be written (a full disk, a file
+    size limit) is a warning, once until a write succeeds again: the run goes on, and its
+    checkpoints, written first, keep every epoch's figures (``history``)."""
 
     def __init__(self, *loggers):
         self.loggers = [x for x in loggers if x is not None]
+        self._failing: set[int] = set()
+
+    def _guarded(self, x, call, *args) -> None:
+        try:
+            call(*args)
+        except OSError as exc:
+            if id(x) not in self._failing:
+                self._failing.add(id(x))
+                where = getattr(x, "path", None) or getattr(x, "log_dir", None)
+                log.warning("could not write the metrics to %s (%s); training goes on, and the checkpoints keep "
+                            "every epoch's figures", where, exc.strerror or type(exc).__name__)
+        else:
+            self._failing.discard(id(x))
 
     def start(self, resumed_epoch: int | None, resumed_step: int = 0, changes: dict | None = None) -> None:
         for x in self.loggers:
@@ -142,11 +167,11 @@ class Loggers:
 
     def write(self, record: dict) -> None:
         for x in self.loggers:
-            x.write(record)
+            self._guarded(x, x.write, record)
 
     def write_step(self, epoch: int, lr: float, progress) -> None:
         for x in self.loggers:
-            x.write_step(epoch, lr, progress)
+            self._guarded(x, x.write_step, epoch, lr, progress)
 
     def close(self) -> None:
         for x in self.loggers:

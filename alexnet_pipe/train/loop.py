@@ -243,11 +243,13 @@ def fit(cfg: TrainConfig) -> FitResult:
                             log.info("epoch %d: %s", epoch + 1, line)
                 _warn_at_chance(rt, start, epoch, run.mean_loss)
                 history.append(record)
-                metrics.write(record)
                 stopping = preemption.stop_after_epoch()  # every rank, the same answer
+                # The checkpoint first: on a full disk the trained epoch is kept (or the run stops
+                # saying so), and a metrics row that cannot be written is only a warning (loggers.py).
                 if cfg.serialize and ((epoch + 1) % cfg.serialize == 0 or last) or stopping:
                     save_checkpoint(epoch + 1)
                     preemption.checkpointed()
+                metrics.write(record)
                 if stopping and not last:
                     stopped_by = preemption.signal
                     break
