@@ -13,6 +13,7 @@ from alexnet_pipe.dataset.layout import MEAN_IMAGE_NPY
 from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.mean import load_dataset_mean
 from alexnet_pipe.dataset.schema import ClassEntry, MeanImage
+from alexnet_pipe.dataset.update_mean import read_npy_mean
 from alexnet_pipe.errors import DatasetError
 from alexnet_pipe.text import plural
 
@@ -74,13 +75,15 @@ def mean_figure(root: Path) -> Figure:
 
     ds = load_dataset(root)  # a converted dataset, or one clear error
     path = root / MEAN_IMAGE_NPY
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever, a device never end
+        raise DatasetError(f"{path} is not a regular file; reconvert the dataset to get the mean image")
     if not path.is_file():
         raise DatasetError(f"{root} has no {MEAN_IMAGE_NPY} (converted by an older alexnet-pipe); reconvert it "
                            "to get the mean image")
-    try:
-        mean = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path} ({exc})") from exc
+    try:  # header checked against the file's bytes first: a header may declare terabytes
+        mean = read_npy_mean(path)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path} ({exc.strerror or exc})") from exc
     if mean.ndim != 3 or mean.shape[2] != 3 or 0 in mean.shape or not np.issubdtype(mean.dtype, np.number):
         raise DatasetError(f"{path} holds an array of shape {mean.shape} ({mean.dtype}), expected H x W x 3 numbers")
     info = ds.meta.mean_image

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from alexnet_pipe.apps.figure_file import check_output, save_figure
 from alexnet_pipe.apps.figure_text import wrap
 from alexnet_pipe.errors import FormatError, InputError
+from alexnet_pipe.inputs.entries import not_a_file
 from alexnet_pipe.text import plural
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ def _check_epoch(value, where: str) -> int:
 
 
 def _read_text(path: Path) -> str:
+    why = not_a_file(str(path))  # stat first: opening a FIFO would wait for a writer forever, a device never ends
+    if why is not None:
+        raise FormatError(f"{path}: {why}; pass the JSON-lines metrics log that `train -o` writes")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -87,8 +91,8 @@ def read_metrics(path: Path) -> list[dict]:
         The rows, as dicts.
 
     Raises:
-        FormatError: the file is not text, a line is not a JSON object, a value is not a number,
-            or the file holds no epoch row at all.
+        FormatError: the file is not text, a line is not a JSON object (or is nested too deeply to
+            parse), a value is not a number, or the file holds no epoch row at all.
     """
     path = Path(path)
     lines = _read_text(path).split("\n")
@@ -107,6 +111,9 @@ def read_metrics(path: Path) -> list[dict]:
                 f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object "
                 f'such as {{"epoch": 1, "train_loss": 2.3}}; fix or delete that line'
             ) from None
+        except RecursionError:  # "[[[[..." nested past the parser's depth: never a row the trainer wrote
+            raise FormatError(f"{path}:{lineno}: JSON nested too deeply to read; each line must be one JSON "
+                              'object such as {"epoch": 1, "train_loss": 2.3}; fix or delete that line') from None
         if not isinstance(obj, dict):
             raise FormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}; "
                               "fix or delete that line")

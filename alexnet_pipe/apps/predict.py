@@ -30,6 +30,7 @@ from alexnet_pipe.errors import CheckpointError, ConfigError
 from alexnet_pipe.imaging.process import process
 from alexnet_pipe.imaging.read import read_source
 from alexnet_pipe.imaging.reasons import BadImage
+from alexnet_pipe.inputs.entries import not_a_file
 from alexnet_pipe.inputs.table import Source
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.model.inputspec import InputSpec
@@ -123,7 +124,8 @@ def expand_inputs(inputs: Iterable[Path]) -> tuple[list[tuple[str, str | None]],
                         continue
                     full = os.path.join(dirpath, name)
                     (found if Path(name).suffix.lower() in IMAGE_SUFFIXES else passed_over).append(full)
-            items += [(f, None) for f in sorted(found)]
+            # A link to /dev/zero or a FIFO found here: named as such, never opened.
+            items += [(f, not_a_file(f)) for f in sorted(found)]
             if not found:
                 items.append((str(path), f"folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})"))
         elif path.is_file():

@@ -35,6 +35,7 @@ from alexnet_pipe.dataset.mean import MEAN_VERSION, ChannelMean, newer_version, 
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, UnsafePickleError
 from alexnet_pipe.formats.blobproto import decode_blobproto
 from alexnet_pipe.fsutil import atomic_write_bytes, backup_path
+from alexnet_pipe.inputs.entries import not_a_file
 from alexnet_pipe.safe_pickle import loads as safe_loads
 from alexnet_pipe.safe_pickle import read_capped
 
@@ -73,7 +74,12 @@ class UpdateMeanResult:
 # ---------------------------------------------------------------- untrusted files
 
 def _read_input(path: Path) -> bytes:
-    """A user-given mean file, whole; refused past ``MAX_MEAN_FILE_BYTES`` (means are a few MiB)."""
+    """A user-given mean file, whole; refused past ``MAX_MEAN_FILE_BYTES`` (means are a few MiB), and
+    refused unopened when it is not a regular file (a FIFO would wait for a writer forever)."""
+    why = not_a_file(str(path))
+    if why is not None:
+        raise FormatError(f"{path}: {why}; pass the mean file itself (.binaryproto, .npy or neon's "
+                          "dataset_cache.pkl) or a dataset directory")
     return read_capped(path, MAX_MEAN_FILE_BYTES, "a mean file")
 
 
@@ -101,12 +107,15 @@ def _channel_means(image: np.ndarray, layout: str, what: str) -> np.ndarray:
     """Per-channel means (float64, in the array's channel order) of a CHW, HWC or 3-value mean."""
     if image.dtype.kind not in "fiu":
         raise FormatError(f"{what} has dtype {image.dtype}; expected a numeric (float) mean")
-    if layout == "C":
-        means = image.reshape(3).astype(np.float64)
-    elif layout == "CHW":
-        means = image.reshape(3, -1).mean(axis=1, dtype=np.float64)
-    else:
-        means = image.reshape(-1, 3).mean(axis=0, dtype=np.float64)
+    if image.size == 0:  # its mean would be NaN, after two numpy RuntimeWarnings
+        raise FormatError(f"{what} is an empty mean (shape {image.shape}); expected a mean image or 3 channel values")
+    with np.errstate(all="ignore"):  # inf - inf or an overflow gives NaN or inf: refused below, in one line
+        if layout == "C":
+            means = image.reshape(3).astype(np.float64)
+        elif layout == "CHW":
+            means = image.reshape(3, -1).mean(axis=1, dtype=np.float64)
+        else:
+            means = image.reshape(-1, 3).mean(axis=0, dtype=np.float64)
     if not np.isfinite(means).all():
         raise FormatError(f"{what} holds non-finite values (NaN or inf); expected finite pixel means")
     if means.min() < 0 or means.max() > 255:
@@ -209,6 +218,9 @@ def _decode_npy(data: bytes, path: Path) -> np.ndarray:
     shape, fortran, dtype, offset = _npy_header(data, path)
     if len(shape) > 4:
         raise FormatError(f"{path}: array has shape {shape}; a mean image has at most 4 axes")
+    if 0 in shape:  # no values: any other axis may claim 2**62, which numpy cannot even reshape to
+        raise FormatError(f"{path}: .npy array has shape {shape}, which holds no values (an empty mean); "
+                          "expected an H x W x 3 (or 3 x H x W) mean image or 3 per-channel values")
     count = 1
     for d in shape:
         count *= d
@@ -219,8 +231,15 @@ def _decode_npy(data: bytes, path: Path) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def read_npy_mean(path: Path) -> np.ndarray:
+    """A mean image's .npy file as an array: a plain number dtype, a shape that holds values and
+    matches the file's bytes, at most ``MAX_MEAN_FILE_BYTES``; else FormatError naming the file,
+    raised before numpy allocates anything (a header may declare terabytes)."""
+    return _decode_npy(_read_input(path), path)
+
+
 def _read_npy(path: Path, channel_order: str | None) -> _Decoded:
-    arr = _decode_npy(_read_input(path), path)
+    arr = read_npy_mean(path)
     image = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
     if _is_three_values(image):
         layout = "C"
@@ -294,6 +313,9 @@ def _plan_mean_json(out: Path, mean: ChannelMean, src: Path) -> tuple[bool, tupl
     it is kept, with others refused; a newer format is refused. Runs before anything is written."""
     if not out.exists():
         return True, ()
+    why = not_a_file(str(out))
+    if why is not None:  # a FIFO there would block the read (and the backup) forever
+        raise DatasetError(f"{out}: {why}; nothing changed: move it aside, {MEAN_FILE} is written there")
     newer = _newer_version(out)
     if newer is not None:
         raise DatasetError(f"{out} has mean format version {newer}, newer than this alexnet-pipe reads "

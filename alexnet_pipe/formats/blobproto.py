@@ -117,4 +117,7 @@ def decode_blobproto(buf: bytes | memoryview) -> np.ndarray:
             f"BlobProto shape {tuple(shape)} needs {count} values but the data holds {values.size} "
             "(truncated or not a Caffe mean file)"
         )
-    return values.astype(np.float64 if doubles else np.float32, copy=False).reshape(shape)
+    try:
+        return values.astype(np.float64 if doubles else np.float32, copy=False).reshape(shape)
+    except ValueError:  # no values, and another dim past what numpy can index (2**62 x 0)
+        raise FormatError(f"BlobProto shape {tuple(shape)} is too large to be an array") from None

@@ -62,6 +62,10 @@ _NOT_A_LIST = "expected '<path> <label>' lines (Caffe) or '<index>\\t<label>\\t<
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a text file, read as it streams (an ImageNet list is 1.28M lines)."""
+    why = not_a_file(str(path))  # before open(): a FIFO would wait for a writer forever, a device never end
+    if why is not None:
+        raise LayoutError(f"could not read the list file {path} ({why}); pass the list as a regular file "
+                          "(to filter one, write the result to a file first)")
     try:
         # surrogateescape: a path in another encoding still names its file on disk byte for byte.
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
