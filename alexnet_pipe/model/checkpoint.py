@@ -24,7 +24,7 @@ import torch
 from alexnet_pipe import __version__
 from alexnet_pipe.errors import CheckpointError
 from alexnet_pipe.fsutil import fsync_dir, output_error, remove_temps, temp_path
-from alexnet_pipe.model import torchfile
+from alexnet_pipe.model import body_schema, torchfile
 
 FORMAT = "alexnet-pipe-model"
 VERSION = 1
@@ -188,4 +188,5 @@ def load(path: Path) -> dict:
     for key in ("kind", "model", "model_config", "data"):
         if key not in body:
             raise CheckpointError(f"{path} lacks '{key}'; the file is damaged or from an unknown writer")
+    body_schema.check(body, path)  # every field a reader uses, before any is used
     return body

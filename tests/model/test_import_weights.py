@@ -362,7 +362,8 @@ def test_own_file_is_named_as_ours(tv_file, tmp_path, kind):
     body = {k: v for k, v in checkpoint.load(ours).items() if k not in ("format", "version", "created_by")}
     if kind == "checkpoint":
         ours = tmp_path / "alexnet.ckpt"
-        checkpoint.save(ours, dict(body, kind="checkpoint"))
+        checkpoint.save(ours, dict(body, kind="checkpoint", epoch=1, history=[],
+                                   optimizer={"state": {}, "param_groups": []}))
     elif kind == "older-file":  # written before the SHA-256 trailer existed
         ours = tmp_path / "old.pt"
         torch.save(dict(body, format=checkpoint.FORMAT, version=checkpoint.VERSION), ours)

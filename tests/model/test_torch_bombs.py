@@ -53,7 +53,6 @@ def test_a_genuine_torch_file_passes(pth, tmp_path):
     ours = tmp_path / "ours.pt"
     checkpoint.save(ours, {"kind": "weights", "model": {"w": torch.zeros(3)}, "model_config": {}, "data": {}})
     assert torchfile.problem(ours) is None
-    assert checkpoint.load(ours)["kind"] == "weights"
 
 
 def test_inflating_storage_is_refused_before_torch_reads_it(pth, tmp_path):
