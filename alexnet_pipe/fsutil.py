@@ -4,14 +4,17 @@ write that fails (a full disk, a file size limit, a read-only file system)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import re
 import resource
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.errors import AlexnetPipeError, BusyError
 
 _TEMP = re.compile(r"\..+\.tmp-(\d+)")  # what temp_path makes: .NAME.tmp-PID
 FULL = "no space left on the device"
@@ -203,3 +206,22 @@ def check_output_file(path: Path, option: str, example: str, new_folders: int = 
                                f"(only {made} would be created)")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise AlexnetPipeError(f"{option} {path}: {ancestor} is not writable; choose another path")
+
+
+@contextmanager
+def output_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``path`` for the block: a second process writing the same output
+    (two trainings with the same -s, -o or --checkpoint) is refused in one line instead of the two
+    interleaving their files. A POSIX record lock: released by the kernel when the process dies
+    (a killed run never blocks its rerun), honoured over NFS. ``what``: the writer, for the message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a+b") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise BusyError(f"another {what} is writing {path}; wait for it to finish, stop it, or choose "
+                            "another path") from None
+        try:
+            yield
+        finally:
+            fcntl.lockf(f, fcntl.LOCK_UN)

@@ -2,7 +2,8 @@
 
 ``MetricsLog`` keeps the ``-o`` JSON-lines file: one row per epoch (and per ``test``). A fresh
 run starts the file anew and keeps an existing one aside (``m.jsonl.1``, ``.2``, ...); a resumed
-run first drops the rows after its checkpoint, so the file never holds an epoch twice, then marks
+run first drops the rows after its checkpoint, so the file never holds an epoch twice (a file
+holding lines that are no rows of ours is kept aside whole first: -o named another file), then marks
 the resume for ``plot``: ``{"event": "resumed", "after_epoch": N, "after_step": S}``.
 ``TensorBoardLog`` writes the same figures as TensorBoard scalars. Both answer
 ``start``/``write``/``write_step``/``close``; ``Loggers`` fans out to several.
@@ -22,6 +23,10 @@ from alexnet_pipe.fsutil import fsync_dir
 log = logging.getLogger(__name__)
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class MetricsLog:
     """JSON lines at ``path`` (None: keep nothing)."""
 
@@ -37,30 +42,29 @@ class MetricsLog:
             raise AlexnetPipeError(f"-o {self.path} is not a regular file (a device, FIFO or socket); give a file name")
         if resumed_epoch is None:
             if self.path.exists():
-                n = 1
-                while self.path.with_name(f"{self.path.name}.{n}").exists():
-                    n += 1
-                aside = self.path.with_name(f"{self.path.name}.{n}")
-                os.replace(self.path, aside)
-                log.info("kept the previous metrics file as %s", aside)
+                self._keep_aside()
             return
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        kept, foreign = [], 0
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for n, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
             except (ValueError, RecursionError):
-                continue  # a line cut short by a crash (or nested past the parser's depth: not a row of ours)
-            if not isinstance(row, dict):
+                foreign += n < len(lines) and bool(line.strip())  # the last line may be one cut short by a crash
+                continue
+            epoch, step = (row.get("epoch", 0), row.get("step", 0)) if isinstance(row, dict) else (None, None)
+            if not (_count(epoch) and _count(step)):
+                foreign += 1  # not a row this project writes
                 continue
             if row.get("event") == "resumed" and isinstance(row.get("after_epoch"), int) \
                     and row["after_epoch"] >= resumed_epoch:
                 continue  # a resume from a later (or the same) checkpoint: this one replaces it
-            epoch = int(row.get("epoch", 0) or 0)
-            if epoch <= resumed_epoch or (epoch == resumed_epoch + 1 and "step" in row
-                                          and int(row["step"]) <= resumed_step):
+            if epoch <= resumed_epoch or (epoch == resumed_epoch + 1 and "step" in row and step <= resumed_step):
                 kept.append(line)
+        if foreign:  # -o names a file that is not this run's metrics: keep it whole, as a fresh run does
+            self._keep_aside()
         if resumed_epoch or resumed_step:  # `plot` marks where the run went on
             marker = {"event": "resumed", "after_epoch": resumed_epoch, "after_step": resumed_step}
             kept.append(json.dumps({**marker, "changed": changes} if changes else marker))
@@ -68,6 +72,14 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
+
+    def _keep_aside(self) -> None:
+        n = 1
+        while self.path.with_name(f"{self.path.name}.{n}").exists():
+            n += 1
+        aside = self.path.with_name(f"{self.path.name}.{n}")
+        os.replace(self.path, aside)
+        log.info("kept the previous metrics file as %s", aside)
 
     def write_step(self, epoch: int, lr: float, progress) -> None:
         """A row every ``--log-every`` steps: the epoch's mean loss so far, lr, img/s."""

@@ -12,6 +12,7 @@ process's step over the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ import torch
 
 from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.errors import CheckpointError
+from alexnet_pipe.fsutil import output_lock
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.params import param_groups
 from alexnet_pipe.text import plural
@@ -132,7 +134,12 @@ def fit(cfg: TrainConfig) -> FitResult:
     rt = open_run(cfg, join=True)
     main = rt.dist.is_main
     train_loader = val_loader = metrics = None
+    locks = contextlib.ExitStack()
     try:
+        if main:  # the writer: its outputs are its own for the whole run
+            for path in dict.fromkeys(p for p in (cfg.save_path, cfg.resolved_checkpoint_path(), cfg.output_file)
+                                      if p is not None):
+                locks.enter_context(output_lock(path, "alexnet-pipe train"))
         ds = rt.ds
         start = warmstart.decide_start(cfg, ds)  # crop and normalisation may come from --model-file
         rt.cfg = cfg = start.cfg
@@ -272,6 +279,7 @@ def fit(cfg: TrainConfig) -> FitResult:
         if metrics is not None:
             metrics.close()
         rt.close()
+        locks.close()
 
 
 def _lr_detail(cfg: TrainConfig, schedule, epoch: int, steps: int, lr0: float) -> dict:

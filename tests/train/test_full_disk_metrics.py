@@ -5,6 +5,7 @@ aside as an old metrics file."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,3 +44,41 @@ def test_a_device_as_metrics_file_is_refused_never_renamed(tmp_path):
                                     "-o", os.devnull, "-s", str(tmp_path / "w.pt")])
     assert res.exit_code == 1 and "not a regular file" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "w.pt").exists()
+
+
+def test_a_second_training_on_the_same_outputs_is_refused(tmp_path):
+    """Two runs with the same -s used to interleave their metrics and checkpoints."""
+    data = shapes_dataset(tmp_path / "d")
+    weights = tmp_path / "w.pt"
+    # Another process holds the metrics file's lock (POSIX locks are per process): the CLI refuses
+    # in one line before any work.
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from alexnet_pipe.fsutil import output_lock\n"
+        f"with output_lock(Path({str(tmp_path / 'm.jsonl')!r}), 'alexnet-pipe train'):\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(main, ["train", "-w", str(data), "-b", "cpu", "-e", "1", "--crop", "67",
+                                        "-s", str(weights), "-o", str(tmp_path / "m.jsonl"), "--no-progress"])
+        assert res.exit_code == 1 and "another alexnet-pipe train is writing" in res.output, res.output
+        assert not weights.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resuming_into_a_file_that_is_not_this_runs_metrics_keeps_it(tmp_path):
+    from alexnet_pipe.train.loggers import MetricsLog
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nmore notes\n")
+    MetricsLog(notes).start(3, 0)
+    assert (tmp_path / "notes.txt.1").read_text() == "my notes\nmore notes\n"
+    assert json.loads(notes.read_text()) == {"event": "resumed", "after_epoch": 3, "after_step": 0}
+    ours = tmp_path / "m.jsonl"
+    ours.write_text('{"epoch": 1, "lr": 0.1}\n{"epoch": 2, "lr": 0.1}\n{"epoch": 3, "st')  # cut by a crash
+    MetricsLog(ours).start(1, 0)
+    assert not (tmp_path / "m.jsonl.1").exists()  # its own rows: trimmed in place, as before
+    assert [json.loads(x).get("epoch") for x in ours.read_text().splitlines()] == [1, None]

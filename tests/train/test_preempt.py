@@ -19,6 +19,7 @@ import torch
 
 from alexnet_pipe.errors import CheckpointError
 from alexnet_pipe.model import checkpoint
+from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from tests.helpers.datasets import shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,9 +129,11 @@ def test_sigkill_then_resume_from_the_last_periodic_checkpoint(data, reference, 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     path = tmp_path / "c.ckpt"
-    for epoch in (1, 2, 3):
-        checkpoint.save(path, {"kind": "checkpoint", "model": {"w": torch.full((1000,), float(epoch))},
-                               "model_config": {}, "data": {}, "epoch": epoch}, keep=3)
+    mc = AlexNetConfig(num_classes=2, crop=67)
+    state = build_model(mc, generator=torch.Generator().manual_seed(0)).state_dict()
+    for epoch in (1, 2, 3):  # a body as train writes it (checkpoint.load checks every field: body_schema.py)
+        checkpoint.save(path, {"kind": "checkpoint", "model": state, "model_config": mc.to_dict(), "data": {},
+                               "epoch": epoch, "optimizer": {"state": {}, "param_groups": []}}, keep=3)
     assert [checkpoint.load(checkpoint.rotated(path, k))["epoch"] for k in range(3)] == [3, 2, 1]
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01  # one bit inside the tensor data: torch alone would load it silently
