@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alexnet_pipe.errors import AlexnetPipeError
-from alexnet_pipe.fsutil import fsync_dir
+from alexnet_pipe.fsutil import fsync_dir, output_error
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -74,6 +74,9 @@ def save_figure(fig: Figure, out: Path) -> Path:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(out.parent)
-    except OSError as exc:
-        raise AlexnetPipeError(f"cannot write {out}: {exc.strerror or exc}; pick another output path") from None
+    except OSError as exc:  # a full disk, a file size limit: one line that says so (else the reason as it is)
+        error = output_error(exc, out, "free some space (or pick another output path), then run the command again")
+        if error is None:
+            error = AlexnetPipeError(f"cannot write {out}: {exc.strerror or exc}; pick another output path")
+        raise error from None
     return out

@@ -282,7 +282,7 @@ def _after_failure(run: TrainConfig | None, started: float) -> str:
 
 def _run_training(cfg) -> None:
     from alexnet_pipe.fsutil import check_output_file
-    from alexnet_pipe.train.evaluate import run_test
+    from alexnet_pipe.train.evaluate import ResultNotSaved, run_test
     from alexnet_pipe.train.loop import fit
 
     outputs = [(cfg.output_file, "-o", "metrics.jsonl"), (cfg.per_class_file, "--per-class", "per-class.json")]
@@ -294,10 +294,15 @@ def _run_training(cfg) -> None:
             new_folders = 2 if path.parent.parent == RUNS_DIR else 1  # the default: alexnet-runs/<date-time>/
             check_output_file(path, what, example, new_folders)
     if cfg.test_only:
-        result = run_test(cfg)
+        try:
+            result, unsaved = run_test(cfg), None
+        except ResultNotSaved as exc:  # a full disk under --per-class: the figures first, then its line
+            result, unsaved = exc.result, exc
         if cfg.rank == 0:  # every rank has the same figures; one prints them
             for line in result.lines():
                 click.echo(line)
+        if unsaved is not None:
+            raise unsaved
         return
     from alexnet_pipe.train.preempt import EXIT_CODES
 

@@ -7,7 +7,9 @@ reserve that much address space per shard, so one process could open only ~120 s
 has 257 at the default shard size). The upgrade replaces each shard's ``data.mdb`` by a compacted
 copy that stores its data's size (the records, keys and checksums stay exactly as they are),
 updates the shard's size in its completion record, then rewrites the manifest as version 2. It is
-safe to kill and rerun: each shard file is swapped atomically, and the manifest is written last.
+safe to kill and rerun: each shard file is swapped atomically, and the manifest is written last. A
+write that fails (a full disk, a file size limit) is one line naming the shard or file; the shards
+upgraded so far stay upgraded, the dataset stays readable as version 1, and the rerun goes on.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
 from alexnet_pipe.dataset.layout import MANIFEST_FILE, part_path
 from alexnet_pipe.dataset.manifest import DATASET_VERSION, Dataset, load_dataset
 from alexnet_pipe.dataset.parts import Part
 from alexnet_pipe.dataset.schema import Settings
 from alexnet_pipe.formats import get_format
-from alexnet_pipe.fsutil import atomic_write_json
+from alexnet_pipe.fsutil import atomic_write_json, output_error
 
 
 @dataclass(frozen=True)
@@ -56,17 +60,32 @@ def run_upgrade(root: Path) -> UpgradeResult:
 
     Raises:
         DatasetError: ``root`` is not a converted dataset, or is newer than this alexnet-pipe.
+        OutputError: a write failed (a full disk, a file size limit); one line, what to do included.
     """
     ds: Dataset = load_dataset(root)
+    if ds.version == DATASET_VERSION:
+        return UpgradeResult(root, ds.version, 0)
+    where = [root]  # what is being written: a failed write that names no file is reported at it
+    try:
+        return _upgrade(root, ds, where)
+    except (OSError, lmdb.Error) as exc:
+        error = output_error(exc, where[0], "free some space (or raise the limit), then rerun the same command: the "
+                                            "shards upgraded so far are kept and it goes on from them (the dataset "
+                                            "stays readable meanwhile)")
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _upgrade(root: Path, ds: Dataset, where: list[Path]) -> UpgradeResult:
     version = ds.version
-    if version == DATASET_VERSION:
-        return UpgradeResult(root, version, 0)
     splits = dict(ds.meta.splits)
     rewritten = 0
     for fmt in map(get_format, ds.formats):
         for name, split in splits.items():
             shards = list(split.shards)
             for k, shard in enumerate(shards):
+                where[0] = root / fmt.data_path(shard.files(fmt.name))
                 upgraded = fmt.upgrade(root, shard.files(fmt.name))
                 if upgraded is None:  # nothing to upgrade in this format
                     continue
@@ -81,5 +100,6 @@ def run_upgrade(root: Path) -> UpgradeResult:
     settings.setdefault("upscale", False)
     manifest = dataclasses.replace(ds.meta, version=DATASET_VERSION, upgraded_from=version, settings=Settings(settings),
                                    splits=splits)
+    where[0] = root / MANIFEST_FILE
     atomic_write_json(root / MANIFEST_FILE, manifest.to_json())
     return UpgradeResult(root, version, rewritten)

@@ -24,6 +24,7 @@ import pickletools
 import re
 import reprlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from alexnet_pipe.dataset.layout import MANIFEST_FILE, MEAN_FILE, OLD_MEAN_FILES
 from alexnet_pipe.dataset.mean import MEAN_VERSION, ChannelMean, newer_version, read_mean_file, write_mean
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError, UnsafePickleError
 from alexnet_pipe.formats.blobproto import decode_blobproto
-from alexnet_pipe.fsutil import atomic_write_bytes, backup_path
+from alexnet_pipe.fsutil import atomic_write_bytes, backup_path, output_error
 from alexnet_pipe.inputs.entries import not_a_file
 from alexnet_pipe.safe_pickle import loads as safe_loads
 from alexnet_pipe.safe_pickle import read_capped
@@ -287,11 +288,24 @@ def _neon_bgr_mean(cache: object, path: Path) -> tuple[np.ndarray, str, bool]:
 
 # ---------------------------------------------------------------- the job
 
-def _backup(path: Path, data: bytes | None = None) -> Path:
-    """Copy ``path`` (whose bytes, if already read, are ``data``) to a free ``.bak`` name."""
-    dst = backup_path(path)
-    atomic_write_bytes(dst, _read_input(path) if data is None else data)
-    return dst
+def _replace(path: Path, write: Callable[[], None], old: bytes | None, backups: list[Path]) -> None:
+    """Back up ``old`` (``path``'s bytes; None: no file there) to a free ``.bak`` name, then ``write()``
+    ``path`` anew. A write that fails (a full disk, a file size limit) is one line, and ``path`` is
+    unchanged: the backup made for it is removed (each rerun would otherwise leave one more)."""
+    backup = None if old is None else backup_path(path)
+    try:
+        if backup is not None:
+            atomic_write_bytes(backup, old)
+        write()
+    except OSError as exc:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+        error = output_error(exc, path, "free some space (or raise the limit), then rerun the same command")
+        if error is None:
+            raise
+        raise error from exc
+    if backup is not None:
+        backups.append(backup)
 
 
 def _held(mean: ChannelMean) -> str:
@@ -337,9 +351,7 @@ def _plan_mean_json(out: Path, mean: ChannelMean, src: Path) -> tuple[bool, tupl
 
 def _write_mean_json(out: Path, mean: ChannelMean, written: list[Path], backups: list[Path]) -> None:
     """Write ``out`` (where ``_plan_mean_json`` said to); back up whatever it replaces."""
-    if out.exists():
-        backups.append(_backup(out))
-    write_mean(out, mean)
+    _replace(out, lambda: write_mean(out, mean), _read_input(out) if out.exists() else None, backups)
     written.append(out)
 
 
@@ -383,8 +395,7 @@ def _update_neon_cache(path: Path, cfg: UpdateMeanConfig) -> UpdateMeanResult:
         dtype = gm.dtype if gm.dtype.kind == "f" else np.float64
         upgraded = dict(cache, global_mean=bgr.reshape(3, 1).astype(dtype))
         data = _numpy1_global_names(pickle.dumps(upgraded, protocol=NEON_CACHE_PROTOCOL))
-        backups.append(_backup(path, raw))  # the very bytes that were read
-        atomic_write_bytes(path, data)
+        _replace(path, lambda: atomic_write_bytes(path, data), raw, backups)  # backs up the very bytes that were read
         written.append(path)
     if write_json:
         _write_mean_json(out, mean, written, backups)

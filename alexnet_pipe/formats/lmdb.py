@@ -385,8 +385,12 @@ def _compact_in_place(path: Path) -> None:
     """Swap ``path/data.mdb`` for a compacted copy; readers see the old file or the new one."""
     tmp = path.parent / f".{path.name}.upgrade"
     remove(tmp)  # left by an interrupted run
-    compact_lmdb(path, tmp)
-    os.replace(tmp / LMDB_DATA_FILE, path / LMDB_DATA_FILE)
+    try:
+        compact_lmdb(path, tmp)
+        os.replace(tmp / LMDB_DATA_FILE, path / LMDB_DATA_FILE)
+    except BaseException:  # a full disk: the part copied would hold the space and stay in view
+        remove(tmp)
+        raise
     remove(path / LMDB_LOCK_FILE)  # a reader's lock file from the old environment, if any
     fsync_dir(path)
     remove(tmp)

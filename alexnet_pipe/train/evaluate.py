@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from alexnet_pipe.config import TrainConfig
 from alexnet_pipe.dataset.records import source_names
-from alexnet_pipe.errors import DatasetError
+from alexnet_pipe.errors import AlexnetPipeError, DatasetError
+from alexnet_pipe.fsutil import OutputError
 from alexnet_pipe.loading.loader import Loader
 from alexnet_pipe.progress import Progress
 from alexnet_pipe.train import start as warmstart
@@ -53,6 +54,15 @@ class EvalResult:
         crops also ``val_ten_crop_loss``, ``val_ten_crop_top1``, ``val_ten_crop_top5``."""
         row = {f"{prefix}_loss": self.loss, f"{prefix}_top1": self.top1, f"{prefix}_top5": self.top5}
         return row | (self.ten_crop.metrics(f"{prefix}_ten_crop") if self.ten_crop else {})
+
+
+class ResultNotSaved(OutputError):
+    """The evaluation finished (``result``) but its per-class files could not be written (a full
+    disk): a caller that reports the figures shows them first, then this error's line."""
+
+    def __init__(self, result: EvalResult, error: AlexnetPipeError):
+        super().__init__(str(error))
+        self.result = result
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]) -> list[torch.Tensor]:
@@ -141,7 +151,8 @@ def evaluate_ten_crop(model: torch.nn.Module, rt: Runtime, progress: bool = Fals
 def run_test(cfg: TrainConfig) -> EvalResult:
     """Evaluate ``cfg.model_file`` on the validation split (`--test_only`), over all ranks, with
     the network and input the weights file records (crop, channel order, value range, mean/std);
-    with ``cfg.ten_crop`` also over ten views per image (``EvalResult.ten_crop``)."""
+    with ``cfg.ten_crop`` also over ten views per image (``EvalResult.ten_crop``). Per-class files
+    that cannot be written raise ``ResultNotSaved``, which holds the result."""
     rt = open_run(cfg, join=True)
     loader = None
     try:
@@ -158,18 +169,24 @@ def run_test(cfg: TrainConfig) -> EvalResult:
             loader.close()
             result = replace(result, ten_crop=evaluate_ten_crop(model, rt, cfg.progress,
                                                                 per_class=cfg.per_class_file is not None))
+        unsaved = None
         if rt.dist.is_main and cfg.per_class_file is not None:
             classes = rt.ds.meta.classes
             wrong = result.per_class.misclassified()
             files = source_names(rt.ds, "val", wrong.tolist())
-            for path in write_per_class(result.per_class, [c.id for c in classes], [c.name or "" for c in classes],
-                                        cfg.per_class_file, files=files,
-                                        ten_crop=result.ten_crop.per_class if result.ten_crop else None):
-                log.info("wrote %s", path)
+            try:
+                for path in write_per_class(result.per_class, [c.id for c in classes],
+                                            [c.name or "" for c in classes], cfg.per_class_file, files=files,
+                                            ten_crop=result.ten_crop.per_class if result.ten_crop else None):
+                    log.info("wrote %s", path)
+            except AlexnetPipeError as exc:  # a full disk: the evaluation is not lost with the file
+                unsaved = ResultNotSaved(result, exc)
         if rt.dist.is_main:
             MetricsLog(cfg.output_file).write({
                 "event": "test", "model_file": str(cfg.model_file), **result.metrics(), "samples": result.samples,
                 "world_size": rt.dist.world_size})
+        if unsaved is not None:
+            raise unsaved
         return result
     finally:
         if loader is not None:

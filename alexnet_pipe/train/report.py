@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alexnet_pipe.fsutil import atomic_write_bytes
+from alexnet_pipe.fsutil import atomic_write_bytes, output_error
 from alexnet_pipe.text import plural
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ TICK_PT, TITLE_PT = 10, 12  # font sizes (points)
 FILES_FROM_KEYS = "relative to the split's raw folder (from the LMDB keys); record: its number in the split's order"
 NO_FILES = ("not stored (RecordIO shards keep no file names; convert with --format lmdb or both to have them); "
             "record: its number in the split's order")
+RERUN = "free some space (or choose another path), then rerun the same command"  # after a failed write
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def write_per_class(per_class: PerClass, ids: list[str], names: list[str], out: 
     ``files`` (the source file of each, in ``per_class.misclassified()`` order; None: not stored);
     beside it ``<stem>.png``: the drawing. ``ten_crop`` (test --ten-crop): each class's row also
     holds ``ten_crop_top1`` / ``ten_crop_top5`` and the body ``ten_crop_confusion``, from the
-    ten-crop predictions; everything else is the single crop's."""
+    ten-crop predictions; everything else is the single crop's. Each file is replaced atomically; a
+    write that fails (a full disk) raises ``OutputError``, one line, and leaves no part in view."""
     table = per_class.table(ids, names)
     if ten_crop is not None:
         for row, other in zip(table, ten_crop.table(ids, names)):
@@ -84,10 +86,16 @@ def write_per_class(per_class: PerClass, ids: list[str], names: list[str], out: 
                                "score": round(float(per_class.score[r]), 6)} for k, r in enumerate(wrong)]}
     if ten_crop is not None:
         body["ten_crop_confusion"] = ten_crop.confusion.tolist()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps(body).encode())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, json.dumps(body).encode())
+    except OSError as exc:
+        error = output_error(exc, out, RERUN)
+        if error is None:
+            raise
+        raise error from exc
     drawing = out.with_suffix(".png")
-    _draw(table, pairs, ids, names, drawing, worst)
+    _draw(table, pairs, ids, names, drawing, worst)  # save_figure words a failed write the same way
     return [out, drawing]
 
 
