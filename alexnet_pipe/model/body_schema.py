@@ -17,7 +17,8 @@ import torch
 
 from alexnet_pipe.errors import CheckpointError
 
-MAX_SIDE = 1 << 16  # short_side, squash: no image this project reads is larger
+MAX_SIDE = 1 << 16  # short_side, squash, crop: no image this project reads is larger
+MAX_CLASSES = 1 << 20  # ImageNet-21k has 21,841; a million fc8 rows is already a 16 GB fc8
 _PARTIAL_KEYS = ("step", "loss_sum", "samples", "seconds", "data_wait_s")  # train/state.py's Partial
 
 
@@ -42,8 +43,10 @@ def _check(body: Mapping) -> None:
         mc = AlexNetConfig.from_dict(mc_dict)
     except (TypeError, ValueError) as exc:
         raise _Bad("model_config", f"is not a network's ({' '.join(str(exc).split())[:200]})") from None
+    _int(mc.num_classes, "model_config.num_classes", 1, MAX_CLASSES)
+    _int(mc.crop, "model_config.crop", 1, MAX_SIDE)
     model = _mapping(body.get("model"), "model")
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes only: nothing is allocated
         expected = {k: tuple(v.shape) for k, v in build_model(mc).state_dict().items()}
     for key, value in model.items():
         _tensor(key, value, expected)

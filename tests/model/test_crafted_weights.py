@@ -96,3 +96,47 @@ def test_the_readers_give_one_line(state, tmp_path):
     good = tmp_path / "good.pt"
     checkpoint.save(good, body(state))
     assert checkpoint.load(good)["data"]["classes"] == ["circle", "square"]
+
+
+def _consume(body: dict) -> None:
+    """What test, predict and train do with a loaded body (train/start.py, apps/predict.py)."""
+    from alexnet_pipe.model.inputspec import InputSpec
+
+    mc = AlexNetConfig.from_dict(body["model_config"])
+    spec = InputSpec.from_data(body["data"], mc.crop)
+    assert all(math.isfinite(v) for v in spec.mean_rgb)
+    with torch.device("meta"):
+        model = build_model(mc)
+    model.load_state_dict(body["model"], assign=True)
+
+
+@pytest.mark.faults
+def test_seeded_field_mutations_load_whole_or_give_one_line(state, tmp_path):
+    """100 seeded mutants, each one field of a weights or checkpoint body set to a hostile value:
+    each is refused with a CheckpointError naming a field, or loads and is used without error."""
+    import random
+
+    rng = random.Random(23)
+    hostile = [None, "", "\x1b[2J", 0, -1, 10**18, 1e308, math.nan, math.inf, True, [], {}, [1, 2, 3], {"a": 1},
+               [[[]]], torch.zeros(2), torch.tensor(math.nan)]
+    fields_ = ["model_config.num_classes", "model_config.crop", "model_config.arch", "model_config.dropout",
+               "data.classes", "data.class_names", "data.mean_rgb", "data.std_rgb", "data.value_range",
+               "data.channel_order", "data.short_side", "data.squash", "data.crop", "epoch", "history",
+               "optimizer", "partial", "world_size", "global_batch", "train_config", "start", "model_config",
+               "data", "model"]
+    refused = loaded = 0
+    for i in range(100):
+        field, value = rng.choice(fields_), rng.choice(hostile)
+        b = body(state, "checkpoint" if rng.random() < 0.5 else "weights", **{field: value})
+        path = tmp_path / f"m{i}.pt"
+        checkpoint.save(path, b)
+        try:
+            loaded_body = checkpoint.load(path)
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and "\x1b" not in str(exc) and len(str(exc)) < 500, (field, value, exc)
+            refused += 1
+        else:
+            _consume(loaded_body)
+            loaded += 1
+        path.unlink()
+    assert refused > 50 and loaded > 3  # both outcomes are exercised
