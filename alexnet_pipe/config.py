@@ -104,6 +104,9 @@ RESIZE_FILTERS = ("antialias", "cubic", "linear", "area")
 # aspect kept) or "squash" (Caffe's convert_imageset --resize_height/--resize_width, used by its
 # ImageNet recipe at 256x256: every image becomes exactly H x W, aspect ratio ignored).
 RESIZE_MODES = ("short-side", "squash")
+# The largest stored side convert accepts (--short-side, --resize-height/-width, --min-short-side), and
+# the manifest check with it (dataset/manifest_checks.py): no image this project reads is larger.
+MAX_SIDE = 1 << 16
 # How many skipped inputs convert's summary names, with their reasons (`info` lists them all).
 SKIPPED_SHOWN = 3
 PROGRESS_EVERY_S = 30.0  # plain progress (stderr is not a terminal): at most one log line this often
@@ -128,8 +131,11 @@ class ImageSettings:
     def __post_init__(self) -> None:
         if self.resize_filter not in RESIZE_FILTERS:
             raise ConfigError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {self.resize_filter!r}")
-        if self.short_side < 0:
-            raise ConfigError(f"short side must be >= 0 (0 keeps the size), got {self.short_side}")
+        if not 0 <= self.short_side <= MAX_SIDE:
+            raise ConfigError(f"short side must be 0..{MAX_SIDE} (0 keeps the size), got {self.short_side}")
+        if max(self.resize_height, self.resize_width) > MAX_SIDE:
+            raise ConfigError(f"--resize-height and --resize-width must be at most {MAX_SIDE}, got "
+                              f"{self.resize_height} and {self.resize_width}")
         self._resolve_squash()
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"JPEG quality must be in 1..100, got {self.quality}")
@@ -137,8 +143,8 @@ class ImageSettings:
             raise ConfigError(f"max pixels must be >= 1, got {self.max_pixels}")
         if self.max_file_mb < 1:
             raise ConfigError(f"max file size must be >= 1 MiB, got {self.max_file_mb}")
-        if self.min_short_side < 0:
-            raise ConfigError(f"min short side must be >= 0 (0 keeps every size), got {self.min_short_side}")
+        if not 0 <= self.min_short_side <= MAX_SIDE:
+            raise ConfigError(f"min short side must be 0..{MAX_SIDE} (0 keeps every size), got {self.min_short_side}")
 
     def _resolve_squash(self) -> None:
         """Squash alone is short_side x short_side; with both sides given the short side recorded (and

@@ -9,7 +9,11 @@ from alexnet_pipe.dataset.schema import copy_json
 from alexnet_pipe.errors import AlexnetPipeError
 from alexnet_pipe.formats import get_format
 from alexnet_pipe.formats.lmdb import dir_size
-from alexnet_pipe.text import plural
+from alexnet_pipe.text import plural, shown
+
+# Text from the manifest is cut in the summary (the JSON keeps it whole): a class id or name to 100
+# characters, a skipped input's path or reason to 500 (an edited manifest may hold megabytes).
+_NAME_CHARS, _LINE_CHARS = 100, 500
 
 
 def _human(n: float) -> str:
@@ -77,20 +81,23 @@ def _originals(split: dict) -> list[str]:
     counts, upscaled = split.get("source_short_side_counts"), split.get("upscaled_over_2x")
     if not isinstance(counts, dict) or not isinstance(upscaled, int):
         return []
-    sides = [int(k) for k in counts if str(k).isdigit()]
+    sides = [int(k) for k in counts if str(k).isascii() and str(k).isdigit()]  # "²".isdigit(), but not int("²")
     smallest = f"{min(sides)} px" if sides else f"{SHORT_SIDE_COUNTS_BELOW} px or more"
     return [f"            originals: smallest short side {smallest}, {plural(upscaled, 'image')} scaled up more than "
             "2x (convert --min-short-side N skips small inputs)"]
 
 
 def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10, max_skipped: int = 10) -> str:
+    """The summary `info` prints. Every line is shown escaped: ids, names, paths and reasons come from
+    the manifest, and a control character in one (ESC[2J) must not reach the terminal as itself."""
     lines = [f"dataset   {info['root']}  ({info['created_by']}, format version {info['version']})"]
     if info.get("upgrade"):
         lines.append(f"upgrade   {info['upgrade']}")
     classes = info["classes"]
-    shown = ", ".join(c["id"] + (f" ({c['name']})" if c["name"] else "") for c in classes[:max_classes])
+    listed = ", ".join(shown(c["id"], _NAME_CHARS) + (f" ({shown(c['name'], _NAME_CHARS)})" if c["name"] else "")
+                       for c in classes[:max_classes])
     more = f", ... {len(classes) - max_classes} more" if len(classes) > max_classes else ""
-    lines.append(f"classes   {len(classes)}: {shown}{more}")
+    lines.append(f"classes   {len(classes)}: {listed}{more}")
     total = 0
     for name, split in info["splits"].items():
         total += split["bytes"]
@@ -131,8 +138,9 @@ def format_summary(info: dict, max_shards: int = 6, max_classes: int = 10, max_s
         lines.append("codecs    " + ", ".join(f"{k} {v}" for k, v in codecs.items())
                      + "  (a resume, --part or --repair needs these same versions)")
     for s in info["skipped"][:max_skipped]:
-        lines.append(f"skipped   {s.get('path')}: {s.get('reason')}" if isinstance(s, dict) else f"skipped   {s!r}")
+        lines.append(f"skipped   {shown(s.get('path'), _LINE_CHARS)}: {shown(s.get('reason'), _LINE_CHARS)}"
+                     if isinstance(s, dict) else f"skipped   {shown(repr(s), _LINE_CHARS)}")
     if len(info["skipped"]) > max_skipped:
         lines.append(f"skipped   ... {len(info['skipped']) - max_skipped} more (info --json, or manifest.json, "
                      "lists them all)")
-    return "\n".join(lines)
+    return "\n".join(map(shown, lines))

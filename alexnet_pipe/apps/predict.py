@@ -35,6 +35,7 @@ from alexnet_pipe.inputs.table import Source
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.model.inputspec import InputSpec
 from alexnet_pipe.model.model_file import open_model_file
+from alexnet_pipe.text import shown
 from alexnet_pipe.train.runtime import padded_warning, torch_device
 
 log = logging.getLogger(__name__)
@@ -286,14 +287,17 @@ def _small_fix(spec: InputSpec) -> str:
 
 
 def format_table(result: PredictResult) -> str:
-    """The human-readable answer: per image its path, then a line per class (or its error)."""
+    """The human-readable answer: per image its path, then a line per class (or its error). Class ids
+    and names come from the weights file, paths from the disk: escaped (ESC[2J must not reach the
+    terminal as itself) and ids and names cut to 100 characters (the JSON keeps them whole)."""
     lines = []
     for p in result.predictions:
-        lines.append(p.path)
+        lines.append(shown(p.path))
         if p.error is not None:
-            lines.append(f"  error: {p.error}")
+            lines.append(f"  error: {shown(p.error)}")
             continue
-        width = max(len(g.id) for g in p.top)
-        for rank, g in enumerate(p.top, 1):
-            lines.append(f"  {rank}. {100 * g.prob:6.2f}%  {g.index:>4}  {g.id:<{width}}  {g.name}".rstrip())
+        ids = [shown(g.id, 100) for g in p.top]
+        width = max(map(len, ids))
+        for rank, (g, gid) in enumerate(zip(p.top, ids), 1):
+            lines.append(f"  {rank}. {100 * g.prob:6.2f}%  {g.index:>4}  {gid:<{width}}  {shown(g.name, 100)}".rstrip())
     return "\n".join(lines)

@@ -105,11 +105,11 @@ def format_plan(plan: ConvertPlan, max_classes: int = 10, max_skipped: int = 20)
         lines.append(f"{split:<9} {plural(len(table), 'image')}, {per_class} a class{lacking} -> "
                      f"{shard_plan(len(table), plan.shard_size)}")
     if found.skipped:
-        lines.append(f"skipped   {plural(len(found.skipped), 'input')}:")
+        lines.append(f"skipped   {plural(sum(s.count for s in found.skipped), 'input')}:")
         for s in found.skipped[:max_skipped]:
             lines.append(f"          {s.split} {s.name}: {s.reason}")
         if len(found.skipped) > max_skipped:
-            lines.append(f"          ... {len(found.skipped) - max_skipped} more")
+            lines.append(f"          ... {sum(s.count for s in found.skipped[max_skipped:])} more")
     else:
         lines.append("skipped   none found (images that cannot be decoded are found only by converting)")
     lines.append(f"output    {plan.output}")

@@ -100,8 +100,11 @@ def finalize(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardP
       without training images); ``mean``: ``mean.json``, over the same pixels.
     """
     dst = cfg.dst
-    splits, skipped = {}, [{"split": s.split, "name": s.name, "reason": s.reason} for s in found.skipped]
-    scan_skips = Counter(s.split for s in found.skipped)
+    splits, skipped, scan_skips = {}, [], Counter()
+    for s in found.skipped:  # an entry may stand for many (inputs/listfile.py): the counts stay exact
+        entry = {"split": s.split, "name": s.name, "reason": s.reason}
+        skipped.append(entry | {"count": s.count} if s.count > 1 else entry)
+        scan_skips[s.split] += s.count
     train_stats = PixelStats()
     train_mean = MeanImageSum(cfg.image.mean_size)
     for split, split_plans in plans.items():

@@ -181,7 +181,7 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
     return ConvertResult(
         cfg.dst,
         {s: e.records for s, e in manifest.splits.items()},
-        len(manifest.skipped),
+        manifest.skipped_total(),
         todo,
         time.perf_counter() - started,
         repaired=tuple(repaired),

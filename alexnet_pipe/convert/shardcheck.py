@@ -19,13 +19,15 @@ from alexnet_pipe.convert.plan import ShardPlan
 from alexnet_pipe.convert.verify import Problem, _Task, check_shards
 from alexnet_pipe.dataset import parts as completion
 from alexnet_pipe.dataset.checksum import encode_record_sums
-from alexnet_pipe.dataset.layout import part_path, record_sums_path
+from alexnet_pipe.dataset.layout import LMDB_DATA_FILE, part_path, record_sums_path
+from alexnet_pipe.dataset.manifest_checks import OUTSIDE_HINT, leads_outside
 from alexnet_pipe.dataset.mean import MeanImageSum
 from alexnet_pipe.dataset.parts import Part
 from alexnet_pipe.dataset.schema import ShardEntry
-from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.errors import AlexnetPipeError, DatasetError
 from alexnet_pipe.fsutil import atomic_write_bytes, atomic_write_json
 from alexnet_pipe.inputs.table import ScanResult
+from alexnet_pipe.text import shown
 
 
 def _reason(problem: Problem) -> str:
@@ -34,6 +36,15 @@ def _reason(problem: Problem) -> str:
     for advice in ("; to repair it,", "; run alexnet-pipe verify"):
         text = text.split(advice)[0]
     return text
+
+
+def _refuse_links_out(dst: Path, name: str, files: list[str]) -> None:
+    """Refuse, before anything of the shard is read, a file of it that a symlink leads out of ``dst``:
+    verify refuses the same link, so repair must not first read (and pass) the copy outside."""
+    for rel in files:
+        why = leads_outside(dst, rel, LMDB_DATA_FILE if (dst / rel).is_dir() else None)
+        if why is not None:
+            raise DatasetError(shown(f"{dst}: {rel} (of shard {name}) {why}; refusing to read it; {OUTSIDE_HINT}"))
 
 
 def _mean_sums_problem(dst: Path, part: Part) -> str | None:
@@ -61,9 +72,11 @@ def check_finished(cfg: ConvertConfig, plans: list[ShardPlan], num_classes: int)
     """
     dst, damaged, tasks, parts = cfg.dst, {}, [], {}
     for plan in plans:
+        _refuse_links_out(dst, plan.name, [part_path(plan.name)])
         part = parts[plan.name] = completion.read(dst, plan)
         if not part.records:  # every input skipped: no files to check
             continue
+        _refuse_links_out(dst, plan.name, part.files() + [record_sums_path(plan.name, fmt) for fmt in cfg.formats])
         if (why := _mean_sums_problem(dst, part)) is not None:
             damaged[plan.name] = why
             continue

@@ -16,7 +16,7 @@ from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.dataset.mean import ChannelMean, PixelStats, load_dataset_mean
 from alexnet_pipe.dataset.parts import Part
 from alexnet_pipe.errors import AlexnetPipeError
-from alexnet_pipe.text import plural
+from alexnet_pipe.text import plural, shown
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,7 @@ class Problem:
 
     def __str__(self) -> str:
         """One line: control characters (from damaged keys or messages) are escaped."""
-        text = f"{self.where}" + (f" key {self.key}" if self.key else "") + f": {self.message}"
-        return text.translate(_ESCAPE)
-
-
-_ESCAPE = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
+        return shown(f"{self.where}" + (f" key {self.key}" if self.key else "") + f": {self.message}")
 
 
 def _train_part_stats(ds: Dataset) -> PixelStats | None:

@@ -13,13 +13,26 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
+from alexnet_pipe.config import MAX_SIDE, RESIZE_FILTERS, RESIZE_MODES
 from alexnet_pipe.dataset.layout import LMDB_DATA_FILE, MANIFEST_FILE
 from alexnet_pipe.errors import DatasetError
+from alexnet_pipe.text import shown
 
 # What fixes a damaged manifest: convert's last step writes it from the shards' completion records.
 REWRITE_HINT = ("the manifest is damaged or was edited: rerun the alexnet-pipe convert command that made {root} "
                 "(it rewrites the manifest from its shards), or reconvert")
+# What fixes a file linked in from outside (verify's check, and repair's before it reads a shard):
+# rerunning convert would not, it writes the same paths.
+OUTSIDE_HINT = "a dataset's files must lie inside its directory: put the file itself in place of the link"
 _CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
+# The settings readers use, each in the range convert accepts (config.py): a short side of 1e9 is
+# refused here, in one line, not when train sizes its crops from it. The sizes without an upper
+# bound (shard_size, the input caps) are only compared on a resume, never used to allocate.
+_INT_SETTINGS = {"short_side": (0, MAX_SIDE), "min_short_side": (0, MAX_SIDE), "resize_height": (0, MAX_SIDE),
+                 "resize_width": (0, MAX_SIDE), "quality": (1, 100), "shard_size": (1, None),
+                 "max_pixels": (1, None), "max_file_mb": (1, None)}
+_BOOL_SETTINGS = ("upscale", "passthrough")
+_CHOICE_SETTINGS = {"resize": RESIZE_MODES, "resize_filter": RESIZE_FILTERS}
 
 
 class ManifestChecker:
@@ -33,12 +46,12 @@ class ManifestChecker:
     def __init__(self, root: Path | None):
         self.root = root
         self.path = Path(MANIFEST_FILE) if root is None else root / MANIFEST_FILE
-        self.real_root = None if root is None else root.resolve()
         self.seen_paths: dict[str, str] = {}
 
-    def fail(self, field: str, what: str) -> NoReturn:
+    def fail(self, field: str, what: str, hint: str | None = None) -> NoReturn:
         root = "the dataset" if self.root is None else self.root
-        raise DatasetError(f"{self.path}: {field} {what}; {REWRITE_HINT.format(root=root)}")
+        # Shown escaped: split names, paths and symlink targets come from the file or the disk.
+        raise DatasetError(shown(f"{self.path}: {field} {what}; {hint or REWRITE_HINT.format(root=root)}"))
 
     def want_object(self, value, field: str) -> dict:
         if not isinstance(value, dict):
@@ -71,15 +84,10 @@ class ManifestChecker:
         if self.root is None:  # no directory to look into: the same file is the same text
             key = str(PurePosixPath(rel))
         else:
-            target = self.root / rel
-            for candidate in (target, target / inner) if inner else (target,):
-                try:
-                    real = candidate.resolve()
-                except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long
-                    self.fail(field, f"is {rel!r}, which cannot be resolved ({exc})")
-                if not real.is_relative_to(self.real_root):
-                    self.fail(field, f"is {rel!r}, which leads outside {self.root} (to {real}); refusing to read it")
-            key = str(target.resolve())
+            why = leads_outside(self.root, rel, inner)
+            if why is not None:
+                self.fail(field, f"is {rel!r}, which {why}; refusing to read it", OUTSIDE_HINT)
+            key = str((self.root / rel).resolve())
         if key in self.seen_paths:
             self.fail(field, f"is {rel!r}, the same file as {self.seen_paths[key]}")
         self.seen_paths[key] = field
@@ -91,9 +99,7 @@ class ManifestChecker:
         if (not formats or len(set(map(repr, formats))) != len(formats)
                 or any(f not in ("lmdb", "recordio") for f in formats)):
             self.fail("settings.formats", f"is {formats!r}, expected one or both of 'lmdb', 'recordio'")
-        self.want_int(settings.get("short_side"), "settings.short_side")
-        if "shard_size" in settings:
-            self.want_int(settings["shard_size"], "settings.shard_size", 1)
+        self.settings(settings)
         classes = self.want_list(m.get("classes"), "classes")
         if not classes:
             self.fail("classes", "is empty")
@@ -120,7 +126,29 @@ class ManifestChecker:
                     self.want_int(image[key], f"mean_image.{key}")
         if "record_id_width" in m:
             self.want_int(m["record_id_width"], "record_id_width", 1, 18)
-        self.want_list(m.get("skipped"), "skipped")
+        for k, entry in enumerate(self.want_list(m.get("skipped"), "skipped")):
+            if isinstance(entry, dict) and "count" in entry:  # one entry for many (inputs/listfile.py)
+                self.want_int(entry["count"], f"skipped[{k}].count", 1)
+
+    def settings(self, settings: dict) -> None:
+        """The settings readers use, each in the range convert accepts (short_side is required)."""
+        self.want_int(settings.get("short_side"), "settings.short_side", *_INT_SETTINGS["short_side"])
+        for key, (lo, hi) in _INT_SETTINGS.items():
+            if key in settings:
+                self.want_int(settings[key], f"settings.{key}", lo, hi)
+        for key in _BOOL_SETTINGS:
+            if key in settings and not isinstance(settings[key], bool):
+                self.fail(f"settings.{key}", f"is {_kind(settings[key])}, expected true or false")
+        for key, choices in _CHOICE_SETTINGS.items():
+            if key in settings and settings[key] not in choices:
+                self.fail(f"settings.{key}", f"is {_kind(settings[key])}, expected one of {', '.join(choices)}")
+        if "val_ratio" in settings:
+            ratio = settings["val_ratio"]
+            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
+                self.fail("settings.val_ratio", f"is {_kind(ratio)}, expected a number between 0 and 1")
+        if settings.get("resize") == "squash":
+            for key in ("resize_height", "resize_width"):  # Settings.squash reads both
+                self.want_int(settings.get(key), f"settings.{key}", 1, MAX_SIDE)
 
     def split(self, name: str, split: dict, formats: list, num_classes: int) -> None:
         at = f"splits.{name}"
@@ -173,6 +201,21 @@ class ManifestChecker:
     def checksum(self, value, field: str) -> None:
         if not isinstance(value, str) or not _CHECKSUM.fullmatch(value):
             self.fail(field, f"is {value!r}, expected 'sha256:' and 64 hex digits")
+
+
+def leads_outside(root: Path, rel: str, inner: str | None = None) -> str | None:
+    """Why ``root/rel`` (and ``root/rel/inner``, a folder's file) is not a file of ``root``: a symlink leads
+    it outside ("leads outside ROOT (to PATH)"), or it cannot be resolved (a link loop); None when it
+    stays inside. Only links are followed, nothing is opened: callers ask before reading."""
+    target = root / rel
+    for candidate in (target, target / inner) if inner else (target,):
+        try:
+            real = candidate.resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long
+            return f"cannot be resolved ({exc})"
+        if not real.is_relative_to(root.resolve()):
+            return f"leads outside {root} (to {real})"
+    return None
 
 
 def _kind(value) -> str:

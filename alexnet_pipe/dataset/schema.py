@@ -46,6 +46,13 @@ def skipped_path(entry: Any, layout: str | None) -> str:
     return name if PATHS_UNDER_RAW in (layout or "") else f"{entry.get('split')}/{name}"
 
 
+def skipped_count(entry: Any) -> int:
+    """How many inputs a ``skipped`` entry stands for: 1, or its ``count`` (one entry for the many
+    skipped inputs of a list file past the first thousand, inputs/listfile.py)."""
+    count = entry.get("count", 1) if isinstance(entry, dict) else 1
+    return count if type(count) is int and count >= 1 else 1
+
+
 def copy_json(value: Any) -> Any:
     """A deep copy of a JSON value, records turned into their JSON: what a record hands out or keeps
     can be changed by its holder without changing the other. Iterative: an edited manifest may nest
@@ -345,7 +352,11 @@ class Manifest(JsonRecord):
     def skipped_in(self, split: str) -> int:
         """How many inputs of ``split`` the ``skipped`` list names: the one skip count (convert's summary,
         ``info``), also for conversions whose per-split count left out inputs the scan skipped."""
-        return sum(1 for s in self.skipped if isinstance(s, dict) and s.get("split") == split)
+        return sum(skipped_count(s) for s in self.skipped if isinstance(s, dict) and s.get("split") == split)
+
+    def skipped_total(self) -> int:
+        """How many inputs the ``skipped`` list stands for, every split."""
+        return sum(skipped_count(s) for s in self.skipped)
 
     def skipped_shown(self) -> list[tuple[str, str]]:
         """(where, reason) of every skipped input, in the list's order (see ``skipped_path``)."""

@@ -20,7 +20,9 @@ number.
 
 Paths are relative to RAW (absolute ones must lie inside RAW). Listed paths that are missing,
 lie outside RAW (``../x.jpg``), or are listed twice are skipped, with the list file and line in
-the reason. A malformed line stops the scan with one error naming ``file:line``.
+the reason; the first ``MAX_SKIPPED_NAMED`` of a list one by one, the rest in one entry that counts
+them by reason. A malformed line, or one longer than ``MAX_LINE_CHARS``, stops the scan with one
+error naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ IM2REC = "im2rec .lst"
 # A label is a class index: one far beyond any real class count is a wrong column, not a class
 # (and would make a class list of that length). ImageNet-21k has 21,841 classes.
 MAX_CLASSES = 100_000
+# A line holds one path, at most PATH_MAX (4,096 bytes) on Linux, and an index and a label: a longer
+# line is not a list's. Read at most this much of it, so a 200 MB line costs 4 KB, not 1.7 GB.
+MAX_LINE_CHARS = 4096 + 100
+# Skipped entries of one list named one by one (in the manifest, and so in `info`); the rest are
+# counted, by reason, in one entry. A list of an absent tree (1.28M missing files) made a 143 MB
+# manifest and took 1.5 GB; a thousand is plenty to see what is wrong.
+MAX_SKIPPED_NAMED = 1000
+_QUOTED_CHARS = 100  # text of a line quoted in a message
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +79,24 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
         # surrogateescape: a path in another encoding still names its file on disk byte for byte.
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-            for n, line in enumerate(f, 1):
+            for n in itertools.count(1):
+                line = f.readline(MAX_LINE_CHARS + 1)  # never more: one line may be the whole file
+                if not line:
+                    return
+                if len(line) > MAX_LINE_CHARS:  # MAX_LINE_CHARS + 1 without its newline: longer still
+                    raise LayoutError(f"{path}:{n}: the line is longer than {MAX_LINE_CHARS:,} characters (it "
+                                      f"starts {_quoted(line)}); a listed path is at most 4,096 bytes: is this "
+                                      f"a list file? {_NOT_A_LIST}")
                 if "\0" in line:
                     raise LayoutError(f"{path} is not a text list file (line {n} holds NUL bytes); {_NOT_A_LIST}")
                 yield n, line
     except OSError as exc:
         raise LayoutError(f"could not read the list file {path} ({exc.strerror or exc})") from None
+
+
+def _quoted(text: str) -> str:
+    """Text of a line for a message: quoted and escaped (repr), at most ``_QUOTED_CHARS`` of it."""
+    return repr(text[:_QUOTED_CHARS]) + ("..." if len(text) > _QUOTED_CHARS else "")
 
 
 def _label(token: str, where: str, allow_float: bool) -> int:
@@ -91,7 +113,8 @@ def _label(token: str, where: str, allow_float: bool) -> int:
             if math.isfinite(as_float) and as_float.is_integer():
                 value = int(as_float)
     if value is None:
-        raise LayoutError(f"{where}: the label {token!r} is not a whole number; labels are class indices 0, 1, 2, ...")
+        raise LayoutError(f"{where}: the label {_quoted(token)} is not a whole number; labels are class indices "
+                          "0, 1, 2, ...")
     if value < 0:
         raise LayoutError(f"{where}: the label {value} is negative; labels are class indices 0, 1, 2, ...")
     if value >= MAX_CLASSES:
@@ -103,7 +126,7 @@ def _label(token: str, where: str, allow_float: bool) -> int:
 def _caffe_line(line: str, where: str) -> tuple[str, int]:
     parts = line.strip().rsplit(None, 1)
     if len(parts) != 2:
-        raise LayoutError(f"{where}: expected '<path> <label>' (a Caffe list line), got {line.strip()!r}")
+        raise LayoutError(f"{where}: expected '<path> <label>' (a Caffe list line), got {_quoted(line.strip())}")
     return parts[0], _label(parts[1], where, allow_float=False)
 
 
@@ -111,14 +134,14 @@ def _im2rec_line(line: str, where: str) -> tuple[str, int]:
     fields = [f.strip() for f in line.strip().split("\t")]  # as im2rec's read_list
     if len(fields) < 3:
         raise LayoutError(f"{where}: expected '<index>\\t<label>\\t<path>' (an im2rec .lst line, tab separated), "
-                          f"got {line.strip()!r}")
+                          f"got {_quoted(line.strip())}")
     if len(fields) > 3:
         raise LayoutError(f"{where}: {len(fields) - 2} labels on one line (a multi-label .lst); convert stores one "
                           "class label per image: write a .lst with one label column")
     try:
         int(fields[0])
     except ValueError:
-        raise LayoutError(f"{where}: the index {fields[0]!r} is not an integer; expected "
+        raise LayoutError(f"{where}: the index {_quoted(fields[0])} is not an integer; expected "
                           "'<index>\\t<label>\\t<path>' (an im2rec .lst line)") from None
     if not fields[2]:
         raise LayoutError(f"{where}: the path is empty")
@@ -166,9 +189,19 @@ def _inside(roots: tuple[str, ...], listed: str) -> str | None:
 @dataclass
 class _Split:
     names: dict[str, int]  # name relative to RAW -> label << 32 | line
-    skipped: list[Skip]
+    skipped: list[Skip]  # the first MAX_SKIPPED_NAMED, then one entry counting the rest
+    skipped_count: int  # all of them
     labels: set[int]  # the labels of the files kept
     top: tuple[int, int]  # (the largest label listed, its line)
+
+
+def _rest(split: str, list_path: Path, kinds: Counter, lines: tuple[int, int]) -> Skip:
+    """The one entry for the skipped inputs of a list past the first MAX_SKIPPED_NAMED: how many, why."""
+    n = sum(kinds.values())
+    why = "; ".join(f"{kind}: {count:,}" for kind, count in kinds.most_common())
+    return Skip(split, f"({n:,} more of {list_path.name})",
+                f"{list_path.name} lines {lines[0]:,} to {lines[1]:,}: {why} (only the first "
+                f"{MAX_SKIPPED_NAMED:,} skipped of a list are named)", count=n)
 
 
 def _resolve(raw: str, list_path: Path, split: str, entries: Iterator[_Entry],
@@ -177,6 +210,7 @@ def _resolve(raw: str, list_path: Path, split: str, entries: Iterator[_Entry],
     ``taken``: the names kept from the list ``taken_by`` (the train list), as _Split.names."""
     names: dict[str, int] = {}  # name -> label << 32 | line: one int an entry, not a tuple
     skipped, first, top, count = [], None, (-1, 0), 0
+    rest, rest_lines = Counter(), [0, 0]  # past MAX_SKIPPED_NAMED: only counted, by kind, and their lines
     roots = (raw,) + ((os.path.realpath(raw),) if os.path.realpath(raw) != raw else ())
     for e in entries:
         count += 1
@@ -184,30 +218,38 @@ def _resolve(raw: str, list_path: Path, split: str, entries: Iterator[_Entry],
         top = max(top, (e.label, e.line))
         name = _inside(roots, e.path)
         if name is None:
-            why = f"the path is outside RAW ({raw})"
+            kind = why = f"the path is outside RAW ({raw})"
         elif name in names:
             label, line = names[name] >> 32, names[name] & 0xFFFFFFFF
             other = "" if label == e.label else f" with label {e.label} (line {line} says {label})"
-            why = f"listed again{other}; the first, line {line}, is kept"
+            kind, why = "listed again", f"listed again{other}; the first, line {line}, is kept"
         elif name in taken:
-            why = f"also in {taken_by} (line {taken[name] & 0xFFFFFFFF}); an image is in one split only"
+            kind, why = (f"also in {taken_by}",
+                         f"also in {taken_by} (line {taken[name] & 0xFFFFFFFF}); an image is in one split only")
         elif not os.path.isfile(path := os.path.join(raw, name)):
             folder = os.path.isdir(path)
-            why = ("is a folder, not a file" if folder else "no such file") + " under RAW"
+            kind = why = ("is a folder, not a file" if folder else "no such file") + " under RAW"
             if not folder and os.path.lexists(path):  # a FIFO, device, socket, broken link, link loop
-                why = not_a_file(path) or why
+                kind = why = not_a_file(path) or why
         else:
             names[name] = e.label << 32 | e.line
             continue
-        skipped.append(Skip(split, e.path, f"{list_path.name} line {e.line}: {why}"))
+        if len(skipped) < MAX_SKIPPED_NAMED:
+            skipped.append(Skip(split, e.path, f"{list_path.name} line {e.line}: {why}"))
+        else:
+            rest[kind] += 1
+            rest_lines = [rest_lines[0] or e.line, e.line]
     if not names:
         why = skipped[0].reason.split(": ", 1)[1]
         hint = "; RAW must be the folder the listed paths are relative to" if "no such file" in why else ""
         raise LayoutError(f"none of the {plural(count, 'image')} listed in {list_path} can be converted (line "
-                          f"{first.line}, {first.path!r}: {why}){hint}")
+                          f"{first.line}, {_quoted(first.path)}: {why}){hint}")
     # Every listed label counts for the class count, kept or not: a missing file must not shrink
     # the label space (and with it the model's output layer).
-    return _Split(names, skipped, {v >> 32 for v in names.values()}, top)
+    n_skipped = len(skipped) + sum(rest.values())
+    if rest:
+        skipped.append(_rest(split, list_path, rest, tuple(rest_lines)))
+    return _Split(names, skipped, n_skipped, {v >> 32 for v in names.values()}, top)
 
 
 def _class_names(synsets: Path | None, n_labels: int, max_at: str) -> tuple[list[str], dict[str, str]]:
@@ -262,9 +304,11 @@ def scan_lists(raw: Path, train_list: Path, val_list: Path | None = None, synset
         result.skipped.extend(s.skipped)
         if s.skipped:
             first = s.skipped[0]
-            result.warnings.append(f"{lists[split].name}: {len(s.skipped)} of {len(s.names) + len(s.skipped)} listed "
-                                   f"images are skipped, e.g. {first.name!r} ({first.reason}); the manifest lists "
-                                   "them all")
+            named = ("lists them all" if s.skipped_count <= MAX_SKIPPED_NAMED
+                     else f"names the first {MAX_SKIPPED_NAMED:,}, and counts the rest by reason")
+            result.warnings.append(f"{lists[split].name}: {s.skipped_count:,} of {len(s.names) + s.skipped_count:,} "
+                                   f"listed images are skipped, e.g. {_quoted(first.name)} ({first.reason}); "
+                                   f"the manifest {named}")
     seen = set().union(*(s.labels for s in splits.values()))
     empty = [k for k in range(len(classes)) if k not in seen]
     if empty:

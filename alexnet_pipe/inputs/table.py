@@ -148,6 +148,7 @@ class Skip:
     split: str
     name: str
     reason: str
+    count: int = 1  # > 1: one entry for this many inputs, not named one by one (a list's many missing files)
 
 
 @dataclass

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from alexnet_pipe.config import MAX_SIDE  # short_side, squash, crop: no image this project reads is larger
 from alexnet_pipe.errors import CheckpointError
 
-MAX_SIDE = 1 << 16  # short_side, squash, crop: no image this project reads is larger
 MAX_CLASSES = 1 << 20  # ImageNet-21k has 21,841; a million fc8 rows is already a 16 GB fc8
 _PARTIAL_KEYS = ("step", "loss_sum", "samples", "seconds", "data_wait_s")  # train/state.py's Partial
 

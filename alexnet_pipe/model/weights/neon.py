@@ -18,6 +18,7 @@ import numpy as np
 from alexnet_pipe.errors import FormatError
 from alexnet_pipe.model.alexnet import AlexNetConfig
 from alexnet_pipe.model.weights.common import Imported, check_numeric, expect_shape, tensor
+from alexnet_pipe.text import shown
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # (name, C, R=S, K) of the CaffeNet-like net (the seed's, with LRN, 58.6% top-1).
@@ -28,6 +29,12 @@ _FC6_IN_CAFFE_COMPAT = 256 * 6 * 6  # compat_mode='caffe' pools round up: 6x6
 _OLD_CONV1_K = 64  # the pre-May-2016 "one weird trick" net: 64-192-384-256-256, no LRN, conv1 pad 3
 _DEFAULT_KEEP = 0.5  # the published scripts' Dropout(keep=0.5) after fc6 and fc7
 MEAN_RGB = (104.0, 119.0, 127.0)  # v1.4 loader's defaults: B 127, G 119, R 104
+_SHOWN_CHARS, _SHOWN_KEYS = 60, 8  # text from the file in a message: each escaped and at most 60 chars, 8 keys
+
+
+def _shown(value: object) -> str:
+    """A key, name or type from the file for a message: escaped (ESC[2J must not reach the terminal) and short."""
+    return shown(value, _SHOWN_CHARS)
 
 
 @dataclass
@@ -56,15 +63,17 @@ def _walk(layers: list, out: list[np.ndarray], dropouts: list[tuple[int, float]]
         if not isinstance(layer, dict):
             raise FormatError(f"layer {i} of the neon model is a {type(layer).__name__}, not a layer description")
         config = layer.get("config") if isinstance(layer.get("config"), dict) else {}
-        kind = str(layer.get("type", ""))
+        kind = layer.get("type", "")
+        kind = kind if isinstance(kind, str) else ""  # a type that is not text names no layer neon has
         if "params" in layer:
-            out.append(_array_of(layer["params"], f"parameter array {len(out)} ({config.get('name', kind)})"))
+            out.append(_array_of(layer["params"], f"parameter array {len(out)} ({_shown(config.get('name', kind))})"))
         elif isinstance(config.get("layers"), list) and depth < 8:
             _walk(config["layers"], out, dropouts, depth + 1)
         elif kind.rsplit(".", 1)[-1] == "Dropout":
             keep = config.get("keep", _DEFAULT_KEEP)
             if isinstance(keep, bool) or not isinstance(keep, (int, float, np.floating)) or not 0 < keep <= 1:
-                raise FormatError(f"dropout layer {config.get('name', i)} has keep={keep!r}; expected 0 < keep <= 1")
+                raise FormatError(f"dropout layer {_shown(config.get('name', i))} has keep={_shown(repr(keep))}; "
+                                  "expected 0 < keep <= 1")
             dropouts.append((len(out), float(keep)))
 
 
@@ -87,7 +96,8 @@ def read_params(obj: object) -> NeonParams:
         dropouts: list[tuple[int, float]] = []
         _walk(layers, arrays, dropouts)
         version = obj.get("neon_version")
-        return NeonParams("v1.4", arrays, dropouts, str(version) if version is not None else None)
+        # The version goes into the imported file's description and every message about it: escaped, short.
+        return NeonParams("v1.4", arrays, dropouts, _shown(version) if version is not None else None)
     if "layer_params_states" in obj:
         entries = obj["layer_params_states"]
         if not isinstance(entries, list):
@@ -98,7 +108,9 @@ def read_params(obj: object) -> NeonParams:
                 raise FormatError(f"layer_params_states[{i}] has no 'params'; not a neon weights file")
             arrays.append(_array_of(entry["params"], f"parameter array {i}"))
         return NeonParams("pre-1.2", arrays, None, None)
-    keys = ", ".join(sorted(map(str, obj))[:8])
+    names = sorted(map(str, obj))
+    keys = ", ".join(map(_shown, names[:_SHOWN_KEYS])) + (f" ... and {len(names) - _SHOWN_KEYS} more"
+                                                         if len(names) > _SHOWN_KEYS else "")
     raise FormatError(f"the pickle is a dict with keys {keys}, not a neon weights file (no 'model' or "
                       "'layer_params_states')")
 
