@@ -209,19 +209,25 @@ def check_output_file(path: Path, option: str, example: str, new_folders: int = 
 
 
 @contextmanager
-def output_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside ``path`` for the block: a second process writing the same output
-    (two trainings with the same -s, -o or --checkpoint) is refused in one line instead of the two
-    interleaving their files. A POSIX record lock: released by the kernel when the process dies
-    (a killed run never blocks its rerun), honoured over NFS. ``what``: the writer, for the message."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a+b") as f:
+def hold_lock(lock_file: Path, busy: str, shared: bool = False) -> Iterator[None]:
+    """Hold a POSIX record lock on ``lock_file`` (created if missing) for the block, or raise
+    BusyError(``busy``) at once when another process holds it. Released by the kernel when the
+    process dies (a killed run never blocks its rerun); honoured over NFS."""
+    with open(lock_file, "a+b") as f:
         try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
-            raise BusyError(f"another {what} is writing {path}; wait for it to finish, stop it, or choose "
-                            "another path") from None
+            raise BusyError(busy) from None
         try:
             yield
         finally:
             fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def output_lock(path: Path, what: str):
+    """``.NAME.lock`` beside ``path``, held for the block: a second process writing the same output
+    (two trainings with the same -s, -o or --checkpoint) is refused in one line instead of the two
+    interleaving their files. ``what``: the writer, for the message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return hold_lock(path.with_name(f".{path.name}.lock"),
+                     f"another {what} is writing {path}; wait for it to finish, stop it, or choose another path")

@@ -33,8 +33,8 @@ from alexnet_pipe.dataset.layout import (
     STATE_FILE,
     shard_paths,
 )
-from alexnet_pipe.errors import BusyError, SettingsMismatchError
-from alexnet_pipe.fsutil import atomic_write_json, remove
+from alexnet_pipe.errors import SettingsMismatchError
+from alexnet_pipe.fsutil import atomic_write_json, hold_lock, remove
 from alexnet_pipe.imaging.codec_versions import codec_changes, codec_versions
 from alexnet_pipe.inputs.table import ScanResult
 
@@ -180,20 +180,10 @@ def record_inputs(cfg: ConvertConfig) -> None:
     atomic_write_json(path, record)
 
 
-@contextmanager
-def run_lock(dst: Path, shared: bool) -> Iterator[None]:
-    """Refuse a second convert into OUT while one runs (--part runs share OUT by design).
-    A POSIX record lock: released by the kernel when the process dies, honoured over NFS."""
-    with open(dst / RUN_LOCK, "a+b") as f:
-        try:
-            fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
-            raise BusyError(f"another alexnet-pipe convert is writing {dst}; wait for it to finish, or stop it "
-                               "(a rerun resumes where it stopped)") from None
-        try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
+def run_lock(dst: Path, shared: bool):
+    """Refuse a second convert into OUT while one runs (--part runs share OUT by design)."""
+    return hold_lock(dst / RUN_LOCK, f"another alexnet-pipe convert is writing {dst}; wait for it to finish, or "
+                                     "stop it (a rerun resumes where it stopped)", shared)
 
 
 @contextmanager

@@ -11,9 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
-from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert.job import run_convert
-from tests.helpers.images import make_tree
+from tests.helpers.datasets import tree_dataset
 from tests.helpers.pixels import find_block, is_pdf, rgb, svg_text
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
@@ -39,11 +37,7 @@ def assert_one_line_error(res, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """3 classes ("ant", "bee", "cat"), 2 train and 1 val image each, stored at short side 72."""
-    root = tmp_path_factory.mktemp("drawing")
-    make_tree(root / "raw", {"train": 2, "val": 1}, sizes=((96, 72),))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", workers=1, progress=False,
-                              image=ImageSettings(short_side=72)))
-    return root / "data"
+    return tree_dataset(tmp_path_factory.mktemp("drawing"))
 
 
 def test_plot_writes_svg(tmp_path):

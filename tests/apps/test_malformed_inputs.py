@@ -19,13 +19,12 @@ from numpy.lib import format as npy_format
 
 from alexnet_pipe.apps.predict import expand_inputs
 from alexnet_pipe.cli import main
-from alexnet_pipe.config import ConvertConfig, ImageSettings
-from alexnet_pipe.convert.job import run_convert
 from alexnet_pipe.formats import protobuf as pb
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
 from alexnet_pipe.train.loggers import MetricsLog
-from tests.helpers.images import make_tree, smooth_image, write_jpeg
+from tests.helpers.datasets import tree_dataset
+from tests.helpers.images import smooth_image, write_jpeg
 
 DEEP = 100_000
 BOMBS = {"arrays": "[" * DEEP + "]" * DEEP, "objects": '{"a":' * DEEP + "1" + "}" * DEEP,
@@ -82,11 +81,7 @@ def blobproto(dims: tuple[int, ...], legacy: bool, data: bytes = b"") -> bytes:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """A converted dataset: 3 classes, 2 train and 1 val image each, with its mean_image.npy."""
-    root = tmp_path_factory.mktemp("malformed")
-    make_tree(root / "raw", {"train": 2, "val": 1}, sizes=((96, 72),))
-    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", workers=1, progress=False,
-                              image=ImageSettings(short_side=72)))
-    return root / "data"
+    return tree_dataset(tmp_path_factory.mktemp("malformed"))
 
 
 # ---------------------------------------------------------------- JSON nested past the parser's depth

@@ -30,3 +30,14 @@ def train_one_epoch(data: Path, weights: Path) -> Path:
     res = CliRunner().invoke(main, ["train", "-w", str(data), *TRAIN_FAST, "-s", str(weights)])
     assert res.exit_code == 0, res.output
     return weights
+
+
+def tree_dataset(root: Path, train: int = 2, val: int = 1, short_side: int = 72) -> Path:
+    """``make_tree``'s smooth JPEGs (classes "ant", "bee", "cat"; ``train`` / ``val`` each, 96x72)
+    in ``root/raw``, converted to ``root/data`` at ``short_side``."""
+    from tests.helpers.images import make_tree
+
+    make_tree(root / "raw", {"train": train, "val": val}, sizes=((96, 72),))
+    run_convert(ConvertConfig(src=root / "raw", dst=root / "data", workers=1, progress=False,
+                              image=ImageSettings(short_side=short_side)))
+    return root / "data"
