@@ -16,14 +16,18 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from alexnet_pipe.config import ImageSettings, default_workers
 from alexnet_pipe.errors import CheckpointError, ConfigError
@@ -192,9 +196,53 @@ def _preprocess(path: str, spec: InputSpec) -> tuple[np.ndarray, int]:
     return centre_crop(rgb, spec), min(rgb.shape[:2])
 
 
-def _prepare(path: str, spec: InputSpec) -> tuple[np.ndarray, int] | str:
-    """``_preprocess``, or the one-line reason the file cannot be used."""
+# Decoding threads share a memory budget: an image just under the pixel limit costs about
+# 18 bytes a pixel at its peak (a 9400x9400 lossless WebP of 3.4 KB: 1.55 GB), so 8 threads
+# decoding such files at once would ask for 12 GB. Each decode holds its estimate (from the
+# header: no pixel decoded) while it runs; one estimated above the whole budget runs alone.
+DECODE_BUDGET = 2 << 30  # bytes, all threads together
+BYTES_PER_PIXEL = 18
+
+
+class DecodeBudget:
+    """Admits work while the sum of its estimated costs fits ``total``."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int) -> Iterator[None]:
+        cost = min(max(cost, 0), self.total)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + cost <= self.total)
+            self.used += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= cost
+                self._cond.notify_all()
+
+
+def _peak_bytes(path: str) -> int:
+    """The estimated peak memory of decoding ``path``, from its header (0 when it has none PIL reads:
+    the decoder then refuses it before allocating)."""
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: the converter's limit decides
+            with Image.open(path) as im:
+                return im.width * im.height * BYTES_PER_PIXEL
+    except Exception:  # not an image PIL knows, or one it refuses to open: no estimate
+        return 0
+
+
+def _prepare(path: str, spec: InputSpec, budget: DecodeBudget | None = None) -> tuple[np.ndarray, int] | str:
+    """``_preprocess`` (within ``budget``), or the one-line reason the file cannot be used."""
+    try:
+        if budget is not None:
+            with budget.hold(_peak_bytes(path)):
+                return _preprocess(path, spec)
         return _preprocess(path, spec)
     except BadImage as exc:
         return str(exc)
@@ -261,9 +309,10 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     items, passed_over = expand_inputs(cfg.inputs)
     predictions: list[Prediction] = []
     small = 0  # images whose short side is below the crop (padded)
+    budget = DecodeBudget(DECODE_BUDGET)
     with ThreadPoolExecutor(cfg.workers) as pool:  # OpenCV and Pillow release the GIL while decoding
         for chunk in _chunks(items, cfg.batch_size):
-            ready = list(pool.map(lambda item: item[1] or _prepare(item[0], net.spec), chunk))
+            ready = list(pool.map(lambda item: item[1] or _prepare(item[0], net.spec, budget), chunk))
             good = [k for k, r in enumerate(ready) if not isinstance(r, str)]
             tops = top_classes(net, np.stack([ready[k][0] for k in good])) if good else []
             small += sum(ready[k][1] < net.spec.crop for k in good)

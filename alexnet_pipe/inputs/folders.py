@@ -39,14 +39,16 @@ def list_dir(path: Path) -> tuple[list[os.DirEntry], list[os.DirEntry], list[tup
     return dirs, files, other
 
 
-def _files_below(folder: Path, unread: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+def _files_below(folder: Path, unread: list[tuple[str, str]] | None = None,
+                 exclude: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """(name relative to ``folder``, path) of every visible file below it, sorted; like
     torchvision's ImageFolder, images in subfolders of a class folder belong to that class.
     Hidden and system subfolders, links to folders (never followed: no loops) and empty
     subfolders are not entered, and entries that are not regular files (FIFOs, sockets, devices,
     broken links, link loops) are not read: each is appended to ``unread`` as (relative name,
     why). (os.path, not pathlib: pathlib interns every name part, a table that would grow by the
-    million on ImageNet and never shrink.)"""
+    million on ImageNet and never shrink.) Folders in ``exclude`` (real paths: convert's OUT) are
+    passed over silently, as ``class_dirs`` does."""
     out = []
     unread = [] if unread is None else unread
     top = os.fspath(folder)
@@ -60,6 +62,8 @@ def _files_below(folder: Path, unread: list[tuple[str, str]] | None = None) -> l
                 unread.append((prefix + d + "/", f"{what}, not read"))
             elif os.path.islink(os.path.join(root, d)):  # os.walk lists it and does not enter it
                 unread.append((prefix + d + "/", "symbolic link to a folder, not followed"))
+            elif exclude and os.path.realpath(os.path.join(root, d)) in exclude:
+                continue
             else:
                 kept.append(d)
         dirs[:] = kept
@@ -118,7 +122,7 @@ def class_dirs(split_dir: Path, split: str,
 
 
 def folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, int],
-                 split: str) -> tuple[SourceTable, list[Skip]]:
+                 split: str, exclude: frozenset[str] = frozenset()) -> tuple[SourceTable, list[Skip]]:
     """The inputs of a split's class folders, and what in them is not read (see _files_below)."""
     for cls in folders:
         if cls not in index:
@@ -131,7 +135,7 @@ def folder_table(split_dir: Path, folders: dict[str, Path], index: dict[str, int
     location = str(split_dir)
     for cls in by_name(folders):
         unread: list[tuple[str, str]] = []
-        for name, _ in _files_below(folders[cls], unread):
+        for name, _ in _files_below(folders[cls], unread, exclude):
             table.add(f"{cls}/{name}", index[cls], location)
         skipped.extend(Skip(split, f"{cls}/{rel}", why) for rel, why in unread)
     return table.build(), skipped

@@ -251,7 +251,7 @@ def scan(
     for split, folders in trees.items():
         # Inputs are listed one class folder at a time, straight into compact columns.
         split_dir = raw if layout[split].endswith("(train only)") else raw / split
-        result.splits[split], skipped = folder_table(split_dir, folders, index, split)
+        result.splits[split], skipped = folder_table(split_dir, folders, index, split, exclude)
         result.skipped.extend(skipped)
         # Loose files beside the class folders have no class: list them, never drop them silently.
         _, loose, other = list_dir(split_dir)

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from alexnet_pipe.cli import main
 from alexnet_pipe.errors import AlexnetPipeError
+from alexnet_pipe.model import checkpoint
 from alexnet_pipe.train.loggers import Loggers, MetricsLog
 from tests.helpers.datasets import shapes_dataset
 
@@ -82,3 +83,32 @@ def test_resuming_into_a_file_that_is_not_this_runs_metrics_keeps_it(tmp_path):
     MetricsLog(ours).start(1, 0)
     assert not (tmp_path / "m.jsonl.1").exists()  # its own rows: trimmed in place, as before
     assert [json.loads(x).get("epoch") for x in ours.read_text().splitlines()] == [1, None]
+
+
+@pytest.mark.faults
+def test_a_real_full_disk_under_the_metrics_file_keeps_training(tmp_path, caplog):
+    """-o on a tmpfs filled to the last byte (real ENOSPC), the checkpoints elsewhere: every epoch
+    is trained and checkpointed; each failing row is a warning, not the end of the run."""
+    from tests.convert.test_job_storage import small_disk
+
+    data = shapes_dataset(tmp_path / "d")
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # fill it to the last byte
+            while os.write(fd, bytes(4096)):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        metrics = disk / "m.jsonl"
+        with caplog.at_level(logging.WARNING):
+            res = CliRunner().invoke(main, ["train", "-w", str(data), "-b", "cpu", "-e", "2", "--crop", "67",
+                                            "-z", "4", "--serialize", "1", "-s", str(tmp_path / "w.pt"),
+                                            "-o", str(metrics), "--no-progress", "--log-every", "1"])
+        assert res.exit_code == 0, res.output
+        warned = [r for r in caplog.records if "could not write the metrics" in r.getMessage()]
+        assert len(warned) >= 1 and "Traceback" not in res.output
+        body = checkpoint.load(tmp_path / "w.ckpt")
+        assert body["epoch"] == 2 and [row["epoch"] for row in body["history"]] == [1, 2]
+        assert not metrics.exists() or all(json.loads(x) for x in metrics.read_text().splitlines())  # no half row
