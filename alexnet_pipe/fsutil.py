@@ -209,25 +209,40 @@ def check_output_file(path: Path, option: str, example: str, new_folders: int = 
 
 
 @contextmanager
-def hold_lock(lock_file: Path, busy: str, shared: bool = False) -> Iterator[None]:
+def hold_lock(lock_file: Path, busy: str, shared: bool = False, remove: bool = False) -> Iterator[None]:
     """Hold a POSIX record lock on ``lock_file`` (created if missing) for the block, or raise
     BusyError(``busy``) at once when another process holds it. Released by the kernel when the
-    process dies (a killed run never blocks its rerun); honoured over NFS."""
-    with open(lock_file, "a+b") as f:
-        try:
-            fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError:
-            raise BusyError(busy) from None
-        try:
-            yield
-        finally:
-            fcntl.lockf(f, fcntl.LOCK_UN)
+    process dies (a killed run never blocks its rerun); honoured over NFS. ``remove``: delete the
+    file when done (exclusive locks only): it is unlinked before it is unlocked, and a holder
+    checks that the file it locked is still the one at the path, so a process that opened the old
+    file meanwhile retries on the new one instead of sharing the output."""
+    while True:
+        with open(lock_file, "a+b") as f:
+            try:
+                fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError:
+                raise BusyError(busy) from None
+            try:
+                current = os.stat(lock_file).st_ino if remove else None
+            except FileNotFoundError:
+                current = None
+            if remove and current != os.fstat(f.fileno()).st_ino:
+                fcntl.lockf(f, fcntl.LOCK_UN)
+                continue  # unlinked by its last holder after we opened it: lock the new one
+            try:
+                yield
+                return
+            finally:
+                if remove:
+                    lock_file.unlink(missing_ok=True)
+                fcntl.lockf(f, fcntl.LOCK_UN)
 
 
 def output_lock(path: Path, what: str):
-    """``.NAME.lock`` beside ``path``, held for the block: a second process writing the same output
-    (two trainings with the same -s, -o or --checkpoint) is refused in one line instead of the two
-    interleaving their files. ``what``: the writer, for the message."""
+    """``.NAME.lock`` beside ``path``, held for the block and removed after it: a second process
+    writing the same output (two trainings with the same -s, -o or --checkpoint) is refused in one
+    line instead of the two interleaving their files. ``what``: the writer, for the message."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return hold_lock(path.with_name(f".{path.name}.lock"),
-                     f"another {what} is writing {path}; wait for it to finish, stop it, or choose another path")
+                     f"another {what} is writing {path}; wait for it to finish, stop it, or choose another path",
+                     remove=True)

@@ -36,6 +36,7 @@ from alexnet_pipe.convert.verify_dataset import (
     verify_fields,
     verify_mean,
     verify_mean_image,
+    verify_sizes,
 )
 from alexnet_pipe.dataset.checksum import RecordDigest, decode_record_sums
 from alexnet_pipe.dataset.layout import (
@@ -302,6 +303,7 @@ def run_verify(cfg: VerifyConfig, stall_seconds: float = STALL_SECONDS) -> Verif
         result.shards += 1
         result.problems += outcome.problems
     result.problems += verify_counts(ds, tasks, outcomes)
+    result.problems += verify_sizes(ds)  # last: a replaced shard's own problems say more
     if any(outcome.unnamed for outcome in outcomes):
         how = (f"alexnet-pipe verify {cfg.root} --repair" if (cfg.root / INPUTS_FILE).is_file() else
                f"the alexnet-pipe convert command that made {cfg.root}, rerun with --repair,")

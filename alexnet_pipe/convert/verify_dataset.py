@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alexnet_pipe.dataset.layout import MANIFEST_FILE, MEAN_FILE, PARTS_DIR
+from alexnet_pipe.dataset.layout import LMDB_LOCK_FILE, MANIFEST_FILE, MEAN_FILE, PARTS_DIR
 from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.dataset.mean import ChannelMean, PixelStats, load_dataset_mean
 from alexnet_pipe.dataset.parts import Part
@@ -159,6 +159,27 @@ def verify_mean_image(ds: Dataset) -> list[Problem]:
                                                          f"expected float32 {want}"))
         except (OSError, ValueError, SyntaxError, TypeError) as exc:
             problems.append(Problem(entry.npy, None, f"is not a readable .npy ({exc})"))
+    return problems
+
+
+def verify_sizes(ds: Dataset) -> list[Problem]:
+    """Each shard's recorded size on disk (``bytes``: what ``info`` and the scale tools report) is
+    its files' size: the records' checksums do not cover it. LMDB's lock file, which readers may
+    create in the shard's folder, is not counted."""
+    problems = []
+    for split in ds.splits():
+        for entry in ds.shard_entries(split):
+            for rel, recorded in ((entry.lmdb.path if entry.lmdb else None, entry.lmdb and entry.lmdb.bytes),
+                                  (entry.recordio.rec if entry.recordio else None,
+                                   entry.recordio and entry.recordio.bytes)):
+                path = ds.root / rel if rel else None
+                if recorded is None or path is None or not path.exists():
+                    continue  # not recorded (older datasets), or missing: the record checks name it
+                files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+                size = sum(p.stat().st_size for p in files if p.name != LMDB_LOCK_FILE)
+                if size != recorded:
+                    problems.append(Problem(rel, None, f"holds {size:,} bytes; the manifest says {recorded:,}: the "
+                                                       "manifest was edited or damaged, or the shard replaced"))
     return problems
 
 

@@ -454,3 +454,19 @@ def test_ctrl_c_or_sigterm_stops_verify_in_one_line(data, sig):
     assert out == "" and err.splitlines() == [
         f"stopped by {sig.name}{' (Ctrl-C)' if sig == signal.SIGINT else ''}: nothing was changed; "
         "rerun to verify again"], err[-3000:]
+
+
+@pytest.mark.parametrize("fmt", ["lmdb", "recordio"])
+def test_an_edited_shard_size_fails_verify(data, fmt):
+    """The records' checksums do not cover a shard's recorded size (the verify fuzz found an edited
+    `bytes` passing); verify compares it with the files."""
+    def edit(m):
+        entry = m["splits"]["val"]["shards"][0][fmt]
+        entry["bytes"] += 40000
+
+    set_json(data / "manifest.json", edit)
+    assert_reported(verify_cli(data, "--workers", "1", "--quick"), "the manifest says")
+    (data / "lmdb" / "val-00000" / "lock.mdb").write_bytes(bytes(8192))  # a reader's lock file is not data
+    set_json(data / "manifest.json", lambda m: m["splits"]["val"]["shards"][0][fmt].__setitem__(
+        "bytes", m["splits"]["val"]["shards"][0][fmt]["bytes"] - 40000))
+    assert verify_cli(data, "--workers", "1", "--quick").returncode == 0

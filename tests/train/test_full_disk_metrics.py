@@ -68,6 +68,12 @@ def test_a_second_training_on_the_same_outputs_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+    # The holder gone (killed: the kernel released its lock), the same command runs, and leaves no lock file.
+    res = CliRunner().invoke(main, ["train", "-w", str(data), "-b", "cpu", "-e", "1", "--crop", "67", "-z", "4",
+                                    "--eval-freq", "0", "-s", str(weights), "-o", str(tmp_path / "m.jsonl"),
+                                    "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert weights.is_file() and not list(tmp_path.glob(".*.lock"))
 
 
 def test_resuming_into_a_file_that_is_not_this_runs_metrics_keeps_it(tmp_path):
