@@ -247,7 +247,10 @@ def _launch(nproc: int, backend: str | None, run: TrainConfig | None = None) -> 
     except SignalException as exc:  # the ranks were sent the signal, stopped and said so
         sys.exit(EXIT_CODES.get(exc.sigval, 128 + exc.sigval))
     except ChildFailedError as exc:
-        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        # A rank still finishing its stop when torch's launcher, seeing another rank's 143, sends it
+        # SIGTERM, ends by that signal: it was stopping too (seen under load).
+        codes = {rank: EXIT_CODES.get(-f.exitcode, f.exitcode) if f.exitcode < 0 else f.exitcode
+                 for rank, f in exc.failures.items()}
         if set(codes.values()) <= set(EXIT_CODES.values()):  # a rank was sent SIGTERM/SIGINT: all stopped
             sys.exit(codes.get(0, max(codes.values())))
         deaths = []
