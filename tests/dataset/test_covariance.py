@@ -20,8 +20,8 @@ from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.mean import eigen, read_mean_file
 from alexnet_pipe.errors import DatasetError
 from alexnet_pipe.formats.datum import decode_datum
-from alexnet_pipe.imaging.centre_sums import CentreSums
 from tests.helpers.images import CLASSES, smooth_image
+from tests.helpers.pixels import float32_limit_sums
 
 SIZE = 48
 
@@ -147,12 +147,7 @@ def test_damaged_covariance_is_refused(exact_tree, tmp_path, bad):
 @pytest.mark.parametrize("images", [258, 259])  # float32 canvases up to 258 boxes, float64 after
 def test_cross_sums_are_exact_at_the_float32_limit(images):
     size = 8
-    rng = np.random.default_rng(images)
-    arrays = [np.full((9, 12, 3), 255, np.uint8) for _ in range(images - 3)]
-    arrays += [rng.integers(200, 256, shape, dtype=np.uint8) for shape in [(5, 7, 3), (8, 3, 3), (30, 11, 3)]]
-    sums = CentreSums(size, images)
-    for arr in arrays:
-        sums.add(arr[..., ::-1])  # BGR in, RGB out
+    arrays, sums = float32_limit_sums(images, size)
     flat = []
     for a in arrays:
         h, w = a.shape[:2]

@@ -23,10 +23,10 @@ from alexnet_pipe.dataset.update_mean import run_update_mean
 from alexnet_pipe.errors import OldMeanFormatError
 from alexnet_pipe.formats.blobproto import decode_blobproto
 from alexnet_pipe.formats.datum import decode_datum
-from alexnet_pipe.imaging.centre_sums import CentreSums
 from alexnet_pipe.imaging.process import process_batch
 from alexnet_pipe.inputs.table import Source
 from tests.helpers.images import CLASSES, smooth_image, write_jpeg
+from tests.helpers.pixels import float32_limit_sums
 
 
 def convert(src: Path, dst: Path, **kw) -> dict:
@@ -119,12 +119,7 @@ def test_centre_sums_are_exact_at_the_float32_limit(images):
     """258 boxes of 255 make sums of squares of 16,776,450, just under float32's 2^24 integers;
     boxes smaller than the canvas, or cut from larger images, land where centre_box puts them."""
     size = 8
-    rng = np.random.default_rng(images)
-    arrays = [np.full((9, 12, 3), 255, np.uint8) for _ in range(images - 3)]
-    arrays += [rng.integers(200, 256, shape, dtype=np.uint8) for shape in [(5, 7, 3), (8, 3, 3), (30, 11, 3)]]
-    sums = CentreSums(size, images)
-    for arr in arrays:
-        sums.add(arr[..., ::-1])  # BGR in, RGB out
+    arrays, sums = float32_limit_sums(images, size)
     total, count = reference_mean_image(arrays, size)
     np.testing.assert_array_equal(sums.mean_sum(), total)
     np.testing.assert_array_equal(sums.count(), count)

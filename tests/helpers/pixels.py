@@ -35,3 +35,18 @@ def svg_text(path: Path) -> str:
 def is_pdf(path: Path) -> bool:
     data = Path(path).read_bytes()
     return data.startswith(b"%PDF-") and b"%%EOF" in data[-64:]
+
+
+def float32_limit_sums(images: int, size: int = 8):
+    """``images`` RGB arrays at float32's integer limit for centre sums (boxes of 255, and three
+    random ones smaller than the canvas or cut from larger images), and the CentreSums of them
+    (added as BGR, as the converter does); 258 boxes of 255 sum squares to just under 2^24."""
+    from alexnet_pipe.imaging.centre_sums import CentreSums
+
+    rng = np.random.default_rng(images)
+    arrays = [np.full((9, 12, 3), 255, np.uint8) for _ in range(images - 3)]
+    arrays += [rng.integers(200, 256, shape, dtype=np.uint8) for shape in [(5, 7, 3), (8, 3, 3), (30, 11, 3)]]
+    sums = CentreSums(size, images)
+    for arr in arrays:
+        sums.add(arr[..., ::-1])  # BGR in, RGB out
+    return arrays, sums
