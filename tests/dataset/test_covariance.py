@@ -20,7 +20,7 @@ from alexnet_pipe.dataset.manifest import load_dataset
 from alexnet_pipe.dataset.mean import eigen, read_mean_file
 from alexnet_pipe.errors import DatasetError
 from alexnet_pipe.formats.datum import decode_datum
-from tests.helpers.images import CLASSES, smooth_image
+from tests.helpers.images import pass_through_tree
 from tests.helpers.pixels import float32_limit_sums
 
 SIZE = 48
@@ -37,17 +37,7 @@ def convert(src: Path, dst: Path, **kw) -> None:
 def exact_tree(tmp_path) -> Path:
     """Baseline JPEGs whose short side is already 48: all pass through, so the stored bytes are
     the pixels the statistics summed, exactly."""
-    raw = tmp_path / "raw"
-    sizes = [(64, 48), (48, 48), (48, 90), (100, 48), (49, 48)]
-    k = 0
-    for cls in CLASSES:
-        for i in range(3):
-            w, h = sizes[k % len(sizes)]
-            path = raw / "train" / cls / f"{i}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(smooth_image(200 + k, w, h)).save(path, "JPEG", quality=92)
-            k += 1
-    return raw
+    return pass_through_tree(tmp_path / "raw")
 
 
 def stored_centre_pixels(root: Path) -> np.ndarray:

@@ -25,7 +25,7 @@ from alexnet_pipe.formats.blobproto import decode_blobproto
 from alexnet_pipe.formats.datum import decode_datum
 from alexnet_pipe.imaging.process import process_batch
 from alexnet_pipe.inputs.table import Source
-from tests.helpers.images import CLASSES, smooth_image, write_jpeg
+from tests.helpers.images import CLASSES, pass_through_tree, smooth_image, write_jpeg
 from tests.helpers.pixels import float32_limit_sums
 
 
@@ -139,15 +139,7 @@ def test_centre_sums_are_exact_at_the_float32_limit(images):
 def exact_tree(tmp_path) -> Path:
     """Baseline JPEGs whose short side is already 48: all pass through, so every stored pixel is
     known exactly (the stored bytes are the inputs) and the mean image must match to the bit."""
-    raw = tmp_path / "raw"
-    sizes = [(64, 48), (48, 48), (48, 90), (100, 48), (49, 48)]
-    k = 0
-    for cls in CLASSES:
-        for i in range(3):
-            w, h = sizes[k % len(sizes)]
-            write_baseline(raw / "train" / cls / f"{i}.jpg", smooth_image(200 + k, w, h))
-            k += 1
-    return raw
+    return pass_through_tree(tmp_path / "raw")
 
 
 def test_mean_image_is_exact_for_pass_through_images(exact_tree, tmp_path):
