@@ -222,11 +222,7 @@ def hold_lock(lock_file: Path, busy: str, shared: bool = False, remove: bool = F
                 fcntl.lockf(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError:
                 raise BusyError(busy) from None
-            try:
-                current = os.stat(lock_file).st_ino if remove else None
-            except FileNotFoundError:
-                current = None
-            if remove and current != os.fstat(f.fileno()).st_ino:
+            if remove and _inode(lock_file) != os.fstat(f.fileno()).st_ino:
                 fcntl.lockf(f, fcntl.LOCK_UN)
                 continue  # unlinked by its last holder after we opened it: lock the new one
             try:
@@ -236,6 +232,13 @@ def hold_lock(lock_file: Path, busy: str, shared: bool = False, remove: bool = F
                 if remove:
                     lock_file.unlink(missing_ok=True)
                 fcntl.lockf(f, fcntl.LOCK_UN)
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def output_lock(path: Path, what: str):

@@ -237,13 +237,11 @@ def _peak_bytes(path: str) -> int:
         return 0
 
 
-def _prepare(path: str, spec: InputSpec, budget: DecodeBudget | None = None) -> tuple[np.ndarray, int] | str:
+def _prepare(path: str, spec: InputSpec, budget: DecodeBudget) -> tuple[np.ndarray, int] | str:
     """``_preprocess`` (within ``budget``), or the one-line reason the file cannot be used."""
     try:
-        if budget is not None:
-            with budget.hold(_peak_bytes(path)):
-                return _preprocess(path, spec)
-        return _preprocess(path, spec)
+        with budget.hold(_peak_bytes(path)):
+            return _preprocess(path, spec)
     except BadImage as exc:
         return str(exc)
     except OSError as exc:

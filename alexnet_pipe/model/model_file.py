@@ -68,7 +68,7 @@ def open_model_file(path: Path, *, synsets: Path | None = None, devkit_order: li
         else:
             body, source = checkpoint.load(path), path
         return ModelFile(body, source)
-    imp = read_foreign(path)
+    imp = read_foreign(path, fmt)
     n = imp.model_config.num_classes
     if synsets is not None:
         listing = ClassListing.read(synsets)
