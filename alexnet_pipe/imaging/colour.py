@@ -39,14 +39,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit greyscale (PNG/TIFF): map 0..65535 onto 0..255; Pillow's convert would clip.
-        arr = np.asarray(im, dtype=np.float64)
-        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "F":
-        arr = np.clip(np.rint(np.asarray(im, dtype=np.float64)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+    if mode.startswith("I;16") or mode == "I" or mode == "F":
+        # 16-bit greyscale (PNG/TIFF): map 0..65535 onto 0..255; Pillow's convert would clip. Float: round and
+        # clip. In place, in float32 (exact here: v / 257 is never within float32's error of a half), so the
+        # conversion costs one array of 4 bytes a pixel (float64 temporaries cost 35: imaging/budget.py).
+        arr = np.array(im, dtype=np.float32)
+        if mode != "F":
+            arr /= 257.0
+        np.clip(np.rint(arr, out=arr), 0, 255, out=arr)
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
     try:
         return im.convert("RGB")  # L, 1, CMYK (Adobe-inverted handled by the decoder), YCbCr, LAB, HSV
     except (ValueError, OSError) as exc:
