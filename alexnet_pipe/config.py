@@ -182,6 +182,17 @@ class ImageSettings:
         return self.short_side if self.short_side > 0 else 256
 
 
+# Estimated peak memory (MiB) of the image decodes running at once, all workers or threads together
+# (imaging/budget.py): a 9400x9400 lossless WebP is ~1,600 MiB, a 24 MP PNG ~420, an ordinary
+# photograph a few. A decode estimated above it runs alone.
+DECODE_MEMORY_MB = 2048
+
+
+def check_decode_memory(mb: int) -> None:
+    if mb < 64:
+        raise ConfigError(f"decode memory must be >= 64 MiB, got {mb}")
+
+
 @dataclass(frozen=True)
 class ConvertConfig:
     """Inputs of the `convert` job."""
@@ -192,6 +203,7 @@ class ConvertConfig:
     image: ImageSettings = field(default_factory=ImageSettings)
     shard_size: int = 5000
     workers: int | None = None  # processes; None: all cores (default_workers)
+    decode_memory_mb: int = DECODE_MEMORY_MB  # the workers' decodes together (imaging/budget.py)
     seed: int = 0
     force: bool = False
     progress: bool = True
@@ -228,6 +240,7 @@ class ConvertConfig:
             raise ConfigError(f"shard size must be >= 1, got {self.shard_size}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        check_decode_memory(self.decode_memory_mb)
 
     def settings(self) -> dict:
         """The settings that define the output bytes (recorded in the manifest)."""

@@ -16,21 +16,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
-from alexnet_pipe.config import ImageSettings, default_workers
+from alexnet_pipe.config import DECODE_MEMORY_MB, ImageSettings, check_decode_memory, default_workers
 from alexnet_pipe.errors import CheckpointError, ConfigError
+from alexnet_pipe.imaging.budget import DecodeBudget, installed
 from alexnet_pipe.imaging.process import process
 from alexnet_pipe.imaging.read import read_source
 from alexnet_pipe.imaging.reasons import BadImage
@@ -62,6 +59,7 @@ class PredictConfig:
     device_id: int = 0
     workers: int = field(default_factory=lambda: min(8, default_workers()))  # threads preparing images
     synsets: Path | None = None  # a foreign model_file's class list, in the order of its fc8 rows
+    decode_memory_mb: int = DECODE_MEMORY_MB  # the threads' decodes together (imaging/budget.py)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -72,6 +70,7 @@ class PredictConfig:
             raise ConfigError(f"backend must be gpu or cpu, got {self.backend}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        check_decode_memory(self.decode_memory_mb)
 
 
 @dataclass(frozen=True)
@@ -196,52 +195,10 @@ def _preprocess(path: str, spec: InputSpec) -> tuple[np.ndarray, int]:
     return centre_crop(rgb, spec), min(rgb.shape[:2])
 
 
-# Decoding threads share a memory budget: an image just under the pixel limit costs about
-# 18 bytes a pixel at its peak (a 9400x9400 lossless WebP of 3.4 KB: 1.55 GB), so 8 threads
-# decoding such files at once would ask for 12 GB. Each decode holds its estimate (from the
-# header: no pixel decoded) while it runs; one estimated above the whole budget runs alone.
-DECODE_BUDGET = 2 << 30  # bytes, all threads together
-BYTES_PER_PIXEL = 18
-
-
-class DecodeBudget:
-    """Admits work while the sum of its estimated costs fits ``total``."""
-
-    def __init__(self, total: int):
-        self.total, self.used = total, 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def hold(self, cost: int) -> Iterator[None]:
-        cost = min(max(cost, 0), self.total)
-        with self._cond:
-            self._cond.wait_for(lambda: self.used + cost <= self.total)
-            self.used += cost
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.used -= cost
-                self._cond.notify_all()
-
-
-def _peak_bytes(path: str) -> int:
-    """The estimated peak memory of decoding ``path``, from its header (0 when it has none PIL reads:
-    the decoder then refuses it before allocating)."""
+def _prepare(path: str, spec: InputSpec) -> tuple[np.ndarray, int] | str:
+    """``_preprocess``, or the one-line reason the file cannot be used."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: the converter's limit decides
-            with Image.open(path) as im:
-                return im.width * im.height * BYTES_PER_PIXEL
-    except Exception:  # not an image PIL knows, or one it refuses to open: no estimate
-        return 0
-
-
-def _prepare(path: str, spec: InputSpec, budget: DecodeBudget) -> tuple[np.ndarray, int] | str:
-    """``_preprocess`` (within ``budget``), or the one-line reason the file cannot be used."""
-    try:
-        with budget.hold(_peak_bytes(path)):
-            return _preprocess(path, spec)
+        return _preprocess(path, spec)
     except BadImage as exc:
         return str(exc)
     except OSError as exc:
@@ -307,10 +264,11 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
     items, passed_over = expand_inputs(cfg.inputs)
     predictions: list[Prediction] = []
     small = 0  # images whose short side is below the crop (padded)
-    budget = DecodeBudget(DECODE_BUDGET)
-    with ThreadPoolExecutor(cfg.workers) as pool:  # OpenCV and Pillow release the GIL while decoding
-        for chunk in _chunks(items, cfg.batch_size):
-            ready = list(pool.map(lambda item: item[1] or _prepare(item[0], net.spec, budget), chunk))
+    # The decoding threads share a memory budget (imaging/budget.py): images just under the pixel limit
+    # are not decoded all at once.
+    with installed(DecodeBudget(cfg.decode_memory_mb << 20)), ThreadPoolExecutor(cfg.workers) as pool:
+        for chunk in _chunks(items, cfg.batch_size):  # OpenCV and Pillow release the GIL while decoding
+            ready = list(pool.map(lambda item: item[1] or _prepare(item[0], net.spec), chunk))
             good = [k for k, r in enumerate(ready) if not isinstance(r, str)]
             tops = top_classes(net, np.stack([ready[k][0] for k in good])) if good else []
             small += sum(ready[k][1] < net.spec.crop for k in good)

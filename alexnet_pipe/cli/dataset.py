@@ -65,6 +65,10 @@ def _parse_part(ctx, param, value):
 @click.option("--shard-size", type=click.IntRange(min=1), default=ConvertConfig.shard_size, show_default=True,
               help="Records per shard.")
 @workers
+@click.option("--decode-memory-mb", type=click.IntRange(min=64), default=ConvertConfig.decode_memory_mb,
+              show_default=True,
+              help="Estimated peak memory (MiB) of the decodes running at once, all workers together; an image "
+                   "estimated above it (a huge PNG or WebP) decodes alone. Ordinary photographs need a few MiB each.")
 @click.option("--seed", type=int, default=ConvertConfig.seed, show_default=True,
               help="Seed of the stored shuffle order.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=ImageSettings.max_pixels, show_default=True,
@@ -102,7 +106,7 @@ def _parse_part(ctx, param, value):
                    "ones from RAW (byte-identical to a clean run; refused if the inputs changed).")
 @no_progress()
 def convert(raw, out, fmt, short_side, no_upscale, resize_mode, resize_height, resize_width, resize_filter, quality,
-            shard_size, workers, seed, max_pixels,
+            shard_size, workers, decode_memory_mb, seed, max_pixels,
             max_file_mb, min_short_side, no_passthrough, val_labels, synsets, train_list, val_list, val_ratio, dry_run,
             force, part, repair, no_progress):
     """Convert RAW (ImageNet layout, or the images that list files name) into validated, shuffled shards in OUT.
@@ -126,7 +130,7 @@ def convert(raw, out, fmt, short_side, no_upscale, resize_mode, resize_height, r
                             resize_filter=resize_filter, min_short_side=min_short_side,
                             resize=resize_mode or ("squash" if sized else ImageSettings.resize),
                             resize_height=resize_height or 0, resize_width=resize_width or 0),
-        shard_size=shard_size, workers=workers, seed=seed, force=force,
+        shard_size=shard_size, workers=workers, decode_memory_mb=decode_memory_mb, seed=seed, force=force,
         progress=not no_progress, progress_bar=sys.stderr.isatty(), val_labels=val_labels, synsets=synsets, part=part,
         train_list=train_list, val_list=val_list, val_ratio=val_ratio, repair=repair,
     )

@@ -17,6 +17,7 @@ from alexnet_pipe.config import ImageSettings
 from alexnet_pipe.convert.plan import ShardPlan
 from alexnet_pipe.convert.supervisor import describe_death, ordered_results, run_alone, worker_context
 from alexnet_pipe.dataset.mean import PixelStats
+from alexnet_pipe.imaging.budget import DecodeBudget, install
 from alexnet_pipe.imaging.encode import Encoded
 from alexnet_pipe.imaging.process import BatchResult, process_batch
 from alexnet_pipe.inputs.table import Source
@@ -73,9 +74,13 @@ def retry_alone(sources: tuple[Source, ...], settings: ImageSettings) -> BatchRe
     return BatchResult(results, mean_sum, mean_count, stats)
 
 
-def encoded_chunks(tasks: Iterable[Chunk], settings: ImageSettings,
-                   workers: int) -> Iterator[tuple[Chunk, BatchResult]]:
+def encoded_chunks(tasks: Iterable[Chunk], settings: ImageSettings, workers: int,
+                   decode_memory: int) -> Iterator[tuple[Chunk, BatchResult]]:
     """``process_batch`` over the chunks ``tasks``, in ``workers`` processes: (chunk, its results) in
-    chunk order, memory bounded. One worker runs in this process (there a native crash ends the run)."""
-    return ordered_results(tasks, process_batch, lambda task: (list(task[2]), settings), workers,
-                           _context() if workers > 1 else None, lambda task: retry_alone(task[2], settings))
+    chunk order, memory bounded: the workers' decodes share a budget of ``decode_memory`` bytes of
+    estimated peak memory (imaging/budget.py). One worker runs in this process (there a native crash
+    ends the run), as does a rerun chunk (``retry_alone``): one decode at a time, no budget needed."""
+    ctx = _context() if workers > 1 else None
+    return ordered_results(tasks, process_batch, lambda task: (list(task[2]), settings), workers, ctx,
+                           lambda task: retry_alone(task[2], settings),
+                           setup=lambda: (install, (DecodeBudget(decode_memory, ctx),)))

@@ -151,7 +151,8 @@ def _write(cfg: ConvertConfig, found: ScanResult, plans: dict[str, list[ShardPla
     current: ShardState | None = None
     n_skipped = 0
     try:
-        for (plan, positions, sources), batch in encoded_chunks(chunks(pending), cfg.image, cfg.workers):
+        for (plan, positions, sources), batch in encoded_chunks(chunks(pending), cfg.image, cfg.workers,
+                                                                         cfg.decode_memory_mb << 20):
             if current is None or current.plan is not plan:
                 current = ShardState(cfg.dst, plan, cfg.formats, width, cfg.image)
             current.add(positions, sources, batch)

@@ -114,19 +114,35 @@ def run_alone(ctx, fn: Callable, *args) -> tuple[Any, int | None]:
 # ---------------------------------------------------------------- convert: an ordered pool
 
 
+def _start_pooled(setup: Callable | None, setup_args: tuple) -> None:
+    ignore_sigint()
+    if setup is not None:
+        setup(*setup_args)
+
+
 def ordered_results(tasks: Iterable, fn: Callable, args: Callable[[Any], tuple], workers: int, ctx,
-                    rerun: Callable[[Any], Any]) -> Iterator[tuple[Any, Any]]:
+                    rerun: Callable[[Any], Any],
+                    setup: Callable[[], tuple[Callable, tuple]] | None = None) -> Iterator[tuple[Any, Any]]:
     """``(task, fn(*args(task)))`` for every task, in task order, at most ``workers * 4`` in flight.
 
     A worker process that dies breaks the whole pool: every task still in flight is then redone
     by ``rerun(task)``, and a new pool takes the rest. One worker (``workers == 1``) runs in this
     process: there a native crash ends the run.
+
+    ``setup()``: (function, args) that each worker process of a new pool runs first; called once
+    per pool, so that what a dead pool's workers shared (convert's memory budget, which one of them
+    may have died holding) is made anew.
     """
     if workers == 1:
         for task in tasks:
             yield task, fn(*args(task))
         return
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=ignore_sigint)
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_pooled,
+                                   initargs=setup() if setup is not None else (None, ()))
+
+    pool = new_pool()
     window: deque = deque()
     tasks = iter(tasks)
     try:
@@ -148,7 +164,7 @@ def ordered_results(tasks: Iterable, fn: Callable, args: Callable[[Any], tuple],
                             "process of its own", sum(not ok for _, ok, _ in redo))
                 for task, ok, done in redo:
                     yield task, (done.result() if ok else rerun(task))
-                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=ignore_sigint)
+                pool = new_pool()
                 continue
             yield head, result
     finally:

@@ -29,6 +29,7 @@ import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
 from alexnet_pipe.config import ImageSettings
+from alexnet_pipe.imaging.budget import JPEG_BYTES_PER_PIXEL, PILLOW_BYTES_PER_PIXEL, decode_cost
 from alexnet_pipe.imaging.geometry import exif_orientation
 from alexnet_pipe.imaging.reasons import BadImage, one_line
 
@@ -212,6 +213,25 @@ def _reduction(width: int, height: int, target: tuple[int, int]) -> tuple[int, i
     return 1, cv2.IMREAD_COLOR
 
 
+def multi_scan(data: bytes, head: JpegHeader) -> bool:
+    """libjpeg goes on to a second scan only in a progressive frame or after a first scan that leaves
+    components out (its has_multiple_scans), and then buffers the whole image's coefficients."""
+    return head.frame in _PROGRESSIVE or int.from_bytes(data[head.scan + 4 : head.scan + 5], "big") < head.components
+
+
+def decoded_size(head: JpegHeader, target: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) that ``decode_jpeg`` returns for ``target``."""
+    k = _reduction(head.width, head.height, target)[0] if target is not None else 1
+    return math.ceil(head.width / k), math.ceil(head.height / k)
+
+
+def jpeg_decode_cost(data: bytes, head: JpegHeader, target: tuple[int, int] | None) -> int:
+    """Estimated peak bytes of ``decode_jpeg`` and the work on its output (budget.py)."""
+    width, height = decoded_size(head, target)
+    samples = head.width * head.height * head.components if multi_scan(data, head) else 0
+    return decode_cost(width * height, JPEG_BYTES_PER_PIXEL, samples)
+
+
 def decode_jpeg(data: bytes, head: JpegHeader, target: tuple[int, int] | None) -> np.ndarray:
     """Decode to BGR, scaled in the DCT domain towards ``target`` (None: full size).
 
@@ -225,13 +245,11 @@ def decode_jpeg(data: bytes, head: JpegHeader, target: tuple[int, int] | None) -
         raise BadImage("not a JPEG")
     if not _jpeg_complete(data, head.scan):
         raise BadImage("truncated or corrupt image data (the JPEG has no end-of-image marker after its scan)")
-    # libjpeg goes on to a second scan only in a progressive frame or after a first scan that leaves components
-    # out (its has_multiple_scans); otherwise it stops there, so a baseline photograph needs no walk (~2% of its
-    # decode).
-    if head.frame in _PROGRESSIVE or int.from_bytes(data[head.scan + 4 : head.scan + 5], "big") < head.components:
+    # A single-scan JPEG (a baseline photograph) needs no walk (~2% of its decode): libjpeg stops after that scan.
+    if multi_scan(data, head):
         check_scans(data, head.scan)  # the header's walk, on from its first scan
     k, flag = _reduction(width, height, target) if target is not None else (1, cv2.IMREAD_COLOR)
-    expected = (math.ceil(height / k), math.ceil(width / k), 3)
+    expected = (*decoded_size(head, target)[::-1], 3)
     try:
         # strict=False: libjpeg's warnings (extraneous bytes, a corrupt marker it can skip) keep
         # the image, as in OpenCV; min_factor with the expected size selects exactly 1/k.
@@ -303,11 +321,20 @@ def open_image(data: bytes, settings: ImageSettings) -> Image.Image:
     return im
 
 
-def load_with_pillow(im: Image.Image, target: tuple[int, int]) -> None:
-    """Pillow's full decode of an image ``open_image`` opened (every allowed format and mode);
-    a JPEG is scaled in the DCT domain while staying >= ``target``."""
+def draft_with_pillow(im: Image.Image, target: tuple[int, int]) -> int:
+    """Set up Pillow's decode of an image ``open_image`` opened: a JPEG is scaled in the DCT domain
+    while staying >= ``target``. Returns the decode's estimated peak bytes (budget.py)."""
+    samples = 0
     if im.format == "JPEG":
-        im.draft(im.mode, target)  # DCT-domain downscaling while staying >= the target size
+        if im.info.get("progressive"):  # libjpeg buffers every coefficient of a progressive frame
+            samples = im.width * im.height * len(im.getbands())
+        im.draft(im.mode, target)  # im.size becomes the scaled size
+    return decode_cost(im.width * im.height, PILLOW_BYTES_PER_PIXEL, samples)
+
+
+def load_with_pillow(im: Image.Image) -> None:
+    """Pillow's full decode of an image ``open_image`` opened (every allowed format and mode), at
+    the size ``draft_with_pillow`` chose."""
     try:
         im.load()  # the full decode: truncation and corrupt data surface here
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:

@@ -30,9 +30,18 @@ from PIL import Image
 
 from alexnet_pipe.config import ImageSettings
 from alexnet_pipe.dataset.mean import PixelStats
+from alexnet_pipe.imaging.budget import holding
 from alexnet_pipe.imaging.centre_sums import CentreSums
 from alexnet_pipe.imaging.colour import icc_is_srgb, to_srgb
-from alexnet_pipe.imaging.decode import check_pixels, decode_jpeg, jpeg_header, load_with_pillow, open_image
+from alexnet_pipe.imaging.decode import (
+    check_pixels,
+    decode_jpeg,
+    draft_with_pillow,
+    jpeg_decode_cost,
+    jpeg_header,
+    load_with_pillow,
+    open_image,
+)
 from alexnet_pipe.imaging.encode import Encoded, encode_jpeg, passes_through
 from alexnet_pipe.imaging.geometry import (
     decode_target,
@@ -59,9 +68,9 @@ class BatchResult:
     stats: PixelStats | None = None  # the centre boxes' channel sums (the encoded pixels); None: no image
 
 
-def _decode_with_pillow(im: Image.Image, target: tuple[int, int], notes: list[str]) -> tuple[np.ndarray, int]:
+def _decode_with_pillow(im: Image.Image, notes: list[str]) -> tuple[np.ndarray, int]:
     """Pillow's full decode (every allowed format and mode) -> (upright sRGB as BGR, EXIF orientation)."""
-    load_with_pillow(im, target)
+    load_with_pillow(im)
     # Only after load(): reading a PNG's EXIF first let a corrupt PNG through (see image_orientation).
     orientation = image_orientation(im)
     bgr = cv2.cvtColor(np.asarray(to_srgb(im, notes)), cv2.COLOR_RGB2BGR)
@@ -72,7 +81,8 @@ def _decode_with_pillow(im: Image.Image, target: tuple[int, int], notes: list[st
 
 def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = None) -> tuple[Encoded, np.ndarray]:
     """``process``, also returning the BGR pixels that were encoded (for the mean image).
-    ``notes``: gets a line for what was done to a kept image that its user may want to know."""
+    ``notes``: gets a line for what was done to a kept image that its user may want to know.
+    The decode and resize hold their estimated peak memory in this process's budget (budget.py)."""
     notes = [] if notes is None else notes
     if not data:
         raise BadImage("empty file")
@@ -82,10 +92,14 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
         target = target_within_limit(head.width, head.height, settings)
         orientation = head.orientation
         passthrough = passes_through(data, head, target, settings.passthrough)
-        bgr = decode_jpeg(data, head, None if passthrough else decode_target(target, settings, orientation))
-        if passthrough:
-            return Encoded(data, bgr.shape[1], bgr.shape[0], True, min(head.width, head.height)), bgr
-        bgr = upright(bgr, orientation)
+        scaled = None if passthrough else decode_target(target, settings, orientation)
+        with holding(jpeg_decode_cost(data, head, scaled)):
+            bgr = decode_jpeg(data, head, scaled)
+            if passthrough:
+                return Encoded(data, bgr.shape[1], bgr.shape[0], True, min(head.width, head.height)), bgr
+            # The target of the full-size input (not of the DCT-scaled one: rounding differs), upright.
+            bgr = resize(upright(bgr, orientation), upright_target(target, settings, orientation),
+                         settings.resize_filter)
         source = min(head.width, head.height)
     else:
         with warnings.catch_warnings():
@@ -94,9 +108,9 @@ def _process(data: bytes, settings: ImageSettings, notes: list[str] | None = Non
             im = open_image(data, settings)
             target = target_within_limit(*im.size, settings)
             source = min(im.size)
-            bgr, orientation = _decode_with_pillow(im, decode_target(target, settings, None), notes)
-    # The target of the full-size input (not of the DCT-scaled one: rounding differs), upright.
-    bgr = resize(bgr, upright_target(target, settings, orientation), settings.resize_filter)
+            with holding(draft_with_pillow(im, decode_target(target, settings, None))):
+                bgr, orientation = _decode_with_pillow(im, notes)
+                bgr = resize(bgr, upright_target(target, settings, orientation), settings.resize_filter)
     return Encoded(encode_jpeg(bgr, settings.quality), bgr.shape[1], bgr.shape[0], False, source), bgr
 
 

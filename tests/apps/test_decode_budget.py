@@ -1,70 +1,22 @@
-"""predict's decoding threads share a memory budget (apps/predict.py DecodeBudget): images just under
-the pixel limit, which cost about 18 bytes a pixel while decoding, are not decoded all at once."""
+"""predict's decoding threads share a memory budget (imaging/budget.py, installed by apps/predict.py):
+images just under the pixel limit, which cost ~1.55 GB each to decode, are not decoded all at once."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 
-import numpy as np
 import pytest
 from PIL import Image
-
-from alexnet_pipe.apps.predict import BYTES_PER_PIXEL, DecodeBudget, _peak_bytes
-
-
-def test_work_over_the_budget_waits_for_the_rest_and_a_huge_one_runs_alone():
-    budget = DecodeBudget(10)
-    order: list[str] = []
-    first_in = threading.Event()
-    release_first = threading.Event()
-
-    def first():
-        with budget.hold(6):
-            order.append("first in")
-            first_in.set()
-            release_first.wait(5)
-            order.append("first out")
-
-    def second(cost: int, name: str):
-        with budget.hold(cost):
-            order.append(f"{name} in")
-
-    t1 = threading.Thread(target=first)
-    t1.start()
-    first_in.wait(5)
-    t2 = threading.Thread(target=second, args=(6, "second"))  # 6 + 6 > 10: waits
-    t3 = threading.Thread(target=second, args=(4, "small"))  # 6 + 4 fits: runs at once
-    t2.start()
-    t3.start()
-    t3.join(5)
-    time.sleep(0.2)
-    assert order == ["first in", "small in"]
-    release_first.set()
-    for t in (t1, t2):
-        t.join(5)
-    assert order == ["first in", "small in", "first out", "second in"]
-    with budget.hold(10**12):  # above the whole budget: clamped, runs alone
-        assert budget.used == budget.total
-    assert budget.used == 0
-
-
-def test_the_estimate_comes_from_the_header(tmp_path):
-    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "a.png")
-    assert _peak_bytes(str(tmp_path / "a.png")) == 30 * 40 * BYTES_PER_PIXEL
-    (tmp_path / "b.png").write_bytes(b"not an image")
-    assert _peak_bytes(str(tmp_path / "b.png")) == 0
-
 
 PEAK = """
 import sys
 from pathlib import Path
 from alexnet_pipe.apps import predict
-if sys.argv[3] == "off":
-    predict.DECODE_BUDGET = 1 << 50  # the same run without the budget: the baseline
-predict.run_predict(predict.PredictConfig(Path(sys.argv[1]), (Path(sys.argv[2]),), batch_size=4, workers=4))
+# "off": the same run with the budget out of reach, the baseline
+mb = {"off": 1 << 30, "on": predict.PredictConfig.decode_memory_mb}[sys.argv[3]]
+predict.run_predict(predict.PredictConfig(Path(sys.argv[1]), (Path(sys.argv[2]),), batch_size=4, workers=4,
+                                          decode_memory_mb=mb))
 print("peak_kib", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 """
 
