@@ -13,10 +13,29 @@ from pathlib import Path
 import click
 
 from alexnet_pipe.config import DATATYPES, MIN_CROP
+from alexnet_pipe.errors import ConfigError
+from alexnet_pipe.inputs.entries import not_a_file
+from alexnet_pipe.text import shown
 
 DIR = click.Path(path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+class _ExistingFile(click.Path):
+    """An existing regular file, or a link to one. Anything else named where a file is read is refused
+    before it is opened, in one line: a FIFO would block its reader forever, a device never end."""
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        why = not_a_file(str(path))
+        if why is not None:
+            name = "the file" if param is None else param.opts[0] if param.param_type_name == "option" else \
+                param.human_readable_name  # SRC, METRICS
+            raise ConfigError(f"{name}: {shown(path)}: {why}; give a regular file")
+        return path
+
+
+EXISTING_FILE = _ExistingFile(exists=True, dir_okay=False, path_type=Path)
 
 # ctx.meta key: -v was given after the command (the group's context shares meta with the command's).
 VERBOSE = "alexnet_pipe.verbose"

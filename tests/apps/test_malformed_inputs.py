@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -19,6 +20,7 @@ from numpy.lib import format as npy_format
 
 from alexnet_pipe.apps.predict import expand_inputs
 from alexnet_pipe.cli import main
+from alexnet_pipe.errors import ConfigError
 from alexnet_pipe.formats import protobuf as pb
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.alexnet import AlexNetConfig, build_model
@@ -230,7 +232,7 @@ def test_convert_refuses_a_fifo_as_a_list_file(tmp_path, fifo, which):
     path = fifo(tmp_path / "list.txt")
     lists = ["--list", path] if which == "--list" else ["--list", good, "--list-val", path]
     line = run_cli_bounded("convert", raw, tmp_path / "out", *lists, cwd=tmp_path)
-    assert f"could not read the list file {path} (FIFO (named pipe), not a regular file" in line
+    assert f"{which}: {path}: FIFO (named pipe), not a regular file" in line
     assert not (tmp_path / "out").exists()
 
 
@@ -280,3 +282,49 @@ def test_plot_and_resume_at_every_depth(tmp_path, depth):
         MetricsLog(path).start(resumed_epoch=1)
         kept = path.read_text().splitlines()
         assert [kept[0], kept[-2], json.loads(kept[-1])["event"]] == [GOOD_ROW, GOOD_ROW, "resumed"]
+
+
+
+def _file_parameters() -> dict[tuple[str, str], click.Parameter]:
+    """Every parameter of every command whose type is the CLI's EXISTING_FILE: (command, name) -> it."""
+    from alexnet_pipe.cli.options import EXISTING_FILE
+
+    found = {}
+    for name, command in main.commands.items():
+        for param in command.params:
+            if param.type is EXISTING_FILE:
+                found[(name, param.opts[0])] = param
+    return found
+
+
+def test_every_option_that_names_a_file_to_read_refuses_a_fifo_or_device_unopened(tmp_path, fifo):
+    """The CLI's file type (every --synsets, --val-labels, --list, --model-file, --mean-file, import-weights'
+    and plot's file) refuses what is not a regular file at parse time, before any reader opens it."""
+    params = _file_parameters()
+    assert {("convert", "--synsets"), ("convert", "--val-labels"), ("convert", "--list"), ("convert", "--list-val"),
+            ("train", "--model-file"), ("test", "--model-file"), ("predict", "--model-file"), ("predict", "--synsets"),
+            ("import-weights", "src"), ("import-weights", "--synsets"), ("import-weights", "--mean-file"),
+            ("plot", "metrics")} <= set(params)
+    pipe = fifo(tmp_path / "named.txt")
+    targets = [(pipe, "FIFO (named pipe), not a regular file")]
+    if os.path.exists("/dev/zero"):
+        (tmp_path / "zero.txt").symlink_to("/dev/zero")
+        targets.append((tmp_path / "zero.txt", "device file, not a regular file"))
+    for (command, name), param in params.items():
+        for path, why in targets:
+            with pytest.raises(ConfigError) as refused:
+                param.type.convert(str(path), param, None)
+            shown_name = name if name.startswith("-") else name.upper()  # an argument: SRC, METRICS
+            assert str(refused.value).startswith(f"{shown_name}: {path}: {why}"), (command, str(refused.value))
+            assert str(refused.value).endswith("; give a regular file")
+
+
+def test_the_cli_refuses_a_fifo_model_file_in_one_line_instead_of_waiting(tmp_path, fifo):
+    """predict --model-file FIFO used to wait for a writer forever; import-weights' file, test's too."""
+    image = write_jpeg(tmp_path / "a.jpg", smooth_image(0, 40, 40))
+    pipe = fifo(tmp_path / "alexnet.p")
+    line = run_cli_bounded("predict", "-b", "cpu", "--model-file", pipe, image, cwd=tmp_path)
+    assert line == f"Error: --model-file: {pipe}: FIFO (named pipe), not a regular file: not read; give a regular file"
+    line = run_cli_bounded("import-weights", pipe, "-o", tmp_path / "w.pt", cwd=tmp_path)
+    assert line == f"Error: SRC: {pipe}: FIFO (named pipe), not a regular file: not read; give a regular file"
+    assert not (tmp_path / "w.pt").exists()
