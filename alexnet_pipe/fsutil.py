@@ -159,6 +159,16 @@ def output_error(exc: BaseException, where: Path, then: str) -> OutputError | No
     return OutputError(f"could not write {path}: {why}{space}; {then}")
 
 
+def read_json(path: Path):
+    """``path``'s JSON. Raises OSError as reading does, and ValueError with the reason for what is not
+    JSON: bad UTF-8, bad syntax, or nesting deeper than the parser's recursion reaches (a crafted
+    ``[[[[...`` of 100,000 levels is a RecursionError inside json)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
 

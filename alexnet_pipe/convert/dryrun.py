@@ -10,7 +10,6 @@ archives' scan cache lives in OUT, so a dry run lists an archive without it (min
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -18,7 +17,14 @@ import numpy as np
 
 from alexnet_pipe.config import ConvertConfig
 from alexnet_pipe.convert.job import find_inputs
-from alexnet_pipe.convert.output import check_output, comparable_identity, describe_mismatch, output_identity
+from alexnet_pipe.convert.output import (
+    check_output,
+    comparable_identity,
+    damaged_state,
+    describe_mismatch,
+    output_identity,
+    read_identity,
+)
 from alexnet_pipe.convert.plan import ShardPlan
 from alexnet_pipe.dataset import parts
 from alexnet_pipe.dataset.layout import STATE_FILE
@@ -61,11 +67,10 @@ def _output(cfg: ConvertConfig, found: ScanResult, plans: dict[str, int]) -> tup
     if not state.is_file():
         return f"{dst} exists; the conversion would be written into it", False
     try:
-        old = json.loads(state.read_text(encoding="utf-8"))
+        old = read_identity(state)
     except (OSError, ValueError) as exc:
-        old = f"unreadable ({exc})"
-    if not isinstance(old, dict):
-        return f"{state} is not a convert state file: {old}; the run would stop", True
+        fix = "--force: it would be discarded" if cfg.force else "the run would stop (--force discards it)"
+        return f"{damaged_state(state, exc)}; {fix}", not cfg.force
     identity = comparable_identity(old, output_identity(cfg, found))  # codec versions: only when recorded
     if old != identity:
         fix = "--force: it would be discarded" if cfg.force else "the run would stop (--force discards it)"

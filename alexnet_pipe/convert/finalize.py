@@ -7,7 +7,6 @@ again (a --part run that ends just after another, or --repair) writes the same f
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from alexnet_pipe.dataset.schema import (
 )
 from alexnet_pipe.errors import SettingsMismatchError
 from alexnet_pipe.formats import get_format
-from alexnet_pipe.fsutil import atomic_write_json, remove
+from alexnet_pipe.fsutil import atomic_write_json, read_json, remove
 from alexnet_pipe.inputs.table import ScanResult
 
 
@@ -68,7 +67,7 @@ def _recorded_codecs(dst: Path) -> dict | None:
     """The codec versions OUT's state file records (what wrote every shard: a resume, --part or --repair
     with others is refused); None for a conversion begun before they were recorded."""
     try:
-        codecs = json.loads((dst / STATE_FILE).read_text(encoding="utf-8")).get("codecs")
+        codecs = read_json(dst / STATE_FILE).get("codecs")
     except (OSError, ValueError, AttributeError):
         return None
     return codecs if isinstance(codecs, dict) else None

@@ -34,7 +34,7 @@ from alexnet_pipe.dataset.layout import (
     shard_paths,
 )
 from alexnet_pipe.errors import SettingsMismatchError
-from alexnet_pipe.fsutil import atomic_write_json, hold_lock, remove
+from alexnet_pipe.fsutil import atomic_write_json, hold_lock, read_json, remove
 from alexnet_pipe.imaging.codec_versions import codec_changes, codec_versions
 from alexnet_pipe.inputs.table import ScanResult
 
@@ -108,7 +108,15 @@ def prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False)
     """Create OUT or check it belongs to this exact conversion (refuse otherwise)."""
     state = dst / STATE_FILE
     if state.exists():
-        old = json.loads(state.read_text(encoding="utf-8"))
+        try:
+            old = read_identity(state)
+        except (OSError, ValueError) as exc:
+            if not force:
+                raise SettingsMismatchError(
+                    f"{damaged_state(state, exc)}, so nothing says which settings and inputs the shards in {dst} "
+                    "were written with; pass --force to discard them and convert again, or choose another output "
+                    "directory") from None
+            old = {}  # matches no run: --force discards the conversion below
         same = comparable_identity(old, identity)
         _check_codecs(dst, old, same, force, repair)
         if repair and old != same:
@@ -133,6 +141,19 @@ def prepare_output(dst: Path, identity: dict, force: bool, repair: bool = False)
     atomic_write_json(state, identity)  # first: a concurrent --part run then sees OUT as ours
     for name in (PARTS_DIR, LMDB_DIR, RECORDIO_DIR):
         (dst / name).mkdir(exist_ok=True)
+
+
+def read_identity(state: Path) -> dict:
+    """The identity OUT's state file records. Raises OSError, or ValueError with the reason it is
+    damaged (edited, a disk's error): then nothing says which conversion the finished shards belong to."""
+    old = read_json(state)
+    if not (isinstance(old, dict) and isinstance(old.get("settings"), dict) and isinstance(old.get("plan"), str)):
+        raise ValueError("not a record of a conversion")
+    return old
+
+
+def damaged_state(state: Path, exc: Exception) -> str:
+    return f"{state} is damaged ({' '.join(str(exc).split())[:200]})"
 
 
 def _check_codecs(dst: Path, old: dict, identity: dict, force: bool, repair: bool) -> None:
@@ -173,7 +194,7 @@ def record_inputs(cfg: ConvertConfig) -> None:
     """Keep OUT's record of its inputs current (a run from a moved RAW updates it)."""
     record, path = inputs_record(cfg), cfg.dst / INPUTS_FILE
     try:
-        if json.loads(path.read_text(encoding="utf-8")) == record:
+        if read_json(path) == record:
             return
     except (OSError, ValueError):
         pass

@@ -15,7 +15,6 @@ upgraded so far stay upgraded, the dataset stays readable as version 1, and the 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from alexnet_pipe.dataset.manifest import DATASET_VERSION, Dataset, load_dataset
 from alexnet_pipe.dataset.parts import Part
 from alexnet_pipe.dataset.schema import Settings
 from alexnet_pipe.formats import get_format
-from alexnet_pipe.fsutil import atomic_write_json, output_error
+from alexnet_pipe.fsutil import atomic_write_json, output_error, read_json
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,7 @@ def _update_part(root: Path, name: str, fmt: str, size: int) -> None:
     the manifest from the completion records."""
     path = root / part_path(name)
     try:
-        part = Part.from_json(json.loads(path.read_text(encoding="utf-8")))
+        part = Part.from_json(read_json(path))
     except (OSError, ValueError):
         return  # none, or damaged: convert redoes a shard without a readable completion record
     entry = getattr(part, fmt)

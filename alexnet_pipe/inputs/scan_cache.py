@@ -57,7 +57,7 @@ def _load_cache(path: Path, key: str, archive_size: int) -> Members | None:
             groups = bytes(z["groups"]).decode("utf-8", "surrogateescape").split("\0")
             skipped = json.loads(str(z["skipped"]))
             members = Members(groups, z["group_ends"], bytes(z["names"]), z["name_ends"], z["offsets"], z["sizes"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, RecursionError):
         return None
     if not (isinstance(skipped, list)
             and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, str) for x in s) for s in skipped)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -328,3 +329,75 @@ def test_the_cli_refuses_a_fifo_model_file_in_one_line_instead_of_waiting(tmp_pa
     line = run_cli_bounded("import-weights", pipe, "-o", tmp_path / "w.pt", cwd=tmp_path)
     assert line == f"Error: SRC: {pipe}: FIFO (named pipe), not a regular file: not read; give a regular file"
     assert not (tmp_path / "w.pt").exists()
+
+
+# ---------------------------------------------------------------- convert's own records in OUT
+
+DAMAGED_STATES = {"truncated": '{"tool": "alexnet-pipe convert", "settings": {', "a list": "[1, 2]",
+                  "no settings": '{"tool": "alexnet-pipe convert", "plan": "sha256:00"}', "not UTF-8": b"\xff\xfe{",
+                  **{f"nested {name}": bomb for name, bomb in BOMBS.items()}}
+
+
+@pytest.mark.parametrize("case", DAMAGED_STATES, ids=list(DAMAGED_STATES))
+def test_a_damaged_convert_state_is_named_and_force_starts_over(tmp_path, case):
+    """A rerun into OUT whose state file is damaged used to be an "internal error" (JSONDecodeError,
+    RecursionError, AttributeError): one line that says --force starts over, and --force does."""
+    raw = tmp_path / "raw"
+    for k in range(3):
+        write_jpeg(raw / "train" / f"c{k % 2}" / f"{k}.jpg", smooth_image(k, 48, 40))
+    out = tmp_path / "out"
+    assert run("convert", raw, out, "--workers", "1", "--no-progress")[0] == 0
+    state = out / ".convert.json"
+    content = DAMAGED_STATES[case]
+    state.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = one_line_error("convert", raw, out, "--workers", "1", "--no-progress")
+    assert line.startswith(f"Error: {state} is damaged (") and "pass --force to discard them" in line, line
+    code, output, _ = run("convert", raw, out, "--workers", "1", "--no-progress", "--dry-run")
+    assert code == 1 and f"{state} is damaged" in output and "the run would stop (--force discards it)" in output
+    code, output, _ = run("convert", raw, out, "--workers", "1", "--no-progress", "--force")
+    assert code == 0, output
+    assert run("convert", raw, out, "--workers", "1", "--no-progress")[0] == 0  # and the state is whole again
+
+
+def test_a_nested_record_of_the_inputs_is_rewritten(tmp_path):
+    """.convert-inputs.json nested past the parser's depth: a rerun rewrites it (was an internal error)."""
+    raw = tmp_path / "raw"
+    write_jpeg(raw / "train" / "c0" / "0.jpg", smooth_image(0, 48, 40))
+    write_jpeg(raw / "train" / "c1" / "1.jpg", smooth_image(1, 48, 40))
+    out = tmp_path / "out"
+    assert run("convert", raw, out, "--workers", "1", "--no-progress")[0] == 0
+    (out / ".convert-inputs.json").write_text(BOMBS["arrays"])
+    code, output, _ = run("convert", raw, out, "--workers", "1", "--no-progress")
+    assert code == 0, output
+    assert json.loads((out / ".convert-inputs.json").read_text())["src"] == str(raw.resolve())
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("record", [".convert.json", ".convert-inputs.json"])
+def test_seeded_mutations_of_converts_records_resume_or_give_one_line(tmp_path, record):
+    """60 seeded mutations each of the state file and the record of the inputs: a rerun resumes (the
+    mutation left the record's meaning whole, or the inputs record is rewritten) or refuses in one line,
+    never an internal error."""
+    from tests.helpers.mutation import mutate
+
+    raw = tmp_path / "raw"
+    for k in range(4):
+        write_jpeg(raw / "train" / f"c{k % 2}" / f"{k}.jpg", smooth_image(k, 48, 40))
+    out = tmp_path / "out"
+    assert run("convert", raw, out, "--workers", "1", "--no-progress")[0] == 0
+    pristine = (out / record).read_bytes()
+    rng = random.Random(f"convert records {record}")
+    outcomes = {0: 0, 1: 0}
+    for _ in range(60):
+        data, what = mutate(pristine, "mean.json", rng)  # the text mutations too: digits, tokens, lines
+        (out / record).write_bytes(data)
+        code, output, _ = run("convert", raw, out, "--workers", "1", "--no-progress")
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert code in outcomes, (what, output)
+        if code == 1:
+            assert len(lines) == 1 and lines[0].startswith("Error: "), (what, output)
+            assert "internal error" not in lines[0], (what, output)
+        outcomes[code] += 1
+        (out / record).write_bytes(pristine)
+    print(record, "resumed:", outcomes[0], "refused in one line:", outcomes[1])
+    assert outcomes[0] + outcomes[1] == 60

@@ -260,3 +260,18 @@ def test_cache_of_another_archive_is_not_used(archives, tmp_path, tar_opens):
     found = scan(copy, cache_dir=cache)
     assert sorted(tar_opens) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]
     assert all(s.path.startswith(str(copy)) for s in found.splits["train"] + found.splits["val"])
+
+
+def test_a_cache_whose_skipped_list_is_nested_too_deeply_is_read_again(archives, tmp_path, tar_opens):
+    """A crafted cache file (right key, "skipped" nested 100,000 deep) was a RecursionError: now ignored."""
+    cache = tmp_path / "cache"
+    first = scan(archives, cache_dir=cache)
+    for path in cache.iterdir():
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["skipped"] = np.array("[" * 100_000 + "]" * 100_000)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    tar_opens.clear()
+    assert scan(archives, cache_dir=cache).splits == first.splits
+    assert sorted(tar_opens) == ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"]  # listed again
