@@ -9,10 +9,11 @@ matplotlib is imported inside the drawing functions, so commands that draw nothi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,21 +60,41 @@ def _check_epoch(value, where: str) -> int:
     return int(value)
 
 
-def _read_text(path: Path) -> str:
+# A row the trainer writes is under 1 KB. The log is read a line at a time, so a log of any length (per-step
+# rows of 90 epochs: tens of MB) costs little memory, and a file that is not a log cannot cost much either.
+MAX_LINE = 1 << 20
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, ends with a newline) of each line of ``path``, read one at a time."""
     why = not_a_file(str(path))  # stat first: opening a FIFO would wait for a writer forever, a device never ends
     if why is not None:
         raise FormatError(f"{path}: {why}; pass the JSON-lines metrics log that `train -o` writes")
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as exc:
         raise FormatError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        if b"\0" in data:
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(f"{path} is not a text file (byte {exc.start} is not UTF-8 text); pass the JSON-lines "
-                          "metrics log that `train -o` writes") from None
+    with f:
+        offset = 0
+        for lineno in itertools.count(1):
+            try:
+                raw = f.readline(MAX_LINE + 1)
+            except OSError as exc:
+                raise FormatError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if not raw:
+                return
+            if len(raw) > MAX_LINE:
+                raise FormatError(f"{path}:{lineno}: a line over {MAX_LINE >> 20} MiB, not a metrics row; pass the "
+                                  "JSON-lines metrics log that `train -o` writes")
+            try:
+                if b"\0" in raw:
+                    raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FormatError(f"{path} is not a text file (byte {offset + exc.start} is not UTF-8 text); pass the "
+                                  "JSON-lines metrics log that `train -o` writes") from None
+            offset += len(raw)
+            yield lineno, text, raw.endswith(b"\n")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -95,16 +116,15 @@ def read_metrics(path: Path) -> list[dict]:
             parse), a value is not a number, or the file holds no epoch row at all.
     """
     path = Path(path)
-    lines = _read_text(path).split("\n")
     rows: list[dict] = []
     epochs = others = 0
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line, ended in _lines(path):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            if lineno == len(lines) and (epochs or others):  # no newline after it: a partial write
+            if not ended and (epochs or others):  # no newline after it: a partial write
                 log.warning("%s:%d: skipping an unfinished last line", path, lineno)
                 continue
             raise FormatError(

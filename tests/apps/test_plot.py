@@ -89,6 +89,54 @@ def test_read_metrics_on_a_binary_file_names_it(tmp_path, data):
         read_metrics(path)
 
 
+def test_read_metrics_names_the_byte_that_is_not_text_from_the_start_of_the_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"epoch": 1, "train_loss": 2.0}\n{"epoch": 2,\xff}\n')
+    with pytest.raises(FormatError, match=r"m\.jsonl is not a text file \(byte 44 is not UTF-8 text\)"):
+        read_metrics(path)
+
+
+def test_read_metrics_refuses_a_line_over_the_limit_naming_it(tmp_path):
+    from alexnet_pipe.apps.plot import MAX_LINE
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"epoch": 1, "train_loss": 2.0}) + "\n" + " " * (MAX_LINE + 1) + "\n")
+    with pytest.raises(FormatError, match=r"m\.jsonl:2: a line over 1 MiB, not a metrics row"):
+        read_metrics(path)
+    path.write_text(json.dumps({"epoch": 1, "train_loss": 2.0, "pad": "x" * (MAX_LINE - 100)}) + "\n")
+    assert read_metrics(path)[0]["epoch"] == 1  # up to the limit: read
+
+
+PEAK = """
+import sys
+from pathlib import Path
+from alexnet_pipe.apps.plot import read_metrics
+rows = read_metrics(Path(sys.argv[1]))
+print(len(rows), [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+"""
+
+
+@pytest.mark.faults
+def test_a_long_log_is_read_in_little_memory(tmp_path):
+    """90 epochs of per-step rows (5,000 a epoch, 70 MB): read a line at a time. It was read whole,
+    as bytes, text and a list of lines: 179 MB peak."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    step = {"train_loss": 2.0, "lr": 0.01, "img_per_s": 1234.5, "note": "x" * 60}
+    with open(path, "w") as f:
+        for epoch in range(1, 91):
+            f.writelines(json.dumps({"epoch": epoch, "step": s, **step}) + "\n" for s in range(1, 5001))
+            f.write(json.dumps(epoch_records(1, epoch)[0]) + "\n")
+    assert path.stat().st_size > 60e6
+    done = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows, peak_kib = map(int, done.stdout.split())
+    print(f"{path.stat().st_size / 1e6:.0f} MB log: peak {peak_kib / 1024:.0f} MiB")
+    assert rows == 90 and peak_kib * 1024 < path.stat().st_size / 2
+
+
 # ---------------------------------------------------------------- resume points
 
 
