@@ -30,6 +30,7 @@ from alexnet_pipe.dataset.manifest import Dataset
 from alexnet_pipe.errors import AlexnetPipeError, DatasetError, FormatError
 from alexnet_pipe.formats import get_format
 from alexnet_pipe.formats.base import ShardReader
+from alexnet_pipe.text import shown
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,6 @@ def record_table(ds: Dataset, split: str, kind: str) -> RecordTable:
         np.concatenate(lengths) if lengths else None, 8 if width is None else int(width),
         split, tuple(s.name for s in shards), starts,
     )
-
-
-_ESCAPE = {c: f"\\x{c:02x}" for c in [*range(32), 127]}  # a key from a file name stays on one line
 
 
 class _Damaged(Exception):
@@ -123,7 +121,7 @@ class RecordReader:
         except _Damaged as exc:
             shard = os.path.relpath(t.paths[k], t.root)
             raise DatasetError(
-                f"{t.split} shard {shard} key {exc.key.translate(_ESCAPE)}: the record's bytes differ from the "
+                f"{t.split} shard {shard} key {shown(exc.key)}: the record's bytes differ from the "
                 f"checksum convert recorded (damaged on disk), so it is not used; run alexnet-pipe verify {t.root} "
                 "--repair") from None
         except (OSError, AlexnetPipeError) as exc:
