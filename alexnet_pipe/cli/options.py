@@ -13,9 +13,7 @@ from pathlib import Path
 import click
 
 from alexnet_pipe.config import DATATYPES, MIN_CROP
-from alexnet_pipe.errors import ConfigError
-from alexnet_pipe.inputs.entries import not_a_file
-from alexnet_pipe.text import shown
+from alexnet_pipe.inputs.entries import refuse_special
 
 DIR = click.Path(path_type=Path)
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -27,11 +25,8 @@ class _ExistingFile(click.Path):
 
     def convert(self, value, param, ctx):
         path = super().convert(value, param, ctx)
-        why = not_a_file(str(path))
-        if why is not None:
-            name = "the file" if param is None else param.opts[0] if param.param_type_name == "option" else \
-                param.human_readable_name  # SRC, METRICS
-            raise ConfigError(f"{name}: {shown(path)}: {why}; give a regular file")
+        refuse_special(path, "the file" if param is None else param.opts[0] if param.param_type_name == "option"
+                       else param.human_readable_name)  # SRC, METRICS
         return path
 
 

@@ -37,6 +37,7 @@ from alexnet_pipe.dataset import parts
 from alexnet_pipe.dataset.layout import LOCK_FILE, PARTS_DIR, RECORDIO_DIR, SCAN_CACHE, STAGING_DIR, STATE_FILE
 from alexnet_pipe.errors import SettingsMismatchError
 from alexnet_pipe.fsutil import output_error, remove, remove_temps
+from alexnet_pipe.inputs.entries import refuse_special
 from alexnet_pipe.inputs.scan import scan
 from alexnet_pipe.inputs.table import ScanResult
 from alexnet_pipe.progress import Progress
@@ -64,6 +65,9 @@ class ConvertResult:
 
 def find_inputs(cfg: ConvertConfig, cache_dir: Path | None) -> ScanResult:
     """The inputs of ``cfg``: list files (--list) or a scanned layout, then --val-ratio's split."""
+    for path, what in ((cfg.synsets, "--synsets"), (cfg.val_labels, "--val-labels")):
+        if path is not None:  # API callers too (the CLI checked already): a FIFO would block the scan forever
+            refuse_special(path, what)
     if cfg.train_list is not None:
         from alexnet_pipe.inputs.listfile import scan_lists
 

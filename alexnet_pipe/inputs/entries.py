@@ -11,8 +11,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
+from alexnet_pipe.errors import ConfigError
 from alexnet_pipe.inputs.devkit import DEVKIT_DIR
+from alexnet_pipe.text import shown
 
 # Folders that operating systems, file systems and NAS boxes make: never classes, never images.
 # (Hidden folders, names starting with ".", are skipped too: .Trash-1000, .AppleDouble, .git ...)
@@ -60,6 +63,18 @@ def not_a_file(path: str) -> str | None:
     if stat.S_ISDIR(mode):
         return "symbolic link to a folder, not followed"
     return "not a regular file: not read"
+
+
+def refuse_special(path: Path, what: str) -> None:
+    """ConfigError when ``path`` (named by ``what``: an option, an argument) is a FIFO, socket or device:
+    a FIFO would block its reader forever, a device never end. A missing file, a folder or a regular
+    file is left to its reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ConfigError(f"{what}: {shown(path)}: {not_a_file(str(path))}; give a regular file")
 
 
 def by_name(groups) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alexnet_pipe.errors import CheckpointError
+from alexnet_pipe.inputs.entries import refuse_special
 from alexnet_pipe.model import checkpoint
 from alexnet_pipe.model.weights import ClassListing, detect_format, read_foreign, weights_body
 
@@ -58,6 +59,9 @@ def open_model_file(path: Path, *, synsets: Path | None = None, devkit_order: li
     Raises:
         CheckpointError, FormatError, UnsafePickleError: one line naming the file (or the flag).
     """
+    refuse_special(path, "--model-file")  # before anything opens it (API callers too: the CLI checked already)
+    if synsets is not None:
+        refuse_special(synsets, "--synsets")
     fmt = foreign_format(path)
     if fmt is None:
         if synsets is not None:

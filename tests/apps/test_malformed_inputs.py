@@ -401,3 +401,30 @@ def test_seeded_mutations_of_converts_records_resume_or_give_one_line(tmp_path, 
         (out / record).write_bytes(pristine)
     print(record, "resumed:", outcomes[0], "refused in one line:", outcomes[1])
     assert outcomes[0] + outcomes[1] == 60
+
+
+API_CALLS = {
+    "convert --synsets": "alexnet_pipe.run_convert(alexnet_pipe.ConvertConfig(src=tmp / 'raw', dst=tmp / 'out', "
+                         "synsets=fifo, workers=1, progress=False))",
+    "convert --val-labels": "alexnet_pipe.run_convert(alexnet_pipe.ConvertConfig(src=tmp / 'raw', dst=tmp / 'out', "
+                            "val_labels=fifo, workers=1, progress=False))",
+    "predict --model-file": "alexnet_pipe.run_predict(alexnet_pipe.PredictConfig(model_file=fifo, "
+                            "inputs=(tmp / 'raw',)))",
+}
+
+
+@pytest.mark.parametrize("call", API_CALLS, ids=list(API_CALLS))
+def test_the_python_api_refuses_a_fifo_where_a_file_is_read(tmp_path, fifo, call):
+    """The same check for callers of the Python API, whom the CLI's parse does not cover (in a child
+    process killed after 20 s: a reader waiting on the FIFO fails the test instead of hanging it)."""
+    write_jpeg(tmp_path / "raw" / "train" / "cat" / "a.jpg", smooth_image(0, 40, 40))
+    write_jpeg(tmp_path / "raw" / "train" / "dog" / "b.jpg", smooth_image(1, 40, 40))
+    path = fifo(tmp_path / "named.txt")
+    code = ("import sys; from pathlib import Path; import alexnet_pipe; from alexnet_pipe.errors import ConfigError\n"
+            f"tmp, fifo = Path({str(tmp_path)!r}), Path({str(path)!r})\n"
+            f"try:\n    {API_CALLS[call]}\nexcept ConfigError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    option = call.split()[1]
+    assert done.stdout.strip() == f"{option}: {path}: FIFO (named pipe), not a regular file: not read; give a " \
+                                  "regular file", done.stdout + done.stderr
