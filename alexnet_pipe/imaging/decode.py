@@ -249,7 +249,7 @@ def decode_jpeg(data: bytes, head: JpegHeader, target: tuple[int, int] | None) -
     if multi_scan(data, head):
         check_scans(data, head.scan)  # the header's walk, on from its first scan
     k, flag = _reduction(width, height, target) if target is not None else (1, cv2.IMREAD_COLOR)
-    expected = (*decoded_size(head, target)[::-1], 3)
+    expected = (math.ceil(height / k), math.ceil(width / k), 3)  # decoded_size's
     try:
         # strict=False: libjpeg's warnings (extraneous bytes, a corrupt marker it can skip) keep
         # the image, as in OpenCV; min_factor with the expected size selects exactly 1/k.

@@ -128,21 +128,28 @@ def test_seed_test_command_runs_unchanged_on_neons_pickle(ilsvrc, neon_file, tmp
         assert torch.equal(value, body["model"][key]), key
 
 
+def run_seed_lines(batches, weights, epochs: int, caplog) -> None:
+    """The seed's second line (``-w BATCHES -s WEIGHTS -e EPOCHS``), then its first on the weights it
+    wrote (``--model_file WEIGHTS --test_only``): each exits 0 with one result line. ``caplog`` then
+    holds the second command's records."""
+    caplog.set_level("INFO")
+    res = invoke("train", "-w", batches, "-s", weights, "-e", str(epochs))
+    assert res.exit_code == 0, res.output
+    assert len(result_lines(res.output)) == 1
+    assert any(r.getMessage().startswith(f"epoch {epochs}: train loss") for r in caplog.records)
+    assert foreign_format(weights) is None  # our file, whatever its suffix
+    caplog.clear()
+    res = invoke("train", "-w", batches, "--model_file", weights, "--test_only")
+    assert res.exit_code == 0, res.output
+    assert len(result_lines(res.output)) == 1
+
+
 def test_seed_train_command_then_its_test_command(ilsvrc, tmp_path, caplog):
     """``python -w path/to/dataset/batches -s alexnet_weights.p -e 90`` with 2 epochs for 90 (90 CPU
     epochs at crop 224 do not fit the suite; on 6 images neon's lr 0.01 also diverges by epoch 15,
     which train reports in one line), then the first command line on the weights it wrote."""
     weights = tmp_path / "alexnet_weights.p"
-    caplog.set_level("INFO")
-    res = invoke("train", "-w", ilsvrc, "-s", weights, "-e", "2")
-    assert res.exit_code == 0, res.output
-    assert len(result_lines(res.output)) == 1
-    assert any(r.getMessage().startswith("epoch 2: train loss") for r in caplog.records)
-    assert foreign_format(weights) is None  # our file, whatever its suffix
-    caplog.clear()
-    res = invoke("train", "-w", ilsvrc, "--model_file", weights, "--test_only")
-    assert res.exit_code == 0, res.output
-    assert len(result_lines(res.output)) == 1
+    run_seed_lines(ilsvrc, weights, 2, caplog)
     assert not any("imported in memory" in r.getMessage() for r in caplog.records)
 
 
@@ -223,11 +230,4 @@ def test_the_seed_train_command_runs_unchanged_for_90_epochs(tmp_path, caplog):
     train, over 24 images converted with the devkit (on 6 the neon recipe's lr 0.01 diverges), then
     the first seed line on the weights it wrote. About 3 CPU minutes: not in make test."""
     batches = ilsvrc_batches(tmp_path, 8, ((96, 72), (72, 96), (120, 90)))
-    weights = tmp_path / "alexnet_weights.p"
-    caplog.set_level("INFO")
-    res = invoke("train", "-w", batches, "-s", weights, "-e", "90")
-    assert res.exit_code == 0, res.output
-    assert len(result_lines(res.output)) == 1
-    assert any(r.getMessage().startswith("epoch 90: train loss") for r in caplog.records)
-    res = invoke("train", "-w", batches, "--model_file", weights, "--test_only")
-    assert res.exit_code == 0 and len(result_lines(res.output)) == 1, res.output
+    run_seed_lines(batches, tmp_path / "alexnet_weights.p", 90, caplog)
